@@ -1,0 +1,45 @@
+// CPU implementations of every moe_ext op: the reference semantics the CUDA kernels are tested
+// against, and what CPU users run. Arguments are validated by csrc/ops before these are called.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <tuple>
+
+namespace moe_ext::cpu {
+
+// -> (weights[T,k], idx[T,k] int32, positions[T,k] int32, tokens_per_expert[E] int32,
+//     aux_loss, seq_aux_loss, z_loss)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gating(
+    const at::Tensor& logits, int64_t k, const std::string& score, bool renormalize,
+    const c10::optional<at::Tensor>& expert_bias, int64_t num_groups, int64_t topk_groups,
+    double capacity_factor, const c10::optional<at::Tensor>& noise, int64_t seq_len);
+
+at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor& grad_aux_loss,
+                                const at::Tensor& grad_seq_aux_loss, const at::Tensor& grad_z_loss,
+                                const at::Tensor& logits, const c10::optional<at::Tensor>& noise,
+                                const at::Tensor& idx, const std::string& score, bool renormalize,
+                                const c10::optional<at::Tensor>& expert_bias, int64_t num_groups,
+                                int64_t topk_groups, int64_t seq_len);
+
+// -> (x_perm[R,H], row_map[T,k] int64, tokens_per_expert[E] int32 (segment sizes, padded))
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& x, const at::Tensor& idx,
+                                                       int64_t num_experts, int64_t pad_to, int64_t capacity,
+                                                       bool exact);
+
+at::Tensor unpermute(const at::Tensor& y, const at::Tensor& row_map, const c10::optional<at::Tensor>& weights);
+
+// -> (grad_y[R,H], grad_weights[T,k] or an empty tensor without weights)
+std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                                      const at::Tensor& row_map,
+                                                      const c10::optional<at::Tensor>& weights);
+
+at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& group_sizes, bool trans_b,
+                        const std::string& activation);
+
+at::Tensor grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& grad_out, const at::Tensor& group_sizes,
+                              int64_t num_experts, bool trans_b);
+
+}  // namespace moe_ext::cpu

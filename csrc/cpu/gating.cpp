@@ -1,0 +1,377 @@
+// CPU top-k gating: scores, biased / group-limited top-k selection, weights, capacity drops,
+// and the Switch/GShard aux loss, DeepSeek-V3 sequence aux loss and router z-loss; plus the
+// backward that recomputes the selection (it is deterministic) instead of saving it.
+#include "cpu/cpu_ops.h"
+#include "ops/checks.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace moe_ext::cpu {
+namespace {
+
+// NOTE: reductions over tokens sum fixed blocks first, then the blocks in order, so the losses
+// do not depend on the number of threads. Blocks never straddle a sequence (seq aux loss).
+constexpr int64_t kTokenBlock = 128;
+
+template <typename acc_t>
+struct Router {
+  int64_t num_experts, k, num_groups, topk_groups;
+  ScoreFn fn;
+  bool renormalize;
+  const acc_t* bias;  // nullptr: no bias
+
+  // Per-thread scratch, sized once.
+  std::vector<acc_t> s, sel, group_score;
+  std::vector<int64_t> order, groups;
+  std::vector<char> allowed;
+
+  Router(int64_t E, int64_t k_, int64_t G, int64_t tg, ScoreFn f, bool renorm, const acc_t* b)
+      : num_experts(E), k(k_), num_groups(G), topk_groups(tg), fn(f), renormalize(renorm), bias(b),
+        s(E), sel(E), group_score(G > 0 ? G : 0), order(E), groups(G > 0 ? G : 0), allowed(E, 1) {}
+
+  static acc_t key(acc_t v) { return std::isnan(v) ? -std::numeric_limits<acc_t>::infinity() : v; }
+
+  // Larger key first, lower index on ties.
+  static bool before(acc_t va, int64_t a, acc_t vb, int64_t b) {
+    const acc_t ka = key(va), kb = key(vb);
+    return ka > kb || (ka == kb && a < b);
+  }
+
+  // Fills s (scores), returns logsumexp of the row. pnorm (the normalised score for the aux
+  // losses) is s for softmax and s / sum(s) for sigmoid; *score_sum receives sum(s).
+  acc_t scores(const acc_t* l, acc_t* score_sum) {
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t e = 0; e < num_experts; ++e) m = std::max(m, l[e]);
+    acc_t z = 0;
+    for (int64_t e = 0; e < num_experts; ++e) z += std::exp(l[e] - m);
+    const acc_t lse = m + std::log(z);
+    acc_t sum = 0;
+    if (fn == ScoreFn::kSoftmax) {
+      for (int64_t e = 0; e < num_experts; ++e) s[e] = std::exp(l[e] - lse);
+      sum = 1;
+    } else {
+      for (int64_t e = 0; e < num_experts; ++e) {
+        s[e] = acc_t(1) / (acc_t(1) + std::exp(-l[e]));
+        sum += s[e];
+      }
+    }
+    *score_sum = sum;
+    return lse;
+  }
+
+  // Selects k experts from s (plus bias, within the best groups) into out_idx, best first.
+  void select(int32_t* out_idx) {
+    for (int64_t e = 0; e < num_experts; ++e) sel[e] = bias ? s[e] + bias[e] : s[e];
+    int64_t num_candidates = 0;
+    if (num_groups > 0) {
+      const int64_t gsize = num_experts / num_groups;
+      for (int64_t g = 0; g < num_groups; ++g) {
+        // Group score: sum of the top-2 biased scores in the group (top-1 for groups of one).
+        acc_t best = -std::numeric_limits<acc_t>::infinity(), second = best;
+        int64_t best_e = -1;
+        for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) {
+          if (best_e < 0 || before(sel[e], e, best, best_e)) {
+            second = best;
+            best = sel[e];
+            best_e = e;
+          } else if (key(sel[e]) > key(second)) {
+            second = sel[e];
+          }
+        }
+        group_score[g] = gsize >= 2 ? key(best) + key(second) : key(best);
+        groups[g] = g;
+      }
+      std::partial_sort(groups.begin(), groups.begin() + topk_groups, groups.end(), [&](int64_t a, int64_t b) {
+        return before(group_score[a], a, group_score[b], b);
+      });
+      std::fill(allowed.begin(), allowed.end(), 0);
+      for (int64_t i = 0; i < topk_groups; ++i)
+        for (int64_t e = groups[i] * gsize; e < (groups[i] + 1) * gsize; ++e) allowed[e] = 1;
+      for (int64_t e = 0; e < num_experts; ++e)
+        if (allowed[e]) order[num_candidates++] = e;
+    } else {
+      std::iota(order.begin(), order.end(), int64_t(0));
+      num_candidates = num_experts;
+    }
+    std::partial_sort(order.begin(), order.begin() + k, order.begin() + num_candidates,
+                      [&](int64_t a, int64_t b) { return before(sel[a], a, sel[b], b); });
+    for (int64_t j = 0; j < k; ++j) out_idx[j] = static_cast<int32_t>(order[j]);
+  }
+};
+
+struct Layout {
+  int64_t T, E, k, seq_len, num_seqs, blocks_per_seq, num_blocks;
+  Layout(int64_t T_, int64_t E_, int64_t k_, int64_t seq_len_) : T(T_), E(E_), k(k_) {
+    seq_len = seq_len_ > 0 ? seq_len_ : T;
+    num_seqs = seq_len > 0 ? T / seq_len : 0;
+    blocks_per_seq = (seq_len + kTokenBlock - 1) / kTokenBlock;
+    num_blocks = num_seqs * blocks_per_seq;
+  }
+  int64_t block_begin(int64_t b) const {
+    return (b / blocks_per_seq) * seq_len + (b % blocks_per_seq) * kTokenBlock;
+  }
+  int64_t block_end(int64_t b) const {
+    return std::min(block_begin(b) + kTokenBlock, (b / blocks_per_seq + 1) * seq_len);
+  }
+};
+
+// logits (+ noise) in the accumulation dtype, contiguous.
+at::Tensor noisy_logits(const at::Tensor& logits, const c10::optional<at::Tensor>& noise, at::ScalarType acc) {
+  at::Tensor l = logits.to(acc).contiguous();
+  if (noise.has_value()) l = (l + noise->to(acc)).contiguous();
+  return l;
+}
+
+c10::optional<at::Tensor> bias_as(const c10::optional<at::Tensor>& bias, at::ScalarType acc) {
+  if (!bias.has_value()) return c10::nullopt;
+  return bias->to(acc).contiguous();
+}
+
+// Selection for every token (pre-drop expert ids) plus, per block, the sums of pnorm and lse^2.
+template <typename acc_t>
+void route_all(const Layout& L, const acc_t* l, const acc_t* bias, int64_t num_groups, int64_t topk_groups,
+               ScoreFn fn, int32_t* sel_idx, acc_t* weights, bool renormalize, double* block_p,
+               double* block_lse2) {
+  at::parallel_for(0, L.num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    Router<acc_t> r(L.E, L.k, num_groups, topk_groups, fn, renormalize, bias);
+    for (int64_t b = b0; b < b1; ++b) {
+      double* p_acc = block_p ? block_p + b * L.E : nullptr;
+      if (p_acc) std::fill(p_acc, p_acc + L.E, 0.0);
+      double lse2 = 0;
+      for (int64_t t = L.block_begin(b); t < L.block_end(b); ++t) {
+        acc_t score_sum;
+        const acc_t lse = r.scores(l + t * L.E, &score_sum);
+        lse2 += static_cast<double>(lse) * static_cast<double>(lse);
+        if (p_acc)
+          for (int64_t e = 0; e < L.E; ++e) p_acc[e] += static_cast<double>(r.s[e] / score_sum);
+        int32_t* idx_t = sel_idx + t * L.k;
+        r.select(idx_t);
+        if (weights) {
+          acc_t* w = weights + t * L.k;
+          acc_t sum = 0;
+          for (int64_t j = 0; j < L.k; ++j) {
+            w[j] = r.s[idx_t[j]];
+            sum += w[j];
+          }
+          if (renormalize)
+            for (int64_t j = 0; j < L.k; ++j) w[j] = w[j] / sum;
+        }
+      }
+      if (block_lse2) block_lse2[b] = lse2;
+    }
+  });
+}
+
+// Pre-drop assignment counts per expert, over all tokens and per sequence ([num_seqs, E]).
+void count_routed(const Layout& L, const int32_t* sel_idx, std::vector<int64_t>& routed,
+                  std::vector<int64_t>& routed_seq) {
+  routed.assign(L.E, 0);
+  routed_seq.assign(L.num_seqs * L.E, 0);
+  for (int64_t t = 0; t < L.num_seqs * L.seq_len; ++t) {
+    int64_t* rs = routed_seq.data() + (t / L.seq_len) * L.E;
+    for (int64_t j = 0; j < L.k; ++j) {
+      const int32_t e = sel_idx[t * L.k + j];
+      ++routed[e];
+      ++rs[e];
+    }
+  }
+}
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gating_impl(
+    const at::Tensor& logits, int64_t k, ScoreFn fn, bool renormalize, const c10::optional<at::Tensor>& bias_in,
+    int64_t num_groups, int64_t topk_groups, double capacity_factor, const c10::optional<at::Tensor>& noise,
+    int64_t seq_len) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const Layout L(T, E, k, seq_len);
+  const at::Tensor l = noisy_logits(logits, noise, acc);
+  const c10::optional<at::Tensor> bias = bias_as(bias_in, acc);
+  auto opts = logits.options();
+  at::Tensor weights = at::empty({T, k}, opts.dtype(acc));
+  at::Tensor idx = at::empty({T, k}, opts.dtype(at::kInt));
+  at::Tensor positions = at::empty({T, k}, opts.dtype(at::kInt));
+  at::Tensor tokens_per_expert = at::zeros({E}, opts.dtype(at::kInt));
+
+  std::vector<double> block_p(L.num_blocks * E), block_lse2(L.num_blocks);
+  route_all<acc_t>(L, l.data_ptr<acc_t>(), bias ? bias->data_ptr<acc_t>() : nullptr, num_groups, topk_groups,
+                   fn, idx.data_ptr<int32_t>(), weights.data_ptr<acc_t>(), renormalize, block_p.data(),
+                   block_lse2.data());
+
+  std::vector<int64_t> routed, routed_seq;
+  count_routed(L, idx.data_ptr<int32_t>(), routed, routed_seq);
+
+  // Capacity: each expert keeps its first `capacity` assignments in (token, slot) order.
+  const int64_t capacity = gating_capacity(capacity_factor, T, k, E);
+  {
+    int32_t* ip = idx.data_ptr<int32_t>();
+    int32_t* pp = positions.data_ptr<int32_t>();
+    acc_t* wp = weights.data_ptr<acc_t>();
+    int32_t* kept = tokens_per_expert.data_ptr<int32_t>();
+    std::vector<int64_t> seen(E, 0);
+    for (int64_t i = 0; i < T * k; ++i) {
+      const int32_t e = ip[i];
+      const int64_t pos = seen[e]++;
+      if (capacity > 0 && pos >= capacity) {
+        ip[i] = -1;
+        pp[i] = -1;
+        wp[i] = 0;
+      } else {
+        pp[i] = static_cast<int32_t>(pos);
+        ++kept[e];
+      }
+    }
+  }
+
+  // Losses from the block sums, reduced in block order.
+  double aux = 0, seq_aux = 0, z = 0;
+  if (T > 0) {
+    std::vector<double> p_total(E, 0.0), p_seq(E);
+    for (int64_t b = 0; b < L.num_blocks; ++b) {
+      for (int64_t e = 0; e < E; ++e) p_total[e] += block_p[b * E + e];
+      z += block_lse2[b];
+    }
+    z /= static_cast<double>(T);
+    for (int64_t e = 0; e < E; ++e)
+      aux += static_cast<double>(routed[e]) / static_cast<double>(T * k) * (p_total[e] / static_cast<double>(T));
+    aux *= static_cast<double>(E);
+    if (seq_len > 0) {
+      for (int64_t s = 0; s < L.num_seqs; ++s) {
+        std::fill(p_seq.begin(), p_seq.end(), 0.0);
+        for (int64_t b = s * L.blocks_per_seq; b < (s + 1) * L.blocks_per_seq; ++b)
+          for (int64_t e = 0; e < E; ++e) p_seq[e] += block_p[b * E + e];
+        double term = 0;
+        for (int64_t e = 0; e < E; ++e)
+          term += static_cast<double>(routed_seq[s * E + e]) / static_cast<double>(seq_len * k) *
+                  (p_seq[e] / static_cast<double>(seq_len));
+        seq_aux += static_cast<double>(E) * term;
+      }
+      seq_aux /= static_cast<double>(L.num_seqs);
+    }
+  }
+  auto scalar = [&](double v) { return at::scalar_tensor(v, opts.dtype(acc)); };
+  return {weights, idx, positions, tokens_per_expert, scalar(aux), scalar(seq_aux), scalar(z)};
+}
+
+template <typename acc_t>
+at::Tensor gating_backward_impl(const at::Tensor& grad_weights, double g_aux, double g_seq, double g_z,
+                                const at::Tensor& logits, const c10::optional<at::Tensor>& noise,
+                                const at::Tensor& idx_kept, ScoreFn fn, bool renormalize,
+                                const c10::optional<at::Tensor>& bias_in, int64_t num_groups, int64_t topk_groups,
+                                int64_t seq_len) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t T = logits.size(0), E = logits.size(1), k = idx_kept.size(1);
+  const Layout L(T, E, k, seq_len);
+  const at::Tensor l = noisy_logits(logits, noise, acc);
+  const c10::optional<at::Tensor> bias = bias_as(bias_in, acc);
+  const at::Tensor gw = grad_weights.to(acc).contiguous();
+  const at::Tensor kept = idx_kept.to(at::kInt).contiguous();
+  at::Tensor grad = at::empty({T, E}, logits.options().dtype(acc));
+  if (T == 0) return grad.to(logits.scalar_type());
+
+  // Pass 1: the pre-drop selection, for the renormalisation sets and the aux-loss counts.
+  std::vector<int32_t> sel(T * k);
+  route_all<acc_t>(L, l.data_ptr<acc_t>(), bias ? bias->data_ptr<acc_t>() : nullptr, num_groups, topk_groups,
+                   fn, sel.data(), nullptr, renormalize, nullptr, nullptr);
+  std::vector<int64_t> routed, routed_seq;
+  count_routed(L, sel.data(), routed, routed_seq);
+
+  // d loss / d pnorm[t, e] is the same for every token of a sequence.
+  const double aux_scale = g_aux * static_cast<double>(E) / (static_cast<double>(T) * T * k);
+  const double seq_scale = seq_len > 0 ? g_seq * static_cast<double>(E) /
+                                             (static_cast<double>(seq_len) * seq_len * k * L.num_seqs)
+                                       : 0.0;
+  const double z_scale = 2.0 * g_z / static_cast<double>(T);
+  const acc_t* lp = l.data_ptr<acc_t>();
+  const acc_t* bp = bias ? bias->data_ptr<acc_t>() : nullptr;
+  const acc_t* gwp = gw.data_ptr<acc_t>();
+  const int32_t* kp = kept.data_ptr<int32_t>();
+  acc_t* gp = grad.data_ptr<acc_t>();
+
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    Router<acc_t> r(E, k, num_groups, topk_groups, fn, renormalize, bp);
+    std::vector<acc_t> g_s(E), g_pn(E);
+    for (int64_t t = t0; t < t1; ++t) {
+      acc_t score_sum;
+      const acc_t lse = r.scores(lp + t * E, &score_sum);
+      const int64_t* rs = routed_seq.data() + (seq_len > 0 ? (t / seq_len) * E : 0);
+      for (int64_t e = 0; e < E; ++e) {
+        g_s[e] = 0;
+        g_pn[e] = static_cast<acc_t>(aux_scale * routed[e] + (seq_len > 0 ? seq_scale * rs[e] : 0.0));
+      }
+      // Through the weights: w_j = s_j (/ S with S over the k pre-drop choices); a dropped slot's
+      // weight is the constant 0.
+      const int32_t* st = sel.data() + t * k;
+      if (renormalize) {
+        acc_t S = 0;
+        for (int64_t j = 0; j < k; ++j) S += r.s[st[j]];
+        acc_t dot = 0;
+        for (int64_t j = 0; j < k; ++j)
+          if (kp[t * k + j] >= 0) dot += gwp[t * k + j] * (r.s[st[j]] / S);
+        for (int64_t j = 0; j < k; ++j)
+          g_s[st[j]] += ((kp[t * k + j] >= 0 ? gwp[t * k + j] : acc_t(0)) - dot) / S;
+      } else {
+        for (int64_t j = 0; j < k; ++j)
+          if (kp[t * k + j] >= 0) g_s[st[j]] += gwp[t * k + j];
+      }
+      acc_t* g = gp + t * E;
+      if (fn == ScoreFn::kSoftmax) {
+        acc_t dot = 0;
+        for (int64_t e = 0; e < E; ++e) dot += (g_s[e] + g_pn[e]) * r.s[e];
+        for (int64_t e = 0; e < E; ++e) g[e] = r.s[e] * (g_s[e] + g_pn[e] - dot);
+      } else {
+        // pnorm = s / sum(s); s = sigmoid(l).
+        acc_t dot = 0;
+        for (int64_t e = 0; e < E; ++e) dot += g_pn[e] * (r.s[e] / score_sum);
+        for (int64_t e = 0; e < E; ++e) {
+          const acc_t gs = g_s[e] + (g_pn[e] - dot) / score_sum;
+          g[e] = gs * r.s[e] * (acc_t(1) - r.s[e]);
+        }
+      }
+      if (g_z != 0) {
+        const acc_t zs = static_cast<acc_t>(z_scale) * lse;
+        for (int64_t e = 0; e < E; ++e) g[e] += zs * std::exp(lp[t * E + e] - lse);
+      }
+    }
+  });
+  return grad.to(logits.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gating(
+    const at::Tensor& logits, int64_t k, const std::string& score, bool renormalize,
+    const c10::optional<at::Tensor>& expert_bias, int64_t num_groups, int64_t topk_groups,
+    double capacity_factor, const c10::optional<at::Tensor>& noise, int64_t seq_len) {
+  const ScoreFn fn = parse_score(score);
+  if (logits.scalar_type() == at::kDouble)
+    return gating_impl<double>(logits, k, fn, renormalize, expert_bias, num_groups, topk_groups, capacity_factor,
+                               noise, seq_len);
+  return gating_impl<float>(logits, k, fn, renormalize, expert_bias, num_groups, topk_groups, capacity_factor,
+                            noise, seq_len);
+}
+
+at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor& grad_aux_loss,
+                                const at::Tensor& grad_seq_aux_loss, const at::Tensor& grad_z_loss,
+                                const at::Tensor& logits, const c10::optional<at::Tensor>& noise,
+                                const at::Tensor& idx, const std::string& score, bool renormalize,
+                                const c10::optional<at::Tensor>& expert_bias, int64_t num_groups,
+                                int64_t topk_groups, int64_t seq_len) {
+  const ScoreFn fn = parse_score(score);
+  const double ga = grad_aux_loss.item<double>(), gs = grad_seq_aux_loss.item<double>(),
+               gz = grad_z_loss.item<double>();
+  if (logits.scalar_type() == at::kDouble)
+    return gating_backward_impl<double>(grad_weights, ga, gs, gz, logits, noise, idx, fn, renormalize, expert_bias,
+                                        num_groups, topk_groups, seq_len);
+  return gating_backward_impl<float>(grad_weights, ga, gs, gz, logits, noise, idx, fn, renormalize, expert_bias,
+                                     num_groups, topk_groups, seq_len);
+}
+
+}  // namespace moe_ext::cpu

@@ -1,0 +1,213 @@
+// Argument checks and output-shape rules shared by the CPU, CUDA and Meta implementations.
+// Every message names the argument it is about. Checks here look only at metadata (dtype,
+// shape, device), never at tensor values, so they cost nothing on the device path.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <string>
+
+namespace moe_ext {
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline bool is_index_dtype(at::ScalarType t) { return t == at::kInt || t == at::kLong; }
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                              const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), "moe_ext: ", b_name, " must be on the same device as ",
+              a_name, " (", a_name, " is on ", a.device(), ", ", b_name, " on ", b.device(), ")");
+}
+
+// Scores/weights come out in float64 for float64 logits (so gradcheck works) and float32 otherwise.
+inline at::ScalarType gating_weight_dtype(at::ScalarType logits_dtype) {
+  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+enum class ScoreFn { kSoftmax, kSigmoid };
+
+inline ScoreFn parse_score(const std::string& score) {
+  if (score == "softmax") return ScoreFn::kSoftmax;
+  if (score == "sigmoid") return ScoreFn::kSigmoid;
+  TORCH_CHECK(false, "moe_ext.topk_gating: score must be 'softmax' or 'sigmoid', got '", score, "'");
+}
+
+// topk_gating(logits[T,E], k, ...). num_groups == 0, capacity_factor <= 0 and seq_len == 0 mean "off".
+inline void check_topk_gating(const at::Tensor& logits, int64_t k, const std::string& score,
+                              const c10::optional<at::Tensor>& expert_bias, int64_t num_groups,
+                              int64_t topk_groups, double capacity_factor,
+                              const c10::optional<at::Tensor>& noise, int64_t seq_len) {
+  TORCH_CHECK(logits.dim() == 2, "moe_ext.topk_gating: logits must be 2-D [num_tokens, num_experts], got ",
+              logits.dim(), "-D");
+  TORCH_CHECK(is_float_dtype(logits.scalar_type()),
+              "moe_ext.topk_gating: logits must be float32, float64, float16 or bfloat16, got ",
+              logits.scalar_type());
+  const int64_t num_experts = logits.size(1);
+  TORCH_CHECK(num_experts >= 1, "moe_ext.topk_gating: logits must have at least one expert column");
+  TORCH_CHECK(k >= 1 && k <= num_experts, "moe_ext.topk_gating: k must be in [1, num_experts=",
+              num_experts, "], got k=", k);
+  parse_score(score);
+  if (expert_bias.has_value()) {
+    const auto& b = *expert_bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == num_experts,
+                "moe_ext.topk_gating: expert_bias must have shape [num_experts=", num_experts, "], got ",
+                b.sizes());
+    TORCH_CHECK(b.scalar_type() == at::kFloat || b.scalar_type() == at::kDouble,
+                "moe_ext.topk_gating: expert_bias must be float32 or float64, got ", b.scalar_type());
+    check_same_device(logits, "logits", b, "expert_bias");
+  }
+  if (num_groups != 0) {
+    TORCH_CHECK(num_groups >= 1 && num_experts % num_groups == 0,
+                "moe_ext.topk_gating: num_groups must be a positive divisor of num_experts=", num_experts,
+                ", got ", num_groups);
+    TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_groups,
+                "moe_ext.topk_gating: topk_groups must be in [1, num_groups=", num_groups, "], got ",
+                topk_groups);
+    TORCH_CHECK(k <= topk_groups * (num_experts / num_groups),
+                "moe_ext.topk_gating: k=", k, " exceeds the experts allowed by topk_groups (",
+                topk_groups, " groups of ", num_experts / num_groups, ")");
+  } else {
+    TORCH_CHECK(topk_groups == 0, "moe_ext.topk_gating: topk_groups needs num_groups");
+  }
+  TORCH_CHECK(capacity_factor == capacity_factor, "moe_ext.topk_gating: capacity_factor is NaN");
+  if (noise.has_value()) {
+    TORCH_CHECK(noise->sizes() == logits.sizes(), "moe_ext.topk_gating: noise must have the shape of logits ",
+                logits.sizes(), ", got ", noise->sizes());
+    TORCH_CHECK(is_float_dtype(noise->scalar_type()), "moe_ext.topk_gating: noise must be a float tensor, got ",
+                noise->scalar_type());
+    check_same_device(logits, "logits", *noise, "noise");
+  }
+  TORCH_CHECK(seq_len >= 0, "moe_ext.topk_gating: seq_len must be positive, got ", seq_len);
+  if (seq_len > 0) {
+    TORCH_CHECK(logits.size(0) % seq_len == 0, "moe_ext.topk_gating: num_tokens=", logits.size(0),
+                " is not a multiple of seq_len=", seq_len);
+  }
+}
+
+// capacity = ceil(capacity_factor * T * k / E); 0 means "no capacity".
+inline int64_t gating_capacity(double capacity_factor, int64_t num_tokens, int64_t k, int64_t num_experts) {
+  if (!(capacity_factor > 0)) return 0;
+  const double c = capacity_factor * static_cast<double>(num_tokens) * static_cast<double>(k) /
+                   static_cast<double>(num_experts);
+  // NOTE: a tiny slack keeps exact products (1.0 * 8 * 2 / 8 = 2) from rounding up to 3.
+  const int64_t cap = static_cast<int64_t>(std::ceil(c - 1e-9));
+  return cap < 1 ? 1 : cap;
+}
+
+// idx[T,k] with expert ids in [-1, E): shared by permute and dispatch.
+inline void check_routing_idx(const char* op, const at::Tensor& idx, int64_t num_tokens) {
+  TORCH_CHECK(idx.dim() == 2, op, ": idx must be 2-D [num_tokens, k], got ", idx.dim(), "-D");
+  TORCH_CHECK(is_index_dtype(idx.scalar_type()), op, ": idx must be int32 or int64, got ", idx.scalar_type());
+  TORCH_CHECK(idx.size(0) == num_tokens, op, ": idx has ", idx.size(0), " rows but x has ", num_tokens,
+              " tokens");
+  TORCH_CHECK(idx.size(1) >= 1, op, ": idx must have at least one column (k >= 1)");
+}
+
+inline void check_rows_tensor(const char* op, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D [rows, hidden], got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(1) == 0 || x.stride(1) == 1, op, ": ", name,
+              " must have a contiguous last dimension (stride 1), got stride ", x.stride(1));
+}
+
+// Worst-case rows of permute's output: every routed slot kept, and every non-empty expert padded.
+inline int64_t permute_max_rows(int64_t num_tokens, int64_t k, int64_t num_experts, int64_t pad_to,
+                                int64_t capacity) {
+  int64_t n = num_tokens * k;
+  if (capacity > 0 && capacity * num_experts < n) n = capacity * num_experts;
+  const int64_t nonempty = n < num_experts ? n : num_experts;
+  return n + nonempty * (pad_to - 1);
+}
+
+inline void check_permute(const at::Tensor& x, const at::Tensor& idx, int64_t num_experts, int64_t pad_to,
+                          int64_t capacity) {
+  check_rows_tensor("moe_ext.permute", x, "x");
+  check_routing_idx("moe_ext.permute", idx, x.size(0));
+  check_same_device(x, "x", idx, "idx");
+  TORCH_CHECK(num_experts >= 1, "moe_ext.permute: num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(pad_to >= 1, "moe_ext.permute: pad_to must be >= 1, got ", pad_to);
+  TORCH_CHECK(capacity >= -1, "moe_ext.permute: capacity must be None or >= 0, got ", capacity);
+}
+
+inline void check_unpermute(const at::Tensor& y, const at::Tensor& row_map, const c10::optional<at::Tensor>& w) {
+  check_rows_tensor("moe_ext.unpermute", y, "y_perm");
+  TORCH_CHECK(is_float_dtype(y.scalar_type()), "moe_ext.unpermute: y_perm must be a float tensor, got ",
+              y.scalar_type());
+  TORCH_CHECK(row_map.dim() == 2, "moe_ext.unpermute: row_map must be 2-D [num_tokens, k], got ",
+              row_map.dim(), "-D");
+  TORCH_CHECK(row_map.scalar_type() == at::kLong, "moe_ext.unpermute: row_map must be int64, got ",
+              row_map.scalar_type());
+  check_same_device(y, "y_perm", row_map, "row_map");
+  if (w.has_value()) {
+    TORCH_CHECK(w->sizes() == row_map.sizes(), "moe_ext.unpermute: weights must have the shape of row_map ",
+                row_map.sizes(), ", got ", w->sizes());
+    TORCH_CHECK(w->scalar_type() == at::kFloat || w->scalar_type() == y.scalar_type(),
+                "moe_ext.unpermute: weights must be float32 or the dtype of y_perm (", y.scalar_type(),
+                "), got ", w->scalar_type());
+    check_same_device(y, "y_perm", *w, "weights");
+  }
+}
+
+enum class Activation { kNone, kSwiglu };
+
+inline Activation parse_activation(const std::string& activation) {
+  if (activation == "none") return Activation::kNone;
+  if (activation == "swiglu") return Activation::kSwiglu;
+  TORCH_CHECK(false, "moe_ext.grouped_gemm: activation must be None or 'swiglu', got '", activation, "'");
+}
+
+// group sizes: [E] counts, or [E+1] offsets starting at 0. Values are checked by the CPU op only.
+inline void check_group_sizes(const char* op, const at::Tensor& sizes, int64_t num_groups) {
+  TORCH_CHECK(sizes.dim() == 1, op, ": tokens_per_expert must be 1-D ([E] counts or [E+1] offsets), got ",
+              sizes.dim(), "-D");
+  TORCH_CHECK(is_index_dtype(sizes.scalar_type()), op, ": tokens_per_expert must be int32 or int64, got ",
+              sizes.scalar_type());
+  TORCH_CHECK(sizes.size(0) == num_groups || sizes.size(0) == num_groups + 1, op,
+              ": tokens_per_expert must have E=", num_groups, " counts or E+1=", num_groups + 1,
+              " offsets, got ", sizes.size(0));
+}
+
+// grouped_gemm(a[M,K], b[E,K,N] or trans_b b[E,N,K]) -> [M,N] (or [M,N/2] with swiglu).
+inline void check_grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sizes, bool trans_b,
+                               Activation act) {
+  const char* op = "moe_ext.grouped_gemm";
+  TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D [M, K], got ", a.dim(), "-D");
+  TORCH_CHECK(b.dim() == 3, op, ": b must be 3-D [E, K, N] (or [E, N, K] with trans_b), got ", b.dim(), "-D");
+  TORCH_CHECK(is_float_dtype(a.scalar_type()), op, ": a must be float32, float64, float16 or bfloat16, got ",
+              a.scalar_type());
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), op, ": b must have the dtype of a (", a.scalar_type(),
+              "), got ", b.scalar_type());
+  check_same_device(a, "a", b, "b");
+  check_same_device(a, "a", sizes, "tokens_per_expert");
+  TORCH_CHECK(a.is_contiguous(), op, ": a must be contiguous");
+  TORCH_CHECK(b.is_contiguous(), op, ": b must be contiguous (pass [E, N, K] weights with trans_b=True)");
+  const int64_t k_b = trans_b ? b.size(2) : b.size(1);
+  TORCH_CHECK(k_b == a.size(1), op, ": the K of b (", k_b, ", from b of shape ", b.sizes(),
+              trans_b ? " with trans_b" : "", ") must equal the K of a (", a.size(1), ")");
+  TORCH_CHECK(b.size(0) >= 1, op, ": b must hold at least one expert");
+  check_group_sizes(op, sizes, b.size(0));
+  if (act == Activation::kSwiglu) {
+    const int64_t n = trans_b ? b.size(1) : b.size(2);
+    TORCH_CHECK(n % 2 == 0, op, ": activation='swiglu' needs an even N (gate and up halves), got N=", n);
+  }
+}
+
+inline void check_grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& sizes,
+                                     int64_t num_groups) {
+  const char* op = "moe_ext.grouped_gemm_wgrad";
+  TORCH_CHECK(a.dim() == 2 && dy.dim() == 2, op, ": a and grad_out must be 2-D");
+  TORCH_CHECK(a.size(0) == dy.size(0), op, ": a has ", a.size(0), " rows but grad_out has ", dy.size(0));
+  TORCH_CHECK(is_float_dtype(a.scalar_type()) && dy.scalar_type() == a.scalar_type(), op,
+              ": a and grad_out must share one float dtype, got ", a.scalar_type(), " and ", dy.scalar_type());
+  TORCH_CHECK(a.is_contiguous() && dy.is_contiguous(), op, ": a and grad_out must be contiguous");
+  TORCH_CHECK(num_groups >= 1, op, ": num_experts must be >= 1, got ", num_groups);
+  check_same_device(a, "a", dy, "grad_out");
+  check_same_device(a, "a", sizes, "tokens_per_expert");
+  check_group_sizes(op, sizes, num_groups);
+}
+
+}  // namespace moe_ext

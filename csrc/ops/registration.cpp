@@ -1,0 +1,187 @@
+// The moe_ext operator library: every schema, and the CPU and Meta implementations.
+// CUDA implementations register themselves from csrc/ops/*_cuda.cu (TORCH_LIBRARY_IMPL, CUDA key).
+// permute's output row count depends on the routing, so its fake lives in Python (moe_ext/_ops.py).
+#include "cpu/cpu_ops.h"
+#include "ops/checks.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace moe_ext {
+namespace {
+
+using Tensor = at::Tensor;
+using OptTensor = c10::optional<at::Tensor>;
+using GatingOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+void check_topk_gating_backward(const Tensor& grad_weights, const Tensor& grad_aux, const Tensor& grad_seq_aux,
+                                const Tensor& grad_z, const Tensor& logits, const OptTensor& noise, const Tensor& idx,
+                                const std::string& score, const OptTensor& expert_bias, int64_t num_groups,
+                                int64_t topk_groups, int64_t seq_len) {
+  const char* op = "moe_ext.topk_gating_backward";
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == logits.size(0), op, ": idx must be [num_tokens, k]");
+  check_topk_gating(logits, idx.size(1), score, expert_bias, num_groups, topk_groups, 0.0, noise, seq_len);
+  TORCH_CHECK(grad_weights.sizes() == idx.sizes(), op, ": grad_weights must have the shape of idx ", idx.sizes(),
+              ", got ", grad_weights.sizes());
+  for (const Tensor* g : {&grad_aux, &grad_seq_aux, &grad_z})
+    TORCH_CHECK(g->numel() == 1, op, ": loss gradients must be scalars, got shape ", g->sizes());
+}
+
+void check_unpermute_backward(const Tensor& grad_out, const Tensor& y, const Tensor& row_map, const OptTensor& w) {
+  check_unpermute(y, row_map, w);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == row_map.size(0) && grad_out.size(1) == y.size(1),
+              "moe_ext.unpermute_backward: grad_out must be [num_tokens=", row_map.size(0), ", hidden=", y.size(1),
+              "], got ", grad_out.sizes());
+}
+
+// ---- CPU: validate, then run the reference implementation -----------------------------------
+
+GatingOut topk_gating_cpu(const Tensor& logits, int64_t k, c10::string_view score, bool renormalize,
+                          const OptTensor& expert_bias, int64_t num_groups, int64_t topk_groups,
+                          double capacity_factor, const OptTensor& noise, int64_t seq_len) {
+  const std::string s(score);
+  check_topk_gating(logits, k, s, expert_bias, num_groups, topk_groups, capacity_factor, noise, seq_len);
+  return cpu::topk_gating(logits, k, s, renormalize, expert_bias, num_groups, topk_groups, capacity_factor, noise,
+                          seq_len);
+}
+
+Tensor topk_gating_backward_cpu(const Tensor& grad_weights, const Tensor& grad_aux, const Tensor& grad_seq_aux,
+                                const Tensor& grad_z, const Tensor& logits, const OptTensor& noise, const Tensor& idx,
+                                c10::string_view score, bool renormalize, const OptTensor& expert_bias,
+                                int64_t num_groups, int64_t topk_groups, int64_t seq_len) {
+  const std::string s(score);
+  check_topk_gating_backward(grad_weights, grad_aux, grad_seq_aux, grad_z, logits, noise, idx, s, expert_bias,
+                             num_groups, topk_groups, seq_len);
+  return cpu::topk_gating_backward(grad_weights, grad_aux, grad_seq_aux, grad_z, logits, noise, idx, s, renormalize,
+                                   expert_bias, num_groups, topk_groups, seq_len);
+}
+
+std::tuple<Tensor, Tensor, Tensor> permute_cpu(const Tensor& x, const Tensor& idx, int64_t num_experts,
+                                               int64_t pad_to, int64_t capacity, bool exact) {
+  check_permute(x, idx, num_experts, pad_to, capacity);
+  return cpu::permute(x, idx, num_experts, pad_to, capacity, exact);
+}
+
+Tensor unpermute_cpu(const Tensor& y, const Tensor& row_map, const OptTensor& weights) {
+  check_unpermute(y, row_map, weights);
+  return cpu::unpermute(y, row_map, weights);
+}
+
+std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_out, const Tensor& y, const Tensor& row_map,
+                                                  const OptTensor& weights) {
+  check_unpermute_backward(grad_out, y, row_map, weights);
+  return cpu::unpermute_backward(grad_out, y, row_map, weights);
+}
+
+Tensor grouped_gemm_cpu(const Tensor& a, const Tensor& b, const Tensor& sizes, bool trans_b,
+                        c10::string_view activation) {
+  const std::string act(activation);
+  check_grouped_gemm(a, b, sizes, trans_b, parse_activation(act));
+  return cpu::grouped_gemm(a, b, sizes, trans_b, act);
+}
+
+Tensor grouped_gemm_wgrad_cpu(const Tensor& a, const Tensor& grad_out, const Tensor& sizes, int64_t num_experts,
+                              bool trans_b) {
+  check_grouped_gemm_wgrad(a, grad_out, sizes, num_experts);
+  return cpu::grouped_gemm_wgrad(a, grad_out, sizes, num_experts, trans_b);
+}
+
+// ---- Meta: the same checks, then shapes only ---------------------------------------------------
+
+GatingOut topk_gating_meta(const Tensor& logits, int64_t k, c10::string_view score, bool renormalize,
+                           const OptTensor& expert_bias, int64_t num_groups, int64_t topk_groups,
+                           double capacity_factor, const OptTensor& noise, int64_t seq_len) {
+  check_topk_gating(logits, k, std::string(score), expert_bias, num_groups, topk_groups, capacity_factor, noise,
+                    seq_len);
+  const auto o = logits.options();
+  const auto acc = gating_weight_dtype(logits.scalar_type());
+  const auto T = logits.sym_size(0), E = logits.sym_size(1);
+  return {at::empty_symint({T, k}, o.dtype(acc)),   at::empty_symint({T, k}, o.dtype(at::kInt)),
+          at::empty_symint({T, k}, o.dtype(at::kInt)), at::empty_symint({E}, o.dtype(at::kInt)),
+          at::empty({}, o.dtype(acc)),              at::empty({}, o.dtype(acc)),
+          at::empty({}, o.dtype(acc))};
+}
+
+Tensor topk_gating_backward_meta(const Tensor& grad_weights, const Tensor& grad_aux, const Tensor& grad_seq_aux,
+                                 const Tensor& grad_z, const Tensor& logits, const OptTensor& noise, const Tensor& idx,
+                                 c10::string_view score, bool renormalize, const OptTensor& expert_bias,
+                                 int64_t num_groups, int64_t topk_groups, int64_t seq_len) {
+  check_topk_gating_backward(grad_weights, grad_aux, grad_seq_aux, grad_z, logits, noise, idx, std::string(score),
+                             expert_bias, num_groups, topk_groups, seq_len);
+  return at::empty_symint(logits.sym_sizes(), logits.options());
+}
+
+Tensor unpermute_meta(const Tensor& y, const Tensor& row_map, const OptTensor& weights) {
+  check_unpermute(y, row_map, weights);
+  return at::empty_symint({row_map.sym_size(0), y.sym_size(1)}, y.options());
+}
+
+std::tuple<Tensor, Tensor> unpermute_backward_meta(const Tensor& grad_out, const Tensor& y, const Tensor& row_map,
+                                                   const OptTensor& weights) {
+  check_unpermute_backward(grad_out, y, row_map, weights);
+  Tensor gw = weights.has_value() ? at::empty_symint(row_map.sym_sizes(), weights->options())
+                                  : at::empty({0}, y.options());
+  return {at::empty_symint(y.sym_sizes(), y.options()), gw};
+}
+
+Tensor grouped_gemm_meta(const Tensor& a, const Tensor& b, const Tensor& sizes, bool trans_b,
+                         c10::string_view activation) {
+  const Activation act = parse_activation(std::string(activation));
+  check_grouped_gemm(a, b, sizes, trans_b, act);
+  auto n = trans_b ? b.sym_size(1) : b.sym_size(2);
+  if (act == Activation::kSwiglu) n = n / 2;
+  return at::empty_symint({a.sym_size(0), n}, a.options());
+}
+
+Tensor grouped_gemm_wgrad_meta(const Tensor& a, const Tensor& grad_out, const Tensor& sizes, int64_t num_experts,
+                               bool trans_b) {
+  check_grouped_gemm_wgrad(a, grad_out, sizes, num_experts);
+  if (trans_b) return at::empty_symint({c10::SymInt(num_experts), grad_out.sym_size(1), a.sym_size(1)}, a.options());
+  return at::empty_symint({c10::SymInt(num_experts), a.sym_size(1), grad_out.sym_size(1)}, a.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moe_ext, m) {
+  m.def(
+      "topk_gating(Tensor logits, int k, str score, bool renormalize, Tensor? expert_bias, int num_groups, "
+      "int topk_groups, float capacity_factor, Tensor? noise, int seq_len) -> "
+      "(Tensor weights, Tensor idx, Tensor positions, Tensor tokens_per_expert, Tensor aux_loss, "
+      "Tensor seq_aux_loss, Tensor z_loss)");
+  m.def(
+      "topk_gating_backward(Tensor grad_weights, Tensor grad_aux_loss, Tensor grad_seq_aux_loss, "
+      "Tensor grad_z_loss, Tensor logits, Tensor? noise, Tensor idx, str score, bool renormalize, "
+      "Tensor? expert_bias, int num_groups, int topk_groups, int seq_len) -> Tensor");
+  m.def(
+      "permute(Tensor x, Tensor idx, int num_experts, int pad_to, int capacity, bool exact) -> "
+      "(Tensor x_perm, Tensor row_map, Tensor tokens_per_expert)");
+  m.def("unpermute(Tensor y, Tensor row_map, Tensor? weights) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_map, Tensor? weights) -> "
+      "(Tensor grad_y, Tensor grad_weights)");
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b, str activation) -> Tensor");
+  m.def(
+      "grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor tokens_per_expert, int num_experts, bool trans_b) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
+  m.impl("topk_gating", &topk_gating_cpu);
+  m.impl("topk_gating_backward", &topk_gating_backward_cpu);
+  m.impl("permute", &permute_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+  m.impl("unpermute_backward", &unpermute_backward_cpu);
+  m.impl("grouped_gemm", &grouped_gemm_cpu);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(moe_ext, Meta, m) {
+  m.impl("topk_gating", &topk_gating_meta);
+  m.impl("topk_gating_backward", &topk_gating_backward_meta);
+  m.impl("unpermute", &unpermute_meta);
+  m.impl("unpermute_backward", &unpermute_backward_meta);
+  m.impl("grouped_gemm", &grouped_gemm_meta);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_meta);
+}
+
+}  // namespace moe_ext

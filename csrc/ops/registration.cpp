@@ -1,6 +1,8 @@
-// The moe_ext operator library: every schema, and the CPU and Meta implementations.
+// The moe_ext operator library: every schema, and the CPU implementations.
 // CUDA implementations register themselves from csrc/ops/*_cuda.cu (TORCH_LIBRARY_IMPL, CUDA key).
-// permute's output row count depends on the routing, so its fake lives in Python (moe_ext/_ops.py).
+// The fake (Meta) implementations live in Python (moe_ext/_ops.py): they must handle symbolic
+// and data-dependent sizes (permute's row count depends on the routing), which C++ checks that
+// read concrete sizes cannot.
 #include "cpu/cpu_ops.h"
 #include "ops/checks.h"
 
@@ -86,60 +88,6 @@ Tensor grouped_gemm_wgrad_cpu(const Tensor& a, const Tensor& grad_out, const Ten
   return cpu::grouped_gemm_wgrad(a, grad_out, sizes, num_experts, trans_b);
 }
 
-// ---- Meta: the same checks, then shapes only ---------------------------------------------------
-
-GatingOut topk_gating_meta(const Tensor& logits, int64_t k, c10::string_view score, bool renormalize,
-                           const OptTensor& expert_bias, int64_t num_groups, int64_t topk_groups,
-                           double capacity_factor, const OptTensor& noise, int64_t seq_len) {
-  check_topk_gating(logits, k, std::string(score), expert_bias, num_groups, topk_groups, capacity_factor, noise,
-                    seq_len);
-  const auto o = logits.options();
-  const auto acc = gating_weight_dtype(logits.scalar_type());
-  const auto T = logits.sym_size(0), E = logits.sym_size(1);
-  return {at::empty_symint({T, k}, o.dtype(acc)),   at::empty_symint({T, k}, o.dtype(at::kInt)),
-          at::empty_symint({T, k}, o.dtype(at::kInt)), at::empty_symint({E}, o.dtype(at::kInt)),
-          at::empty({}, o.dtype(acc)),              at::empty({}, o.dtype(acc)),
-          at::empty({}, o.dtype(acc))};
-}
-
-Tensor topk_gating_backward_meta(const Tensor& grad_weights, const Tensor& grad_aux, const Tensor& grad_seq_aux,
-                                 const Tensor& grad_z, const Tensor& logits, const OptTensor& noise, const Tensor& idx,
-                                 c10::string_view score, bool renormalize, const OptTensor& expert_bias,
-                                 int64_t num_groups, int64_t topk_groups, int64_t seq_len) {
-  check_topk_gating_backward(grad_weights, grad_aux, grad_seq_aux, grad_z, logits, noise, idx, std::string(score),
-                             expert_bias, num_groups, topk_groups, seq_len);
-  return at::empty_symint(logits.sym_sizes(), logits.options());
-}
-
-Tensor unpermute_meta(const Tensor& y, const Tensor& row_map, const OptTensor& weights) {
-  check_unpermute(y, row_map, weights);
-  return at::empty_symint({row_map.sym_size(0), y.sym_size(1)}, y.options());
-}
-
-std::tuple<Tensor, Tensor> unpermute_backward_meta(const Tensor& grad_out, const Tensor& y, const Tensor& row_map,
-                                                   const OptTensor& weights) {
-  check_unpermute_backward(grad_out, y, row_map, weights);
-  Tensor gw = weights.has_value() ? at::empty_symint(row_map.sym_sizes(), weights->options())
-                                  : at::empty({0}, y.options());
-  return {at::empty_symint(y.sym_sizes(), y.options()), gw};
-}
-
-Tensor grouped_gemm_meta(const Tensor& a, const Tensor& b, const Tensor& sizes, bool trans_b,
-                         c10::string_view activation) {
-  const Activation act = parse_activation(std::string(activation));
-  check_grouped_gemm(a, b, sizes, trans_b, act);
-  auto n = trans_b ? b.sym_size(1) : b.sym_size(2);
-  if (act == Activation::kSwiglu) n = n / 2;
-  return at::empty_symint({a.sym_size(0), n}, a.options());
-}
-
-Tensor grouped_gemm_wgrad_meta(const Tensor& a, const Tensor& grad_out, const Tensor& sizes, int64_t num_experts,
-                               bool trans_b) {
-  check_grouped_gemm_wgrad(a, grad_out, sizes, num_experts);
-  if (trans_b) return at::empty_symint({c10::SymInt(num_experts), grad_out.sym_size(1), a.sym_size(1)}, a.options());
-  return at::empty_symint({c10::SymInt(num_experts), a.sym_size(1), grad_out.sym_size(1)}, a.options());
-}
-
 }  // namespace
 
 TORCH_LIBRARY(moe_ext, m) {
@@ -173,15 +121,6 @@ TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("unpermute_backward", &unpermute_backward_cpu);
   m.impl("grouped_gemm", &grouped_gemm_cpu);
   m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_cpu);
-}
-
-TORCH_LIBRARY_IMPL(moe_ext, Meta, m) {
-  m.impl("topk_gating", &topk_gating_meta);
-  m.impl("topk_gating_backward", &topk_gating_backward_meta);
-  m.impl("unpermute", &unpermute_meta);
-  m.impl("unpermute_backward", &unpermute_backward_meta);
-  m.impl("grouped_gemm", &grouped_gemm_meta);
-  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_meta);
 }
 
 }  // namespace moe_ext

@@ -1,0 +1,137 @@
+"""permute / unpermute (CPU) against the float64 reference in reference.py."""
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import moe_ext
+import reference as ref
+
+
+def _routing(T, k, E, drop=0.1, skew=False):
+    if skew:
+        idx = torch.full((T, k), E - 1, dtype=torch.int32)
+        idx[:, 1:] = torch.randint(0, E, (T, k - 1), dtype=torch.int32) if k > 1 else idx[:, 1:]
+    else:
+        idx = torch.randint(0, E, (T, k), dtype=torch.int32)
+    idx[torch.rand(T, k) < drop] = -1
+    return idx
+
+
+CASES = [
+    # T, H, k, E, pad_to, capacity, skew
+    (0, 8, 2, 4, 1, None, False),
+    (1, 8, 1, 1, 1, None, False),
+    (3, 40, 2, 8, 16, None, False),
+    (37, 8, 8, 5, 4, None, False),
+    (64, 24, 2, 8, 1, 3, False),
+    (64, 24, 2, 8, 8, 0, False),
+    (101, 16, 4, 8, 16, 10, True),
+    (257, 8, 2, 256, 1, None, False),
+]
+
+
+@pytest.mark.parametrize("T,H,k,E,pad_to,capacity,skew", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_permute_matches_reference(seed, T, H, k, E, pad_to, capacity, skew, dtype):
+    x = torch.randn(T, H).to(dtype)
+    idx = _routing(T, k, E, skew=skew)
+    x_perm, row_map, tpe = moe_ext.permute(x, idx, E, pad_to=pad_to, capacity=capacity)
+    r_perm, r_map, r_tpe = ref.permute(x, idx, E, pad_to, capacity)
+    assert torch.equal(row_map, r_map) and row_map.dtype == torch.int64
+    assert torch.equal(tpe, r_tpe) and tpe.dtype == torch.int32
+    assert x_perm.dtype == dtype and torch.equal(x_perm, r_perm)
+    if skew:
+        assert tpe[E - 1] >= min(T, capacity or T)
+
+
+@pytest.mark.parametrize("pad_to,capacity", [(1, None), (8, None), (4, 5)])
+def test_permute_worst_case_size(seed, pad_to, capacity):
+    T, H, k, E = 50, 8, 2, 6
+    x, idx = torch.randn(T, H), _routing(T, k, E)
+    exact = moe_ext.permute(x, idx, E, pad_to=pad_to, capacity=capacity, sync=True)
+    padded = moe_ext.permute(x, idx, E, pad_to=pad_to, capacity=capacity, sync=False)
+    n = T * k if capacity is None else min(T * k, capacity * E)
+    assert padded[0].shape[0] == n + min(n, E) * (pad_to - 1)
+    total = int(exact[2].sum())
+    assert exact[0].shape[0] == total
+    assert torch.equal(padded[0][:total], exact[0]) and (padded[0][total:] == 0).all()
+    assert torch.equal(padded[1], exact[1]) and torch.equal(padded[2], exact[2])
+
+
+def test_permute_moves_bytes_of_any_dtype(seed):
+    idx = _routing(20, 2, 4)
+    for dtype in [torch.int8, torch.int64] + ([torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else []):
+        x = torch.randint(-100, 100, (20, 16)).to(dtype)
+        x_perm, _, _ = moe_ext.permute(x, idx, 4)
+        assert torch.equal(x_perm.view(torch.uint8), ref.permute(x.view(torch.uint8), idx, 4)[0])
+
+
+def test_permute_strided_rows(seed):
+    x = torch.randn(30, 64)[:, :16]  # row stride 64
+    idx = _routing(30, 2, 4)
+    assert torch.equal(moe_ext.permute(x, idx, 4)[0], ref.permute(x, idx, 4)[0])
+
+
+@pytest.mark.parametrize("with_weights", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_unpermute_matches_reference(seed, with_weights, dtype):
+    T, H, k, E = 77, 24, 4, 8
+    idx = _routing(T, k, E)
+    _, row_map, tpe = moe_ext.permute(torch.randn(T, H), idx, E, pad_to=4, capacity=30)
+    y = torch.randn(int(tpe.sum()), H).to(dtype)
+    w = torch.rand(T, k) if with_weights else None
+    out = moe_ext.unpermute(y, row_map, w)
+    expect = ref.unpermute(y, row_map, w)
+    assert out.dtype == dtype
+    # fp32 accumulation: the only error beyond float64 is the final rounding to dtype + fp32 sums.
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.double(), expect, rtol=tol, atol=tol)
+
+
+def test_unpermute_is_exact_fp32_sum_in_slot_order(seed):
+    """Bit-level contract shared with the CUDA kernel: acc = acc + w*y in float32, j = 0..k-1."""
+    T, H, k, E = 33, 8, 3, 4
+    idx = _routing(T, k, E, drop=0.2)
+    _, row_map, tpe = moe_ext.permute(torch.randn(T, H), idx, E)
+    y = torch.randn(int(tpe.sum()), H).to(torch.bfloat16)
+    w = torch.rand(T, k)
+    acc = torch.zeros(T, H, dtype=torch.float32)
+    for j in range(k):
+        r = row_map[:, j]
+        ok = r >= 0
+        acc[ok] = acc[ok] + w[ok, j, None] * y[r[ok]].float()
+    assert torch.equal(moe_ext.unpermute(y, row_map, w), acc.to(torch.bfloat16))
+
+
+def test_roundtrip_identity(seed):
+    T, H, k, E = 40, 16, 2, 8
+    x = torch.randn(T, H, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int()
+    x_perm, row_map, _ = moe_ext.permute(x, idx, E, pad_to=8)
+    torch.testing.assert_close(moe_ext.unpermute(x_perm, row_map, torch.full((T, k), 1.0 / k, dtype=torch.float64)), x)
+
+
+@pytest.mark.parametrize("pad_to,capacity", [(1, None), (4, 3)])
+def test_gradcheck(seed, pad_to, capacity):
+    T, H, k, E = 9, 5, 2, 3
+    idx = _routing(T, k, E, drop=0.2)
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x_: moe_ext.permute(x_, idx, E, pad_to=pad_to, capacity=capacity)[0], (x,))
+    _, row_map, tpe = moe_ext.permute(x.detach(), idx, E, pad_to=pad_to, capacity=capacity)
+    y = torch.randn(int(tpe.sum()), H, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, k, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda y_, w_: moe_ext.unpermute(y_, row_map, w_), (y, w))
+    assert gradcheck(lambda y_: moe_ext.unpermute(y_, row_map), (y,))
+
+
+def test_float32_weights_with_float64_rows_get_gradients(seed):
+    T, H, k, E = 10, 4, 2, 3
+    idx = _routing(T, k, E, drop=0.0)
+    _, row_map, tpe = moe_ext.permute(torch.randn(T, H), idx, E)
+    y = torch.randn(int(tpe.sum()), H, dtype=torch.float64)
+    w = torch.rand(T, k, requires_grad=True)
+    g = torch.randn(T, H, dtype=torch.float64)
+    (moe_ext.unpermute(y, row_map, w) * g).sum().backward()
+    expect = torch.stack([(y[row_map[:, j]] * g).sum(-1) for j in range(k)], 1)
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad.double(), expect, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,7 @@
-// CPU grouped GEMM: every expert's rows times its own weight, fp32 accumulation for 16-bit
-// inputs, optional fused SwiGLU on the fp32 accumulator; and the k-grouped weight gradient.
+// Grouped GEMM through ATen: every expert's rows times its own weight, fp32 accumulation for
+// 16-bit inputs, optional SwiGLU on the fp32 accumulator; and the k-grouped weight gradient.
+// The CPU op, and the CUDA fallback (one cuBLAS matmul per expert, group sizes read back to the
+// host) until the hand-written grouped GEMM kernel lands: see csrc/ops/registration.cpp.
 #include "cpu/cpu_ops.h"
 #include "ops/checks.h"
 
@@ -12,7 +14,7 @@ namespace {
 
 // [E] counts or [E+1] offsets -> E+1 offsets in 64 bits, validated against the rows of a.
 std::vector<int64_t> group_offsets(const char* op, const at::Tensor& sizes_in, int64_t num_groups, int64_t rows) {
-  const at::Tensor sizes = sizes_in.to(at::kLong).contiguous();
+  const at::Tensor sizes = sizes_in.to(at::kCPU, at::kLong).contiguous();
   const int64_t* s = sizes.data_ptr<int64_t>();
   std::vector<int64_t> off(num_groups + 1, 0);
   if (sizes.numel() == num_groups) {

@@ -75,14 +75,14 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_out, const 
   return cpu::unpermute_backward(grad_out, y, row_map, weights);
 }
 
-Tensor grouped_gemm_cpu(const Tensor& a, const Tensor& b, const Tensor& sizes, bool trans_b,
+Tensor grouped_gemm_aten(const Tensor& a, const Tensor& b, const Tensor& sizes, bool trans_b,
                         c10::string_view activation) {
   const std::string act(activation);
   check_grouped_gemm(a, b, sizes, trans_b, parse_activation(act));
   return cpu::grouped_gemm(a, b, sizes, trans_b, act);
 }
 
-Tensor grouped_gemm_wgrad_cpu(const Tensor& a, const Tensor& grad_out, const Tensor& sizes, int64_t num_experts,
+Tensor grouped_gemm_wgrad_aten(const Tensor& a, const Tensor& grad_out, const Tensor& sizes, int64_t num_experts,
                               bool trans_b) {
   check_grouped_gemm_wgrad(a, grad_out, sizes, num_experts);
   return cpu::grouped_gemm_wgrad(a, grad_out, sizes, num_experts, trans_b);
@@ -119,8 +119,17 @@ TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
   m.impl("unpermute_backward", &unpermute_backward_cpu);
-  m.impl("grouped_gemm", &grouped_gemm_cpu);
-  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_cpu);
+  m.impl("grouped_gemm", &grouped_gemm_aten);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_aten);
 }
+
+#ifdef MOE_EXT_WITH_CUDA
+// NOTE: until the hand-written grouped GEMM kernel lands, CUDA tensors take the ATen path: one
+// cuBLAS matmul per expert, group sizes read back to the host (a sync). Correct, not fast.
+TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
+  m.impl("grouped_gemm", &grouped_gemm_aten);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_aten);
+}
+#endif
 
 }  // namespace moe_ext

@@ -117,3 +117,35 @@ def grouped_gemm(a, b, sizes, trans_b=False, activation=None):
         out[start:start + m] = h
         start += m
     return out
+
+
+def moe_layer(x, router_w, w1, w2, k, score="softmax", renormalize=True, routed_scaling_factor=1.0,
+              expert_bias=None):
+    """A plain-torch MoE layer (softmax/topk, argsort, per-expert matmul, index_add); no capacity.
+
+    x [T, H]; router_w [E, H]; w1 [E, H, 2F] (gate | up); w2 [E, F, H]. Differentiable.
+    """
+    T, H = x.shape
+    E, F = w1.shape[0], w2.shape[1]
+    logits = x @ router_w.t()
+    s = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    sel = s + expert_bias if expert_bias is not None else s
+    idx = stable_topk(sel.detach(), k)
+    w = s.gather(1, idx)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * routed_scaling_factor
+    flat = idx.flatten()
+    order = torch.argsort(flat, stable=True)
+    tok = order // k
+    out = torch.zeros_like(x)
+    counts = torch.bincount(flat, minlength=E).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        rows = order[start:start + n]
+        t = tok[start:start + n]
+        h = x[t] @ w1[e]
+        y = (torch.nn.functional.silu(h[:, :F]) * h[:, F:]) @ w2[e]
+        out = out.index_add(0, t, y * w.flatten()[rows][:, None])
+        start += n
+    return out

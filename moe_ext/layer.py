@@ -146,6 +146,14 @@ class MoE(nn.Module):
         self.load.zero_()
         return self.expert_bias
 
+    @classmethod
+    def from_hf(cls, block, ep_group=None, **kwargs):
+        """Builds the layer from a transformers MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE,
+        DeepSeek-V3), copying its weights; each rank of ep_group takes its own experts."""
+        from .hf import moe_from_hf
+
+        return moe_from_hf(block, ep_group=ep_group, **kwargs)
+
     def extra_repr(self):
         return (f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, k={self.k}, "
                 f"ep={self.ep_rank}/{self.ep_world}, local_experts={self.num_local_experts}")

@@ -1,6 +1,6 @@
 """moe_ext: expert-parallel Mixture-of-Experts kernels for PyTorch."""
 from . import _ops  # noqa: F401  (loads torch.ops.moe_ext and registers fakes/autograd)
-from .dispatch import DispatchHandle, combine, dispatch
+from .dispatch import DispatchHandle, combine, describe, dispatch
 from .gemm import grouped_gemm
 from .permute import permute, unpermute
 from .routing import GatingStats, topk_gating, update_expert_bias
@@ -8,6 +8,6 @@ from .routing import GatingStats, topk_gating, update_expert_bias
 __version__ = "0.1.0"
 
 __all__ = [
-    "DispatchHandle", "GatingStats", "combine", "dispatch", "grouped_gemm", "permute", "topk_gating",
+    "DispatchHandle", "GatingStats", "combine", "describe", "dispatch", "grouped_gemm", "permute", "topk_gating",
     "unpermute", "update_expert_bias",
 ]

@@ -1,0 +1,81 @@
+"""Runs a function on every rank of a fresh gloo world of spawned processes.
+
+    results = run_world(fn, world_size, *args, seed=seed)
+
+fn(rank, world_size, *args) runs in each spawned process with the default process group
+initialised (gloo, rendezvous through a FileStore in a fresh temporary directory), the global
+RNG seeded with seed + rank and one intra-op thread. It returns a small picklable value (no
+tensors); run_world returns them in rank order. A rank that raises or dies fails the call with
+its traceback; a world that has not finished after `timeout_s` is killed and fails the call, so
+a hang can never hang the test suite. fn must be a module-level function (spawn pickles it).
+"""
+import datetime
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _child(rank, world_size, store_file, seed, pg_timeout_s, fn, args, results):
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=pg_timeout_s))
+        try:
+            torch.manual_seed(seed + rank)
+            results.put((rank, True, fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: B902  (report everything, KeyboardInterrupt included)
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_world(fn, world_size, *args, seed=0, timeout_s=90.0, pg_timeout_s=30.0):
+    """fn(rank, world_size, *args) on world_size spawned gloo ranks; returns the per-rank results.
+
+    pg_timeout_s: the process group's timeout (how long a collective waits for a missing peer).
+    timeout_s: hard limit for the whole world; past it every rank is killed and the call fails.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    tmp = tempfile.mkdtemp(prefix="moe_ext_dist_")
+    procs = [ctx.Process(target=_child, daemon=True,
+                         args=(r, world_size, os.path.join(tmp, "store"), seed, pg_timeout_s, fn, args, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    done, failures = {}, {}
+    try:
+        while len(done) + len(failures) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if p.exitcode not in (None, 0) and r not in done and r not in failures]
+                for r in dead:  # died without reporting (killed, segfault)
+                    failures[r] = f"rank {r} exited with code {procs[r].exitcode} without a result"
+                if time.monotonic() >= deadline:
+                    missing = [r for r in range(world_size) if r not in done and r not in failures]
+                    raise AssertionError(f"world of {world_size} ranks did not finish within {timeout_s:.0f} s; "
+                                         f"ranks still running: {missing}") from None
+                continue
+            (done if ok else failures)[rank] = value
+        if failures:
+            raise AssertionError("\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())))
+        return [done[r] for r in range(world_size)]
+    finally:
+        for p in procs:
+            p.join(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results.close()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -4,3 +4,4 @@
 #pragma once
 
 #include "kernels/exception.cuh"
+#include "kernels/permute.cuh"

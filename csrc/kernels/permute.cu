@@ -1,0 +1,841 @@
+// permute / unpermute kernels (declared in permute.cuh).
+//
+// permute, for N = num_tokens * k slots in (token, slot) order, cut into tiles of whole
+// kRankChunk-slot chunks (one block per tile):
+//   1. count_kernel       per-tile histogram of expert ids (warp-aggregated with __match_any_sync;
+//                         shared-memory counters up to kSmemHistExperts experts, global above)
+//                         into counts[e][tile].
+//   2. expert_scan_kernel one warp per expert: exclusive scan of counts[e][*] across tiles in
+//                         place (the tile's first position inside expert e), and the kept count
+//                         min(count, capacity).
+//   3. offsets_kernel     one block: padded segment sizes, their exclusive scan in int64
+//                         (offsets[E+1]), tokens_per_expert and the total.
+//   4. rank_kernel        per tile, per chunk: a stable block radix sort of (expert, local slot)
+//                         gives each slot its rank among the chunk's slots of the same expert in
+//                         token order; position = tile base + rank; past capacity -> row -1,
+//                         else row = offsets[e] + position. The tile bases advance by the
+//                         chunk's run lengths, so chunks of one tile chain in order.
+//   5. scatter_kernel     one warp per token: the row is read once (16-byte loads where the
+//                         alignment allows) and stored to each of its k rows.
+//   6. zero_rows_kernel   padding rows [offsets[e] + kept[e], offsets[e+1]) and the tail
+//                         [offsets[E], out_rows) of a worst-case-sized output are zeroed.
+// Every position comes from counts and stable ranks, never from the order atomics happen to
+// run in: the output is deterministic and equal to the CPU op's.
+//
+// unpermute: one warp per token; each lane owns a vector of hidden columns and gathers the k
+// rows' vectors for it (loads issued 8 slots at a time before any is used), accumulating in slot
+// order with __fmul_rn / __fadd_rn (no FMA contraction) exactly as the CPU op does.
+// unpermute_backward: one warp per token writes grad_y for its k rows and reduces the k dot
+// products; a byte per row marks the rows written, and a last kernel zeroes the others.
+#include "kernels/exception.cuh"
+#include "kernels/permute.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cuda/functional>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+namespace moe_ext::kernels {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Index stage: blocks of 256 threads; the rank kernel sorts 256 x 4 = 1024 slots at a time.
+constexpr int kIndexThreads = 256;
+constexpr int kRankItems = 4;
+constexpr int64_t kRankChunk = kIndexThreads * kRankItems;
+constexpr int64_t kMaxTiles = 1024;               // blocks of the count and rank kernels
+constexpr int64_t kMaxCountEntries = int64_t{1} << 22;  // E * tiles int64 counters (32 MiB)
+constexpr int64_t kSmemHistExperts = 12288;       // 48 KiB of int32 counters
+constexpr int kScanPerLane = 8;                   // expert_scan_kernel: tiles per lane per round
+constexpr int kOffsetsThreads = 512;
+
+// Row stages: blocks of 8 warps, one token (or row) per warp.
+constexpr int kRowThreads = 256;
+constexpr int kRowWarps = kRowThreads / kWarpSize;
+constexpr int kScatterUnroll = 4;  // vectors loaded per lane before they are stored
+constexpr int kSlotChunk = 8;      // unpermute: slots whose loads are in flight together
+constexpr int kGatherMinBlocks = 2;  // unpermute kernels: <= 128 registers, >= 16 warps per SM
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
+
+// SM count of the current device, queried once per device (a launch-config input only).
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  int device = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 0 && device < kMaxDevices) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int sms = 0;
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  sms = std::max(sms, 1);
+  if (device >= 0 && device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+// Grid of row blocks for `items` warp-sized work items: enough blocks to fill the device, then
+// the kernels stride.
+unsigned row_grid(int64_t items) {
+  const int64_t cap = int64_t{sm_count()} * 32;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(items, kRowWarps), cap)));
+}
+
+// ---- permute: index stage -------------------------------------------------------------------------
+
+struct Tiling {
+  int64_t tile = kRankChunk;  // slots per tile (a multiple of kRankChunk)
+  int64_t num_tiles = 0;
+};
+
+Tiling make_tiling(int64_t num_slots, int64_t num_experts) {
+  Tiling t;
+  if (num_slots <= 0) return t;
+  const int64_t chunks = ceil_div(num_slots, kRankChunk);
+  const int64_t max_tiles = std::max<int64_t>(1, std::min(kMaxTiles, kMaxCountEntries / num_experts));
+  t.tile = ceil_div(chunks, max_tiles) * kRankChunk;
+  t.num_tiles = ceil_div(num_slots, t.tile);
+  return t;
+}
+
+// Workspace: counts[E * num_tiles], kept[E], offsets[E + 1], all int64, each 256-byte aligned.
+struct Workspace {
+  int64_t* counts;
+  int64_t* kept;
+  int64_t* offsets;
+};
+
+size_t workspace_bytes(int64_t num_experts, int64_t num_tiles) {
+  return align_up(sizeof(int64_t) * num_experts * num_tiles) + align_up(sizeof(int64_t) * num_experts) +
+         align_up(sizeof(int64_t) * (num_experts + 1));
+}
+
+Workspace carve(void* base, int64_t num_experts, int64_t num_tiles) {
+  char* p = static_cast<char*>(base);
+  Workspace w;
+  w.counts = reinterpret_cast<int64_t*>(p);
+  p += align_up(sizeof(int64_t) * num_experts * num_tiles);
+  w.kept = reinterpret_cast<int64_t*>(p);
+  p += align_up(sizeof(int64_t) * num_experts);
+  w.offsets = reinterpret_cast<int64_t*>(p);
+  return w;
+}
+
+// Expert id -> sort key: [0, E) stays, anything else (-1, out of range) becomes E ("no expert").
+template <typename IdxT>
+__device__ __forceinline__ uint32_t expert_key(IdxT e, int64_t num_experts) {
+  const int64_t v = static_cast<int64_t>(e);
+  return (v >= 0 && v < num_experts) ? static_cast<uint32_t>(v) : static_cast<uint32_t>(num_experts);
+}
+
+template <typename IdxT, bool kSmemHist>
+__global__ void __launch_bounds__(kIndexThreads)
+    count_kernel(const IdxT* __restrict__ idx, int64_t num_slots, int64_t num_experts, int64_t tile,
+                 int64_t num_tiles, int64_t* __restrict__ counts) {
+  extern __shared__ int32_t s_hist[];
+  const int64_t b = blockIdx.x;
+  const int64_t begin = b * tile, end = min(begin + tile, num_slots);
+  const int lane = threadIdx.x % kWarpSize;
+  if constexpr (kSmemHist) {
+    for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) s_hist[e] = 0;
+    __syncthreads();
+  }
+  // NOTE: the loop bound is uniform across the block, so every lane takes part in the match.
+  for (int64_t s0 = begin; s0 < end; s0 += blockDim.x) {
+    const int64_t s = s0 + threadIdx.x;
+    const uint32_t key = s < end ? expert_key(idx[s], num_experts) : static_cast<uint32_t>(num_experts);
+    const unsigned peers = __match_any_sync(kFullMask, key);
+    if (key < num_experts && lane == __ffs(peers) - 1) {
+      const int n = __popc(peers);
+      if constexpr (kSmemHist) {
+        atomicAdd(&s_hist[key], n);
+      } else {
+        atomicAdd(reinterpret_cast<unsigned long long*>(&counts[key * num_tiles + b]),
+                  static_cast<unsigned long long>(n));
+      }
+    }
+  }
+  if constexpr (kSmemHist) {
+    __syncthreads();
+    for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e * num_tiles + b] = s_hist[e];
+  }
+}
+
+__global__ void __launch_bounds__(kIndexThreads)
+    expert_scan_kernel(int64_t* __restrict__ counts, int64_t num_experts, int64_t num_tiles, int64_t capacity,
+                       int64_t* __restrict__ kept) {
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  if (e >= num_experts) return;  // whole warps leave together
+  int64_t* c = counts + e * num_tiles;
+  int64_t running = 0;
+  for (int64_t b0 = 0; b0 < num_tiles; b0 += kWarpSize * kScanPerLane) {
+    int64_t v[kScanPerLane];
+    int64_t sum = 0;
+#pragma unroll
+    for (int i = 0; i < kScanPerLane; ++i) {
+      const int64_t b = b0 + lane * kScanPerLane + i;
+      v[i] = b < num_tiles ? c[b] : 0;
+      sum += v[i];
+    }
+    int64_t incl = sum;
+#pragma unroll
+    for (int off = 1; off < kWarpSize; off *= 2) {
+      const int64_t up = __shfl_up_sync(kFullMask, incl, off);
+      if (lane >= off) incl += up;
+    }
+    int64_t base = running + incl - sum;
+#pragma unroll
+    for (int i = 0; i < kScanPerLane; ++i) {
+      const int64_t b = b0 + lane * kScanPerLane + i;
+      if (b < num_tiles) c[b] = base;
+      base += v[i];
+    }
+    running += __shfl_sync(kFullMask, incl, kWarpSize - 1);
+  }
+  if (lane == 0) kept[e] = capacity >= 0 ? min(running, capacity) : running;
+}
+
+__global__ void __launch_bounds__(kOffsetsThreads)
+    offsets_kernel(const int64_t* __restrict__ kept, int64_t num_experts, int64_t pad_to,
+                   int64_t* __restrict__ offsets, int32_t* __restrict__ tokens_per_expert,
+                   int64_t* __restrict__ total_rows) {
+  using Scan = cub::BlockScan<int64_t, kOffsetsThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  int64_t carry = 0;
+  for (int64_t e0 = 0; e0 < num_experts; e0 += kOffsetsThreads) {
+    const int64_t e = e0 + threadIdx.x;
+    const int64_t seg = e < num_experts ? (kept[e] + pad_to - 1) / pad_to * pad_to : 0;
+    int64_t excl, aggregate;
+    Scan(tmp).ExclusiveSum(seg, excl, aggregate);
+    if (e < num_experts) {
+      offsets[e] = carry + excl;
+      tokens_per_expert[e] = static_cast<int32_t>(seg);
+    }
+    carry += aggregate;
+    __syncthreads();  // tmp is reused by the next chunk
+  }
+  if (threadIdx.x == 0) {
+    offsets[num_experts] = carry;
+    if (total_rows != nullptr) *total_rows = carry;
+  }
+}
+
+template <typename IdxT>
+__global__ void __launch_bounds__(kIndexThreads)
+    rank_kernel(const IdxT* __restrict__ idx, int64_t num_slots, int64_t num_experts, int64_t capacity, int64_t tile,
+                int64_t num_tiles, int end_bit, int64_t* __restrict__ bases, const int64_t* __restrict__ offsets,
+                int64_t* __restrict__ row_map) {
+  using Sort = cub::BlockRadixSort<uint32_t, kIndexThreads, kRankItems, int32_t>;
+  using Scan = cub::BlockScan<int32_t, kIndexThreads>;
+  __shared__ union {
+    typename Sort::TempStorage sort;
+    typename Scan::TempStorage scan;
+  } tmp;
+  __shared__ uint32_t s_keys[kRankChunk];
+
+  const int64_t b = blockIdx.x;
+  const int64_t begin = b * tile, end = min(begin + tile, num_slots);
+  for (int64_t c0 = begin; c0 < end; c0 += kRankChunk) {
+    // Blocked arrangement: thread i holds local slots i*kRankItems ..; the sort is stable in
+    // that order, i.e. in token order.
+    uint32_t keys[kRankItems];
+    int32_t local[kRankItems];
+#pragma unroll
+    for (int i = 0; i < kRankItems; ++i) {
+      local[i] = threadIdx.x * kRankItems + i;
+      const int64_t s = c0 + local[i];
+      keys[i] = s < end ? expert_key(idx[s], num_experts) : static_cast<uint32_t>(num_experts);
+    }
+    Sort(tmp.sort).Sort(keys, local, 0, end_bit);
+#pragma unroll
+    for (int i = 0; i < kRankItems; ++i) s_keys[threadIdx.x * kRankItems + i] = keys[i];
+    __syncthreads();
+
+    // Start of each run of equal keys (max-scan of the run heads); rank = position - start.
+    int32_t start[kRankItems];
+#pragma unroll
+    for (int i = 0; i < kRankItems; ++i) {
+      const int p = threadIdx.x * kRankItems + i;
+      start[i] = (p == 0 || s_keys[p - 1] != keys[i]) ? p : 0;
+    }
+    Scan(tmp.scan).InclusiveScan(start, start, cuda::maximum<>{});
+#pragma unroll
+    for (int i = 0; i < kRankItems; ++i) {
+      const int p = threadIdx.x * kRankItems + i;
+      const int64_t s = c0 + local[i];
+      if (s >= end) continue;
+      int64_t row = -1;
+      if (keys[i] < num_experts) {
+        const int64_t pos = bases[keys[i] * num_tiles + b] + (p - start[i]);
+        if (capacity < 0 || pos < capacity) row = offsets[keys[i]] + pos;
+      }
+      row_map[s] = row;
+    }
+    __syncthreads();  // every base read before any advances; tmp free again
+
+    // The last slot of each run advances its expert's base for the next chunk of this tile.
+#pragma unroll
+    for (int i = 0; i < kRankItems; ++i) {
+      const int p = threadIdx.x * kRankItems + i;
+      if (keys[i] < num_experts && (p == kRankChunk - 1 || s_keys[p + 1] != keys[i]))
+        bases[keys[i] * num_tiles + b] += p - start[i] + 1;
+    }
+    __syncthreads();  // advanced bases visible to the block; s_keys free
+  }
+}
+
+// ---- permute: row stage --------------------------------------------------------------------------
+
+template <int kBytes>
+struct RawVec;
+template <>
+struct RawVec<16> {
+  using type = uint4;
+};
+template <>
+struct RawVec<8> {
+  using type = uint2;
+};
+template <>
+struct RawVec<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawVec<2> {
+  using type = unsigned short;
+};
+template <>
+struct RawVec<1> {
+  using type = unsigned char;
+};
+
+// Largest access width in {16, 8, 4, 2, 1} bytes dividing every value of `parts`.
+int vec_bytes(std::initializer_list<uint64_t> parts) {
+  uint64_t all = 16;
+  for (uint64_t v : parts) all |= v;
+  return static_cast<int>(all & (~all + 1));  // lowest set bit, at most 16
+}
+
+template <typename V>
+__global__ void __launch_bounds__(kRowThreads)
+    scatter_kernel(const char* __restrict__ x, int64_t x_row_stride, int64_t num_tokens, int64_t k,
+                   int64_t row_vecs, const int64_t* __restrict__ row_map, int64_t out_rows,
+                   char* __restrict__ x_perm) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  const int64_t row_bytes = row_vecs * static_cast<int64_t>(sizeof(V));
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize; t < num_tokens;
+       t += warps) {
+    const V* src = reinterpret_cast<const V*>(x + t * x_row_stride);
+    for (int64_t j0 = 0; j0 < k; j0 += kWarpSize) {
+      // Lane j holds the row of slot j0 + j; broadcast below.
+      int64_t my_row = -1;
+      if (j0 + lane < k) {
+        const int64_t r = row_map[t * k + j0 + lane];
+        my_row = (r >= 0 && r < out_rows) ? r : -1;
+      }
+      const int nj = static_cast<int>(min(static_cast<int64_t>(kWarpSize), k - j0));
+      for (int64_t v0 = lane; v0 < row_vecs; v0 += kWarpSize * kScatterUnroll) {
+        V buf[kScatterUnroll];
+#pragma unroll
+        for (int u = 0; u < kScatterUnroll; ++u) {
+          const int64_t v = v0 + u * kWarpSize;
+          if (v < row_vecs) buf[u] = __ldg(src + v);
+        }
+        for (int j = 0; j < nj; ++j) {
+          const int64_t r = __shfl_sync(kFullMask, my_row, j);
+          if (r < 0) continue;
+          V* dst = reinterpret_cast<V*>(x_perm + r * row_bytes);
+#pragma unroll
+          for (int u = 0; u < kScatterUnroll; ++u) {
+            const int64_t v = v0 + u * kWarpSize;
+            if (v < row_vecs) dst[v] = buf[u];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename V>
+__device__ __forceinline__ void zero_row(char* __restrict__ base, int64_t row, int64_t row_vecs, int lane) {
+  V* dst = reinterpret_cast<V*>(base + row * row_vecs * static_cast<int64_t>(sizeof(V)));
+  const V zero{};
+  for (int64_t v = lane; v < row_vecs; v += kWarpSize) dst[v] = zero;
+}
+
+template <typename V>
+__global__ void __launch_bounds__(kRowThreads)
+    zero_rows_kernel(const int64_t* __restrict__ offsets, const int64_t* __restrict__ kept, int64_t num_experts,
+                     bool padding, int64_t out_rows, int64_t row_vecs, char* __restrict__ x_perm) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  if (padding) {
+    for (int64_t e = blockIdx.x; e < num_experts; e += gridDim.x) {
+      const int64_t hi = min(offsets[e + 1], out_rows);
+      for (int64_t r = offsets[e] + kept[e] + warp; r < hi; r += kRowWarps) zero_row<V>(x_perm, r, row_vecs, lane);
+    }
+  }
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t r = offsets[num_experts] + static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; r < out_rows;
+       r += warps)
+    zero_row<V>(x_perm, r, row_vecs, lane);
+}
+
+template <int kBytes>
+void launch_rows(const PermuteParams& p, const Workspace& ws, cudaStream_t stream) {
+  using V = typename RawVec<kBytes>::type;
+  const int64_t row_vecs = p.row_bytes / kBytes;
+  if (p.num_tokens > 0) {
+    scatter_kernel<V><<<row_grid(p.num_tokens), kRowThreads, 0, stream>>>(
+        static_cast<const char*>(p.x), p.x_row_stride, p.num_tokens, p.k, row_vecs, p.row_map, p.out_rows,
+        static_cast<char*>(p.x_perm));
+    MOE_CUDA_CHECK(cudaGetLastError());
+  }
+  // NOTE: launched even when nothing may need zeroing: the tail [total, out_rows) of a
+  // worst-case-sized output is only known on the device.
+  if (p.out_rows > 0) {
+    const unsigned grid = static_cast<unsigned>(std::max<int64_t>(
+        1, std::min<int64_t>(int64_t{sm_count()} * 8, std::max(p.num_experts, ceil_div(p.out_rows, kRowWarps)))));
+    zero_rows_kernel<V><<<grid, kRowThreads, 0, stream>>>(ws.offsets, ws.kept, p.num_experts, p.pad_to > 1,
+                                                          p.out_rows, row_vecs, static_cast<char*>(p.x_perm));
+    MOE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void check_permute_params(const PermuteParams& p) {
+  MOE_HOST_ASSERT(p.num_tokens >= 0 && p.k >= 0, "permute: negative num_tokens or k");
+  MOE_HOST_ASSERT(p.num_experts >= 1 && p.num_experts < (int64_t{1} << 31),
+                  "permute: num_experts must be in [1, 2^31)");
+  MOE_HOST_ASSERT(p.pad_to >= 1, "permute: pad_to must be >= 1");
+  MOE_HOST_ASSERT(p.capacity >= -1, "permute: capacity must be -1 (none) or >= 0");
+  MOE_HOST_ASSERT(p.workspace != nullptr, "permute: workspace is null");
+  MOE_HOST_ASSERT(p.num_tokens * p.k == 0 || (p.idx != nullptr && p.row_map != nullptr),
+                  "permute: idx and row_map are required");
+  MOE_HOST_ASSERT(p.tokens_per_expert != nullptr, "permute: tokens_per_expert is null");
+}
+
+template <typename IdxT>
+void route_impl(const PermuteParams& p, cudaStream_t stream) {
+  const int64_t num_slots = p.num_tokens * p.k, E = p.num_experts;
+  const Tiling tiling = make_tiling(num_slots, E);
+  const Workspace ws = carve(p.workspace, E, tiling.num_tiles);
+  if (tiling.num_tiles > 0) {
+    const IdxT* idx = static_cast<const IdxT*>(p.idx);
+    if (E <= kSmemHistExperts) {
+      count_kernel<IdxT, true><<<static_cast<unsigned>(tiling.num_tiles), kIndexThreads, E * sizeof(int32_t), stream>>>(
+          idx, num_slots, E, tiling.tile, tiling.num_tiles, ws.counts);
+    } else {
+      MOE_CUDA_CHECK(cudaMemsetAsync(ws.counts, 0, sizeof(int64_t) * E * tiling.num_tiles, stream));
+      count_kernel<IdxT, false><<<static_cast<unsigned>(tiling.num_tiles), kIndexThreads, 0, stream>>>(
+          idx, num_slots, E, tiling.tile, tiling.num_tiles, ws.counts);
+    }
+    MOE_CUDA_CHECK(cudaGetLastError());
+  }
+  const int64_t scan_blocks = ceil_div(E * kWarpSize, kIndexThreads);
+  expert_scan_kernel<<<static_cast<unsigned>(scan_blocks), kIndexThreads, 0, stream>>>(
+      ws.counts, E, tiling.num_tiles, p.capacity, ws.kept);
+  MOE_CUDA_CHECK(cudaGetLastError());
+  offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(ws.kept, E, p.pad_to, ws.offsets, p.tokens_per_expert,
+                                                    p.total_rows);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename IdxT>
+void rank_impl(const PermuteParams& p, cudaStream_t stream) {
+  const int64_t num_slots = p.num_tokens * p.k, E = p.num_experts;
+  const Tiling tiling = make_tiling(num_slots, E);
+  if (tiling.num_tiles == 0) return;
+  const Workspace ws = carve(p.workspace, E, tiling.num_tiles);
+  int end_bit = 0;  // keys are in [0, E]: enough bits for E itself
+  while ((int64_t{1} << end_bit) <= E) ++end_bit;
+  rank_kernel<IdxT><<<static_cast<unsigned>(tiling.num_tiles), kIndexThreads, 0, stream>>>(
+      static_cast<const IdxT*>(p.idx), num_slots, E, p.capacity, tiling.tile, tiling.num_tiles, end_bit, ws.counts,
+      ws.offsets, p.row_map);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- unpermute -----------------------------------------------------------------------------------
+
+template <PermuteFloat kType>
+struct FloatTraits;
+template <>
+struct FloatTraits<PermuteFloat::kFloat32> {
+  using T = float;
+  using Acc = float;
+};
+template <>
+struct FloatTraits<PermuteFloat::kFloat64> {
+  using T = double;
+  using Acc = double;
+};
+template <>
+struct FloatTraits<PermuteFloat::kFloat16> {
+  using T = __half;
+  using Acc = float;
+};
+template <>
+struct FloatTraits<PermuteFloat::kBFloat16> {
+  using T = __nv_bfloat16;
+  using Acc = float;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// NOTE: separately rounded multiply and add: nvcc must not contract them into an FMA, or the
+// result would differ from the CPU op's in the last bit.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+template <typename T>
+__device__ __forceinline__ T cast_out(typename std::conditional<std::is_same<T, double>::value, double, float>::type v) {
+  if constexpr (std::is_same<T, double>::value) {
+    return v;
+  } else {
+    return from_acc<T>(v);
+  }
+}
+
+// kVec elements of T moved as one access.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
+__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
+  using Raw = typename RawVec<sizeof(T) * kVec>::type;
+  static_assert(sizeof(Raw) == sizeof(Pack<T, kVec>), "one access per pack");
+  Pack<T, kVec> pack;
+  *reinterpret_cast<Raw*>(&pack) = __ldg(reinterpret_cast<const Raw*>(p));
+  return pack;
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, kVec>& pack) {
+  *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
+}
+
+// The rows (and weights) of slots j0 .. j0 + kSlotChunk - 1 of token t; -1 for slots past k, not
+// routed, or out of range.
+template <typename Acc, bool kWeights>
+__device__ __forceinline__ void load_slots(const int64_t* __restrict__ row_map, const Acc* __restrict__ w, int64_t t,
+                                           int64_t k, int64_t j0, int64_t y_rows, int64_t (&rows)[kSlotChunk],
+                                           Acc (&ws)[kSlotChunk]) {
+#pragma unroll
+  for (int jj = 0; jj < kSlotChunk; ++jj) {
+    rows[jj] = -1;
+    ws[jj] = Acc(0);
+    const int64_t j = j0 + jj;
+    if (j < k) {
+      const int64_t r = __ldg(row_map + t * k + j);
+      if (r >= 0 && r < y_rows) rows[jj] = r;
+      if constexpr (kWeights) ws[jj] = __ldg(w + t * k + j);
+    }
+  }
+}
+
+// kHoist: k <= kSlotChunk, so the token's rows and weights are loaded once, outside the column
+// loop; otherwise they are re-read (from L1) per chunk of slots.
+template <typename T, int kVec, bool kWeights, bool kHoist>
+__global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
+    unpermute_kernel(const T* __restrict__ y, int64_t y_rows, int64_t y_row_stride,
+                     const int64_t* __restrict__ row_map,
+                     const typename std::conditional<std::is_same<T, double>::value, double, float>::type* __restrict__ w,
+                     T* __restrict__ out, int64_t num_tokens, int64_t k, int64_t hidden) {
+  using Acc = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  const int64_t num_vecs = hidden / kVec;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize; t < num_tokens;
+       t += warps) {
+    int64_t rows[kSlotChunk];
+    Acc ws[kSlotChunk];
+    if constexpr (kHoist) load_slots<Acc, kWeights>(row_map, w, t, k, 0, y_rows, rows, ws);
+    T* out_row = out + t * hidden;
+    for (int64_t v = lane; v < num_vecs; v += kWarpSize) {
+      Acc acc[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[e] = Acc(0);
+      for (int64_t j0 = 0; j0 < k; j0 += kSlotChunk) {
+        if constexpr (!kHoist) load_slots<Acc, kWeights>(row_map, w, t, k, j0, y_rows, rows, ws);
+        Pack<T, kVec> buf[kSlotChunk];
+#pragma unroll
+        for (int jj = 0; jj < kSlotChunk; ++jj)
+          if (rows[jj] >= 0) buf[jj] = load_pack<T, kVec>(y + rows[jj] * y_row_stride + v * kVec);
+#pragma unroll
+        for (int jj = 0; jj < kSlotChunk; ++jj) {
+          if (rows[jj] < 0) continue;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const Acc val = to_acc(buf[jj].v[e]);
+            acc[e] = add_rn(acc[e], kWeights ? mul_rn(ws[jj], val) : val);
+          }
+        }
+      }
+      Pack<T, kVec> o;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) o.v[e] = cast_out<T>(acc[e]);
+      store_pack<T, kVec>(out_row + v * kVec, o);
+    }
+  }
+}
+
+template <typename T, int kVec, bool kWeights>
+__global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
+    unpermute_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ y, int64_t y_rows,
+                              int64_t y_row_stride, const int64_t* __restrict__ row_map,
+                              const typename std::conditional<std::is_same<T, double>::value, double, float>::type*
+                                  __restrict__ w,
+                              T* __restrict__ grad_y, double* __restrict__ grad_w, uint8_t* __restrict__ touched,
+                              int64_t num_tokens, int64_t k, int64_t hidden) {
+  using Acc = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  const int64_t num_vecs = hidden / kVec;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize; t < num_tokens;
+       t += warps) {
+    const T* g_row = grad_out + t * hidden;
+    for (int64_t j0 = 0; j0 < k; j0 += kSlotChunk) {
+      int64_t rows[kSlotChunk];
+      Acc ws[kSlotChunk];
+      load_slots<Acc, kWeights>(row_map, w, t, k, j0, y_rows, rows, ws);
+      double dot[kSlotChunk];
+#pragma unroll
+      for (int jj = 0; jj < kSlotChunk; ++jj) dot[jj] = 0.0;
+      for (int64_t v = lane; v < num_vecs; v += kWarpSize) {
+        const Pack<T, kVec> g = load_pack<T, kVec>(g_row + v * kVec);
+        Pack<T, kVec> ybuf[kSlotChunk];
+        if constexpr (kWeights) {
+#pragma unroll
+          for (int jj = 0; jj < kSlotChunk; ++jj)
+            if (rows[jj] >= 0) ybuf[jj] = load_pack<T, kVec>(y + rows[jj] * y_row_stride + v * kVec);
+        }
+#pragma unroll
+        for (int jj = 0; jj < kSlotChunk; ++jj) {
+          if (rows[jj] < 0) continue;
+          T* dst = grad_y + rows[jj] * hidden + v * kVec;
+          if constexpr (kWeights) {
+            Pack<T, kVec> o;
+            Acc part = Acc(0);  // the vector's share of the dot, then added in float64
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) {
+              const Acc gv = to_acc(g.v[e]);
+              o.v[e] = cast_out<T>(mul_rn(ws[jj], gv));
+              part += to_acc(ybuf[jj].v[e]) * gv;
+            }
+            dot[jj] += static_cast<double>(part);
+            store_pack<T, kVec>(dst, o);
+          } else {
+            store_pack<T, kVec>(dst, g);
+          }
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < kSlotChunk; ++jj) {
+        if (j0 + jj >= k) break;
+        if constexpr (kWeights) {
+          double d = dot[jj];
+#pragma unroll
+          for (int off = kWarpSize / 2; off > 0; off /= 2) d += __shfl_xor_sync(kFullMask, d, off);
+          if (lane == 0 && grad_w != nullptr) grad_w[t * k + j0 + jj] = rows[jj] >= 0 ? d : 0.0;
+        }
+        if (lane == 0 && rows[jj] >= 0) touched[rows[jj]] = 1;
+      }
+    }
+  }
+}
+
+template <typename V>
+__global__ void __launch_bounds__(kRowThreads)
+    zero_untouched_kernel(const uint8_t* __restrict__ touched, int64_t num_rows, int64_t row_vecs,
+                          char* __restrict__ base) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize; r < num_rows; r += warps)
+    if (!touched[r]) zero_row<V>(base, r, row_vecs, lane);
+}
+
+template <PermuteFloat kType>
+void unpermute_impl(const UnpermuteParams& p, cudaStream_t stream) {
+  using T = typename FloatTraits<kType>::T;
+  using Acc = typename FloatTraits<kType>::Acc;
+  constexpr int kWide = 16 / static_cast<int>(sizeof(T));
+  const bool wide = vec_bytes({static_cast<uint64_t>(p.hidden * sizeof(T)),
+                               static_cast<uint64_t>(p.y_rows > 1 ? p.y_row_stride * sizeof(T) : 0),
+                               reinterpret_cast<uint64_t>(p.y), reinterpret_cast<uint64_t>(p.out)}) == 16;
+  const bool weights = p.weights != nullptr, hoist = p.k <= kSlotChunk;
+  const T* y = static_cast<const T*>(p.y);
+  const Acc* w = static_cast<const Acc*>(p.weights);
+  T* out = static_cast<T*>(p.out);
+  const unsigned grid = row_grid(p.num_tokens);
+#define MOE_UNPERMUTE_LAUNCH(VEC, W, H)                                                                      \
+  unpermute_kernel<T, VEC, W, H><<<grid, kRowThreads, 0, stream>>>(y, p.y_rows, p.y_row_stride, p.row_map, w, \
+                                                                   out, p.num_tokens, p.k, p.hidden)
+  if (wide) {
+    if (weights) {
+      if (hoist) MOE_UNPERMUTE_LAUNCH(kWide, true, true);
+      else MOE_UNPERMUTE_LAUNCH(kWide, true, false);
+    } else {
+      if (hoist) MOE_UNPERMUTE_LAUNCH(kWide, false, true);
+      else MOE_UNPERMUTE_LAUNCH(kWide, false, false);
+    }
+  } else {
+    if (weights) {
+      if (hoist) MOE_UNPERMUTE_LAUNCH(1, true, true);
+      else MOE_UNPERMUTE_LAUNCH(1, true, false);
+    } else {
+      if (hoist) MOE_UNPERMUTE_LAUNCH(1, false, true);
+      else MOE_UNPERMUTE_LAUNCH(1, false, false);
+    }
+  }
+#undef MOE_UNPERMUTE_LAUNCH
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <PermuteFloat kType>
+void unpermute_backward_impl(const UnpermuteBackwardParams& p, cudaStream_t stream) {
+  using T = typename FloatTraits<kType>::T;
+  using Acc = typename FloatTraits<kType>::Acc;
+  constexpr int kWide = 16 / static_cast<int>(sizeof(T));
+  const int64_t row_bytes = p.hidden * static_cast<int64_t>(sizeof(T));
+  const bool wide = vec_bytes({static_cast<uint64_t>(row_bytes),
+                               static_cast<uint64_t>(p.y_rows > 1 ? p.y_row_stride * sizeof(T) : 0),
+                               reinterpret_cast<uint64_t>(p.y), reinterpret_cast<uint64_t>(p.grad_out),
+                               reinterpret_cast<uint64_t>(p.grad_y)}) == 16;
+  const T* g = static_cast<const T*>(p.grad_out);
+  const T* y = static_cast<const T*>(p.y);
+  const Acc* w = static_cast<const Acc*>(p.weights);
+  T* grad_y = static_cast<T*>(p.grad_y);
+  uint8_t* touched = static_cast<uint8_t*>(p.workspace);
+  MOE_CUDA_CHECK(cudaMemsetAsync(touched, 0, static_cast<size_t>(p.y_rows), stream));
+  if (p.num_tokens > 0) {
+    const unsigned grid = row_grid(p.num_tokens);
+#define MOE_UNPERMUTE_BWD_LAUNCH(VEC, W)                                                                           \
+  unpermute_backward_kernel<T, VEC, W><<<grid, kRowThreads, 0, stream>>>(g, y, p.y_rows, p.y_row_stride, p.row_map, \
+                                                                         w, grad_y, p.grad_weights, touched,       \
+                                                                         p.num_tokens, p.k, p.hidden)
+    if (wide) {
+      if (p.weights != nullptr) MOE_UNPERMUTE_BWD_LAUNCH(kWide, true);
+      else MOE_UNPERMUTE_BWD_LAUNCH(kWide, false);
+    } else {
+      if (p.weights != nullptr) MOE_UNPERMUTE_BWD_LAUNCH(1, true);
+      else MOE_UNPERMUTE_BWD_LAUNCH(1, false);
+    }
+#undef MOE_UNPERMUTE_BWD_LAUNCH
+    MOE_CUDA_CHECK(cudaGetLastError());
+  }
+  const unsigned zgrid = row_grid(p.y_rows);
+  char* base = static_cast<char*>(p.grad_y);
+  if (wide) {
+    zero_untouched_kernel<uint4><<<zgrid, kRowThreads, 0, stream>>>(touched, p.y_rows, row_bytes / 16, base);
+  } else {
+    using Raw = typename RawVec<sizeof(T)>::type;
+    zero_untouched_kernel<Raw><<<zgrid, kRowThreads, 0, stream>>>(touched, p.y_rows, p.hidden, base);
+  }
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+// ---- launchers -----------------------------------------------------------------------------------
+
+size_t permute_workspace_bytes(int64_t num_tokens, int64_t k, int64_t num_experts) {
+  MOE_HOST_ASSERT(num_tokens >= 0 && k >= 0 && num_experts >= 1, "permute_workspace_bytes: bad sizes");
+  return workspace_bytes(num_experts, make_tiling(num_tokens * k, num_experts).num_tiles);
+}
+
+void permute_route(const PermuteParams& p, cudaStream_t stream) {
+  check_permute_params(p);
+  if (p.idx_is_int64) route_impl<int64_t>(p, stream);
+  else route_impl<int32_t>(p, stream);
+}
+
+void permute_scatter(const PermuteParams& p, cudaStream_t stream) {
+  check_permute_params(p);
+  MOE_HOST_ASSERT(p.row_bytes >= 0 && p.out_rows >= 0, "permute: negative row_bytes or out_rows");
+  MOE_HOST_ASSERT(p.row_bytes == 0 || p.out_rows == 0 || p.x_perm != nullptr, "permute: x_perm is null");
+  MOE_HOST_ASSERT(p.row_bytes == 0 || p.num_tokens == 0 || p.x != nullptr, "permute: x is null");
+  if (p.idx_is_int64) rank_impl<int64_t>(p, stream);
+  else rank_impl<int32_t>(p, stream);
+  if (p.row_bytes == 0) return;
+  const Workspace ws = carve(p.workspace, p.num_experts, make_tiling(p.num_tokens * p.k, p.num_experts).num_tiles);
+  const int bytes = vec_bytes({static_cast<uint64_t>(p.row_bytes),
+                               static_cast<uint64_t>(p.num_tokens > 1 ? p.x_row_stride : 0),
+                               reinterpret_cast<uint64_t>(p.x), reinterpret_cast<uint64_t>(p.x_perm)});
+  switch (bytes) {
+    case 16: launch_rows<16>(p, ws, stream); break;
+    case 8: launch_rows<8>(p, ws, stream); break;
+    case 4: launch_rows<4>(p, ws, stream); break;
+    case 2: launch_rows<2>(p, ws, stream); break;
+    default: launch_rows<1>(p, ws, stream); break;
+  }
+}
+
+void unpermute(const UnpermuteParams& p, cudaStream_t stream) {
+  MOE_HOST_ASSERT(p.num_tokens >= 0 && p.k >= 0 && p.hidden >= 0 && p.y_rows >= 0, "unpermute: negative size");
+  if (p.num_tokens == 0 || p.hidden == 0) return;
+  MOE_HOST_ASSERT(p.out != nullptr && (p.k == 0 || p.row_map != nullptr), "unpermute: null pointer");
+  switch (p.dtype) {
+    case PermuteFloat::kFloat32: unpermute_impl<PermuteFloat::kFloat32>(p, stream); break;
+    case PermuteFloat::kFloat64: unpermute_impl<PermuteFloat::kFloat64>(p, stream); break;
+    case PermuteFloat::kFloat16: unpermute_impl<PermuteFloat::kFloat16>(p, stream); break;
+    case PermuteFloat::kBFloat16: unpermute_impl<PermuteFloat::kBFloat16>(p, stream); break;
+    default: MOE_HOST_ASSERT(false, "unpermute: unsupported element type");
+  }
+}
+
+size_t unpermute_backward_workspace_bytes(int64_t y_rows) {
+  MOE_HOST_ASSERT(y_rows >= 0, "unpermute_backward_workspace_bytes: negative rows");
+  return align_up(static_cast<size_t>(std::max<int64_t>(y_rows, 1)));
+}
+
+void unpermute_backward(const UnpermuteBackwardParams& p, cudaStream_t stream) {
+  MOE_HOST_ASSERT(p.num_tokens >= 0 && p.k >= 0 && p.hidden >= 0 && p.y_rows >= 0,
+                  "unpermute_backward: negative size");
+  MOE_HOST_ASSERT(p.grad_weights == nullptr || p.weights != nullptr, "unpermute_backward: grad_weights needs weights");
+  if (p.hidden == 0) {
+    // Rows of zero bytes: only the weights' gradient (a dot over nothing) remains.
+    if (p.grad_weights != nullptr && p.num_tokens * p.k > 0)
+      MOE_CUDA_CHECK(cudaMemsetAsync(p.grad_weights, 0, sizeof(double) * p.num_tokens * p.k, stream));
+    return;
+  }
+  if (p.y_rows == 0 && p.num_tokens == 0) return;
+  MOE_HOST_ASSERT(p.workspace != nullptr, "unpermute_backward: workspace is null");
+  switch (p.dtype) {
+    case PermuteFloat::kFloat32: unpermute_backward_impl<PermuteFloat::kFloat32>(p, stream); break;
+    case PermuteFloat::kFloat64: unpermute_backward_impl<PermuteFloat::kFloat64>(p, stream); break;
+    case PermuteFloat::kFloat16: unpermute_backward_impl<PermuteFloat::kFloat16>(p, stream); break;
+    case PermuteFloat::kBFloat16: unpermute_backward_impl<PermuteFloat::kBFloat16>(p, stream); break;
+    default: MOE_HOST_ASSERT(false, "unpermute_backward: unsupported element type");
+  }
+}
+
+}  // namespace moe_ext::kernels

@@ -1,0 +1,155 @@
+// CUDA implementations of permute, unpermute and unpermute_backward: validate with the checks
+// the CPU ops use (so errors read the same), then device guard, current stream, outputs, and the
+// torch-free launchers of csrc/kernels/permute.cu.
+//
+// Differences from the CPU ops, all because a check of tensor values would need a host
+// synchronisation: expert ids outside [-1, num_experts) are treated as not routed (row -1)
+// instead of raising, and row_map entries outside [-1, rows) are skipped instead of raising.
+// permute with exact=False (the Python wrapper's default for CUDA tensors) never synchronises
+// and can be captured in a CUDA graph; exact=True reads the total row count back once.
+#include "kernels/api.cuh"
+#include "ops/checks.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+namespace moe_ext {
+namespace {
+
+using Tensor = at::Tensor;
+using OptTensor = c10::optional<at::Tensor>;
+
+kernels::PermuteFloat permute_float(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kernels::PermuteFloat::kFloat32;
+    case at::kDouble: return kernels::PermuteFloat::kFloat64;
+    case at::kHalf: return kernels::PermuteFloat::kFloat16;
+    case at::kBFloat16: return kernels::PermuteFloat::kBFloat16;
+    default: TORCH_CHECK(false, "moe_ext.unpermute: y_perm must be a float tensor, got ", t);
+  }
+}
+
+// unpermute accumulates (and takes its weights) in float32, float64 for float64 rows.
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<Tensor, Tensor, Tensor> permute_cuda(const Tensor& x, const Tensor& idx_in, int64_t num_experts,
+                                                int64_t pad_to, int64_t capacity, bool exact) {
+  check_permute(x, idx_in, num_experts, pad_to, capacity);
+  TORCH_CHECK(x.is_cuda(), "moe_ext.permute: x must be a CUDA tensor here, got ", x.device());
+  TORCH_CHECK(num_experts < (int64_t{1} << 31), "moe_ext.permute: num_experts must be < 2^31, got ", num_experts);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  const int64_t T = x.size(0), H = x.size(1), k = idx_in.size(1), E = num_experts;
+  const Tensor idx = idx_in.contiguous();
+  const auto opts = x.options();
+  Tensor row_map = at::empty({T, k}, opts.dtype(at::kLong));
+  Tensor tokens_per_expert = at::empty({E}, opts.dtype(at::kInt));
+  Tensor total = exact ? at::empty({1}, opts.dtype(at::kLong)) : Tensor();
+  Tensor workspace = at::empty({static_cast<int64_t>(kernels::permute_workspace_bytes(T, k, E))}, opts.dtype(at::kByte));
+
+  kernels::PermuteParams p;
+  p.idx = idx.data_ptr();
+  p.idx_is_int64 = idx.scalar_type() == at::kLong;
+  p.num_tokens = T;
+  p.k = k;
+  p.num_experts = E;
+  p.pad_to = pad_to;
+  p.capacity = capacity;
+  p.x = x.data_ptr();
+  p.row_bytes = H * static_cast<int64_t>(x.element_size());
+  p.x_row_stride = x.stride(0) * static_cast<int64_t>(x.element_size());
+  p.row_map = row_map.data_ptr<int64_t>();
+  p.tokens_per_expert = tokens_per_expert.data_ptr<int32_t>();
+  p.total_rows = exact ? total.data_ptr<int64_t>() : nullptr;
+  p.workspace = workspace.data_ptr();
+  kernels::permute_route(p, stream);
+
+  // NOTE: exact mode's one device-to-host read; the worst case needs none.
+  const int64_t rows = exact ? total.item<int64_t>() : permute_max_rows(T, k, E, pad_to, capacity);
+  Tensor x_perm = at::empty({rows, H}, opts);
+  p.x_perm = x_perm.data_ptr();
+  p.out_rows = rows;
+  kernels::permute_scatter(p, stream);
+  return {x_perm, row_map, tokens_per_expert};
+}
+
+Tensor unpermute_cuda(const Tensor& y, const Tensor& row_map_in, const OptTensor& weights) {
+  check_unpermute(y, row_map_in, weights);
+  TORCH_CHECK(y.is_cuda(), "moe_ext.unpermute: y_perm must be a CUDA tensor here, got ", y.device());
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  const int64_t T = row_map_in.size(0), k = row_map_in.size(1), H = y.size(1);
+  const Tensor row_map = row_map_in.contiguous();
+  const Tensor w = weights.has_value() ? weights->to(acc_dtype(y.scalar_type())).contiguous() : Tensor();
+  Tensor out = at::empty({T, H}, y.options());
+
+  kernels::UnpermuteParams p;
+  p.dtype = permute_float(y.scalar_type());
+  p.y = y.data_ptr();
+  p.y_rows = y.size(0);
+  p.y_row_stride = y.stride(0);
+  p.row_map = row_map.data_ptr<int64_t>();
+  p.weights = w.defined() ? w.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.num_tokens = T;
+  p.k = k;
+  p.hidden = H;
+  kernels::unpermute(p, stream);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> unpermute_backward_cuda(const Tensor& grad_out_in, const Tensor& y,
+                                                   const Tensor& row_map_in, const OptTensor& weights) {
+  check_unpermute(y, row_map_in, weights);
+  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == row_map_in.size(0) &&
+                  grad_out_in.size(1) == y.size(1),
+              "moe_ext.unpermute_backward: grad_out must be [num_tokens=", row_map_in.size(0), ", hidden=", y.size(1),
+              "], got ", grad_out_in.sizes());
+  check_same_device(y, "y_perm", grad_out_in, "grad_out");
+  TORCH_CHECK(y.is_cuda(), "moe_ext.unpermute_backward: y_perm must be a CUDA tensor here, got ", y.device());
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  const int64_t T = row_map_in.size(0), k = row_map_in.size(1), H = y.size(1), R = y.size(0);
+  const Tensor row_map = row_map_in.contiguous();
+  const Tensor grad_out = grad_out_in.to(y.scalar_type()).contiguous();
+  const Tensor w = weights.has_value() ? weights->to(acc_dtype(y.scalar_type())).contiguous() : Tensor();
+  Tensor grad_y = at::empty({R, H}, y.options());
+  Tensor grad_w = weights.has_value() ? at::empty({T, k}, weights->options()) : at::empty({0}, y.options());
+  // The kernel reduces in float64; the cast to the weights' dtype is the same copy_ the CPU op does.
+  Tensor grad_w64 = weights.has_value() ? at::empty({T, k}, y.options().dtype(at::kDouble)) : Tensor();
+  Tensor workspace = at::empty({static_cast<int64_t>(kernels::unpermute_backward_workspace_bytes(R))},
+                               y.options().dtype(at::kByte));
+
+  kernels::UnpermuteBackwardParams p;
+  p.dtype = permute_float(y.scalar_type());
+  p.grad_out = grad_out.data_ptr();
+  p.y = y.data_ptr();
+  p.y_rows = R;
+  p.y_row_stride = y.stride(0);
+  p.row_map = row_map.data_ptr<int64_t>();
+  p.weights = w.defined() ? w.data_ptr() : nullptr;
+  p.grad_y = grad_y.data_ptr();
+  p.grad_weights = grad_w64.defined() ? grad_w64.data_ptr<double>() : nullptr;
+  p.workspace = workspace.data_ptr();
+  p.num_tokens = T;
+  p.k = k;
+  p.hidden = H;
+  kernels::unpermute_backward(p, stream);
+  if (grad_w64.defined()) grad_w.copy_(grad_w64);
+  return {grad_y, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
+  m.impl("permute", &permute_cuda);
+  m.impl("unpermute", &unpermute_cuda);
+  m.impl("unpermute_backward", &unpermute_backward_cuda);
+}
+
+}  // namespace moe_ext

@@ -2,12 +2,13 @@
 from . import _ops  # noqa: F401  (loads torch.ops.moe_ext and registers fakes/autograd)
 from .dispatch import DispatchHandle, combine, describe, dispatch
 from .gemm import grouped_gemm
+from .layer import MoE
 from .permute import permute, unpermute
 from .routing import GatingStats, topk_gating, update_expert_bias
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DispatchHandle", "GatingStats", "combine", "describe", "dispatch", "grouped_gemm", "permute", "topk_gating",
+    "DispatchHandle", "GatingStats", "MoE", "combine", "describe", "dispatch", "grouped_gemm", "permute", "topk_gating",
     "unpermute", "update_expert_bias",
 ]

@@ -32,6 +32,41 @@ def cutlass_include():
         return []
 
 
+def nccl_paths():
+    """(include dir, lib dir, rpath or None) of the NCCL the extension compiles and links against.
+
+    One process holds one libnccl.so.2, the one torch loaded: torch's CUDA wheels depend on the
+    nvidia-nccl-cuXX wheel and load site-packages/nvidia/nccl/lib/libnccl.so.2 when `import torch`
+    runs (libtorch_cuda.so needs it). We link by soname (-l:libnccl.so.2; the wheel has no
+    unversioned libnccl.so), so the loader satisfies our dependency with that already-loaded
+    copy: the same library and version as torch's, never a second one. The headers come from
+    the same place, so we compile against the version that runs. The rpath
+    $ORIGIN/../nvidia/nccl/lib (from site-packages/moe_ext/_C.so) is only a fallback for loading
+    _C without torch; it names the same file torch loads. NCCL_HOME overrides the wheel (a torch
+    built against a system NCCL); then no rpath is added and torch's copy still wins.
+    """
+    home = os.environ.get("NCCL_HOME")
+    if home:
+        inc, lib, rpath = os.path.join(home, "include"), os.path.join(home, "lib"), None
+    else:
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("nvidia.nccl")
+        except ImportError:  # no nvidia namespace package at all
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(
+                "moe_ext CUDA build: NCCL not found. Install the nvidia-nccl wheel matching torch's CUDA "
+                f"major (nvidia-nccl-cu{torch.version.cuda.split('.')[0]}), or set NCCL_HOME, "
+                "or build CPU-only with MOE_EXT_SKIP_CUDA=1.")
+        root = list(spec.submodule_search_locations)[0]
+        inc, lib, rpath = os.path.join(root, "include"), os.path.join(root, "lib"), "$ORIGIN/../nvidia/nccl/lib"
+    if not os.path.isfile(os.path.join(inc, "nccl.h")) or not os.path.isfile(os.path.join(lib, "libnccl.so.2")):
+        raise RuntimeError(f"moe_ext CUDA build: expected {inc}/nccl.h and {lib}/libnccl.so.2")
+    return inc, lib, rpath
+
+
 def want_cuda():
     if os.environ.get("MOE_EXT_SKIP_CUDA", "0") == "1":
         return False
@@ -40,17 +75,21 @@ def want_cuda():
 
 sources = rel("csrc/cpu/*.cpp") + rel("csrc/ops/*.cpp")
 include_dirs = [os.path.join(ROOT, "csrc")]
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3"]  # the C++ standard is the one torch's cpp_extension picks (C++20)
 if want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     sources += rel("csrc/kernels/*.cu") + rel("csrc/ops/*.cu")
     include_dirs += cutlass_include()
+    nccl_inc, nccl_lib, nccl_rpath = nccl_paths()
+    include_dirs.append(nccl_inc)
+    link_args = [f"-L{nccl_lib}", "-l:libnccl.so.2"] + ([f"-Wl,-rpath,{nccl_rpath}"] if nccl_rpath else [])
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DMOE_EXT_WITH_CUDA"]
     ext = CUDAExtension(
         "moe_ext._C",
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + ["-DMOE_EXT_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_args,
     )
 else:
     ext = CppExtension("moe_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})

@@ -59,7 +59,7 @@ def test_training_matches_reference_step_by_step(seed):
         opt_ref.step()
         torch.testing.assert_close(loss.detach(), loss_ref.detach(), rtol=1e-9, atol=1e-12)
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    assert sum(losses[-10:]) < sum(losses[:10])  # it learns (single batches are noisy)
 
 
 def test_shared_expert_and_gate(seed):

@@ -1,0 +1,277 @@
+"""moe_ext.MoE.from_hf / moe_ext.hf.patch_model against the transformers blocks they replace.
+
+Tiny random configs built here (no download); random weights and inputs are tie-free, so the
+selections agree and only rounding differs.
+"""
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import moe_ext  # noqa: E402
+import moe_ext.hf  # noqa: E402
+
+H, F_EXPERT, F_SHARED, E, K = 32, 16, 24, 8, 2
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5),
+       # Mixtral/Qwen take the softmax, DeepSeek the router and sigmoid, in float32 even for float64
+       # models, so their routing weights carry float32 rounding.
+       torch.float64: dict(rtol=1e-6, atol=1e-6)}
+BLOCK_CLASS = {"mixtral": "MixtralSparseMoeBlock", "qwen2": "Qwen2MoeSparseMoeBlock",
+               "qwen3": "Qwen3MoeSparseMoeBlock", "deepseek": "DeepseekV3MoE"}
+MODULE = {"mixtral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe", "deepseek": "deepseek_v3"}
+MODEL_CLASS = {"mixtral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM",
+               "deepseek": "DeepseekV3ForCausalLM"}
+
+
+def _config(kind, **kw):
+    common = dict(vocab_size=64, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, num_experts_per_tok=K)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=F_EXPERT, num_local_experts=E, **common)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=F_EXPERT, num_experts=E,
+                                          shared_expert_intermediate_size=F_SHARED, norm_topk_prob=False, **common)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=F_EXPERT, num_experts=E,
+                                          head_dim=8, norm_topk_prob=True, **common)
+    else:
+        common["num_key_value_heads"] = 4
+        cfg = transformers.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=F_EXPERT, n_routed_experts=E,
+                                            n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                            norm_topk_prob=True, first_k_dense_replace=1, q_lora_rank=16,
+                                            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                                            **common)
+    for key, value in kw.items():
+        setattr(cfg, key, value)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def _hf_class(kind, which):
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{MODULE[kind]}.modeling_{MODULE[kind]}")
+    return getattr(module, which)
+
+
+@torch.no_grad()
+def _randomize(module):
+    """Every parameter ~ N(0, 1/fan_in) (fan_in = last dim), DeepSeek's selection bias ~ N(0, 0.1)."""
+    for p in module.parameters():
+        p.normal_(0.0, p.shape[-1] ** -0.5 if p.dim() > 1 else 1.0)
+    for name, b in module.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.normal_(0.0, 0.1)
+    return module
+
+
+def _block(kind, dtype=torch.float32, **cfg):
+    config = _config(kind, **cfg)
+    config._experts_implementation = "eager"  # a standalone block: transformers' loop over experts
+    return _randomize(_hf_class(kind, BLOCK_CLASS[kind])(config).to(dtype))
+
+
+CASES = [("mixtral", {}), ("qwen2", {}), ("qwen2", dict(norm_topk_prob=True)), ("qwen3", {}),
+         ("qwen3", dict(norm_topk_prob=False)), ("deepseek", {}),
+         ("deepseek", dict(norm_topk_prob=False, n_group=1, topk_group=1, routed_scaling_factor=1.0))]
+
+
+def _check_against_block(block, layer, x, tol, group=None):
+    """Forward, and backward w.r.t. the input, router and expert weights, of layer vs block.
+    Under EP (group) an expert's gradient sums the tokens of every rank: the block's, all-reduced."""
+    x_hf, x_me = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_hf, y = block(x_hf), layer(x_me)
+    torch.testing.assert_close(y, y_hf, **tol)
+    g = torch.randn_like(y)
+    experts = block.experts
+    wrt_hf = [x_hf, block.gate.weight, experts.gate_up_proj, experts.down_proj]
+    grads_hf = torch.autograd.grad((y_hf * g).sum(), wrt_hf)
+    if group is not None:
+        for grad in grads_hf[2:]:
+            dist.all_reduce(grad, group=group)
+    grads = torch.autograd.grad((y * g).sum(), [x_me, layer.router.weight, layer.w1, layer.w2])
+    lo, n = layer.first_local_expert, layer.num_local_experts
+    expected = [grads_hf[0], grads_hf[1],
+                grads_hf[2][lo:lo + n].transpose(1, 2), grads_hf[3][lo:lo + n].transpose(1, 2)]
+    for name, a, b in zip(("x", "router", "w1", "w2"), grads, expected):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind,cfg", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
+def test_block_equivalence(seed, kind, cfg, dtype):
+    block = _block(kind, dtype, **cfg)
+    layer = moe_ext.MoE.from_hf(block)
+    assert isinstance(layer, moe_ext.MoE) and layer.num_experts == E and layer.k == K
+    assert layer.w1.dtype == dtype and layer.router.weight.dtype == dtype
+    assert (layer.shared is not None) == (kind in ("qwen2", "deepseek"))
+    assert (layer.shared_gate is not None) == (kind == "qwen2")
+    assert (layer.expert_bias is not None) == (kind == "deepseek")
+    _check_against_block(block, layer, torch.randn(2, 9, H, dtype=dtype), TOL[dtype])
+    assert layer.stats.tokens_per_expert.sum().item() == 2 * 9 * K
+
+
+def test_weight_mapping_copies(seed):
+    block = _block("deepseek")
+    layer = moe_ext.MoE.from_hf(block)
+    ex = block.experts
+    torch.testing.assert_close(layer.w1[..., :F_EXPERT], ex.gate_up_proj[:, :F_EXPERT].transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(layer.w1[..., F_EXPERT:], ex.gate_up_proj[:, F_EXPERT:].transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(layer.w2, ex.down_proj.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(layer.expert_bias, block.gate.e_score_correction_bias, rtol=0, atol=0)
+    assert layer.expert_bias.dtype == torch.float32 and layer.routed_scaling_factor == 2.5
+    assert layer.routing["num_groups"] == 4 and layer.routing["topk_groups"] == 2
+    # Copies, not aliases: changing the block leaves the layer as it was.
+    before = [t.detach().clone() for t in (layer.router.weight, layer.w1, layer.w2, layer.shared.up_proj.weight,
+                                            layer.expert_bias)]
+    with torch.no_grad():
+        for t in (block.gate.weight, ex.gate_up_proj, ex.down_proj, block.shared_experts.up_proj.weight,
+                  block.gate.e_score_correction_bias):
+            t.add_(1.0)
+    after = (layer.router.weight, layer.w1, layer.w2, layer.shared.up_proj.weight, layer.expert_bias)
+    for a, b in zip(after, before):
+        assert torch.equal(a, b)
+
+
+def test_mode_requires_grad_and_overrides(seed):
+    block = _block("qwen2").eval()
+    block.experts.down_proj.requires_grad_(False)
+    layer = moe_ext.MoE.from_hf(block, capacity_factor=4.0, router_dtype=torch.float64)
+    assert not layer.training and not layer.w2.requires_grad and layer.w1.requires_grad
+    assert layer.routing["capacity_factor"] == 4.0 and layer.router_dtype == torch.float64
+
+
+def test_bfloat16_within_rounding(seed):
+    block = _block("mixtral", torch.bfloat16)
+    layer = moe_ext.MoE.from_hf(block)
+    assert layer.router_dtype == torch.bfloat16 and layer.w1.dtype == torch.bfloat16
+    x = torch.randn(2, 9, H, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), block(x.clone()), rtol=2e-2, atol=2e-2)
+
+
+def test_mixtral_jitter_in_training(seed):
+    block = _block("mixtral", router_jitter_noise=0.2).train()
+    layer = moe_ext.MoE.from_hf(block)
+    x = torch.randn(2, 9, H)
+    torch.manual_seed(seed)
+    y_hf = block(x.clone())
+    torch.manual_seed(seed)
+    y = layer(x)
+    torch.testing.assert_close(y, y_hf, **TOL[torch.float32])
+    assert not torch.allclose(y, layer.eval()(x))  # the jitter really is applied in training only
+
+
+def test_unsupported_blocks_raise():
+    with pytest.raises(TypeError, match="Qwen2MoeMLP"):
+        moe_ext.MoE.from_hf(_hf_class("qwen2", "Qwen2MoeMLP")(_config("qwen2")))
+    with pytest.raises(TypeError, match="Linear"):
+        moe_ext.MoE.from_hf(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="gelu"):
+        moe_ext.MoE.from_hf(_block("qwen3", hidden_act="gelu"))
+
+
+def _model(kind, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = _hf_class(kind, MODEL_CLASS[kind])(_config(kind)).to(dtype).eval()
+    for module in model.modules():  # non-trivial routing
+        if type(module).__name__ in moe_ext.hf.SUPPORTED_BLOCKS:
+            _randomize(module)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2", "deepseek"])
+def test_patch_model_logits_and_aux_loss(seed, kind):
+    model = _model(kind)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = model(ids, labels=ids, output_router_logits=True)
+        num_blocks = sum(type(m).__name__ == BLOCK_CLASS[kind] for m in model.modules())
+        assert moe_ext.hf.patch_model(model) == num_blocks > 0
+        assert not any(type(m).__name__ == BLOCK_CLASS[kind] for m in model.modules())
+        assert sum(isinstance(m, moe_ext.MoE) for m in model.modules()) == num_blocks
+        after = model(ids, labels=ids, output_router_logits=True)
+        plain = model(ids)
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(after.logits, before.logits, **tol)
+    torch.testing.assert_close(plain.logits, before.logits, **tol)
+    torch.testing.assert_close(after.loss, before.loss, **tol)
+    # The router logits are still recorded (transformers' load-balancing loss needs them).
+    assert len(after.router_logits) == len(before.router_logits) == num_blocks
+    for a, b in zip(after.router_logits, before.router_logits):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    if before.aux_loss is not None:
+        torch.testing.assert_close(after.aux_loss, before.aux_loss, **tol)
+
+
+def _tuple_forward(self, hidden_states):
+    b, s, h = hidden_states.shape
+    x = hidden_states.view(-1, h)
+    router_logits, weights, idx = self.gate(x)
+    return self.experts(x, idx, weights).view(b, s, h), router_logits
+
+
+def test_patch_model_keeps_tuple_outputs(seed):
+    base = _hf_class("mixtral", BLOCK_CLASS["mixtral"])
+    tuple_block = type(base.__name__, (base,), {"forward": _tuple_forward})  # as older transformers returned
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = _randomize(tuple_block(_config("mixtral")))
+
+        def forward(self, x):
+            h, logits = self.mlp(x)
+            return h, logits
+
+    model = Parent()
+    x = torch.randn(2, 5, H)
+    with torch.no_grad():
+        y0, l0 = model(x)
+        assert moe_ext.hf.patch_model(model) == 1
+        y1, l1 = model(x)
+    assert isinstance(model.mlp.moe, moe_ext.MoE)
+    torch.testing.assert_close(y1, y0, **TOL[torch.float32])
+    torch.testing.assert_close(l1, l0, **TOL[torch.float32])
+
+
+# ---- expert parallel, gloo world 2 ----------------------------------------------------------
+
+EP_CASES = [("mixtral", "float32"), ("qwen2", "float64"), ("deepseek", "float64")]
+
+
+def _ep_rank(rank, world, cases):
+    counts = []
+    for kind, dtype_name in cases:
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(1234)  # the same block on every rank
+        block = _block(kind, dtype)
+        layer = moe_ext.MoE.from_hf(block, ep_group=dist.group.WORLD)
+        n = E // world
+        assert layer.num_local_experts == n and layer.first_local_expert == rank * n
+        assert torch.equal(layer.w2, block.experts.down_proj[rank * n:(rank + 1) * n].transpose(1, 2))
+        torch.manual_seed(100 + rank)  # different tokens, and a different count, on each rank
+        x = torch.randn(1, 7 + 3 * rank, H, dtype=dtype)
+        _check_against_block(block, layer, x, TOL[dtype], dist.group.WORLD)
+        counts.append(int(layer.stats.tokens_per_expert.sum()))
+    # A whole model patched on every rank: each rank's logits as before (the forward is collective).
+    model = _model("mixtral")
+    ids = torch.randint(0, 64, (1, 6 + rank))
+    with torch.no_grad():
+        before = model(ids).logits
+        assert moe_ext.hf.patch_model(model, ep_group=dist.group.WORLD) == 2
+        torch.testing.assert_close(model(ids).logits, before, **TOL[torch.float32])
+    return counts
+
+
+def test_expert_parallel_world2():
+    """Each rank builds its layer from the same seeded block; every rank's output (and input,
+    router, expert gradients) equals the block's; a patched Mixtral model's logits are unchanged
+    on every rank. One spawned world for all of it."""
+    from dist_utils import run_world
+
+    counts = run_world(_ep_rank, 2, EP_CASES, seed=0, timeout_s=120)
+    assert counts == [[7 * K] * len(EP_CASES), [10 * K] * len(EP_CASES)]

@@ -39,8 +39,8 @@ def test_training_matches_reference_step_by_step(seed):
     layer = _layer(H, F, E, k)
     p_ref = [p.detach().clone().requires_grad_() for p in (layer.router.weight, layer.w1, layer.w2)]
     teacher = torch.randn(H, H, dtype=torch.float64) / 4
-    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
-    opt_ref = torch.optim.SGD(p_ref, lr=0.05)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    opt_ref = torch.optim.SGD(p_ref, lr=0.5)
     losses = []
     for step in range(50):
         x = torch.randn(T, H, dtype=torch.float64)

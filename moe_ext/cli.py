@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from .plan import add_plan_arguments, run_plan
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -91,9 +93,14 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    plan_parser = sub.add_parser("plan", help="memory and communication of every EP / TP / DP layout of a model "
+                                               "on a cluster (an estimator)")
+    add_plan_arguments(plan_parser)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "plan":
+        return run_plan(args, plan_parser)
     return 2
 
 

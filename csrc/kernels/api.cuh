@@ -5,3 +5,4 @@
 
 #include "kernels/exception.cuh"
 #include "kernels/permute.cuh"
+#include "kernels/gating.cuh"

@@ -1,0 +1,507 @@
+// Top-k gating on the GPU (declared in gating.cuh). The row-level device code is in
+// gating_impl.cuh and is instantiated per logits type in gating_{f32,bf16,f16,f64}.cu; this file
+// has the host launchers and the small cross-tile kernels.
+//
+// Forward, for T tokens cut into tiles of 8..64 consecutive tokens (a tile never straddles a
+// sequence; the tiling depends only on T and seq_len, so reduction orders never depend on the GPU):
+//   1. route_kernel   one block per tile, one warp per token row at a time, the row's experts
+//                     spread over the lanes (VPT = ceil(E/32) rounded up to a power of two, the
+//                     chunk in registers, loaded with 16-byte vectors while the warp computes the
+//                     previous row). Noise is added on load; max, sum(exp), logsumexp and the
+//                     scores in fp32 (fp64 for fp64 logits); selection keys = scores + bias as
+//                     order-preserving integer codes; group scores (top-2 sums) and the best
+//                     groups by warp argmax; k rounds of warp argmax over the keys (redux.sync
+//                     max on the code, then min on the expert index: ties to the lower index).
+//                     Weights from the unbiased scores. Per tile: per-expert counts and every
+//                     slot's rank among the tile's slots of its expert, in token order (a 64-bit
+//                     row mask per expert, popc), the tile's sums of the normalised scores and of
+//                     lse^2 (fixed order: per warp, then warps in order).
+//   2. scan_kernel    one block per 32 experts: exclusive scan of the tile counts across tiles
+//                     (the base of every tile inside every expert), the totals, tokens_per_expert
+//                     (kept = min(total, capacity)), and per 32 experts the partial sums
+//                     sum_e count_e * P_e (aux loss) and sum_s sum_e count_se * P_se (sequence aux
+//                     loss), each over tiles / sequences in order; block 0 also sums lse^2.
+//   3. fixup_kernel   one thread per slot: position = tile base + rank; past capacity the slot
+//                     becomes idx -1, weight 0, position -1. Block 0 writes the three losses.
+//   For small problems (<= 64 tiles and <= 32K slots, e.g. decode) 2 and 3 are one block of
+//   scan_kernel ("fused"): two launches in all.
+// No host synchronisation, no atomics on floats: outputs are bit-identical from run to run.
+//
+// Backward: route_kernel again in counting mode (pre-drop tile counts only; skipped on the device
+// when the aux and sequence-aux gradients are both 0), scan_kernel in counting mode (per-expert
+// and per-sequence totals), then grad_kernel: one warp per row recomputes the scores, takes the
+// chosen experts from idx (recomputing the selection only in rows where a slot was dropped and
+// renormalize needs the pre-drop choice) and writes the gradient row, reading the loss-gradient
+// scalars on the device.
+//
+// Integer outputs equal the CPU op's whenever the float32 selection keys are ordered the same
+// way: a key computed here and on the CPU may differ in the last bits (CUDA's expf is within
+// 2 ulp, glibc's within 1; sums run in another order), so two different experts whose keys lie
+// within rounding of each other (a tie only to float precision) may be ordered differently.
+// Exact ties (equal inputs) always go to the lower index, as on the CPU.
+//
+// Performance model (H100 SXM, T=16384, E=256, k=8, fp32 logits; see bench/bench_gating.cu):
+// the memory floor is 16.8 MB of logits + 1.6 MB of outputs = 18.4 MB, 6.2 us at 2.95 TB/s.
+// route_kernel issues about 450 warp instructions per row (softmax ~80, keys ~30, groups ~60,
+// selection ~8 x 30, weights and bookkeeping ~40): 16384 rows over 528 schedulers is ~14K issue
+// cycles, ~8 us at 1.75 GHz if the warps keep ~0.9 IPC per scheduler; scan + fixup ~2 us.
+// Predicted ~10-12 us in all (0.5-0.6 of the floor's bandwidth); T=128: ~3.5 us (two launches,
+// one row per warp on 16 SMs).
+#include "kernels/gating_impl.cuh"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace moe_ext::kernels {
+namespace gating_detail {
+namespace {
+
+constexpr int kScanThreads = 1024;
+constexpr int kScanWarps = kScanThreads / kWarp;
+constexpr int kFixupThreads = 256;
+constexpr int64_t kFusedMaxTiles = 64;
+constexpr int64_t kFusedMaxSlots = 32768;
+
+inline size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
+
+template <typename acc_t>
+struct ScanArgs {
+  Layout L;
+  int E = 0, k = 0;
+  int64_t capacity = 0;
+  int64_t seq_len_arg = 0;
+  bool fused = false;
+  bool backward = false;
+  int32_t* counts = nullptr;  // [num_tiles, E] tile counts in, tile bases out (forward)
+  const acc_t* tile_p = nullptr;
+  const double* tile_lse2 = nullptr;
+  // forward
+  int32_t* tokens_per_expert = nullptr;
+  double* part_aux = nullptr;  // [num_chunks]
+  double* part_seq = nullptr;  // [num_chunks]
+  double* z_total = nullptr;   // [1]
+  int32_t* idx = nullptr;
+  int32_t* positions = nullptr;
+  acc_t* weights = nullptr;
+  acc_t* aux_out = nullptr;
+  acc_t* seq_out = nullptr;
+  acc_t* z_out = nullptr;
+  // backward
+  int32_t* routed = nullptr;      // [E]
+  int32_t* routed_seq = nullptr;  // [num_seqs, E]
+  const acc_t* grad_aux = nullptr;
+  const acc_t* grad_seq = nullptr;
+};
+
+template <typename acc_t>
+__device__ void write_losses(const ScanArgs<acc_t>& a) {
+  const int chunks = (a.E + kWarp - 1) / kWarp;
+  double sa = 0, sq = 0;
+  for (int c = 0; c < chunks; ++c) sa += a.part_aux[c], sq += a.part_seq[c];
+  const double T = static_cast<double>(a.L.num_tokens), E = a.E, k = a.k;
+  *a.aux_out = static_cast<acc_t>(E * sa / (T * T * k));
+  const double L = static_cast<double>(a.seq_len_arg);
+  *a.seq_out = static_cast<acc_t>(a.seq_len_arg > 0 ? E * sq / (static_cast<double>(a.L.num_seqs) * L * L * k) : 0.0);
+  *a.z_out = static_cast<acc_t>(*a.z_total / T);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void fixup_slot(const ScanArgs<acc_t>& a, int64_t i) {
+  const int64_t t = i / a.k;
+  const int e = a.idx[i];
+  const int32_t pos = a.positions[i] + a.counts[a.L.tile_of(t) * a.E + e];
+  if (a.capacity > 0 && pos >= a.capacity) {
+    a.idx[i] = -1;
+    a.positions[i] = -1;
+    a.weights[i] = acc_t(0);
+  } else {
+    a.positions[i] = pos;
+  }
+}
+
+// Block c handles experts [32c, 32c + 32), lane = expert; the 32 warps split the tiles into
+// contiguous ranges (totals, bases). Per-sequence sums: sequences of >= 32 tiles one at a time,
+// the warps splitting its tiles; shorter ones a whole sequence per warp, round-robin. Every sum
+// runs in a fixed order. Fused: one block loops over all expert chunks, then fixes up every slot.
+template <typename acc_t>
+__global__ void __launch_bounds__(kScanThreads) scan_kernel(const ScanArgs<acc_t> a) {
+  __shared__ int s_cnt[kScanWarps][kWarp + 1];
+  __shared__ double s_p[kScanWarps][kWarp + 1];
+  __shared__ double s_q[kScanWarps][kWarp + 1];
+  __shared__ double s_red[kScanThreads];
+  if (a.backward && !needs_counts(a.grad_aux, a.grad_seq, a.seq_len_arg)) return;
+
+  const int w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int E = a.E;
+  const int64_t NT = a.L.num_tiles, S = a.L.num_seqs, tps = a.L.tiles_per_seq;
+  const int chunks = (E + kWarp - 1) / kWarp;
+  const int c0 = a.fused ? 0 : static_cast<int>(blockIdx.x), c1 = a.fused ? chunks : c0 + 1;
+  const int64_t per = (NT + kScanWarps - 1) / kScanWarps;
+  const int64_t i0 = std::min<int64_t>(NT, w * per), i1 = std::min<int64_t>(NT, i0 + per);
+
+  for (int c = c0; c < c1; ++c) {
+    const int e = c * kWarp + lane;
+    const bool ok = e < E;
+    int cnt = 0;
+    double p = 0, q = 0;
+    if (ok) {
+#pragma unroll 4
+      for (int64_t i = i0; i < i1; ++i) {
+        cnt += a.counts[i * E + e];
+        if (!a.backward) p += static_cast<double>(a.tile_p[i * E + e]);
+      }
+    }
+    // Per-sequence sums (s_cnt and s_p serve as scratch here: they are filled below).
+    if (a.seq_len_arg > 0 && tps >= kScanWarps) {
+      for (int64_t s = 0; s < S; ++s) {
+        int n = 0;
+        double ps = 0;
+        if (ok) {
+#pragma unroll 4
+          for (int64_t i = s * tps + w; i < (s + 1) * tps; i += kScanWarps) {
+            n += a.counts[i * E + e];
+            if (!a.backward) ps += static_cast<double>(a.tile_p[i * E + e]);
+          }
+        }
+        s_cnt[w][lane] = n;
+        s_p[w][lane] = ps;
+        __syncthreads();
+        if (w == 0 && ok) {
+          int N = 0;
+          double P = 0;
+          for (int v = 0; v < kScanWarps; ++v) N += s_cnt[v][lane], P += s_p[v][lane];
+          if (a.backward) a.routed_seq[s * E + e] = N;
+          else q += static_cast<double>(N) * P;
+        }
+        __syncthreads();
+      }
+    } else if (a.seq_len_arg > 0 && ok) {
+      for (int64_t s = w; s < S; s += kScanWarps) {
+        int n = 0;
+        double ps = 0;
+        for (int64_t i = s * tps; i < (s + 1) * tps; ++i) {
+          n += a.counts[i * E + e];
+          if (!a.backward) ps += static_cast<double>(a.tile_p[i * E + e]);
+        }
+        if (a.backward) a.routed_seq[s * E + e] = n;
+        else q += static_cast<double>(n) * ps;
+      }
+    }
+    s_cnt[w][lane] = cnt;
+    s_p[w][lane] = p;
+    s_q[w][lane] = q;
+    __syncthreads();  // NOTE: every read of the tile counts above happens before they become bases below
+    if (!a.backward && ok) {
+      int base = 0;
+      for (int v = 0; v < w; ++v) base += s_cnt[v][lane];
+      for (int64_t i = i0; i < i1; ++i) {
+        const int v = a.counts[i * E + e];
+        a.counts[i * E + e] = base;
+        base += v;
+      }
+    }
+    if (w == 0) {
+      int total = 0;
+      double P = 0, Q = 0;
+      for (int v = 0; v < kScanWarps; ++v) total += s_cnt[v][lane], P += s_p[v][lane], Q += s_q[v][lane];
+      if (a.backward) {
+        if (ok) a.routed[e] = total;
+      } else {
+        if (ok)
+          a.tokens_per_expert[e] =
+              a.capacity > 0 ? static_cast<int32_t>(std::min<int64_t>(total, a.capacity)) : total;
+        const double ae = warp_sum(ok ? static_cast<double>(total) * P : 0.0);
+        const double qe = warp_sum(ok ? Q : 0.0);
+        if (lane == 0) a.part_aux[c] = ae, a.part_seq[c] = qe;
+      }
+    }
+    __syncthreads();
+  }
+  if (a.backward) return;
+
+  if (a.fused || blockIdx.x == 0) {
+    double z = 0;
+    for (int64_t i = threadIdx.x; i < NT; i += kScanThreads) z += a.tile_lse2[i];
+    s_red[threadIdx.x] = z;
+    __syncthreads();
+    for (int s = kScanThreads / 2; s > 0; s >>= 1) {
+      if (threadIdx.x < s) s_red[threadIdx.x] += s_red[threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) *a.z_total = s_red[0];
+  }
+  if (!a.fused) return;
+  __syncthreads();
+  if (threadIdx.x == 0) write_losses(a);
+  const int64_t slots = a.L.num_tokens * a.k;
+  for (int64_t i = threadIdx.x; i < slots; i += kScanThreads) fixup_slot(a, i);
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kFixupThreads) fixup_kernel(const ScanArgs<acc_t> a) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) write_losses(a);
+  const int64_t slots = a.L.num_tokens * a.k;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kFixupThreads + threadIdx.x; i < slots;
+       i += static_cast<int64_t>(gridDim.x) * kFixupThreads)
+    fixup_slot(a, i);
+}
+
+__global__ void __launch_bounds__(1024) bias_update_kernel(float* bias, const int32_t* load, int E, float rate) {
+  __shared__ long long s_sum[1024];
+  long long sum = 0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) sum += load[e];
+  s_sum[threadIdx.x] = sum;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) s_sum[threadIdx.x] += s_sum[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float mean = __fdiv_rn(static_cast<float>(s_sum[0]), static_cast<float>(E));
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const float d = mean - static_cast<float>(load[e]);
+    const float sign = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
+    bias[e] = __fadd_rn(bias[e], __fmul_rn(rate, sign));
+  }
+}
+
+// ---- workspace ---------------------------------------------------------------------------------
+template <typename acc_t>
+struct ForwardWorkspace {
+  int32_t* counts;
+  acc_t* tile_p;
+  double* tile_lse2;
+  double* part_aux;
+  double* part_seq;
+  double* z_total;
+
+  static size_t bytes(const Layout& L, int64_t E) {
+    const int64_t chunks = (E + kWarp - 1) / kWarp;
+    return align_up(sizeof(int32_t) * L.num_tiles * E) + align_up(sizeof(acc_t) * L.num_tiles * E) +
+           align_up(sizeof(double) * L.num_tiles) + 2 * align_up(sizeof(double) * chunks) + align_up(sizeof(double));
+  }
+  static ForwardWorkspace carve(void* base, const Layout& L, int64_t E) {
+    const int64_t chunks = (E + kWarp - 1) / kWarp;
+    char* p = static_cast<char*>(base);
+    ForwardWorkspace w;
+    w.counts = reinterpret_cast<int32_t*>(p), p += align_up(sizeof(int32_t) * L.num_tiles * E);
+    w.tile_p = reinterpret_cast<acc_t*>(p), p += align_up(sizeof(acc_t) * L.num_tiles * E);
+    w.tile_lse2 = reinterpret_cast<double*>(p), p += align_up(sizeof(double) * L.num_tiles);
+    w.part_aux = reinterpret_cast<double*>(p), p += align_up(sizeof(double) * chunks);
+    w.part_seq = reinterpret_cast<double*>(p), p += align_up(sizeof(double) * chunks);
+    w.z_total = reinterpret_cast<double*>(p);
+    return w;
+  }
+};
+
+struct BackwardWorkspace {
+  int32_t* counts;
+  int32_t* routed;
+  int32_t* routed_seq;
+
+  static size_t bytes(const Layout& L, int64_t E, bool seq) {
+    return align_up(sizeof(int32_t) * L.num_tiles * E) + align_up(sizeof(int32_t) * E) +
+           (seq ? align_up(sizeof(int32_t) * L.num_seqs * E) : 0);
+  }
+  static BackwardWorkspace carve(void* base, const Layout& L, int64_t E, bool seq) {
+    char* p = static_cast<char*>(base);
+    BackwardWorkspace w;
+    w.counts = reinterpret_cast<int32_t*>(p), p += align_up(sizeof(int32_t) * L.num_tiles * E);
+    w.routed = reinterpret_cast<int32_t*>(p), p += align_up(sizeof(int32_t) * E);
+    w.routed_seq = seq ? reinterpret_cast<int32_t*>(p) : nullptr;
+    return w;
+  }
+};
+
+void check_problem(const GatingProblem& q) {
+  MOE_HOST_ASSERT(q.num_tokens >= 0, "topk_gating: num_tokens must be >= 0");
+  MOE_HOST_ASSERT(q.num_experts >= 1 && q.num_experts <= kGatingMaxExperts,
+                  "topk_gating: the CUDA kernels support 1 <= num_experts <= 1024, got " +
+                      std::to_string(q.num_experts));
+  MOE_HOST_ASSERT(q.k >= 1 && q.k <= std::min<int64_t>(kGatingMaxK, q.num_experts),
+                  "topk_gating: the CUDA kernels support 1 <= k <= min(32, num_experts), got k=" + std::to_string(q.k));
+  MOE_HOST_ASSERT(q.num_tokens * std::max(q.k, q.num_experts) < (int64_t{1} << 31),
+                  "topk_gating: num_tokens * max(k, num_experts) must be < 2^31");
+  if (q.num_groups > 0) {
+    MOE_HOST_ASSERT(q.num_experts % q.num_groups == 0 && q.topk_groups >= 1 && q.topk_groups <= q.num_groups &&
+                        q.k <= q.topk_groups * (q.num_experts / q.num_groups),
+                    "topk_gating: bad num_groups / topk_groups");
+  }
+  MOE_HOST_ASSERT(q.seq_len >= 0 && (q.seq_len == 0 || q.num_tokens % q.seq_len == 0),
+                  "topk_gating: seq_len must divide num_tokens");
+}
+
+template <typename scalar_t, typename acc_t>
+RouteArgs<acc_t> route_args(const GatingProblem& q, const Layout& L) {
+  RouteArgs<acc_t> a;
+  a.logits = q.logits;
+  a.noise = static_cast<const acc_t*>(q.noise);
+  a.bias = static_cast<const acc_t*>(q.expert_bias);
+  a.L = L;
+  a.E = static_cast<int>(q.num_experts);
+  a.k = static_cast<int>(q.k);
+  a.sigmoid = q.score == GatingScore::kSigmoid;
+  a.renormalize = q.renormalize;
+  a.groups = make_groups(q.num_experts, q.num_groups, q.topk_groups);
+  a.seq_len_arg = q.seq_len;
+  return a;
+}
+
+template <typename scalar_t>
+void forward_typed(const GatingForwardParams& p, cudaStream_t stream) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  const GatingProblem& q = p.problem;
+  const Layout L = make_layout(q.num_tokens, q.seq_len);
+  const ForwardWorkspace<acc_t> ws = ForwardWorkspace<acc_t>::carve(p.workspace, L, q.num_experts);
+
+  RouteArgs<acc_t> r = route_args<scalar_t, acc_t>(q, L);
+  r.weights = static_cast<acc_t*>(p.weights);
+  r.idx = p.idx;
+  r.positions = p.positions;
+  r.tile_counts = ws.counts;
+  r.tile_p = ws.tile_p;
+  r.tile_lse2 = ws.tile_lse2;
+  launch_route<scalar_t>(r, stream);
+
+  ScanArgs<acc_t> s;
+  s.L = L;
+  s.E = static_cast<int>(q.num_experts);
+  s.k = static_cast<int>(q.k);
+  s.capacity = p.capacity;
+  s.seq_len_arg = q.seq_len;
+  s.counts = ws.counts;
+  s.tile_p = ws.tile_p;
+  s.tile_lse2 = ws.tile_lse2;
+  s.tokens_per_expert = p.tokens_per_expert;
+  s.part_aux = ws.part_aux;
+  s.part_seq = ws.part_seq;
+  s.z_total = ws.z_total;
+  s.idx = p.idx;
+  s.positions = p.positions;
+  s.weights = static_cast<acc_t*>(p.weights);
+  s.aux_out = static_cast<acc_t*>(p.aux_loss);
+  s.seq_out = static_cast<acc_t*>(p.seq_aux_loss);
+  s.z_out = static_cast<acc_t*>(p.z_loss);
+  const int64_t slots = q.num_tokens * q.k;
+  s.fused = L.num_tiles <= kFusedMaxTiles && slots <= kFusedMaxSlots;
+  if (s.fused) {
+    scan_kernel<acc_t><<<1, kScanThreads, 0, stream>>>(s);
+    MOE_CUDA_CHECK(cudaGetLastError());
+  } else {
+    const unsigned chunks = static_cast<unsigned>((q.num_experts + kWarp - 1) / kWarp);
+    scan_kernel<acc_t><<<chunks, kScanThreads, 0, stream>>>(s);
+    MOE_CUDA_CHECK(cudaGetLastError());
+    const int64_t blocks = std::min<int64_t>((slots + kFixupThreads - 1) / kFixupThreads, 65535);
+    fixup_kernel<acc_t><<<static_cast<unsigned>(blocks), kFixupThreads, 0, stream>>>(s);
+    MOE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+template <typename scalar_t>
+void backward_typed(const GatingBackwardParams& p, cudaStream_t stream) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+  const GatingProblem& q = p.problem;
+  const Layout L = make_layout(q.num_tokens, q.seq_len);
+  const bool seq = q.seq_len > 0;
+  const BackwardWorkspace ws = BackwardWorkspace::carve(p.workspace, L, q.num_experts, seq);
+  const acc_t* g_aux = static_cast<const acc_t*>(p.grad_aux_loss);
+  const acc_t* g_seq = static_cast<const acc_t*>(p.grad_seq_aux_loss);
+
+  // Pre-drop counts, only when a balancing-loss gradient is nonzero (decided on the device).
+  RouteArgs<acc_t> r = route_args<scalar_t, acc_t>(q, L);
+  r.tile_counts = ws.counts;
+  r.grad_aux = g_aux;
+  r.grad_seq = g_seq;
+  launch_route<scalar_t>(r, stream);
+
+  ScanArgs<acc_t> s;
+  s.L = L;
+  s.E = static_cast<int>(q.num_experts);
+  s.k = static_cast<int>(q.k);
+  s.seq_len_arg = q.seq_len;
+  s.backward = true;
+  s.counts = ws.counts;
+  s.routed = ws.routed;
+  s.routed_seq = ws.routed_seq;
+  s.grad_aux = g_aux;
+  s.grad_seq = g_seq;
+  const unsigned chunks = static_cast<unsigned>((q.num_experts + kWarp - 1) / kWarp);
+  scan_kernel<acc_t><<<chunks, kScanThreads, 0, stream>>>(s);
+  MOE_CUDA_CHECK(cudaGetLastError());
+
+  GradArgs<acc_t> g;
+  g.logits = q.logits;
+  g.noise = static_cast<const acc_t*>(q.noise);
+  g.bias = static_cast<const acc_t*>(q.expert_bias);
+  g.L = L;
+  g.E = static_cast<int>(q.num_experts);
+  g.k = static_cast<int>(q.k);
+  g.sigmoid = q.score == GatingScore::kSigmoid;
+  g.renormalize = q.renormalize;
+  g.groups = make_groups(q.num_experts, q.num_groups, q.topk_groups);
+  g.seq_len_arg = q.seq_len;
+  g.grad_weights = static_cast<const acc_t*>(p.grad_weights);
+  g.grad_aux = g_aux;
+  g.grad_seq = g_seq;
+  g.grad_z = static_cast<const acc_t*>(p.grad_z_loss);
+  g.idx = p.idx;
+  g.routed = ws.routed;
+  g.routed_seq = ws.routed_seq;
+  g.grad_logits = p.grad_logits;
+  launch_grad<scalar_t>(g, stream);
+}
+
+}  // namespace
+}  // namespace gating_detail
+
+using namespace gating_detail;
+
+size_t gating_forward_workspace_bytes(const GatingProblem& q) {
+  const Layout L = make_layout(q.num_tokens, q.seq_len);
+  return q.dtype == GatingFloat::kFloat64 ? ForwardWorkspace<double>::bytes(L, q.num_experts)
+                                          : ForwardWorkspace<float>::bytes(L, q.num_experts);
+}
+
+size_t gating_backward_workspace_bytes(const GatingProblem& q) {
+  return BackwardWorkspace::bytes(make_layout(q.num_tokens, q.seq_len), q.num_experts, q.seq_len > 0);
+}
+
+void gating_forward(const GatingForwardParams& p, cudaStream_t stream) {
+  const GatingProblem& q = p.problem;
+  check_problem(q);
+  const size_t acc_size = q.dtype == GatingFloat::kFloat64 ? sizeof(double) : sizeof(float);
+  if (q.num_tokens == 0) {
+    MOE_CUDA_CHECK(cudaMemsetAsync(p.tokens_per_expert, 0, sizeof(int32_t) * q.num_experts, stream));
+    for (void* loss : {p.aux_loss, p.seq_aux_loss, p.z_loss})
+      MOE_CUDA_CHECK(cudaMemsetAsync(loss, 0, acc_size, stream));  // all-zero bits are 0.0
+    return;
+  }
+  switch (q.dtype) {
+    case GatingFloat::kFloat32: forward_typed<float>(p, stream); break;
+    case GatingFloat::kFloat64: forward_typed<double>(p, stream); break;
+    case GatingFloat::kFloat16: forward_typed<__half>(p, stream); break;
+    case GatingFloat::kBFloat16: forward_typed<__nv_bfloat16>(p, stream); break;
+    default: MOE_HOST_ASSERT(false, "topk_gating: unsupported logits dtype");
+  }
+}
+
+void gating_backward(const GatingBackwardParams& p, cudaStream_t stream) {
+  const GatingProblem& q = p.problem;
+  check_problem(q);
+  if (q.num_tokens == 0) return;
+  switch (q.dtype) {
+    case GatingFloat::kFloat32: backward_typed<float>(p, stream); break;
+    case GatingFloat::kFloat64: backward_typed<double>(p, stream); break;
+    case GatingFloat::kFloat16: backward_typed<__half>(p, stream); break;
+    case GatingFloat::kBFloat16: backward_typed<__nv_bfloat16>(p, stream); break;
+    default: MOE_HOST_ASSERT(false, "topk_gating_backward: unsupported logits dtype");
+  }
+}
+
+void update_expert_bias(float* expert_bias, const int32_t* tokens_per_expert, int64_t num_experts, float rate,
+                        cudaStream_t stream) {
+  MOE_HOST_ASSERT(num_experts >= 1 && num_experts < (int64_t{1} << 31), "update_expert_bias: bad num_experts");
+  bias_update_kernel<<<1, 1024, 0, stream>>>(expert_bias, tokens_per_expert, static_cast<int>(num_experts), rate);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace moe_ext::kernels

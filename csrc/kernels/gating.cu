@@ -9,13 +9,15 @@
 //                     chunk in registers, loaded with 16-byte vectors while the warp computes the
 //                     previous row). Noise is added on load; max, sum(exp), logsumexp and the
 //                     scores in fp32 (fp64 for fp64 logits); selection keys = scores + bias as
-//                     order-preserving integer codes; group scores (top-2 sums) and the best
-//                     groups by warp argmax; k rounds of warp argmax over the keys (redux.sync
-//                     max on the code, then min on the expert index: ties to the lower index).
-//                     Weights from the unbiased scores. Per tile: per-expert counts and every
-//                     slot's rank among the tile's slots of its expert, in token order (a 64-bit
-//                     row mask per expert, popc), the tile's sums of the normalised scores and of
-//                     lse^2 (fixed order: per warp, then warps in order).
+//                     order-preserving integer codes; group scores (top-2 sums: in registers and
+//                     a butterfly when each lane's chunk lies inside one group, as for E=256 with
+//                     8 groups; through shared memory otherwise) and the best groups by warp
+//                     argmax; k rounds of warp argmax over the keys (redux.sync max on the code,
+//                     then min on the expert index: ties to the lower index). Weights from the
+//                     unbiased scores. Per tile: per-expert counts and every slot's rank among the
+//                     tile's slots of its expert, in token order (a 64-bit row mask per expert,
+//                     popc), the tile's sums of the normalised scores and of lse^2 (fixed order:
+//                     per warp, then warps in order).
 //   2. scan_kernel    one block per 32 experts: exclusive scan of the tile counts across tiles
 //                     (the base of every tile inside every expert), the totals, tokens_per_expert
 //                     (kept = min(total, capacity)), and per 32 experts the partial sums
@@ -23,8 +25,8 @@
 //                     loss), each over tiles / sequences in order; block 0 also sums lse^2.
 //   3. fixup_kernel   one thread per slot: position = tile base + rank; past capacity the slot
 //                     becomes idx -1, weight 0, position -1. Block 0 writes the three losses.
-//   For small problems (<= 64 tiles and <= 32K slots, e.g. decode) 2 and 3 are one block of
-//   scan_kernel ("fused"): two launches in all.
+//   For small problems (<= 64 tiles and <= 16K slots, e.g. decode) 2 and 3 are one kernel of
+//   one block, scan_small_kernel, a thread per expert: two launches in all.
 // No host synchronisation, no atomics on floats: outputs are bit-identical from run to run.
 //
 // Backward: route_kernel again in counting mode (pre-drop tile counts only; skipped on the device
@@ -35,18 +37,23 @@
 // scalars on the device.
 //
 // Integer outputs equal the CPU op's whenever the float32 selection keys are ordered the same
-// way: a key computed here and on the CPU may differ in the last bits (CUDA's expf is within
-// 2 ulp, glibc's within 1; sums run in another order), so two different experts whose keys lie
+// way. A key computed here and on the CPU may differ in the last bits (fp32 exp here is
+// ex2.approx, within ~2e-7 relative for any expert that can be chosen; glibc's expf is correctly
+// rounded nearly always; sums run in another order), so two different experts whose keys lie
 // within rounding of each other (a tie only to float precision) may be ordered differently.
 // Exact ties (equal inputs) always go to the lower index, as on the CPU.
 //
-// Performance model (H100 SXM, T=16384, E=256, k=8, fp32 logits; see bench/bench_gating.cu):
-// the memory floor is 16.8 MB of logits + 1.6 MB of outputs = 18.4 MB, 6.2 us at 2.95 TB/s.
-// route_kernel issues about 450 warp instructions per row (softmax ~80, keys ~30, groups ~60,
-// selection ~8 x 30, weights and bookkeeping ~40): 16384 rows over 528 schedulers is ~14K issue
-// cycles, ~8 us at 1.75 GHz if the warps keep ~0.9 IPC per scheduler; scan + fixup ~2 us.
-// Predicted ~10-12 us in all (0.5-0.6 of the floor's bandwidth); T=128: ~3.5 us (two launches,
-// one row per warp on 16 SMs).
+// Performance model (H100 SXM, T=16384, E=256, k=8, 8 groups / 4, fp32 logits; see
+// bench/bench_gating.cu): the memory floor is 16.8 MB of logits + 1.6 MB of outputs = 18.4 MB,
+// 6.2 us at 2.95 TB/s. route_kernel issues about 550 warp instructions per row (softmax or
+// sigmoid ~110, keys ~40, groups ~80, selection 8 rounds x ~34 = 270, weights and bookkeeping
+// ~50): 16384 rows over 528 schedulers is ~17K issue cycles, ~9.5 us at 1.75 GHz; the per-row
+// dependency chain (~2K cycles, mostly the 12 rounds of redux/shuffle reductions) over 16
+// resident warps per SM gives about the same. scan + fixup ~2 us. Predicted 11-12 us in all
+// (about half of the floor's bandwidth, 2x the floor); T=128: ~3.5 us (two launches, one row per
+// warp on 16 SMs). Levers if the H100 disagrees: occupancy (109 registers -> 2 blocks of 8 warps
+// per SM at VPT 8), a per-lane top-2 cache so that most selection rounds skip the chunk rescan,
+// 2 rows per warp for E <= 16.
 #include "kernels/gating_impl.cuh"
 
 #include <algorithm>
@@ -59,8 +66,8 @@ namespace {
 constexpr int kScanThreads = 1024;
 constexpr int kScanWarps = kScanThreads / kWarp;
 constexpr int kFixupThreads = 256;
-constexpr int64_t kFusedMaxTiles = 64;
-constexpr int64_t kFusedMaxSlots = 32768;
+constexpr int64_t kSmallMaxTiles = 64;
+constexpr int64_t kSmallMaxSlots = 16384;
 
 inline size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -70,7 +77,6 @@ struct ScanArgs {
   int E = 0, k = 0;
   int64_t capacity = 0;
   int64_t seq_len_arg = 0;
-  bool fused = false;
   bool backward = false;
   int32_t* counts = nullptr;  // [num_tiles, E] tile counts in, tile bases out (forward)
   const acc_t* tile_p = nullptr;
@@ -93,16 +99,44 @@ struct ScanArgs {
   const acc_t* grad_seq = nullptr;
 };
 
+// Sum of every thread's v in a fixed tree (blockDim.x a power of two): the same order on every
+// run. All threads call it; all get the sum.
+__device__ double block_reduce(double* red, double v) {
+  __syncthreads();  // red may still be read after a previous call
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  return red[0];
+}
+
+// Sum over i in [0, n) of x[i]: thread-strided partial sums, then block_reduce.
+__device__ double block_sum(double* red, const double* x, int64_t n) {
+  double v = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v += x[i];
+  return block_reduce(red, v);
+}
+
+// aux = E * sum_e count_e * P_e / (T^2 k); seq = E * sum_s sum_e count_se * P_se / (S L^2 k);
+// z = sum lse^2 / T: the CPU op's formulas with the 1/(T k), 1/T factors pulled out.
+template <typename acc_t>
+__device__ void write_losses_from(const ScanArgs<acc_t>& a, double sum_aux, double sum_seq, double sum_z) {
+  const double T = static_cast<double>(a.L.num_tokens), E = a.E, k = a.k;
+  *a.aux_out = static_cast<acc_t>(E * sum_aux / (T * T * k));
+  const double L = static_cast<double>(a.seq_len_arg);
+  *a.seq_out =
+      static_cast<acc_t>(a.seq_len_arg > 0 ? E * sum_seq / (static_cast<double>(a.L.num_seqs) * L * L * k) : 0.0);
+  *a.z_out = static_cast<acc_t>(sum_z / T);
+}
+
 template <typename acc_t>
 __device__ void write_losses(const ScanArgs<acc_t>& a) {
   const int chunks = (a.E + kWarp - 1) / kWarp;
   double sa = 0, sq = 0;
   for (int c = 0; c < chunks; ++c) sa += a.part_aux[c], sq += a.part_seq[c];
-  const double T = static_cast<double>(a.L.num_tokens), E = a.E, k = a.k;
-  *a.aux_out = static_cast<acc_t>(E * sa / (T * T * k));
-  const double L = static_cast<double>(a.seq_len_arg);
-  *a.seq_out = static_cast<acc_t>(a.seq_len_arg > 0 ? E * sq / (static_cast<double>(a.L.num_seqs) * L * L * k) : 0.0);
-  *a.z_out = static_cast<acc_t>(*a.z_total / T);
+  write_losses_from(a, sa, sq, *a.z_total);
 }
 
 template <typename acc_t>
@@ -122,7 +156,7 @@ __device__ __forceinline__ void fixup_slot(const ScanArgs<acc_t>& a, int64_t i) 
 // Block c handles experts [32c, 32c + 32), lane = expert; the 32 warps split the tiles into
 // contiguous ranges (totals, bases). Per-sequence sums: sequences of >= 32 tiles one at a time,
 // the warps splitting its tiles; shorter ones a whole sequence per warp, round-robin. Every sum
-// runs in a fixed order. Fused: one block loops over all expert chunks, then fixes up every slot.
+// runs in a fixed order. Block 0 also sums lse^2 over the tiles.
 template <typename acc_t>
 __global__ void __launch_bounds__(kScanThreads) scan_kernel(const ScanArgs<acc_t> a) {
   __shared__ int s_cnt[kScanWarps][kWarp + 1];
@@ -134,12 +168,10 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const ScanArgs<acc_t
   const int w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int E = a.E;
   const int64_t NT = a.L.num_tiles, S = a.L.num_seqs, tps = a.L.tiles_per_seq;
-  const int chunks = (E + kWarp - 1) / kWarp;
-  const int c0 = a.fused ? 0 : static_cast<int>(blockIdx.x), c1 = a.fused ? chunks : c0 + 1;
+  const int c = static_cast<int>(blockIdx.x);
   const int64_t per = (NT + kScanWarps - 1) / kScanWarps;
   const int64_t i0 = std::min<int64_t>(NT, w * per), i1 = std::min<int64_t>(NT, i0 + per);
-
-  for (int c = c0; c < c1; ++c) {
+  {
     const int e = c * kWarp + lane;
     const bool ok = e < E;
     int cnt = 0;
@@ -215,25 +247,47 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const ScanArgs<acc_t
         if (lane == 0) a.part_aux[c] = ae, a.part_seq[c] = qe;
       }
     }
-    __syncthreads();
   }
-  if (a.backward) return;
+  if (a.backward || blockIdx.x != 0) return;
+  const double z = block_sum(s_red, a.tile_lse2, NT);
+  if (threadIdx.x == 0) *a.z_total = z;
+}
 
-  if (a.fused || blockIdx.x == 0) {
-    double z = 0;
-    for (int64_t i = threadIdx.x; i < NT; i += kScanThreads) z += a.tile_lse2[i];
-    s_red[threadIdx.x] = z;
-    __syncthreads();
-    for (int s = kScanThreads / 2; s > 0; s >>= 1) {
-      if (threadIdx.x < s) s_red[threadIdx.x] += s_red[threadIdx.x + s];
-      __syncthreads();
+// Small problems (<= kSmallMaxTiles tiles), one block: thread e owns expert e and walks every
+// tile in order (bases, totals, score sums, per-sequence products), the block reduces the
+// per-expert loss terms in a fixed tree, then fixes up every slot. One launch after the routing.
+template <typename acc_t>
+__global__ void __launch_bounds__(kScanThreads) scan_small_kernel(const ScanArgs<acc_t> a) {
+  __shared__ double s_red[kScanThreads];
+  const int e = threadIdx.x, E = a.E;
+  const int64_t NT = a.L.num_tiles, tps = a.L.tiles_per_seq;
+  double aux_e = 0, seq_e = 0;
+  if (e < E) {
+    int run = 0, n = 0;
+    double P = 0, ps = 0;
+    int64_t left = tps;  // tiles left in the current sequence
+#pragma unroll 8
+    for (int64_t i = 0; i < NT; ++i) {
+      const int v = a.counts[i * E + e];
+      const double pv = static_cast<double>(a.tile_p[i * E + e]);
+      a.counts[i * E + e] = run;
+      run += v, n += v, ps += pv;
+      if (--left == 0) {
+        P += ps;
+        seq_e += static_cast<double>(n) * ps;
+        n = 0, ps = 0, left = tps;
+      }
     }
-    if (threadIdx.x == 0) *a.z_total = s_red[0];
+    a.tokens_per_expert[e] = a.capacity > 0 ? static_cast<int32_t>(std::min<int64_t>(run, a.capacity)) : run;
+    aux_e = static_cast<double>(run) * P;
   }
-  if (!a.fused) return;
-  __syncthreads();
-  if (threadIdx.x == 0) write_losses(a);
+  const double aux = block_reduce(s_red, aux_e);
+  const double seq = block_reduce(s_red, seq_e);
+  const double z = block_sum(s_red, a.tile_lse2, NT);
+  if (threadIdx.x == 0) write_losses_from(a, aux, a.seq_len_arg > 0 ? seq : 0.0, z);
+  __syncthreads();  // NOTE: the bases above, written by every thread, are read by any thread below
   const int64_t slots = a.L.num_tokens * a.k;
+#pragma unroll 4
   for (int64_t i = threadIdx.x; i < slots; i += kScanThreads) fixup_slot(a, i);
 }
 
@@ -382,9 +436,8 @@ void forward_typed(const GatingForwardParams& p, cudaStream_t stream) {
   s.seq_out = static_cast<acc_t*>(p.seq_aux_loss);
   s.z_out = static_cast<acc_t*>(p.z_loss);
   const int64_t slots = q.num_tokens * q.k;
-  s.fused = L.num_tiles <= kFusedMaxTiles && slots <= kFusedMaxSlots;
-  if (s.fused) {
-    scan_kernel<acc_t><<<1, kScanThreads, 0, stream>>>(s);
+  if (L.num_tiles <= kSmallMaxTiles && slots <= kSmallMaxSlots) {
+    scan_small_kernel<acc_t><<<1, kScanThreads, 0, stream>>>(s);
     MOE_CUDA_CHECK(cudaGetLastError());
   } else {
     const unsigned chunks = static_cast<unsigned>((q.num_experts + kWarp - 1) / kWarp);

@@ -71,7 +71,16 @@ inline Layout make_layout(int64_t num_tokens, int64_t seq_len) {
 // power of two) compute one group's score together.
 struct GroupArgs {
   int G = 0, topk = 0, size = 0, team = 1;
+  int lanes = 0;  // > 0: every lane's chunk lies inside one group of `lanes` lanes (a power of two)
 };
+
+// The aligned layout: group size a multiple of VPT, lanes per group a power of two (E=256 with 8
+// groups: VPT 8, 4 lanes per group). 0 when the generic shared-memory path is needed.
+inline int aligned_group_lanes(const GroupArgs& g, int vpt) {
+  if (g.G == 0 || g.size % vpt != 0) return 0;
+  const int lanes = g.size / vpt;
+  return (lanes & (lanes - 1)) == 0 && lanes <= 32 ? lanes : 0;
+}
 
 inline GroupArgs make_groups(int64_t num_experts, int64_t num_groups, int64_t topk_groups) {
   GroupArgs g;
@@ -295,12 +304,14 @@ __device__ __forceinline__ void sts_chunk(T* p, const T (&in)[VPT]) {
 template <typename acc_t>
 struct Math;
 
+// NOTE: a key is never -0 (scores are >= +0 or NaN, and +0 + -0 = +0), so encode need not fold
+// -0 into +0; the row max it is also used for may be -0, where either sign gives the same exp.
 template <>
 struct Math<float> {
   using key_t = uint32_t;
   __device__ __forceinline__ static key_t encode(float v) {
-    const uint32_t u = isnan(v) ? 0xff800000u : __float_as_uint(v == 0.0f ? 0.0f : v);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    const uint32_t u = __float_as_uint(v == v ? v : -INFINITY);
+    return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
   }
   __device__ __forceinline__ static float decode(key_t c) {
     return __uint_as_float((c & 0x80000000u) ? (c & 0x7fffffffu) : ~c);
@@ -310,7 +321,9 @@ struct Math<float> {
   __device__ __forceinline__ static float mul(float a, float b) { return __fmul_rn(a, b); }
   __device__ __forceinline__ static float div(float a, float b) { return __fdiv_rn(a, b); }
   __device__ __forceinline__ static float rcp(float a) { return __frcp_rn(a); }
-  __device__ __forceinline__ static float exp(float a) { return expf(a); }
+  // ex2.approx(a * log2 e): about 2 ulp plus |a| * 6e-8 relative, so within 2e-7 for the scores
+  // that can be chosen (a = l - max in [-3, 0] for a top expert); results below 2^-126 become 0.
+  __device__ __forceinline__ static float exp(float a) { return __expf(a); }
   __device__ __forceinline__ static float log(float a) { return logf(a); }
   __device__ __forceinline__ static float max(float a, float b) { return fmaxf(a, b); }
 };
@@ -319,9 +332,8 @@ template <>
 struct Math<double> {
   using key_t = unsigned long long;
   __device__ __forceinline__ static key_t encode(double v) {
-    const unsigned long long u = isnan(v) ? 0xfff0000000000000ull
-                                          : static_cast<unsigned long long>(__double_as_longlong(v == 0.0 ? 0.0 : v));
-    return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
+    const unsigned long long u = static_cast<unsigned long long>(__double_as_longlong(v == v ? v : -INFINITY));
+    return u ^ (static_cast<unsigned long long>(static_cast<long long>(u) >> 63) | 0x8000000000000000ull);
   }
   __device__ __forceinline__ static double decode(key_t c) {
     return __longlong_as_double(static_cast<long long>((c >> 63) ? (c & 0x7fffffffffffffffull) : ~c));
@@ -504,9 +516,39 @@ __device__ __forceinline__ int select_experts(typename Math<acc_t>::key_t (&key)
                                               typename Math<acc_t>::key_t* kbuf,
                                               typename Math<acc_t>::key_t* gbuf, const GroupArgs& g,
                                               const LaneGroup& lg, int lane, int E, int k) {
-  using key_t = typename Math<acc_t>::key_t;
+  using M = Math<acc_t>;
+  using key_t = typename M::key_t;
   const int base = lane * VPT;
-  if (g.G > 0) {
+  if (g.G > 0 && g.lanes > 0) {
+    // Aligned: the group's top-2 from the lanes' own chunks and a butterfly over its lanes; then
+    // g.topk rounds of warp argmax over the lanes' group scores (the lowest lane holding the
+    // best score belongs to the lowest such group).
+    const int grp = lane / g.lanes;
+    key_t b1 = 0, b2 = 0;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      b2 = max(b2, min(b1, key[i]));
+      b1 = max(b1, key[i]);
+    }
+    for (int off = 1; off < g.lanes; off <<= 1) {
+      const key_t p1 = __shfl_xor_sync(kFull, b1, off), p2 = __shfl_xor_sync(kFull, b2, off);
+      b2 = max(max(b2, p2), min(b1, p1));
+      b1 = max(b1, p1);
+    }
+    acc_t v = M::decode(b1);
+    if (g.size >= 2) v = M::add(v, M::decode(b2));
+    key_t gval = grp < g.G ? M::encode(v) : key_t(0);
+    bool chosen = false;
+    for (int j = 0; j < g.topk; ++j) {
+      const key_t top = warp_max_key(gval);
+      const uint32_t first = warp_min_u32(gval == top && gval != 0 ? static_cast<uint32_t>(lane) : 32u);
+      if (grp == static_cast<int>(first) / g.lanes) chosen = true, gval = 0;
+    }
+    if (!chosen) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) key[i] = 0;
+    }
+  } else if (g.G > 0) {
     sts_chunk<key_t, VPT>(kbuf + base, key);
     __syncwarp();
     group_scores<acc_t>(kbuf, gbuf, g, lane);
@@ -536,8 +578,18 @@ template <typename acc_t, int VPT>
 __device__ __forceinline__ void make_keys(const acc_t (&s)[VPT], const acc_t (&bias)[VPT], bool has_bias, int base,
                                           int E, typename Math<acc_t>::key_t (&key)[VPT]) {
   using M = Math<acc_t>;
+  if (has_bias) {
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) key[i] = base + i < E ? M::encode(has_bias ? M::add(s[i], bias[i]) : s[i]) : 0;
+    for (int i = 0; i < VPT; ++i) key[i] = M::encode(M::add(s[i], bias[i]));
+  } else {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) key[i] = M::encode(s[i]);
+  }
+  if (base + VPT > E) {  // only the lane holding the last expert, and lanes past it
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      if (base + i >= E) key[i] = 0;
+  }
 }
 
 // Per-warp shared memory of the row kernels: keys, scores, (backward) score gradients, group keys.
@@ -655,10 +707,15 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp)
 
     acc_t l[VPT];
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      l[i] = to_acc<scalar_t>(cur[i]);
-      if (a.noise != nullptr) l[i] = M::add(l[i], to_acc<acc_t>(ncur[i]));
-      if (base + i >= E) l[i] = -INFINITY;
+    for (int i = 0; i < VPT; ++i) l[i] = to_acc<scalar_t>(cur[i]);
+    if (a.noise != nullptr) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) l[i] = M::add(l[i], to_acc<acc_t>(ncur[i]));
+    }
+    if (base + VPT > E) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i)
+        if (base + i >= E) l[i] = -INFINITY;
     }
     RowScores<acc_t, VPT> sc;
     row_scores(l, a.sigmoid, sc);
@@ -799,9 +856,11 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp)
 #pragma unroll
     for (int i = 0; i < VPT; ++i) l[i] = M::add(l[i], to_acc<acc_t>(nraw[i]));
   }
+  if (base + VPT > E) {
 #pragma unroll
-  for (int i = 0; i < VPT; ++i)
-    if (base + i >= E) l[i] = -INFINITY;
+    for (int i = 0; i < VPT; ++i)
+      if (base + i >= E) l[i] = -INFINITY;
+  }
   RowScores<acc_t, VPT> sc;
   row_scores(l, a.sigmoid, sc);
 
@@ -936,7 +995,8 @@ void launch_route(RouteArgs<typename Types<scalar_t>::acc_t> a, cudaStream_t str
   using abits_t = typename Types<acc_t>::bits_t;
   if (a.L.num_tiles == 0) return;
   MOE_GATING_SWITCH_VPT(pick_vpt(a.E), {
-    a.warp_smem = WarpSmem<acc_t>::bytes(kVPT, a.groups.G, false);
+    a.groups.lanes = aligned_group_lanes(a.groups, kVPT);
+    a.warp_smem = WarpSmem<acc_t>::bytes(kVPT, a.groups.lanes ? 0 : a.groups.G, false);
     a.warps = fit_warps(route_block_smem(a.L, a.E, a.k, kRouteWarps), a.warp_smem);
     const size_t smem = route_block_smem(a.L, a.E, a.k, a.warps) + a.warp_smem * a.warps;
     static int configured[64] = {};
@@ -956,7 +1016,8 @@ void launch_grad(GradArgs<typename Types<scalar_t>::acc_t> a, cudaStream_t strea
   using abits_t = typename Types<acc_t>::bits_t;
   if (a.L.num_tokens == 0) return;
   MOE_GATING_SWITCH_VPT(pick_vpt(a.E), {
-    a.warp_smem = WarpSmem<acc_t>::bytes(kVPT, a.groups.G, true);
+    a.groups.lanes = aligned_group_lanes(a.groups, kVPT);
+    a.warp_smem = WarpSmem<acc_t>::bytes(kVPT, a.groups.lanes ? 0 : a.groups.G, true);
     a.warps = fit_warps(0, a.warp_smem);
     const size_t smem = a.warp_smem * a.warps;
     static int configured[64] = {};

@@ -13,8 +13,8 @@
 // tokens_per_expert; '%ceil' = floor time at the 2.95 TB/s copy ceiling / measured time.
 // Memory floor and prediction on the H100 for fp32 logits (written before any GPU run; see the
 // performance model in csrc/kernels/gating.cu and bench/RESULTS.md for what was measured):
-//   T=16384 E=256 k=8 g=8/4: 16.8 MB + 1.6 MB = 18.4 MB -> 6.2 us floor; predicted 11-12 us
-//                            (%ceil ~50-55); the target is <= 15 us (2.5x the floor, 15x torch's 237 us).
+//   T=16384 E=256 k=8 g=8/4: 16.8 MB + 1.6 MB = 18.4 MB -> 6.2 us floor; predicted 10-11 us
+//                            (%ceil ~55-60); the target is <= 15 us (2.5x the floor, 15x torch's 237 us).
 //   T=128   E=256 k=8:       0.13 MB -> 0.05 us floor; launch-bound, predicted ~3.5 us (target < 5 us).
 //   T=16384 E=8   k=2:       0.52 MB + 0.4 MB -> 0.3 us floor; predicted ~4 us (three launches,
 //                            one warp per row with 8 of 32 lanes busy).

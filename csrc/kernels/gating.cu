@@ -45,15 +45,15 @@
 //
 // Performance model (H100 SXM, T=16384, E=256, k=8, 8 groups / 4, fp32 logits; see
 // bench/bench_gating.cu): the memory floor is 16.8 MB of logits + 1.6 MB of outputs = 18.4 MB,
-// 6.2 us at 2.95 TB/s. route_kernel issues about 550 warp instructions per row (softmax or
-// sigmoid ~110, keys ~40, groups ~80, selection 8 rounds x ~34 = 270, weights and bookkeeping
-// ~50): 16384 rows over 528 schedulers is ~17K issue cycles, ~9.5 us at 1.75 GHz; the per-row
-// dependency chain (~2K cycles, mostly the 12 rounds of redux/shuffle reductions) over 16
-// resident warps per SM gives about the same. scan + fixup ~2 us. Predicted 11-12 us in all
-// (about half of the floor's bandwidth, 2x the floor); T=128: ~3.5 us (two launches, one row per
-// warp on 16 SMs). Levers if the H100 disagrees: occupancy (109 registers -> 2 blocks of 8 warps
-// per SM at VPT 8), a per-lane top-2 cache so that most selection rounds skip the chunk rescan,
-// 2 rows per warp for E <= 16.
+// 6.2 us at 2.95 TB/s. route_kernel issues about 480 warp instructions per row (scores ~110,
+// keys ~40, groups ~80, selection ~200: a top-2 scan of the chunk, 8 rounds of 2 redux + ~10,
+// ~0.7 rescans; weights and bookkeeping ~50): 16384 rows over 528 schedulers is ~15K issue
+// cycles, ~8.5 us at 1.75 GHz; the per-row dependency chain (~1.5K cycles, mostly the ~20
+// redux/shuffle reductions in sequence) over 24 resident warps per SM (80 registers at VPT 8:
+// 3 blocks of 8 warps) hides behind that. scan + fixup ~2 us. Predicted 10-11 us in all (0.55-0.6
+// of the copy ceiling's bandwidth, under 2x the floor); T=128: ~3.5 us (two launches, one row
+// per warp on 16 SMs). Levers if the H100 disagrees: rows per tile / warps per block, 2 rows per
+// warp for E <= 16, __launch_bounds__ minimum blocks.
 #include "kernels/gating_impl.cuh"
 
 #include <algorithm>
@@ -141,9 +141,9 @@ __device__ void write_losses(const ScanArgs<acc_t>& a) {
 
 template <typename acc_t>
 __device__ __forceinline__ void fixup_slot(const ScanArgs<acc_t>& a, int64_t i) {
-  const int64_t t = i / a.k;
+  const uint32_t t = static_cast<uint32_t>(i) / static_cast<uint32_t>(a.k);  // T * k < 2^31
   const int e = a.idx[i];
-  const int32_t pos = a.positions[i] + a.counts[a.L.tile_of(t) * a.E + e];
+  const int32_t pos = a.positions[i] + a.counts[static_cast<int64_t>(a.L.tile_of32(t)) * a.E + e];
   if (a.capacity > 0 && pos >= a.capacity) {
     a.idx[i] = -1;
     a.positions[i] = -1;

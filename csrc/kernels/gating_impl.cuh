@@ -50,6 +50,11 @@ struct Layout {
     const int64_t s = t / seq_len;
     return s * tiles_per_seq + (t - s * seq_len) / rows_per_tile;
   }
+  // The same in 32-bit arithmetic (num_tokens < 2^31 is checked on the host).
+  __device__ uint32_t tile_of32(uint32_t t) const {
+    const uint32_t L = static_cast<uint32_t>(seq_len), s = t / L;
+    return s * static_cast<uint32_t>(tiles_per_seq) + (t - s * L) / static_cast<uint32_t>(rows_per_tile);
+  }
 };
 
 inline Layout make_layout(int64_t num_tokens, int64_t seq_len) {
@@ -426,29 +431,55 @@ __device__ __forceinline__ void row_scores(const acc_t (&l)[VPT], bool sigmoid, 
 }
 
 // ---- one row: selection --------------------------------------------------------------------------
-// k rounds of a warp argmax over the row's keys in shared memory (this warp's kbuf): each lane
-// scans its own chunk (strict >, so the lower index wins a tie inside the chunk), the warp takes
-// the largest code (redux.sync on sm_80+) and, among the lanes holding it, the lowest expert
-// index; the owner lane clears that key. Lanes read and write only their own chunk of kbuf.
+// The best two remaining keys of a chunk, as (code, position), in the order (key desc, position
+// asc); 0 = none.
+template <int VPT, typename key_t>
+__device__ __forceinline__ void chunk_top2(const key_t (&c)[VPT], key_t& b1, int& i1, key_t& b2, int& i2) {
+  b1 = 0, i1 = 0, b2 = 0, i2 = 0;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const key_t x = c[i];
+    const bool gt1 = x > b1, gt2 = x > b2;
+    b2 = gt1 ? b1 : (gt2 ? x : b2);
+    i2 = gt1 ? i1 : (gt2 ? i : i2);
+    b1 = gt1 ? x : b1;
+    i1 = gt1 ? i : i1;
+  }
+}
+
+// k rounds of a warp argmax over the row's keys: the warp takes the largest code among the lanes'
+// current bests (redux.sync max on sm_80+) and, among the lanes holding it, the lowest expert
+// index (redux.sync min): ties go to the lower index. Every lane caches its chunk's best two keys;
+// the winner clears its key in kbuf (this warp's copy of the keys) and moves to its cached second,
+// and a lane that wins again before rescanning rescans its chunk from kbuf (about 0.7 rescans per
+// row for E=256, k=8). Lanes read and write only their own chunk of kbuf.
 // Returns, on lane j < k, the j-th choice (best first); -1 on the other lanes.
 template <int VPT, typename key_t>
-__device__ __forceinline__ int warp_topk(key_t* kbuf, int lane, int k) {
+__device__ __forceinline__ int warp_topk(key_t* kbuf, const key_t (&key)[VPT], int lane, int k) {
   const int base = lane * VPT;
+  key_t b1, b2;
+  int i1, i2;
+  chunk_top2(key, b1, i1, b2, i2);
+  bool has2 = true;
   int mine = -1;
   for (int j = 0; j < k; ++j) {
-    key_t c[VPT];
-    lds_chunk<key_t, VPT>(kbuf + base, c);
-    key_t best = 0;
-    int bi = 0;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i)
-      if (c[i] > best) best = c[i], bi = i;
-    const key_t top = warp_max_key(best);
-    const uint32_t idx = static_cast<uint32_t>(base + bi);
-    const bool holds = best == top && best != 0;
+    const key_t top = warp_max_key(b1);
+    const bool holds = b1 == top && b1 != 0;
+    const uint32_t idx = static_cast<uint32_t>(base + i1);
     const uint32_t win = warp_min_u32(holds ? idx : 0xffffffffu);
-    if (holds && idx == win) kbuf[win] = 0;
     if (lane == j) mine = static_cast<int>(win);
+    bool rescan = false;
+    if (holds && idx == win) {
+      kbuf[win] = 0;
+      if (has2) b1 = b2, i1 = i2, has2 = false;
+      else rescan = true;
+    }
+    if (__any_sync(kFull, rescan) && rescan) {
+      key_t c[VPT];
+      lds_chunk<key_t, VPT>(kbuf + base, c);
+      chunk_top2(c, b1, i1, b2, i2);
+      has2 = true;
+    }
   }
   return mine;
 }
@@ -571,7 +602,7 @@ __device__ __forceinline__ int select_experts(typename Math<acc_t>::key_t (&key)
     }
   }
   sts_chunk<key_t, VPT>(kbuf + base, key);
-  return warp_topk<VPT>(kbuf, lane, k);
+  return warp_topk<VPT>(kbuf, key, lane, k);
 }
 
 template <typename acc_t, int VPT>

@@ -25,7 +25,7 @@ def _timed(fn, device, iters):
     return out, sorted(times)[len(times) // 2]
 
 
-def demo(args):
+def check(args):
     """gating -> permute -> grouped GEMM (SwiGLU) -> grouped GEMM -> unpermute on a Mixtral-like
     layer, checked against a float64 reference computed with plain torch ops."""
     import moe_ext
@@ -38,7 +38,7 @@ def demo(args):
     router = (torch.randn(H, E, generator=gen) / H ** 0.5).to(device, dtype)
     w1 = (torch.randn(E, H, 2 * F, generator=gen) / H ** 0.5).to(device, dtype)
     w2 = (torch.randn(E, F, H, generator=gen) / F ** 0.5).to(device, dtype)
-    print(f"moe_ext {moe_ext.__version__} demo on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+    print(f"moe_ext {moe_ext.__version__} layer check on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{dtype}: T={T} tokens, hidden={H}, ffn={F}, {E} experts, top-{k}")
 
     logits = (x.float() @ router.float())
@@ -80,10 +80,7 @@ def demo(args):
     return 0
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="moe-ext", description="moe_ext: expert-parallel MoE kernels")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run one MoE layer end to end and check it against float64")
+def _check_arguments(p):
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=3584)
@@ -93,15 +90,43 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None):
+    from . import bench, demo
+
+    parser = argparse.ArgumentParser(prog="moe-ext", description="moe_ext: expert-parallel MoE kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="check one Mixtral-like layer against float64, then train a small MoE "
+                                    "with EP over W ranks on synthetic data")
+    demo.add_arguments(p)
+    p.add_argument("--skip-check", action="store_true", help="only the training part")
+    _check_arguments(sub.add_parser("check", help="run one MoE layer end to end and check it against float64"))
+    bench.add_arguments(sub.add_parser("bench", help="every MoE stage against its torch baseline, same run"))
     plan_parser = sub.add_parser("plan", help="memory and communication of every EP / TP / DP layout of a model "
                                                "on a cluster (an estimator)")
     add_plan_arguments(plan_parser)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo(args)
+        if not args.skip_check:
+            rc = check(_check_arguments_defaults(device=args.device))
+            if rc:
+                return rc
+            print()
+        return demo.run(args)
+    if args.command == "check":
+        return check(args)
+    if args.command == "bench":
+        return bench.run(args)
     if args.command == "plan":
         return run_plan(args, plan_parser)
     return 2
+
+
+def _check_arguments_defaults(**overrides):
+    p = argparse.ArgumentParser()
+    _check_arguments(p)
+    return p.parse_args([f"--{k}={v}" for k, v in overrides.items()])
 
 
 if __name__ == "__main__":

@@ -86,9 +86,10 @@ class _Progress:
 
     def __init__(self, total, desc, enabled=True):
         self.total, self.desc, self.n, self.bar = total, desc, 0, None
-        self.enabled = enabled
+        # NOTE: a bar only on a terminal: redirected to a file, carriage returns just pile up.
+        self.enabled = enabled and sys.stderr.isatty()
         self._last = 0.0
-        if enabled:
+        if self.enabled:
             try:
                 from tqdm import tqdm
             except ImportError:

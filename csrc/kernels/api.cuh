@@ -6,3 +6,4 @@
 #include "kernels/exception.cuh"
 #include "kernels/permute.cuh"
 #include "kernels/gating.cuh"
+#include "kernels/grouped_gemm.cuh"

@@ -1,0 +1,145 @@
+// Grouped expert GEMM on the GPU: every expert's rows times that expert's weight, in one launch,
+// with the group sizes read on the device (no host synchronisation, CUDA-graph safe), and the
+// k-grouped weight gradient. Torch-free launchers: raw pointers, int64 sizes, a cudaStream_t.
+// The semantics are those of the CPU op (csrc/cpu/grouped_gemm.cpp).
+//
+// ---- Layouts -----------------------------------------------------------------------------------
+//   contiguous  a [M, K]: the rows of all experts back to back; group_sizes [E] counts or [E+1]
+//               offsets (int32 or int64, on the device). Rows past the last group (worst-case
+//               sized buffers) get zero output rows.
+//   masked      a [E, max_rows, K]: expert e's rows are a[e, :valid_rows[e]] (decode, DeepEP's
+//               low-latency layout); group_sizes [E] = valid_rows on the device; the output is
+//               [E, max_rows, N'] with rows past valid_rows[e] zero. The grid depends only on
+//               shapes, so a captured graph stays valid whatever the counts are at replay.
+// b is [E, K, N] (row-major, N contiguous) or, with trans_b, [E, N, K] (K contiguous: nn.Linear
+// weights). The output has N' = N columns, or N/2 with SwiGLU.
+//
+// ---- Epilogue (on the fp32 accumulator h = a_e @ b_e, per output element) --------------------
+//   h += bias[e, :]                     optional bias [E, N] in the element type (before the
+//                                       activation; both gate and up halves with SwiGLU)
+//   y  = h                              activation none
+//   y  = silu(h[:, j]) * h[:, N/2 + j]  activation swiglu (gate half first, as the CPU op)
+//   y *= row_scale[row]                 optional float32 per output row (the routing weight)
+//   out = cast(y)                       in the element type of a
+//
+// ---- Values the device cannot check -----------------------------------------------------------
+// The CPU op raises on negative counts, offsets that decrease or do not start at 0, and counts
+// that sum past M; checking that here would need a host synchronisation. The kernels instead
+// clamp: negative counts (and decreasing offsets) count as 0 rows, offsets[0] is taken as 0, rows
+// past M are dropped, and valid_rows is clamped to [0, max_rows]. Every output row is still
+// written exactly once.
+//
+// ---- Requirements (the op adapter checks them first, with messages naming the argument) -------
+//   dtype bf16 or fp16 (fp32/fp64 take the ATen path in the adapter); K % 8 == 0 and N' % 8 == 0
+//   (16-byte rows; with SwiGLU N % 16 == 0); a, b, out, bias 16-byte aligned; 1 <= E <=
+//   kGroupedGemmMaxExperts; every row count and K, N < 2^31.
+//
+// ---- The portable kernel (sm_80 and later; grouped_gemm_sm80.cuh) ------------------------------
+// mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) fed by ldmatrix from XOR-swizzled shared
+// memory, a 4-stage cp.async pipeline (K tiles of 32), 256 threads as 2 x 4 warps. Tiles are
+// BM x 128 (BM = 128, or 64 when the experts are small: decode). Each CTA is persistent: it first
+// reads the E group sizes and builds, in its own shared memory, every expert's row range, the
+// rows it owns in the output and the prefix of m-tiles per expert (block scans; ~E/256 rounds);
+// then it walks the linear tile index t = blockIdx.x, + gridDim.x, ... over (m-tile, n-tile)
+// pairs of all experts (raster bands of 16 m-tiles so that live tiles share A and B in L2), and
+// finds a tile's expert by binary search in that prefix. Empty experts own no m-tiles and cost
+// nothing; a tile that straddles the end of its expert's rows zero-fills the loads of the rows
+// past it (cp.async with src-size 0) and does not store them (they belong to the next expert).
+// K tails zero-fill, N tails are predicated. SwiGLU: the 128 B columns of a tile are 64 gate
+// columns and the 64 matching up columns, interleaved in 16-column groups so that each thread's
+// accumulator fragments hold matching gate/up pairs; the epilogue combines them in registers.
+// The output tile is staged through shared memory and written with 16-byte stores.
+// The weight gradient uses the same schedule with the reduction over each expert's rows:
+// dW_e = A_e^T dY_e ([K, N]) or, with trans_b, dY_e^T A_e ([N, K]); both operands are row-major
+// [rows, *] so both are read with ldmatrix.trans; an expert without rows writes zeros.
+//
+// ---- The Hopper kernel (sm_90a): design for the next step --------------------------------------
+// Not written yet; the portable kernel runs on Hopper until then. The plan:
+//  * TMA: one 2-D tensor map over a [M, K] (box BM x 64, 128-byte swizzle) and one 3-D map over b
+//    ([E, K, N] or [E, N, K]: the expert is the outer coordinate, so no per-expert descriptors).
+//    Rows past an expert's end are loaded (they belong to the next expert, or are out of bounds
+//    and zero-filled by TMA) and simply not stored: the same rule as the portable kernel.
+//    Descriptors are built on the host with cuTensorMapEncodeTiled (through
+//    cudaGetDriverEntryPoint, so nothing links libcuda) and passed as __grid_constant__.
+//  * Warp specialisation: 1 producer warpgroup (one elected thread issues TMA, setmaxnreg 40) and
+//    2 consumer warpgroups (setmaxnreg 232), each owning a 64 x 256 (or 128 x 128) half of a
+//    128 x 256 tile; wgmma m64n256k16 (bf16/fp16, fp32 accumulators) from shared-memory
+//    descriptors; 4-5 stages of 128x64 + 64x256 tiles, full/empty mbarrier pairs per stage
+//    (expect_tx bytes on full, consumer arrive on empty).
+//  * Scheduler: the same device-side schedule as the portable kernel (group sizes -> per-expert
+//    row ranges and the m-tile prefix in shared memory, built by every CTA), persistent grid of
+//    #SMs CTAs walking t += gridDim.x; the producer runs ahead into the next tile while the
+//    consumers run the epilogue of the current one.
+//  * Epilogue: bias, SwiGLU (gate/up interleaved in the B tile's columns exactly as the portable
+//    kernel does, so that a consumer's fragments hold both halves), row scale in registers, then
+//    registers -> shared memory -> 16-byte stores (predicated by the expert's rows; TMA stores
+//    would write the next expert's rows).
+//  * Selection: sm_90 device, bf16/fp16, K % 64 == 0 is not required (TMA zero-fills the K
+//    tail); fall back to the portable kernel on other devices.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moe_ext::kernels {
+
+// The schedule of every CTA lives in its shared memory (16 bytes per expert).
+constexpr int64_t kGroupedGemmMaxExperts = 2048;
+// K and the output's N must be multiples of this (16-byte rows of bf16/fp16).
+constexpr int64_t kGroupedGemmAlign = 8;
+
+enum class GemmFloat : int { kFloat16, kBFloat16 };
+enum class GemmActivation : int { kNone, kSwiglu };
+enum class GemmLayout : int { kContiguous, kMasked };
+
+// How the group sizes on the device describe the experts' rows.
+struct GemmGroups {
+  GemmLayout layout = GemmLayout::kContiguous;
+  const void* sizes = nullptr;     // contiguous: [E] counts or [E+1] offsets; masked: [E] valid rows
+  bool sizes_int64 = false;        // int64 (else int32)
+  bool sizes_are_offsets = false;  // contiguous only: [E+1] offsets starting at 0
+  int64_t num_experts = 0;
+  int64_t rows = 0;  // contiguous: M, the rows of a and out; masked: max_rows per expert
+};
+
+struct GroupedGemmParams {
+  GemmFloat dtype = GemmFloat::kBFloat16;
+  GemmGroups groups;
+  const void* a = nullptr;  // contiguous [M, K]; masked [E, max_rows, K]
+  const void* b = nullptr;  // [E, K, N], or [E, N, K] with trans_b
+  void* out = nullptr;      // contiguous [M, N']; masked [E, max_rows, N']; N' = N or N/2 (swiglu)
+  int64_t k = 0;
+  int64_t n = 0;  // columns of b (both halves with SwiGLU)
+  bool trans_b = false;
+  GemmActivation activation = GemmActivation::kNone;
+  const float* row_scale = nullptr;  // [rows of out] float32, or null
+  const void* bias = nullptr;        // [E, N] element type, or null
+};
+
+// out = epilogue(a_e @ b_e) for every expert; rows no expert owns are zero. Never synchronises.
+void grouped_gemm(const GroupedGemmParams& p, cudaStream_t stream);
+
+// The k-grouped weight gradient: grad_b[e] = a_e^T grad_out_e ([K, N]) or, with trans_b,
+// grad_out_e^T a_e ([N, K]), fp32 accumulation over the expert's rows, zero for experts without
+// rows. a [rows, K] and grad_out [rows, N] in the layout of `groups` (masked: [E, max_rows, *]).
+struct GroupedGemmWgradParams {
+  GemmFloat dtype = GemmFloat::kBFloat16;
+  GemmGroups groups;
+  const void* a = nullptr;
+  const void* grad_out = nullptr;
+  void* grad_b = nullptr;  // [E, K, N], or [E, N, K] with trans_b
+  int64_t k = 0;
+  int64_t n = 0;
+  bool trans_b = false;
+};
+
+void grouped_gemm_wgrad(const GroupedGemmWgradParams& p, cudaStream_t stream);
+
+// Host-side check of the requirements above: nullptr if the problem can run, else why not (the
+// launchers throw moe_ext::Error with the same text).
+const char* grouped_gemm_unsupported(const GroupedGemmParams& p);
+const char* grouped_gemm_wgrad_unsupported(const GroupedGemmWgradParams& p);
+
+}  // namespace moe_ext::kernels

@@ -1,6 +1,7 @@
 """Grouped expert GEMM."""
 import torch
 
+from . import _gemm_masked  # noqa: F401  (fake and autograd of grouped_gemm_masked)
 from ._ops import ops
 
 _ACTIVATIONS = {None: "none", "none": "none", "swiglu": "swiglu"}
@@ -18,3 +19,17 @@ def grouped_gemm(a, b, tokens_per_expert_or_offsets, trans_b=False, activation=N
     if activation not in _ACTIVATIONS:
         raise ValueError(f"moe_ext.grouped_gemm: activation must be None or 'swiglu', got {activation!r}")
     return ops.grouped_gemm(a, b, tokens_per_expert_or_offsets, bool(trans_b), _ACTIVATIONS[activation])
+
+
+def grouped_gemm_masked(a, b, valid_rows, trans_b=False, activation=None):
+    """The masked (decode) layout: y[e, :v_e] = act(a[e, :v_e] @ b[e]) with v_e = valid_rows[e].
+
+    a: [E, max_rows, K]; b: [E, K, N], or [E, N, K] with trans_b; same float dtype, contiguous.
+    valid_rows: [E] int32/int64 on a's device, each in [0, max_rows] (checked on CPU; clamped on
+    CUDA, where the counts are never read back to the host, so the call is CUDA-graph safe).
+    activation: None or "swiglu" (as grouped_gemm). Returns [E, max_rows, N] (or N/2) in the
+    dtype of a, rows past valid_rows[e] zero. Differentiable in a and b.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"moe_ext.grouped_gemm_masked: activation must be None or 'swiglu', got {activation!r}")
+    return ops.grouped_gemm_masked(a, b, valid_rows, bool(trans_b), _ACTIVATIONS[activation])

@@ -123,13 +123,4 @@ TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_aten);
 }
 
-#ifdef MOE_EXT_WITH_CUDA
-// NOTE: until the hand-written grouped GEMM kernel lands, CUDA tensors take the ATen path: one
-// cuBLAS matmul per expert, group sizes read back to the host (a sync). Correct, not fast.
-TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
-  m.impl("grouped_gemm", &grouped_gemm_aten);
-  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_aten);
-}
-#endif
-
 }  // namespace moe_ext

@@ -17,7 +17,7 @@ H, F_EXPERT, F_SHARED, E, K = 32, 16, 24, 8, 2
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5),
        # Mixtral/Qwen take the softmax, DeepSeek the router and sigmoid, in float32 even for float64
        # models, so their routing weights carry float32 rounding.
-       torch.float64: dict(rtol=1e-6, atol=1e-6)}
+       torch.float64: dict(rtol=1e-5, atol=5e-6)}
 BLOCK_CLASS = {"mixtral": "MixtralSparseMoeBlock", "qwen2": "Qwen2MoeSparseMoeBlock",
                "qwen3": "Qwen3MoeSparseMoeBlock", "deepseek": "DeepseekV3MoE"}
 MODULE = {"mixtral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe", "deepseek": "deepseek_v3"}
@@ -96,7 +96,10 @@ def _check_against_block(block, layer, x, tol, group=None):
     expected = [grads_hf[0], grads_hf[1],
                 grads_hf[2][lo:lo + n].transpose(1, 2), grads_hf[3][lo:lo + n].transpose(1, 2)]
     for name, a, b in zip(("x", "router", "w1", "w2"), grads, expected):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
+        # The router's gradient sums every token's float32-rounded softmax/sigmoid Jacobian in the
+        # block, so it only meets float32 tolerances, whatever the model dtype.
+        t = TOL[torch.float32] if name == "router" else tol
+        torch.testing.assert_close(a, b, **t, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

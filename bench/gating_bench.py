@@ -18,10 +18,10 @@ iteration unless --no-flush. Medians over --iters iterations.
 """
 import argparse
 import json
-import statistics
 import sys
 
 import torch
+from cuda_timer import CudaTimer
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
 
@@ -58,48 +58,6 @@ def torch_routed(logits, k, score, bias, groups):
     return w / w.sum(-1, keepdim=True), idx
 
 
-class Timer:
-    def __init__(self, iters, warmup, flush):
-        self.iters, self.warmup = iters, warmup
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        l2 = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
-        self.flush_buf = torch.empty(2 * l2, dtype=torch.uint8, device="cuda") if flush else None
-
-    def _measure(self, run):
-        times = []
-        for i in range(self.iters):
-            if self.flush_buf is not None:
-                self.flush_buf.fill_(i & 0xFF)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            times.append((start, end))
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) * 1e3 for s, e in times)
-
-    def eager(self, fn):
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize()
-        return self._measure(fn)
-
-    def graph(self, fn):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(max(self.warmup, 2)):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        for _ in range(self.warmup):
-            g.replay()
-        torch.cuda.synchronize()
-        return self._measure(g.replay)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
@@ -112,7 +70,7 @@ def main():
         print("gating_bench: needs a CUDA device", file=sys.stderr)
         return 2
 
-    timer = Timer(args.iters, args.warmup, not args.no_flush)
+    timer = CudaTimer(args.iters, args.warmup, not args.no_flush)
     dtype = DTYPES[args.dtype]
     dev = torch.cuda.get_device_name()
     print(f"# gating_bench: {dev}, torch {torch.__version__}, logits {args.dtype}, "
@@ -132,7 +90,7 @@ def main():
         if groups or c["score"] != "softmax":
             impls["torch routed"] = lambda: torch_routed(logits, k, c["score"], bias, groups)
         name = f"T={T} E={E} k={k}" + (f" g={G}/{tg}" if groups else "") + f" {c['score']}"
-        times = {n: (timer.eager(fn), timer.graph(fn)) for n, fn in impls.items()}
+        times = {n: (timer.eager(fn)[0], timer.graph(fn)[0]) for n, fn in impls.items()}
         base = times["torch plain"][1]
         for n, (eager, graph) in times.items():
             print(f"  {name:<34} {n:<14} {eager:9.2f} {graph:9.2f} {base / graph:14.1f}x")

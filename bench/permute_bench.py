@@ -17,10 +17,10 @@ Each moe_ext result is checked against its baseline before timing.
 import argparse
 import json
 import math
-import statistics
 import sys
 
 import torch
+from cuda_timer import CudaTimer
 
 import moe_ext
 
@@ -44,29 +44,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class Timer:
-    def __init__(self, iters, warmup, flush):
-        self.iters, self.warmup = iters, warmup
-        l2 = torch.cuda.get_device_properties(0).L2_cache_size
-        self.flush_buf = torch.empty(2 * max(l2, 1 << 20), dtype=torch.uint8, device="cuda") if flush else None
-
-    def __call__(self, fn):
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for i in range(self.iters):
-            if self.flush_buf is not None:
-                self.flush_buf.fill_(i & 0xFF)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            times.append((start, end))
-        torch.cuda.synchronize()
-        us = [s.elapsed_time(e) * 1e3 for s, e in times]
-        return statistics.median(us), (statistics.stdev(us) if len(us) > 1 else 0.0)
-
-
 def routing(T, k, E, device):
     """k distinct experts per token, uniformly at random (a balanced router)."""
     return torch.rand(T, E, device=device).argsort(dim=1)[:, :k].to(torch.int32).contiguous()
@@ -86,7 +63,7 @@ def main(argv=None):
     idx = routing(T, k, E, "cuda")
     w = torch.rand(T, k, device="cuda")
     g = torch.randn(T, H, device="cuda").to(dtype)
-    timer = Timer(args.iters, args.warmup, not args.no_flush)
+    timer = CudaTimer(args.iters, args.warmup, not args.no_flush)
     dev = torch.cuda.get_device_properties(0)
     print(f"# permute_bench: T={T} H={H} k={k} E={E} pad_to={args.pad_to} capacity={cap} {args.dtype}")
     print(f"# device: {dev.name}, {dev.multi_processor_count} SMs; torch {torch.__version__}; "

@@ -1,5 +1,4 @@
 """Expert-major token layout (permute) and its inverse with the weighted sum (unpermute)."""
-import torch
 
 from ._ops import ops
 

@@ -3,7 +3,7 @@
 from ._ops import ops
 
 
-def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None):
+def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None, x_scale=None):
     """Groups token rows by expert.
 
     x: [T, H] any dtype (rows move as bytes); idx: [T, k] int32/int64 expert ids, -1 = not routed.
@@ -14,13 +14,23 @@ def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None):
     sync: True sizes R exactly (on CUDA this reads one count back to the host); False uses the
     worst case (T*k + min(T*k, E)*(pad_to-1)) with zero rows past sum(tokens_per_expert).
     Default: exact on CPU, worst case on CUDA (no host synchronisation).
+    x_scale: optional [T, S] per-row scales (e.g. of fp8 e4m3 rows) that travel with their rows:
+    then a fourth output [R, S] holds them in x_perm's layout (zero on padding rows).
     """
     if pad_to < 1:
         raise ValueError(f"moe_ext.permute: pad_to must be >= 1, got {pad_to}")
     if capacity is not None and capacity < 0:
         raise ValueError(f"moe_ext.permute: capacity must be >= 0 or None, got {capacity}")
     exact = (x.device.type == "cpu") if sync is None else bool(sync)
-    return ops.permute(x, idx, num_experts, pad_to, -1 if capacity is None else capacity, exact)
+    cap = -1 if capacity is None else capacity
+    out = ops.permute(x, idx, num_experts, pad_to, cap, exact)
+    if x_scale is None:
+        return out
+    if x_scale.dim() != 2 or x_scale.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_ext.permute: x_scale must be [num_tokens={x.shape[0]}, S], got {tuple(x_scale.shape)}")
+    # NOTE: the layout is a deterministic function of (idx, num_experts, pad_to, capacity), so a
+    # second permute of the scales puts every scale on its row's position.
+    return (*out, ops.permute(x_scale, idx, num_experts, pad_to, cap, exact)[0])
 
 
 def unpermute(y_perm, row_map, weights=None):

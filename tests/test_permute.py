@@ -135,3 +135,24 @@ def test_float32_weights_with_float64_rows_get_gradients(seed):
     expect = torch.stack([(y[row_map[:, j]] * g).sum(-1) for j in range(k)], 1)
     assert w.grad.dtype == torch.float32
     torch.testing.assert_close(w.grad.double(), expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 in this torch")
+def test_fp8_rows_with_scales_travel_together(seed):
+    T, H, k, E = 45, 32, 2, 6
+    x = (torch.randn(T, H) * 4).to(torch.float8_e4m3fn)
+    scale = torch.rand(T, 2) + 0.5
+    idx = _routing(T, k, E)
+    x_perm, row_map, tpe, s_perm = moe_ext.permute(x, idx, E, pad_to=4, capacity=9, x_scale=scale)
+    assert s_perm.dtype == torch.float32 and s_perm.shape == (x_perm.shape[0], 2)
+    for t in range(T):
+        for j in range(k):
+            r = int(row_map[t, j])
+            if r >= 0:
+                assert torch.equal(x_perm[r].view(torch.uint8), x[t].view(torch.uint8))
+                assert torch.equal(s_perm[r], scale[t])
+    used = torch.zeros(x_perm.shape[0], dtype=torch.bool)
+    used[row_map[row_map >= 0]] = True
+    assert (s_perm[~used] == 0).all()
+    with pytest.raises(ValueError, match="x_scale must be"):
+        moe_ext.permute(x, idx, E, x_scale=scale[:-1])

@@ -133,8 +133,10 @@ const char* grouped_gemm_unsupported(const GroupedGemmParams& p) {
   if (p.k >= kInt32Limit || p.n >= kInt32Limit) return "grouped_gemm: K and N must be < 2^31";
   if (!aligned16(p.a) || !aligned16(p.b) || !aligned16(p.out) || !aligned16(p.bias))
     return "grouped_gemm: a, b, out and bias must be 16-byte aligned";
-  if (total_rows(p.groups) > 0 && n_out_of(p) > 0 && (p.a == nullptr || p.out == nullptr || p.b == nullptr))
-    return "grouped_gemm: a null a, b or out";
+  if (total_rows(p.groups) > 0 && n_out_of(p) > 0) {
+    if (p.out == nullptr) return "grouped_gemm: out is null";
+    if (p.k > 0 && (p.a == nullptr || p.b == nullptr)) return "grouped_gemm: a or b is null";
+  }
   for (const int bm : {64, 128}) {
     const int64_t cols = p.activation == GemmActivation::kSwiglu ? gemm_detail::kBN / 2 : gemm_detail::kBN;
     if (max_m_tiles(p.groups, bm) * ceil_div(n_out_of(p), cols) >= kInt32Limit)

@@ -1,21 +1,24 @@
-"""The MoE layer: router -> topk_gating -> dispatch -> grouped GEMM (SwiGLU) -> grouped GEMM -> combine."""
+"""The MoE layer: router -> topk_gating -> dispatch -> grouped GEMM (SwiGLU) -> grouped GEMM -> combine.
+
+Hybrid layouts (moe_ext.parallel): experts split over a TP group (EP x TP), replicated over EP
+ranks (EP x DP) with load-based placement, and the weight moves that change the placement.
+"""
 import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import combine, dispatch
+from . import parallel as par
+from .dispatch import _BACKENDS, combine, dispatch
 from .gemm import grouped_gemm
+from .permute import permute, unpermute
 from .routing import GatingStats, topk_gating, update_expert_bias
 
 
 def _ep_world(group):
-    if group is None:
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+    return par.group_world(group)
 
 
 class SwiGLU(nn.Module):
@@ -35,8 +38,24 @@ class MoE(nn.Module):
     """A Mixture-of-Experts SwiGLU layer with expert parallelism over `ep_group`.
 
     hidden H, ffn_hidden F (per expert), num_experts E (global), k experts per token.
-    ep_group: a torch.distributed ProcessGroup over which the E experts are split in contiguous
-    blocks of E / W (None: every expert on this rank, no communication).
+    ep_group: a torch.distributed ProcessGroup over which the E experts are split (None or a
+    group of one: every expert on this rank, no communication). By default in contiguous blocks
+    of E / W; `placement` says otherwise (below).
+    tp_group: expert tensor parallelism (EP x TP). Every expert slot of this EP rank is split over
+    the TP group: w1's gate and up halves by matching columns (F / tp of each), w2 by the same
+    rows. Each rank dispatches its own tokens within its EP group; the TP group then all-gathers
+    the rows its ranks received, each runs its shard on all of them, and the partial outputs are
+    summed back onto the receiving rank (all-to-all + float32 sum in TP-rank order) before
+    combine. `moe_ext.parallel.make_groups(ep, tp)` builds both groups (TP innermost).
+    placement: which EP ranks hold which experts, with replicas (EP x DP): None, an ExpertLayout,
+    a moe_ext.placement.Placement, a [W, E] bool array, a dict {expert: [ranks]} or a list of
+    per-rank expert lists. Each rank has S slots (its experts ascending; ranks with fewer experts
+    leave slots empty); dispatch sees the W * S physical slots. For each (token, expert) the
+    router picks one replica: the n-th assignment to e on this rank, in (token, slot) order, goes
+    to replica (n + ep_rank) mod (replicas of e), so every rank spreads its tokens evenly over the
+    replicas, deterministically. A layer with replicas is built collectively (replicas start as
+    copies of the lowest rank's); call `sync_replica_grads()` after every backward (before
+    clipping and the optimizer step) so replicas keep identical weights.
     Routing (see moe_ext.topk_gating): score "softmax" | "sigmoid", renormalize, num_groups /
     topk_groups, capacity_factor, noise_std (training only), expert_bias=True for
     auxiliary-loss-free balancing (a float32 buffer updated by `update_expert_bias`),
@@ -44,44 +63,79 @@ class MoE(nn.Module):
     (default: float32, or float64 for float64 inputs).
     shared_ffn_hidden > 0 adds a shared SwiGLU expert on every token (DeepSeek/Qwen);
     shared_expert_gate=True scales it by sigmoid(x @ g) per token (Qwen2-MoE).
-    Weights: router.weight [E, H]; w1 [E_local, H, 2F] (gate | up halves); w2 [E_local, F, H].
+    Weights: router.weight [E, H]; w1 [S, H, 2F / tp] (gate | up halves of this TP rank's
+    columns); w2 [S, F / tp, H]; S = E / W without placement. `load_experts` / `expert_weights`
+    convert from / to the logical [E, H, 2F] and [E, F, H] weights.
     After each forward, `layer.stats` holds the GatingStats (aux_loss, seq_aux_loss for [B, S, H]
     inputs, z_loss, tokens_per_expert); the caller chooses the loss coefficients.
+    `tokens_per_slot` holds the rows this rank's slots ran in the last forward; `expert_load()`
+    the running average of tokens_per_expert over all ranks (decay `load_decay` per forward),
+    the input for moe_ext.placement.rebalance; `apply_placement` moves the weights to a new one.
     """
 
-    def __init__(self, hidden, ffn_hidden, num_experts, k, ep_group=None, *, score="softmax", renormalize=True,
-                 num_groups=None, topk_groups=None, capacity_factor=None, noise_std=0.0, expert_bias=False,
-                 routed_scaling_factor=1.0, shared_ffn_hidden=0, shared_expert_gate=False,
-                 router_dtype=None, pad_to=1, backend="auto", device=None, dtype=None):
+    def __init__(self, hidden, ffn_hidden, num_experts, k, ep_group=None, tp_group=None, *, placement=None,
+                 score="softmax", renormalize=True, num_groups=None, topk_groups=None, capacity_factor=None,
+                 noise_std=0.0, expert_bias=False, routed_scaling_factor=1.0, shared_ffn_hidden=0,
+                 shared_expert_gate=False, router_dtype=None, pad_to=1, backend="auto", load_decay=0.9,
+                 device=None, dtype=None):
         super().__init__()
         world, rank = _ep_world(ep_group)
-        if num_experts % world != 0:
+        tp_world, tp_rank = _ep_world(tp_group)
+        if placement is None and num_experts % world != 0:
             raise ValueError(f"moe_ext.MoE: num_experts={num_experts} must be a multiple of the EP world size {world}")
         if not 1 <= k <= num_experts:
             raise ValueError(f"moe_ext.MoE: k must be in [1, num_experts={num_experts}], got {k}")
+        if ffn_hidden % tp_world != 0:
+            raise ValueError(f"moe_ext.MoE: ffn_hidden={ffn_hidden} must be a multiple of the TP world size {tp_world}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"moe_ext.MoE: backend must be one of {_BACKENDS}, got {backend!r}")
+        if not 0.0 <= load_decay < 1.0:
+            raise ValueError(f"moe_ext.MoE: load_decay must be in [0, 1), got {load_decay}")
         self.hidden, self.ffn_hidden, self.num_experts, self.k = hidden, ffn_hidden, num_experts, k
         self.ep_group, self.ep_world, self.ep_rank = ep_group, world, rank
-        self.num_local_experts = num_experts // world
+        self.tp_group, self.tp_world, self.tp_rank = tp_group, tp_world, tp_rank
+        self.ffn_local = ffn_hidden // tp_world
         self.routing = dict(score=score, renormalize=renormalize, num_groups=num_groups, topk_groups=topk_groups,
                             capacity_factor=capacity_factor)
         self.noise_std, self.routed_scaling_factor = noise_std, routed_scaling_factor
         self.router_dtype, self.pad_to, self.backend = router_dtype, pad_to, backend
+        self.load_decay = load_decay
 
         kw = dict(device=device, dtype=dtype)
         self.router = nn.Linear(hidden, num_experts, bias=False, **kw)
-        self.w1 = nn.Parameter(torch.empty(self.num_local_experts, hidden, 2 * ffn_hidden, **kw))
-        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, ffn_hidden, hidden, **kw))
+        self._set_layout(par.ExpertLayout.build(placement, num_experts, world), device)
+        S = self.num_local_experts
+        self.w1 = nn.Parameter(torch.empty(S, hidden, 2 * self.ffn_local, **kw))
+        self.w2 = nn.Parameter(torch.empty(S, self.ffn_local, hidden, **kw))
         self.register_buffer("expert_bias", torch.zeros(num_experts, device=device) if expert_bias else None)
         # Kept assignments per expert since the last bias update / reset (this rank's tokens).
         self.register_buffer("load", torch.zeros(num_experts, dtype=torch.int64, device=device), persistent=False)
+        # Running average of this rank's tokens_per_expert: [E + 1] float64, the last entry the total
+        # weight so far (bias correction, as for Adam's moments). Not a buffer: .to(dtype) must not round it.
+        self._load_ema = torch.zeros(num_experts + 1, dtype=torch.float64, device=device)
+        self.tokens_per_slot: Optional[torch.Tensor] = None
         self.shared = SwiGLU(hidden, shared_ffn_hidden, **kw) if shared_ffn_hidden else None
         self.shared_gate = nn.Linear(hidden, 1, bias=False, **kw) if shared_expert_gate else None
         self.stats: Optional[GatingStats] = None
         self.reset_parameters()
 
+    def _set_layout(self, layout, device=None):
+        self.layout = layout
+        self.num_local_experts = layout.slots_per_rank
+        device = device if device is not None else (self.w1.device if hasattr(self, "w1") else None)
+        # NOTE: non-persistent buffers, so .to(device) moves the replica tables with the layer.
+        self.register_buffer("replica_counts", layout.replica_counts.to(device), persistent=False)
+        self.register_buffer("replica_slots", layout.replica_slots.to(device), persistent=False)
+
     @property
     def first_local_expert(self):
+        """The first expert of this rank under the default contiguous layout."""
         return self.ep_rank * self.num_local_experts
+
+    @property
+    def local_experts(self):
+        """The logical expert of each of this rank's slots, [S] (-1 = empty slot)."""
+        return self.layout.slot_expert[self.ep_rank].tolist()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -89,9 +143,15 @@ class MoE(nn.Module):
         for w, fan_in in ((self.w1, self.hidden), (self.w2, self.ffn_hidden)):
             bound = 1.0 / math.sqrt(fan_in)
             w.uniform_(-bound, bound)
+        empty = torch.tensor([e < 0 for e in self.local_experts], device=self.w1.device)
+        self.w1[empty] = 0
+        self.w2[empty] = 0
+        if self.layout.has_replicas:  # NOTE: collective: every replica becomes a copy of the primary one
+            self.w1.data, self.w2.data = par.move_slots([self.w1.data, self.w2.data], self.layout, self.layout,
+                                                        self.ep_rank, self.ep_group, prefer_local=False)
 
     def route(self, x2, seq_len=None):
-        """x2 [T, H] -> (weights [T, k] float32, idx [T, k] int32, GatingStats)."""
+        """x2 [T, H] -> (weights [T, k] float32, idx [T, k] int32 logical experts, GatingStats)."""
         # The router runs in float32 at least (float64 stays float64) unless router_dtype says otherwise.
         rd = self.router_dtype or torch.promote_types(x2.dtype, torch.float32)
         logits = F.linear(x2.to(rd), self.router.weight.to(rd))
@@ -102,8 +162,15 @@ class MoE(nn.Module):
             w = w * self.routed_scaling_factor
         return w, idx, stats
 
+    def physical_slots(self, idx):
+        """Logical expert ids [T, k] -> physical slot ids (rank * S + slot) [T, k], one replica each."""
+        if self.layout.is_identity:
+            return idx
+        return par.route_to_replicas(idx, self.replica_counts, self.replica_slots, self.ep_rank)
+
     def experts(self, recv_x, tokens_per_expert):
-        """The local experts over their rows: [R, H] grouped by local expert -> [R, H]."""
+        """The local experts over their rows: [R, H] grouped by local slot -> [R, H]
+        (with TP: this rank's partial output, its shard of every slot)."""
         h = grouped_gemm(recv_x, self.w1, tokens_per_expert, activation="swiglu")
         return grouped_gemm(h, self.w2, tokens_per_expert)
 
@@ -114,9 +181,19 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, self.hidden)
         seq_len = shape[-2] if x.dim() == 3 and shape[-2] > 0 else None
         w, idx, stats = self.route(x2, seq_len)
-        recv_x, tokens_per_expert, handle = dispatch(x2, idx, w, self.num_experts, group=self.ep_group,
-                                                     backend=self.backend, pad_to=self.pad_to)
-        out = combine(self.experts(recv_x, tokens_per_expert), handle)
+        slots = self.physical_slots(idx)
+        num_slots = self.layout.num_slots
+        if self.ep_world == 1:  # NOTE: never the default group's dispatch: this layer's experts are all here
+            recv_x, row_map, tokens_per_slot = permute(x2, slots, num_slots, pad_to=self.pad_to)
+            handle = None
+        else:
+            recv_x, tokens_per_slot, handle = dispatch(x2, slots, w, num_slots, group=self.ep_group,
+                                                       backend=self.backend, pad_to=self.pad_to)
+        if self.tp_world > 1:
+            y, tokens_per_slot = par.tp_experts(recv_x, tokens_per_slot, self.experts, self.tp_rank, self.tp_group)
+        else:
+            y = self.experts(recv_x, tokens_per_slot)
+        out = unpermute(y, row_map, w) if handle is None else combine(y, handle)
         if self.shared is not None:
             s = self.shared(x2)
             if self.shared_gate is not None:
@@ -124,36 +201,175 @@ class MoE(nn.Module):
             out = out + s
         self.stats = stats
         with torch.no_grad():
-            self.load += stats.tokens_per_expert.to(self.load.device, torch.int64)
+            tpe = stats.tokens_per_expert.to(self.load.device)
+            self.load += tpe.to(torch.int64)
+            d = self.load_decay
+            if self._load_ema.device != tpe.device:
+                self._load_ema = self._load_ema.to(tpe.device)
+            self._load_ema.mul_(d)
+            self._load_ema[:-1].add_(tpe.to(torch.float64), alpha=1.0 - d)
+            self._load_ema[-1].add_(1.0 - d)
+            self.tokens_per_slot = tokens_per_slot.detach()
         return out.view(shape)
+
+    # ---- load statistics ---------------------------------------------------------------------
 
     @torch.no_grad()
     def global_load(self):
-        """Kept assignments per expert since the last update, summed over the EP group: [E] int64."""
-        load = self.load.clone()
-        if self.ep_world > 1:
-            dist.all_reduce(load, group=self.ep_group)
-        return load
+        """Kept assignments per expert since the last update, summed over the EP and TP groups: [E] int64."""
+        return par.sum_over_groups(self.load.clone(), (self.ep_group, self.tp_group))
+
+    @torch.no_grad()
+    def expert_load(self):
+        """Running average of tokens_per_expert per forward, summed over every rank of the EP and
+        TP groups: [E] float64, the same bits on every rank (fixed-order sums), so every rank
+        computes the same placement from it. Weight of a forward n steps back: (1 - d) d^n,
+        normalised by the weights seen so far (d = load_decay). Zeros before the first forward.
+        Collective over both groups."""
+        avg = self._load_ema[:-1] / self._load_ema[-1].clamp(min=1e-300)  # zeros before the first forward
+        return par.sum_over_groups(avg, (self.ep_group, self.tp_group))
+
+    @torch.no_grad()
+    def reset_expert_load(self):
+        """Forgets the running average (e.g. after a placement change or a phase of training)."""
+        self._load_ema.zero_()
 
     @torch.no_grad()
     def update_expert_bias(self, rate=1e-3):
         """Auxiliary-loss-free balancing step (DeepSeek-V3): bias += rate * sign(mean load - load),
-        from the load over the whole EP group since the last update; then resets the load.
-        Every rank of the EP group must call it (it all-reduces the load)."""
+        from the load over the whole EP (and TP) group since the last update; then resets the load.
+        Every rank of the groups must call it (it all-gathers the load)."""
         if self.expert_bias is None:
             raise RuntimeError("moe_ext.MoE.update_expert_bias: build the layer with expert_bias=True")
         update_expert_bias(self.expert_bias, self.global_load(), rate)
         self.load.zero_()
         return self.expert_bias
 
+    # ---- replicas and placement ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def sync_replica_grads(self):
+        """Sums the gradients of every replicated expert over the EP ranks holding its replicas,
+        in ascending rank order, so every copy gets the same bits: call it after each backward
+        (after the last micro-batch when accumulating), before gradient clipping and the
+        optimizer step. Collective over the EP group; a no-op without replicas. Expert weights
+        are not data-parallel parameters otherwise: keep w1 and w2 out of any DP all-reduce."""
+        if not self.layout.has_replicas:
+            return
+        grads = []
+        for p in (self.w1, self.w2):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        par.sum_replica_grads(grads, self.layout, self.ep_rank, self.ep_group)
+
+    @torch.no_grad()
+    def apply_placement(self, placement, optimizer=None):
+        """Moves the expert weights so this rank holds exactly its replicas under `placement`
+        (any form the constructor takes, e.g. moe_ext.placement.rebalance(...)'s Placement).
+
+        One all-to-all of weight rows over the EP group (per TP rank, shards move with their TP
+        index): a new slot copies the rank's own old replica of its expert if there is one, else
+        the expert's lowest-rank replica, bit for bit. w1 and w2 stay the same Parameter objects
+        (their shape follows the new slots per rank); their .grad is dropped. optimizer: its state
+        tensors shaped like w1 / w2 (momentum, Adam moments) move with the weights. Collective over
+        the EP and TP groups; every rank must pass the same placement (checked). Returns self.
+        """
+        new = par.ExpertLayout.build(placement, self.num_experts, self.ep_world)
+        par.check_same_on_all_ranks(new.digest(), "the placement", (self.ep_group, self.tp_group), self.w1.device)
+        old = self.layout
+        params = [self.w1, self.w2]
+        tensors, owners = [p.data for p in params], [(p, None) for p in params]
+        if optimizer is not None:
+            for p in params:
+                for key, value in sorted(optimizer.state.get(p, {}).items()):
+                    if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                        tensors.append(value)
+                        owners.append((p, key))
+        moved = par.move_slots(tensors, old, new, self.ep_rank, self.ep_group)
+        for (p, key), t in zip(owners, moved):
+            if key is None:
+                p.data = t
+                p.grad = None
+            else:
+                optimizer.state[p][key] = t
+        self._set_layout(new, self.w1.device)
+        return self
+
+    @torch.no_grad()
+    def load_experts(self, w1, w2):
+        """Copies this rank's slots and TP shards from the logical weights w1 [E, H, 2F] (gate |
+        up) and w2 [E, F, H] (every rank passes the same ones). Empty slots become zero."""
+        E, H, F = self.num_experts, self.hidden, self.ffn_hidden
+        if tuple(w1.shape) != (E, H, 2 * F) or tuple(w2.shape) != (E, F, H):
+            raise ValueError(f"moe_ext.MoE.load_experts: need w1 [{E}, {H}, {2 * F}] and w2 [{E}, {F}, {H}], got "
+                             f"{tuple(w1.shape)} and {tuple(w2.shape)}")
+        f, t = self.ffn_local, self.tp_rank
+        cols = torch.cat([torch.arange(t * f, (t + 1) * f), F + torch.arange(t * f, (t + 1) * f)]).to(w1.device)
+        for s, e in enumerate(self.local_experts):
+            if e < 0:
+                self.w1[s].zero_()
+                self.w2[s].zero_()
+            else:
+                self.w1[s].copy_(w1[e].index_select(1, cols))
+                self.w2[s].copy_(w2[e, t * f:(t + 1) * f])
+
+    @torch.no_grad()
+    def expert_weights(self):
+        """The logical weights (w1 [E, H, 2F], w2 [E, F, H]) on every rank, from each expert's
+        lowest-rank replica and every TP shard, bit for bit. Collective over the EP and TP groups;
+        memory for all E experts on every rank (meant for checkpoints and tests)."""
+        everywhere = par.ExpertLayout([list(range(self.num_experts))] * self.ep_world, self.num_experts)
+        w1, w2 = par.move_slots([self.w1.data, self.w2.data], self.layout, everywhere, self.ep_rank,
+                                self.ep_group, prefer_local=False)
+        w1 = par.gather_shards(w1, 2, self.tp_group)  # [E, H, tp * 2f]: (gate | up) per TP rank
+        f = self.ffn_local
+        if self.tp_world > 1:
+            chunks = w1.split(2 * f, dim=2)
+            w1 = torch.cat([c[..., :f] for c in chunks] + [c[..., f:] for c in chunks], dim=2)
+        return w1, par.gather_shards(w2, 1, self.tp_group)
+
     @classmethod
     def from_hf(cls, block, ep_group=None, **kwargs):
         """Builds the layer from a transformers MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE,
-        DeepSeek-V3), copying its weights; each rank of ep_group takes its own experts."""
+        DeepSeek-V3), copying its weights; each rank of ep_group takes its own experts.
+        With tp_group or placement, the layer is built from an unsplit copy of the block
+        (all E experts on this rank for a moment), then keeps only its slots and shards."""
         from .hf import moe_from_hf
 
-        return moe_from_hf(block, ep_group=ep_group, **kwargs)
+        tp_group, placement = kwargs.pop("tp_group", None), kwargs.pop("placement", None)
+        if tp_group is None and placement is None:
+            return moe_from_hf(block, ep_group=ep_group, **kwargs)
+        full = moe_from_hf(block, ep_group=None, **kwargs)
+        return full._shard(ep_group, tp_group, placement)
+
+    @torch.no_grad()
+    def _shard(self, ep_group, tp_group, placement):
+        """This single-rank layer (all experts here) turned into its part of an EP x TP / replicated
+        layout, in place: keeps the slots and shards of this rank. Returns self."""
+        if self.ep_world != 1 or self.tp_world != 1:
+            raise RuntimeError("moe_ext.MoE._shard: the layer is already distributed")
+        w1, w2 = self.w1.detach().clone(), self.w2.detach().clone()
+        world, rank = _ep_world(ep_group)
+        tp_world, tp_rank = _ep_world(tp_group)
+        if self.ffn_hidden % tp_world != 0:
+            raise ValueError(f"moe_ext.MoE: ffn_hidden={self.ffn_hidden} must be a multiple of the TP world size "
+                             f"{tp_world}")
+        self.ep_group, self.ep_world, self.ep_rank = ep_group, world, rank
+        self.tp_group, self.tp_world, self.tp_rank = tp_group, tp_world, tp_rank
+        self.ffn_local = self.ffn_hidden // tp_world
+        self._set_layout(par.ExpertLayout.build(placement, self.num_experts, world), self.w1.device)
+        S = self.num_local_experts
+        self.w1.data = w1.new_empty(S, self.hidden, 2 * self.ffn_local)
+        self.w2.data = w2.new_empty(S, self.ffn_local, self.hidden)
+        self.load_experts(w1, w2)
+        return self
 
     def extra_repr(self):
-        return (f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, k={self.k}, "
+        text = (f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, k={self.k}, "
                 f"ep={self.ep_rank}/{self.ep_world}, local_experts={self.num_local_experts}")
+        if self.tp_world > 1:
+            text += f", tp={self.tp_rank}/{self.tp_world}"
+        if not self.layout.is_identity:
+            text += f", slots={self.local_experts}"
+        return text

@@ -6,7 +6,7 @@
 // 16-row fragments that hold no rows still issue mma, so small experts waste less with BM = 64.
 #include "kernels/exception.cuh"
 #include "kernels/grouped_gemm.cuh"
-#include "kernels/grouped_gemm_sm80.cuh"
+#include "kernels/grouped_gemm_internal.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,7 +1,8 @@
-// The portable grouped GEMM (sm_80 and later): kernel arguments and the per-configuration
-// launchers. Declarations only: the kernels are in grouped_gemm_sm80_impl.cuh, instantiated once
-// per configuration in grouped_gemm_sm80_*.cu (so that they compile in parallel), and chosen by
-// the public launchers in grouped_gemm.cu. The design is described in grouped_gemm.cuh.
+// Internal declarations of the grouped GEMM: kernel arguments and the per-configuration
+// launchers of the portable kernel (grouped_gemm_sm80_impl.cuh, instantiated in
+// grouped_gemm_sm80_*.cu) and of the Hopper kernel (grouped_gemm_sm90_impl.cuh, instantiated in
+// grouped_gemm_sm90_*.cu), chosen by the public launchers in grouped_gemm.cu. Declarations only,
+// so that every configuration compiles once, in its own file. The design is in grouped_gemm.cuh.
 #pragma once
 
 #include "kernels/grouped_gemm.cuh"
@@ -14,7 +15,8 @@
 
 namespace moe_ext::kernels::gemm_detail {
 
-// Threads per CTA and the tile shape (the m-extent BM is a template parameter: 128 or 64).
+// The portable kernel's threads per CTA and tile shape (the m-extent BM is a template parameter:
+// 128 or 64).
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kWarpsM = 2;
@@ -22,7 +24,6 @@ constexpr int kWarpsN = 4;
 constexpr int kBN = 128;    // columns of B per tile (64 gate + 64 up with SwiGLU)
 constexpr int kBK = 32;     // reduction elements per pipeline stage
 constexpr int kStages = 4;  // cp.async pipeline depth
-constexpr int kBandM = 16;  // m-tiles per raster band of the tile order
 
 // Group sizes as the kernels read them (the host has checked every value fits in int32).
 struct DeviceGroups {
@@ -66,5 +67,15 @@ void launch_fwd(const FwdArgs<T>& args, int64_t max_tiles, cudaStream_t stream);
 
 template <typename T>
 void launch_wgrad(const WgradArgs<T>& args, int64_t max_tiles, cudaStream_t stream);
+
+// The Hopper kernel (sm_90a: TMA + wgmma, warp-specialised): 128 x 128 tiles.
+constexpr int kSm90TileM = 128;
+constexpr int kSm90TileN = 128;              // columns of B per tile (64 gate + 64 up with SwiGLU)
+constexpr int64_t kSm90MaxExperts = 1024;   // its schedule shares shared memory with 4 stages
+// rows_total: rows of a and out (M, or E * max_rows).
+template <typename T, bool kTransB, bool kSwiglu>
+void launch_fwd_sm90(const FwdArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaStream_t stream);
+// Whether the Hopper kernel can run on the current device (sm_90 with sm_90a code in this build).
+bool sm90_available();
 
 }  // namespace moe_ext::kernels::gemm_detail

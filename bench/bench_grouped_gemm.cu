@@ -15,14 +15,19 @@
 //   32768 x 32 x 2048 x 7168   9.621e11   1259 us         1.544e9    523 us
 //   512 x 32 x 7168 x 4096     3.006e10     39 us         1.891e9    641 us  (decode: memory-bound)
 // torch._grouped_mm on the same machine: 633, 666, 614 TFLOP/s for the three prefill shapes.
-// Prediction before any GPU run (none was available when this was written), for the portable
-// mma.sync kernel that runs on every device today (no Hopper wgmma/TMA kernel yet): prefill
+// Prediction before any GPU run (none was available when this was written). Portable mma.sync
+// kernel (every device; MOE_EXT_GROUPED_GEMM_KERNEL=portable on Hopper): prefill
 // ~280-350 TFLOP/s (37-46% of 764: mma.sync issues at about half of wgmma's rate on Hopper, and
 // the kernel has one 128x128 tile per warp-set without fragment double-buffering), Zipf within
 // 5% of uniform (only the last m-tile of each expert is partial); decode ~0.75-0.85 ms (75-85%
 // of the copy ceiling: 64-row tiles, every weight byte read once, 8+ MB of loads in flight).
-// The issue's targets (>= 80% of 764 for prefill) need the Hopper kernel described in
-// csrc/kernels/grouped_gemm.cuh.
+// The Hopper kernel (TMA + wgmma, 128x128 tiles, one producer and two consumer warpgroups,
+// chosen automatically on sm_90; MOE_EXT_GROUPED_GEMM_KERNEL=portable|sm90 forces one), first
+// version: ~480-580 TFLOP/s (63-76%) on the prefill shapes: each consumer waits for its wgmma
+// batch before releasing the stage (no MMA/MMA overlap inside a warpgroup), 128x128 tiles (CUTLASS's
+// best are 128x256 with 2 consumers), the consumers' epilogue does not overlap their next MMAs
+// (the producer does prefetch the next tile meanwhile); decode ~0.70-0.80 ms (80-90% of the copy ceiling; 4 x 32 KB stages in flight per SM).
+// The issue's target (>= 80% of 764) needs the next steps listed in csrc/kernels/grouped_gemm.cuh.
 //
 // '#wrong' checks a sample of output elements (-S, default 512; rows past the groups included,
 // which must be 0) against float64 dot products of the same rounded inputs, regenerated on the
@@ -156,9 +161,9 @@ int run_case(moe_bench::Bench& bench, const Case& c, const GemmOptions& o) {
   const double flops = 2.0 * M * K * N;
   const double bytes = sizeof(T) * (static_cast<double>(M) * K + static_cast<double>(experts_with_rows) * K * N +
                                     static_cast<double>(rows_total) * n_out);
-  std::printf("# %s: max %lld rows/expert; floors %.0f us (compute) %.0f us (memory)\n", tag.c_str(),
+  std::printf("# %s: max %lld rows/expert; floors %.0f us (compute) %.0f us (memory); kernel %s\n", tag.c_str(),
               static_cast<long long>(max_count), flops / (bench.options().ceil_tflops * 1e6),
-              bytes / (bench.options().ceil_bw_gbps * 1e3));
+              bytes / (bench.options().ceil_bw_gbps * 1e3), k::grouped_gemm_kernel_name(p));
   const moe_bench::Timing t = bench.time([&] { k::grouped_gemm(p, bench.stream()); });
   bench.row(tag + (o.swiglu ? " swiglu" : ""), t, bytes, flops, wrong);
 

@@ -3,9 +3,12 @@
 // bf16/fp16) before each launch so that an element the kernel forgets shows up. Covers what the
 // Python tests cannot reach through the op schemas: the per-row scale and bias epilogues, offsets
 // and counts in both index widths, the masked layout, and the weight gradient on the masked layout.
+// Every forward case runs with the portable kernel and, on an sm_90 device, with the Hopper kernel
+// (MOE_EXT_GROUPED_GEMM_KERNEL, which the launcher reads at every call).
 // Exit status 0 = pass, 1 = wrong elements, 2 = a CUDA error (needs a GPU; registered with CTest).
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -233,14 +236,26 @@ int main() {
         {"wgrad masked trans_b", L::kMasked, 50, 16, 264, {50, 0, 7}, true},
     };
     int64_t wrong = 0;
-    for (const Case& c : fwd) {
-      const int64_t w = c.fp16 ? run_forward<__half>(c) : run_forward<__nv_bfloat16>(c);
-      std::printf("%-44s %s (%lld wrong)\n", c.name.c_str(), w ? "FAIL" : "ok", static_cast<long long>(w));
-      wrong += w;
+    int device = 0, major = 0, minor = 0;
+    MOE_CUDA_CHECK(cudaGetDevice(&device));
+    MOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    MOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    std::vector<const char*> kernels = {"portable"};
+    if (major == 9 && minor == 0) kernels.push_back("sm90");
+    for (const char* kernel : kernels) {
+      setenv("MOE_EXT_GROUPED_GEMM_KERNEL", kernel, 1);
+      for (const Case& c : fwd) {
+        const int64_t w = c.fp16 ? run_forward<__half>(c) : run_forward<__nv_bfloat16>(c);
+        std::printf("%-9s %-44s %s (%lld wrong)\n", kernel, c.name.c_str(), w ? "FAIL" : "ok",
+                    static_cast<long long>(w));
+        wrong += w;
+      }
     }
+    unsetenv("MOE_EXT_GROUPED_GEMM_KERNEL");
     for (const Case& c : wgrad) {
       const int64_t w = c.fp16 ? run_wgrad<__half>(c) : run_wgrad<__nv_bfloat16>(c);
-      std::printf("%-44s %s (%lld wrong)\n", c.name.c_str(), w ? "FAIL" : "ok", static_cast<long long>(w));
+      std::printf("%-9s %-44s %s (%lld wrong)\n", "wgrad", c.name.c_str(), w ? "FAIL" : "ok",
+                  static_cast<long long>(w));
       wrong += w;
     }
     // The requirement checks: misaligned K, N, swiglu N, and too many experts are refused.
@@ -257,7 +272,7 @@ int main() {
     refused += k::grouped_gemm_unsupported(bad) != nullptr;
     bad.n = 32, bad.groups.num_experts = k::kGroupedGemmMaxExperts + 1;
     refused += k::grouped_gemm_unsupported(bad) != nullptr;
-    std::printf("%-44s %s\n", "unsupported problems refused", refused == 4 ? "ok" : "FAIL");
+    std::printf("%-9s %-44s %s\n", "checks", "unsupported problems refused", refused == 4 ? "ok" : "FAIL");
     return wrong == 0 && refused == 4 ? 0 : 1;
   });
 }

@@ -21,6 +21,15 @@ ops = torch.ops.moe_ext
 DTYPES = [torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(params=["portable", "sm90"])
+def kernel(request, monkeypatch):
+    """Runs the test with each forward kernel (MOE_EXT_GROUPED_GEMM_KERNEL; read at every call)."""
+    if request.param == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernel needs an sm_90 device")
+    monkeypatch.setenv("MOE_EXT_GROUPED_GEMM_KERNEL", request.param)
+    return request.param
+
+
 # ---- helpers ---------------------------------------------------------------------------------------
 
 def _counts(total, E, kind, gen):
@@ -150,7 +159,7 @@ def _run(a, b, counts, trans_b, activation):
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("activation", [None, "swiglu"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward_matches_float64(seed, E, kind, trans_b, activation, dtype):
+def test_forward_matches_float64(kernel, seed, E, kind, trans_b, activation, dtype):
     gen = torch.Generator().manual_seed(seed)
     # K and N multiples of 8 but not of the 32 / 128 tile; M odd; 3 rows past the last group.
     K, N = 72, (272 if activation == "swiglu" else 136)
@@ -186,7 +195,7 @@ BIG = [
 @pytest.mark.parametrize("M,E,K,N,kind", BIG)
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("activation", [None, "swiglu"])
-def test_forward_large_shapes(seed, M, E, K, N, kind, trans_b, activation):
+def test_forward_large_shapes(kernel, seed, M, E, K, N, kind, trans_b, activation):
     if activation == "swiglu" and N % 16:
         N += 8
     gen = torch.Generator().manual_seed(seed)
@@ -204,7 +213,7 @@ def test_forward_large_shapes(seed, M, E, K, N, kind, trans_b, activation):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_cpu_op_closely(seed, dtype):
+def test_matches_cpu_op_closely(kernel, seed, dtype):
     """Same dtype on both sides: the CPU op also accumulates in float32 and rounds once."""
     M, E, K, N = 1500, 16, 256, 384
     gen = torch.Generator().manual_seed(seed)
@@ -219,7 +228,7 @@ def test_matches_cpu_op_closely(seed, dtype):
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_offsets_equal_counts_bitwise(seed, index_dtype):
+def test_offsets_equal_counts_bitwise(kernel, seed, index_dtype):
     M, E, K, N = 999, 12, 64, 96
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -232,7 +241,7 @@ def test_offsets_equal_counts_bitwise(seed, index_dtype):
     assert torch.equal(y_counts, moe_ext.grouped_gemm(a, b, counts.long().cuda()))
 
 
-def test_rows_past_groups_are_zero_and_never_read(seed):
+def test_rows_past_groups_are_zero_and_never_read(kernel, seed):
     """The rows past offsets[E] hold NaN (a worst-case buffer): their output is 0 and no NaN leaks."""
     M, E, K, N = 600, 6, 128, 128
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -248,7 +257,7 @@ def test_rows_past_groups_are_zero_and_never_read(seed):
                                    {"torch.matmul": _torch_per_expert(a[:used], b, counts, False, act)}, "tail")
 
 
-def test_all_experts_empty_gives_zeros():
+def test_all_experts_empty_gives_zeros(kernel):
     a = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
     b = _weights(5, 64, 32, False, torch.bfloat16)
     y = _run(a, b, torch.zeros(5, dtype=torch.int32, device="cuda"), False, None)
@@ -256,6 +265,7 @@ def test_all_experts_empty_gives_zeros():
 
 
 def test_k_zero_gives_zeros_and_m_zero_gives_empty():
+    """K = 0 (auto: the portable kernel; the Hopper one needs K > 0)."""
     b = torch.randn(3, 0, 16, device="cuda", dtype=torch.bfloat16)
     y = moe_ext.grouped_gemm(torch.randn(10, 0, device="cuda", dtype=torch.bfloat16), b,
                              torch.tensor([4, 0, 6], device="cuda"))
@@ -265,7 +275,7 @@ def test_k_zero_gives_zeros_and_m_zero_gives_empty():
     assert y.shape == (0, 8)
 
 
-def test_clamps_values_it_cannot_check(seed):
+def test_clamps_values_it_cannot_check(kernel, seed):
     """Negative counts and counts past M are not checked on the device (that would need a host
     sync): they are clamped, every output row is still written once, and nothing is read out of
     bounds (compute-sanitizer would flag it)."""
@@ -278,7 +288,7 @@ def test_clamps_values_it_cannot_check(seed):
     _assert_within_torch_error(y, _ref64(a, b, clamped), {"torch.matmul": _torch_per_expert(a, b, clamped)}, "clamp")
 
 
-def test_unaligned_view_is_handled(seed):
+def test_unaligned_view_is_handled(kernel, seed):
     """A contiguous view whose data starts mid-vector is copied once, not misread."""
     M, E, K, N = 64, 2, 16, 16
     buf = torch.randn(M * K + 1, device="cuda", dtype=torch.bfloat16)
@@ -300,6 +310,24 @@ def test_float32_float64_take_the_aten_path(seed, dtype):
     torch.testing.assert_close(y.cpu(), moe_ext.grouped_gemm(a.cpu(), b.cpu(), counts, activation="swiglu"))
     dw = ops.grouped_gemm_wgrad(a, torch.randn(M, N, device="cuda", dtype=dtype), counts.cuda(), E, False)
     assert dw.shape == (E, K, N)
+
+
+def test_many_experts_and_kernel_override(seed, monkeypatch):
+    """More experts than the Hopper kernel's schedule holds run on the portable kernel (auto); a
+    bad MOE_EXT_GROUPED_GEMM_KERNEL is an error; forcing sm90 where it cannot run is an error."""
+    M, E, K, N = 3000, 1500, 64, 64
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = _weights(E, K, N, False, torch.bfloat16)
+    counts = _counts(M, E, "zipf", gen)
+    y = _run(a, b, counts.cuda(), False, None)
+    _assert_within_torch_error(y, _ref64(a, b, counts), {"torch.matmul": _torch_per_expert(a, b, counts)}, "E=1500")
+    monkeypatch.setenv("MOE_EXT_GROUPED_GEMM_KERNEL", "bogus")
+    with pytest.raises(RuntimeError, match="MOE_EXT_GROUPED_GEMM_KERNEL must be auto, portable or sm90"):
+        moe_ext.grouped_gemm(a, b, counts.cuda())
+    monkeypatch.setenv("MOE_EXT_GROUPED_GEMM_KERNEL", "sm90")
+    with pytest.raises(RuntimeError, match="the Hopper kernel cannot run this problem"):
+        moe_ext.grouped_gemm(a, b, counts.cuda())  # E > 1024 (and on other GPUs: not sm_90)
 
 
 # ---- errors --------------------------------------------------------------------------------------------
@@ -391,7 +419,7 @@ def test_wgrad_large(seed, M, E, K, N):
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("activation", [None, "swiglu"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_autograd_matches_cpu(seed, trans_b, activation, dtype):
+def test_autograd_matches_cpu(kernel, seed, trans_b, activation, dtype):
     """Gradients of a and b on CUDA against the CPU op's autograd in float64 (the reference), and
     no worse than twice the CPU op's error in the same dtype."""
     M, E, K, N = 700, 8, 128, 256
@@ -420,7 +448,7 @@ def test_autograd_matches_cpu(seed, trans_b, activation, dtype):
 @pytest.mark.parametrize("E,R", [(1, 1), (8, 37), (32, 128), (128, 16), (256, 9)])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("activation", [None, "swiglu"])
-def test_masked_matches_cpu_and_zeroes_rows(seed, E, R, trans_b, activation):
+def test_masked_matches_cpu_and_zeroes_rows(kernel, seed, E, R, trans_b, activation):
     K, N = 72, 272
     a = torch.randn(E, R, K, device="cuda", dtype=torch.bfloat16)
     valid = torch.randint(0, R + 1, (E,))
@@ -444,7 +472,7 @@ def test_masked_matches_cpu_and_zeroes_rows(seed, E, R, trans_b, activation):
     _assert_within_torch_error(got_packed, ref_packed, {"CPU op (bf16)": want_packed}, "masked")
 
 
-def test_masked_clamps_valid_rows():
+def test_masked_clamps_valid_rows(kernel):
     E, R, K, N = 3, 8, 16, 16
     a = torch.randn(E, R, K, device="cuda", dtype=torch.bfloat16)
     b = _weights(E, K, N, False, torch.bfloat16)
@@ -453,7 +481,7 @@ def test_masked_clamps_valid_rows():
     torch.testing.assert_close(y.cpu(), want, rtol=2 ** -7, atol=1e-3)
 
 
-def test_masked_autograd_matches_cpu(seed):
+def test_masked_autograd_matches_cpu(kernel, seed):
     E, R, K, N = 4, 24, 64, 128
     valid = torch.tensor([24, 0, 7, 13])
     a0 = torch.randn(E, R, K).bfloat16()
@@ -475,7 +503,7 @@ def test_masked_autograd_matches_cpu(seed):
 
 # ---- CUDA graphs: nothing reads the counts on the host ------------------------------------------------
 
-def test_cuda_graph_capture_and_replay_with_new_counts(seed):
+def test_cuda_graph_capture_and_replay_with_new_counts(kernel, seed):
     M, E, K, N = 1024, 8, 256, 512
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     b = _weights(E, K, N, False, torch.bfloat16)
@@ -534,7 +562,7 @@ def test_opcheck_cuda():
                           (torch.randn(3, 5, 16, **bf), b, torch.tensor([5, 0, 2], device="cuda"), False, "none"))
 
 
-def test_compile_fullgraph_cuda(seed):
+def test_compile_fullgraph_cuda(kernel, seed):
     torch._dynamo.reset()
     M, E, K, N = 256, 4, 64, 128
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)

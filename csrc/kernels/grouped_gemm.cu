@@ -1,9 +1,13 @@
 // Public launchers of the grouped GEMM (declared in grouped_gemm.cuh): check the requirements,
-// choose a configuration, and call the kernel instantiated in grouped_gemm_sm80_*.cu.
+// choose a kernel, and call it (instantiated in grouped_gemm_sm80_*.cu and grouped_gemm_sm90_*.cu).
 //
-// Configuration: BM = 64 rows per tile when the experts are small (decode: M / E <= 96 rows on
-// average in the contiguous layout, max_rows <= 128 in the masked one), else 128. The tile's
-// 16-row fragments that hold no rows still issue mma, so small experts waste less with BM = 64.
+// Kernel choice for the forward: the Hopper kernel (TMA + wgmma) on an sm_90 device when this
+// build has sm_90a code, K > 0 and E <= kSm90MaxExperts; else the portable kernel with BM = 64
+// rows per tile when the experts are small (decode: M / E <= 96 rows on average in the contiguous
+// layout, max_rows <= 128 in the masked one; empty 16-row fragments still issue mma, so small
+// experts waste less), else BM = 128. The environment variable MOE_EXT_GROUPED_GEMM_KERNEL =
+// auto | portable | sm90 overrides the choice (sm90 raises where it cannot run), so that both
+// kernels can be tested and timed on one Hopper GPU. The weight gradient is portable only.
 #include "kernels/exception.cuh"
 #include "kernels/grouped_gemm.cuh"
 #include "kernels/grouped_gemm_internal.cuh"
@@ -13,6 +17,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace moe_ext::kernels {
@@ -69,6 +75,23 @@ int64_t max_m_tiles(const GemmGroups& g, int bm) {
 
 int64_t n_out_of(const GroupedGemmParams& p) { return p.activation == GemmActivation::kSwiglu ? p.n / 2 : p.n; }
 
+enum class Kernel { kSm90, kPortable64, kPortable128 };
+
+Kernel choose_kernel(const GroupedGemmParams& p) {
+  const char* env = std::getenv("MOE_EXT_GROUPED_GEMM_KERNEL");
+  const std::string want = env == nullptr ? "auto" : env;
+  MOE_HOST_ASSERT(want.empty() || want == "auto" || want == "portable" || want == "sm90",
+                  "MOE_EXT_GROUPED_GEMM_KERNEL must be auto, portable or sm90, got '" + want + "'");
+  if (want != "portable") {
+    const bool fits = p.k > 0 && p.groups.num_experts <= gemm_detail::kSm90MaxExperts;
+    if (fits && gemm_detail::sm90_available()) return Kernel::kSm90;
+    MOE_HOST_ASSERT(want != "sm90",
+                    "MOE_EXT_GROUPED_GEMM_KERNEL=sm90, but the Hopper kernel cannot run this problem: it needs an "
+                    "sm_90 device, an sm_90a build, K > 0 and num_experts <= 1024");
+  }
+  return choose_bm(p.groups) == 64 ? Kernel::kPortable64 : Kernel::kPortable128;
+}
+
 template <typename T, int BM>
 void launch_fwd_bm(const FwdArgs<T>& args, bool trans_b, bool swiglu, int64_t max_tiles, cudaStream_t stream) {
   using namespace gemm_detail;
@@ -85,6 +108,22 @@ void launch_fwd_bm(const FwdArgs<T>& args, bool trans_b, bool swiglu, int64_t ma
 }
 
 template <typename T>
+void launch_fwd_sm90_typed(const FwdArgs<T>& args, bool trans_b, bool swiglu, int32_t rows_total,
+                           int64_t max_tiles, cudaStream_t stream) {
+  using namespace gemm_detail;
+#define MOE_GEMM_SM90_CASE(TRANS, SWIGLU)                                      \
+  if (trans_b == TRANS && swiglu == SWIGLU) {                                 \
+    launch_fwd_sm90<T, TRANS, SWIGLU>(args, rows_total, max_tiles, stream);   \
+    return;                                                                   \
+  }
+  MOE_GEMM_SM90_CASE(false, false)
+  MOE_GEMM_SM90_CASE(false, true)
+  MOE_GEMM_SM90_CASE(true, false)
+  MOE_GEMM_SM90_CASE(true, true)
+#undef MOE_GEMM_SM90_CASE
+}
+
+template <typename T>
 void launch_fwd_typed(const GroupedGemmParams& p, cudaStream_t stream) {
   FwdArgs<T> args;
   args.a = static_cast<const T*>(p.a);
@@ -97,13 +136,23 @@ void launch_fwd_typed(const GroupedGemmParams& p, cudaStream_t stream) {
   args.n_out = static_cast<int32_t>(n_out_of(p));
   args.groups = device_groups(p.groups);
   const bool swiglu = p.activation == GemmActivation::kSwiglu;
-  const int bm = choose_bm(p.groups);
-  const int64_t cols_per_tile = swiglu ? gemm_detail::kBN / 2 : gemm_detail::kBN;
-  const int64_t max_tiles = max_m_tiles(p.groups, bm) * ceil_div(args.n_out, cols_per_tile);
-  switch (bm) {
-    case 64: launch_fwd_bm<T, 64>(args, p.trans_b, swiglu, max_tiles, stream); break;
-    case 128: launch_fwd_bm<T, 128>(args, p.trans_b, swiglu, max_tiles, stream); break;
-    default: MOE_HOST_ASSERT(false, "grouped_gemm: unsupported tile height " + std::to_string(bm));
+  const int64_t cols_per_tile = swiglu ? gemm_detail::kBN / 2 : gemm_detail::kBN;  // the same in both kernels
+  static_assert(gemm_detail::kSm90TileN == gemm_detail::kBN, "tile widths");
+  switch (choose_kernel(p)) {
+    case Kernel::kSm90: {
+      const int64_t max_tiles = max_m_tiles(p.groups, gemm_detail::kSm90TileM) * ceil_div(args.n_out, cols_per_tile);
+      launch_fwd_sm90_typed<T>(args, p.trans_b, swiglu, static_cast<int32_t>(total_rows(p.groups)), max_tiles,
+                               stream);
+      break;
+    }
+    case Kernel::kPortable64:
+      launch_fwd_bm<T, 64>(args, p.trans_b, swiglu, max_m_tiles(p.groups, 64) * ceil_div(args.n_out, cols_per_tile),
+                           stream);
+      break;
+    case Kernel::kPortable128:
+      launch_fwd_bm<T, 128>(args, p.trans_b, swiglu,
+                            max_m_tiles(p.groups, 128) * ceil_div(args.n_out, cols_per_tile), stream);
+      break;
   }
 }
 
@@ -168,6 +217,15 @@ void grouped_gemm(const GroupedGemmParams& p, cudaStream_t stream) {
     case GemmFloat::kFloat16: launch_fwd_typed<__half>(p, stream); break;
     default: MOE_HOST_ASSERT(false, "grouped_gemm: unsupported dtype");
   }
+}
+
+const char* grouped_gemm_kernel_name(const GroupedGemmParams& p) {
+  switch (choose_kernel(p)) {
+    case Kernel::kSm90: return "sm90 (TMA + wgmma, 128x128 tiles)";
+    case Kernel::kPortable64: return "portable (mma.sync, 64x128 tiles)";
+    case Kernel::kPortable128: return "portable (mma.sync, 128x128 tiles)";
+  }
+  return "?";
 }
 
 void grouped_gemm_wgrad(const GroupedGemmWgradParams& p, cudaStream_t stream) {

@@ -53,29 +53,22 @@
 // dW_e = A_e^T dY_e ([K, N]) or, with trans_b, dY_e^T A_e ([N, K]); both operands are row-major
 // [rows, *] so both are read with ldmatrix.trans; an expert without rows writes zeros.
 //
-// ---- The Hopper kernel (sm_90a): design for the next step --------------------------------------
-// Not written yet; the portable kernel runs on Hopper until then. The plan:
-//  * TMA: one 2-D tensor map over a [M, K] (box BM x 64, 128-byte swizzle) and one 3-D map over b
-//    ([E, K, N] or [E, N, K]: the expert is the outer coordinate, so no per-expert descriptors).
-//    Rows past an expert's end are loaded (they belong to the next expert, or are out of bounds
-//    and zero-filled by TMA) and simply not stored: the same rule as the portable kernel.
-//    Descriptors are built on the host with cuTensorMapEncodeTiled (through
-//    cudaGetDriverEntryPoint, so nothing links libcuda) and passed as __grid_constant__.
-//  * Warp specialisation: 1 producer warpgroup (one elected thread issues TMA, setmaxnreg 40) and
-//    2 consumer warpgroups (setmaxnreg 232), each owning a 64 x 256 (or 128 x 128) half of a
-//    128 x 256 tile; wgmma m64n256k16 (bf16/fp16, fp32 accumulators) from shared-memory
-//    descriptors; 4-5 stages of 128x64 + 64x256 tiles, full/empty mbarrier pairs per stage
-//    (expect_tx bytes on full, consumer arrive on empty).
-//  * Scheduler: the same device-side schedule as the portable kernel (group sizes -> per-expert
-//    row ranges and the m-tile prefix in shared memory, built by every CTA), persistent grid of
-//    #SMs CTAs walking t += gridDim.x; the producer runs ahead into the next tile while the
-//    consumers run the epilogue of the current one.
-//  * Epilogue: bias, SwiGLU (gate/up interleaved in the B tile's columns exactly as the portable
-//    kernel does, so that a consumer's fragments hold both halves), row scale in registers, then
-//    registers -> shared memory -> 16-byte stores (predicated by the expert's rows; TMA stores
-//    would write the next expert's rows).
-//  * Selection: sm_90 device, bf16/fp16, K % 64 == 0 is not required (TMA zero-fills the K
-//    tail); fall back to the portable kernel on other devices.
+// ---- The Hopper kernel (sm_90a; grouped_gemm_sm90_impl.cuh) -----------------------------------
+// Chosen automatically on sm_90 devices when the build has sm_90a code, K > 0 and E <= 1024 (its
+// schedule shares shared memory with the pipeline); MOE_EXT_GROUPED_GEMM_KERNEL = auto | portable
+// | sm90 overrides. 384 threads: a producer warpgroup whose thread 0 issues TMA loads (A box
+// 128 x 64 from one 2-D tensor map at the tile's first row, any row; B as two 64 x 64 boxes from
+// one 3-D tensor map over [E, K, N] / [E, N, K], the expert a coordinate) into a 4-stage ring with
+// full/empty mbarriers, and two consumer warpgroups running wgmma m64n128k16 from shared-memory
+// descriptors (CuTe builds the descriptors, the swizzled layouts and the tensor maps). SwiGLU
+// needs no interleaving here: the two B boxes are the gate and the up columns, and a consumer's
+// fragments span all 128 columns. Same device schedule as the portable kernel; epilogue through
+// a fp32 staging tile per consumer (bias, SwiGLU, row scale, 16-byte stores).
+// Next steps, measured first: keep one wgmma batch in flight per consumer (wait<1>, release the
+// previous stage); 128 x 256 tiles (N = 256 atoms, 2 x 64-row consumers, setmaxnreg 240/40);
+// overlap a consumer's epilogue with its next tile (or ping-pong consumers on alternate tiles);
+// TMA multicast of B across a 2-CTA cluster for experts with many m-tiles; a Hopper weight
+// gradient (the k-grouped reduction over an expert's rows with TMA on both operands).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -136,6 +129,9 @@ struct GroupedGemmWgradParams {
 };
 
 void grouped_gemm_wgrad(const GroupedGemmWgradParams& p, cudaStream_t stream);
+
+// Which kernel grouped_gemm() runs for p on the current device (for benchmarks and logs).
+const char* grouped_gemm_kernel_name(const GroupedGemmParams& p);
 
 // Host-side check of the requirements above: nullptr if the problem can run, else why not (the
 // launchers throw moe_ext::Error with the same text).

@@ -10,15 +10,17 @@ size) before every timed iteration, as bench/common.cuh does. TFLOP/s counts 2*M
 against 764 TFLOP/s (dense bf16 cuBLAS on the lent H100, --ceil-tflops); GB/s counts a, the weights
 of experts with rows, and the output (decode is memory-bound: compare with 2950 GB/s, --ceil-bw).
 The implementations:
-  moe_ext          moe_ext.grouped_gemm, counts on the device (one launch, no host sync)
+  moe_ext[k]       moe_ext.grouped_gemm, counts on the device (one launch, no host sync), with
+                   kernel k of --kernels (MOE_EXT_GROUPED_GEMM_KERNEL: auto, portable, sm90)
   torch._grouped_mm  where this torch has it and accepts the problem (else n/a, with the reason)
   torch.matmul loop  one matmul per expert; the counts are read to the host outside the timing
-Every result is compared with moe_ext's before timing (relative max error printed); "vs ours" is
-moe_ext's time / its time (> 1: faster than moe_ext).
+Every result is compared with the first moe_ext kernel's before timing (relative max error
+printed); "vs ours" is that kernel's time / this row's time (> 1: faster than it).
 """
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 
@@ -34,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--activation", default="none", choices=["none", "swiglu"])
     p.add_argument("--trans-b", action="store_true", help="b as [E, N, K] (nn.Linear weights)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--kernels", default="auto",
+                   help="comma-separated moe_ext kernels to time: auto, portable, sm90 (sm90 needs an H100/H200)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--ceil-tflops", type=float, default=764.0)
@@ -103,7 +107,7 @@ def main(argv=None):
           f"{args.dtype}, activation {args.activation}, trans_b {args.trans_b}, L2 "
           f"{'warm' if args.no_flush else 'flushed'}, {args.iters} timed + {args.warmup} warm-up iterations")
     print(f"# %ceil: TFLOP/s / {args.ceil_tflops:.0f}; GB/s for decode against {args.ceil_bw:.0f}")
-    header = f"{'shape':>22} {'load':>8} {'impl':>20} {'time(us)':>10} {'sd':>8} {'TFLOP/s':>9} {'%ceil':>6} " \
+    header = f"{'shape':>22} {'load':>8} {'impl':>22} {'time(us)':>10} {'sd':>8} {'TFLOP/s':>9} {'%ceil':>6} " \
              f"{'GB/s':>8} {'vs ours':>8} {'rel.err':>9}"
     print(header)
     rows = []
@@ -125,8 +129,14 @@ def main(argv=None):
             print(f"# {shape} {load}: max {max(counts)} rows/expert; floors {flops / args.ceil_tflops / 1e6:.0f} us "
                   f"(compute), {nbytes / args.ceil_bw / 1e3:.0f} us (memory)")
 
-            def ours():
-                return moe_ext.grouped_gemm(a, b, counts_dev, trans_b=args.trans_b, activation=act)
+            def ours_with(kernel):
+                def run():
+                    os.environ["MOE_EXT_GROUPED_GEMM_KERNEL"] = kernel
+                    return moe_ext.grouped_gemm(a, b, counts_dev, trans_b=args.trans_b, activation=act)
+                return run
+
+            kernels = args.kernels.split(",")
+            ours = ours_with(kernels[0])
 
             def loop():
                 out = torch.empty(M, n_out, dtype=dtype, device="cuda")
@@ -154,18 +164,20 @@ def main(argv=None):
 
             ref = ours()
             t_ours = None
-            for impl, fn in (("moe_ext", ours), ("torch._grouped_mm", grouped_mm), ("torch.matmul loop", loop)):
+            impls = [(f"moe_ext[{k}]", ours_with(k)) for k in kernels]
+            impls += [("torch._grouped_mm", grouped_mm), ("torch.matmul loop", loop)]
+            for impl, fn in impls:
                 if fn is None:
-                    print(f"{shape:>22} {load:>8} {impl:>20} {gmm_note}")
+                    print(f"{shape:>22} {load:>8} {impl:>22} {gmm_note}")
                     rows.append(dict(shape=shape, load=load, impl=impl, note=gmm_note))
                     continue
-                err = rel_err(fn(), ref) if impl != "moe_ext" else 0.0
+                err = rel_err(fn(), ref)
                 us, sd = timer(fn)
-                t_ours = us if impl == "moe_ext" else t_ours
+                t_ours = us if t_ours is None else t_ours  # the first moe_ext kernel is the reference
                 tflops = flops / us / 1e6
                 gbps = nbytes / us / 1e3
                 name = impl + (f" ({gmm_note})" if impl == "torch._grouped_mm" and gmm_note else "")
-                print(f"{shape:>22} {load:>8} {name:>20} {us:10.1f} {sd:8.1f} {tflops:9.1f} "
+                print(f"{shape:>22} {load:>8} {name:>22} {us:10.1f} {sd:8.1f} {tflops:9.1f} "
                       f"{100 * tflops / args.ceil_tflops:6.1f} {gbps:8.0f} {t_ours / us:8.2f}x {err:9.2e}")
                 rows.append(dict(shape=shape, load=load, impl=impl, note=gmm_note if impl == "torch._grouped_mm" else "",
                                  time_us=us, stddev_us=sd, tflops=tflops, frac_ceiling=tflops / args.ceil_tflops,
@@ -173,6 +185,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), device=dev.name, torch=torch.__version__, rows=rows), f, indent=2)
+    os.environ.pop("MOE_EXT_GROUPED_GEMM_KERNEL", None)
     return 0
 
 

@@ -79,7 +79,12 @@ cxx_flags = ["-O3"]  # the C++ standard is the one torch's cpp_extension picks (
 if want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     sources += rel("csrc/kernels/*.cu") + rel("csrc/ops/*.cu")
-    include_dirs += cutlass_include()
+    cutlass = cutlass_include()
+    if not cutlass:
+        raise RuntimeError("moe_ext CUDA build: CUTLASS/CuTe headers not found (the Hopper grouped GEMM needs them). "
+                           "pip install nvidia-cutlass, or put them in third_party/cutlass/include, or build "
+                           "CPU-only with MOE_EXT_SKIP_CUDA=1.")
+    include_dirs += cutlass
     nccl_inc, nccl_lib, nccl_rpath = nccl_paths()
     include_dirs.append(nccl_inc)
     link_args = [f"-L{nccl_lib}", "-l:libnccl.so.2"] + ([f"-Wl,-rpath,{nccl_rpath}"] if nccl_rpath else [])

@@ -1,7 +1,7 @@
 // Grouped GEMM through ATen: every expert's rows times its own weight, fp32 accumulation for
 // 16-bit inputs, optional SwiGLU on the fp32 accumulator; and the k-grouped weight gradient.
-// The CPU op, and the CUDA fallback (one cuBLAS matmul per expert, group sizes read back to the
-// host) until the hand-written grouped GEMM kernel lands: see csrc/ops/registration.cpp.
+// The CPU op, and the CUDA path for float32/float64 (one cuBLAS matmul per expert, group sizes
+// read back to the host): csrc/ops/grouped_gemm_cuda.cu sends bf16/fp16 to the grouped kernels.
 #include "cpu/cpu_ops.h"
 #include "ops/checks.h"
 

@@ -21,10 +21,10 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
+from cuda_timer import CudaTimer
 
 import moe_ext
 
@@ -45,29 +45,6 @@ def parse_args(argv=None):
     p.add_argument("--no-flush", action="store_true", help="keep L2 warm between iterations")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     return p.parse_args(argv)
-
-
-class Timer:
-    def __init__(self, iters, warmup, flush):
-        self.iters, self.warmup = iters, warmup
-        l2 = torch.cuda.get_device_properties(0).L2_cache_size
-        self.flush_buf = torch.empty(2 * max(l2, 1 << 20), dtype=torch.uint8, device="cuda") if flush else None
-
-    def __call__(self, fn):
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for i in range(self.iters):
-            if self.flush_buf is not None:
-                self.flush_buf.fill_(i & 0xFF)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            times.append((start, end))
-        torch.cuda.synchronize()
-        us = [s.elapsed_time(e) * 1e3 for s, e in times]
-        return statistics.median(us), (statistics.stdev(us) if len(us) > 1 else 0.0)
 
 
 def make_counts(M, E, zipf):
@@ -102,7 +79,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     act = None if args.activation == "none" else "swiglu"
     dev = torch.cuda.get_device_properties(0)
-    timer = Timer(args.iters, args.warmup, not args.no_flush)
+    timer = CudaTimer(args.iters, args.warmup, not args.no_flush)
     print(f"# grouped_gemm_bench: device {dev.name} ({dev.multi_processor_count} SMs), torch {torch.__version__}, "
           f"{args.dtype}, activation {args.activation}, trans_b {args.trans_b}, L2 "
           f"{'warm' if args.no_flush else 'flushed'}, {args.iters} timed + {args.warmup} warm-up iterations")

@@ -5,7 +5,7 @@ CUDA). Imported by moe_ext.gemm, which holds the public wrapper.
 """
 import torch
 
-from ._ops import ops, swiglu_backward
+from ._ops import _gemm_setup, ops, swiglu_backward
 
 
 @torch.library.register_fake("moe_ext::grouped_gemm_masked")
@@ -32,12 +32,6 @@ def _row_mask(valid_rows, max_rows):
     return (rows[None, :] < valid_rows[:, None].to(rows.dtype)).unsqueeze(-1)
 
 
-def _masked_setup(ctx, inputs, output):
-    a, b, valid_rows, trans_b, activation = inputs
-    ctx.args = (trans_b, activation)
-    ctx.save_for_backward(a, b, valid_rows)
-
-
 def _masked_backward(ctx, g):
     a, b, valid_rows = ctx.saved_tensors
     trans_b, activation = ctx.args
@@ -60,4 +54,4 @@ def _masked_backward(ctx, g):
     return grad_a, grad_b, None, None, None
 
 
-torch.library.register_autograd("moe_ext::grouped_gemm_masked", _masked_backward, setup_context=_masked_setup)
+torch.library.register_autograd("moe_ext::grouped_gemm_masked", _masked_backward, setup_context=_gemm_setup)  # same inputs as grouped_gemm's

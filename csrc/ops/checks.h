@@ -99,6 +99,26 @@ inline int64_t gating_capacity(double capacity_factor, int64_t num_tokens, int64
   return cap < 1 ? 1 : cap;
 }
 
+inline void check_topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor& grad_aux,
+                                       const at::Tensor& grad_seq_aux, const at::Tensor& grad_z,
+                                       const at::Tensor& logits, const c10::optional<at::Tensor>& noise,
+                                       const at::Tensor& idx, const std::string& score,
+                                       const c10::optional<at::Tensor>& expert_bias, int64_t num_groups,
+                                       int64_t topk_groups, int64_t seq_len) {
+  const char* op = "moe_ext.topk_gating_backward";
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == logits.size(0), op, ": idx must be [num_tokens, k]");
+  check_topk_gating(logits, idx.size(1), score, expert_bias, num_groups, topk_groups, 0.0, noise, seq_len);
+  TORCH_CHECK(grad_weights.sizes() == idx.sizes(), op, ": grad_weights must have the shape of idx ", idx.sizes(),
+              ", got ", grad_weights.sizes());
+  for (const at::Tensor* g : {&grad_aux, &grad_seq_aux, &grad_z})
+    TORCH_CHECK(g->numel() == 1, op, ": loss gradients must be scalars, got shape ", g->sizes());
+  TORCH_CHECK(is_index_dtype(idx.scalar_type()), op, ": idx must be int32 or int64, got ", idx.scalar_type());
+  TORCH_CHECK(is_float_dtype(grad_weights.scalar_type()), op, ": grad_weights must be a float tensor, got ",
+              grad_weights.scalar_type());
+  check_same_device(logits, "logits", idx, "idx");
+  check_same_device(logits, "logits", grad_weights, "grad_weights");
+}
+
 // idx[T,k] with expert ids in [-1, E): shared by permute and dispatch.
 inline void check_routing_idx(const char* op, const at::Tensor& idx, int64_t num_tokens) {
   TORCH_CHECK(idx.dim() == 2, op, ": idx must be 2-D [num_tokens, k], got ", idx.dim(), "-D");
@@ -150,6 +170,15 @@ inline void check_unpermute(const at::Tensor& y, const at::Tensor& row_map, cons
                 "), got ", w->scalar_type());
     check_same_device(y, "y_perm", *w, "weights");
   }
+}
+
+inline void check_unpermute_backward(const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& row_map,
+                                     const c10::optional<at::Tensor>& w) {
+  check_unpermute(y, row_map, w);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == row_map.size(0) && grad_out.size(1) == y.size(1),
+              "moe_ext.unpermute_backward: grad_out must be [num_tokens=", row_map.size(0), ", hidden=", y.size(1),
+              "], got ", grad_out.sizes());
+  check_same_device(y, "y_perm", grad_out, "grad_out");
 }
 
 enum class Activation { kNone, kSwiglu };

@@ -122,18 +122,8 @@ Tensor topk_gating_backward_cuda(const Tensor& grad_weights, const Tensor& grad_
                                  int64_t num_groups, int64_t topk_groups, int64_t seq_len) {
   const char* op = "moe_ext.topk_gating_backward";
   const std::string s(score);
-  // The CPU op's checks (csrc/ops/registration.cpp), then the device's.
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == logits.size(0), op, ": idx must be [num_tokens, k]");
-  check_topk_gating(logits, idx.size(1), s, expert_bias, num_groups, topk_groups, 0.0, noise, seq_len);
-  TORCH_CHECK(grad_weights.sizes() == idx.sizes(), op, ": grad_weights must have the shape of idx ", idx.sizes(),
-              ", got ", grad_weights.sizes());
-  for (const Tensor* g : {&grad_aux, &grad_seq_aux, &grad_z})
-    TORCH_CHECK(g->numel() == 1, op, ": loss gradients must be scalars, got shape ", g->sizes());
-  TORCH_CHECK(is_index_dtype(idx.scalar_type()), op, ": idx must be int32 or int64, got ", idx.scalar_type());
-  TORCH_CHECK(is_float_dtype(grad_weights.scalar_type()), op, ": grad_weights must be a float tensor, got ",
-              grad_weights.scalar_type());
-  check_same_device(logits, "logits", idx, "idx");
-  check_same_device(logits, "logits", grad_weights, "grad_weights");
+  check_topk_gating_backward(grad_weights, grad_aux, grad_seq_aux, grad_z, logits, noise, idx, s, expert_bias,
+                             num_groups, topk_groups, seq_len);
   const int64_t k = idx.size(1);
   check_cuda_limits(op, logits, k);
   const c10::cuda::CUDAGuard guard(logits.device());

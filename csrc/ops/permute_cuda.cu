@@ -104,12 +104,7 @@ Tensor unpermute_cuda(const Tensor& y, const Tensor& row_map_in, const OptTensor
 
 std::tuple<Tensor, Tensor> unpermute_backward_cuda(const Tensor& grad_out_in, const Tensor& y,
                                                    const Tensor& row_map_in, const OptTensor& weights) {
-  check_unpermute(y, row_map_in, weights);
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == row_map_in.size(0) &&
-                  grad_out_in.size(1) == y.size(1),
-              "moe_ext.unpermute_backward: grad_out must be [num_tokens=", row_map_in.size(0), ", hidden=", y.size(1),
-              "], got ", grad_out_in.sizes());
-  check_same_device(y, "y_perm", grad_out_in, "grad_out");
+  check_unpermute_backward(grad_out_in, y, row_map_in, weights);
   TORCH_CHECK(y.is_cuda(), "moe_ext.unpermute_backward: y_perm must be a CUDA tensor here, got ", y.device());
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

@@ -16,26 +16,6 @@ using Tensor = at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 using GatingOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-void check_topk_gating_backward(const Tensor& grad_weights, const Tensor& grad_aux, const Tensor& grad_seq_aux,
-                                const Tensor& grad_z, const Tensor& logits, const OptTensor& noise, const Tensor& idx,
-                                const std::string& score, const OptTensor& expert_bias, int64_t num_groups,
-                                int64_t topk_groups, int64_t seq_len) {
-  const char* op = "moe_ext.topk_gating_backward";
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == logits.size(0), op, ": idx must be [num_tokens, k]");
-  check_topk_gating(logits, idx.size(1), score, expert_bias, num_groups, topk_groups, 0.0, noise, seq_len);
-  TORCH_CHECK(grad_weights.sizes() == idx.sizes(), op, ": grad_weights must have the shape of idx ", idx.sizes(),
-              ", got ", grad_weights.sizes());
-  for (const Tensor* g : {&grad_aux, &grad_seq_aux, &grad_z})
-    TORCH_CHECK(g->numel() == 1, op, ": loss gradients must be scalars, got shape ", g->sizes());
-}
-
-void check_unpermute_backward(const Tensor& grad_out, const Tensor& y, const Tensor& row_map, const OptTensor& w) {
-  check_unpermute(y, row_map, w);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == row_map.size(0) && grad_out.size(1) == y.size(1),
-              "moe_ext.unpermute_backward: grad_out must be [num_tokens=", row_map.size(0), ", hidden=", y.size(1),
-              "], got ", grad_out.sizes());
-}
-
 // ---- CPU: validate, then run the reference implementation -----------------------------------
 
 GatingOut topk_gating_cpu(const Tensor& logits, int64_t k, c10::string_view score, bool renormalize,

@@ -2,6 +2,8 @@
 
     layer = moe_ext.MoE.from_hf(model.model.layers[3].mlp, ep_group=group)
     num_swapped = moe_ext.hf.patch_model(model, ep_group=group)
+    ep, tp = moe_ext.parallel.make_groups(2, 2)     # EP x TP; placement=... replicates experts
+    num_swapped = moe_ext.hf.patch_model(model, ep_group=ep, tp_group=tp)
 
 Recognised blocks (by class name, so no model module is imported here), all with SwiGLU experts
 stored by transformers >= 5 as fused 3-D parameters gate_up_proj [E, 2F, H] (gate rows first) and
@@ -183,23 +185,32 @@ def _copy(dst, src, requires_grad):
     dst.requires_grad_(requires_grad)
 
 
-def moe_from_hf(block, ep_group=None, **overrides):
+def moe_from_hf(block, ep_group=None, tp_group=None, placement=None, **overrides):
     """A moe_ext.MoE computing what the transformers MoE `block` computes, with copies of its weights.
 
     block: a MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock or DeepseekV3MoE
-    (transformers >= 5, fused experts). ep_group: the layer's expert-parallel group; rank r of W
-    copies global experts [r * E / W, (r + 1) * E / W) only (every rank must pass the same block
-    weights). overrides: MoE keyword arguments that replace the ones read from the block (e.g.
+    (transformers >= 5, fused experts). Every rank must pass the same block weights; each copies
+    only what its layer holds:
+      ep_group: the layer's expert-parallel group; rank r of W holds global experts
+        [r * E / W, (r + 1) * E / W) by default.
+      tp_group: expert tensor parallelism (EP x TP, groups from moe_ext.parallel.make_groups):
+        each held expert keeps this TP rank's F / tp columns of the gate and of the up half of
+        w1, and the same rows of w2.
+      placement: which EP ranks hold which experts, replicas allowed (any form moe_ext.MoE takes:
+        an ExpertLayout, a moe_ext.placement.Placement, a [W, E] bool array, a dict {expert:
+        [ranks]}, per-rank expert lists); every replica is a copy of the block's expert. With
+        replicas, building the layer is collective over ep_group (as the MoE constructor is).
+    overrides: MoE keyword arguments that replace the ones read from the block (e.g.
     capacity_factor, pad_to, backend, router_dtype).
     The layer is created on the block's device in its dtype (expert_bias stays float32), in the
     block's train/eval mode, with requires_grad mirrored from the block's parameters. Mixtral's
     router_jitter_noise becomes a forward pre-hook (training only). The copies never alias the
     block's storage.
     """
-    return _build(block, ep_group, overrides)[0]
+    return _build(block, ep_group, tp_group, placement, overrides)[0]
 
 
-def _build(block, ep_group, overrides):
+def _build(block, ep_group, tp_group, placement, overrides):
     name = type(block).__name__
     reader = _READERS.get(name)
     if reader is None:
@@ -213,13 +224,14 @@ def _build(block, ep_group, overrides):
     kwargs.setdefault("dtype", src.gate_up.dtype)
     hidden, ffn_hidden = kwargs.pop("hidden"), kwargs.pop("ffn_hidden")
     num_experts, k = kwargs.pop("num_experts"), kwargs.pop("k")
-    layer = MoE(hidden, ffn_hidden, num_experts, k, ep_group, **kwargs)
+    layer = MoE(hidden, ffn_hidden, num_experts, k, ep_group, tp_group, placement=placement, **kwargs)
 
-    lo, n = layer.first_local_expert, layer.num_local_experts
     gate_up_param, down_param = src.expert_params
     _copy(layer.router.weight, weight, weight.requires_grad)
-    _copy(layer.w1, src.gate_up[lo:lo + n], gate_up_param.requires_grad)
-    _copy(layer.w2, src.down[lo:lo + n], down_param.requires_grad)
+    # This rank's slots (its experts, replicas included) and TP shard of the logical weights.
+    layer.load_experts(src.gate_up, src.down)
+    layer.w1.requires_grad_(gate_up_param.requires_grad)
+    layer.w2.requires_grad_(down_param.requires_grad)
     if layer.shared is not None and src.shared is not None:
         for proj in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(src.shared, proj).weight
@@ -298,17 +310,21 @@ def _returns_router_logits(block, hidden, num_experts):
                     f"or (hidden, router_logits)")
 
 
-def patch_model(model, ep_group=None, **overrides):
-    """Replaces, in place, every recognised MoE block of `model` by moe_ext.MoE.from_hf(block, ep_group).
+def patch_model(model, ep_group=None, tp_group=None, placement=None, **overrides):
+    """Replaces, in place, every recognised MoE block of `model` by
+    moe_ext.MoE.from_hf(block, ep_group, tp_group=tp_group, placement=placement, **overrides).
 
     The model's forward is unchanged: same outputs (within the dtype's rounding), and with
     output_router_logits=True the router logits are still recorded for transformers' aux loss.
-    Under EP every rank of ep_group patches the same model and keeps its own experts; the model's
-    forward then is a collective over the group. Returns the number of blocks swapped.
+    Under EP (and EP x TP, and with replicas) every rank of the groups patches the same model and
+    keeps its own experts, TP shards and replicas; the model's forward then is a collective over
+    the groups, and so is patching when `placement` has replicas. `placement` applies to every
+    block; give a layer its own later with layer.apply_placement(...). Returns the number of
+    blocks swapped.
     """
     found = [(name, module) for name, module in model.named_modules() if type(module).__name__ in _READERS]
     for name, block in found:
-        layer, src = _build(block, ep_group, overrides)
+        layer, src = _build(block, ep_group, tp_group, placement, overrides)
         fp32 = src.router_logits_fp32
         if _returns_router_logits(block, layer.hidden, layer.num_experts):
             new = _WithRouterLogits(layer, fp32)

@@ -51,23 +51,34 @@ Bytes each GPU sends per step (per kind)
 ----------------------------------------
 passes = 2 when training (the backward pass moves the same activations again: the gradient of a
 dispatch is a combine, of an all-reduce an all-reduce), 1 for inference.
-  * EP all-to-all, per MoE layer and pass: dispatch + combine = 2 * T * H * bytes times the
-    expected number of OTHER ranks a token is sent to. With uniform routing of k distinct
-    experts out of E over ep ranks holding E / ep experts each, a given rank receives a token
-    with probability p = 1 - C(E - E/ep, k) / C(E, k) (C: binomial coefficient), so the
-    expected routing fan-out (distinct destination ranks per token, the token's own rank
-    included) is ep * p, and the part sent is (ep - 1) * p (the fraction 1/ep of the fan-out
-    that stays on the local rank is not sent; a token crosses to a rank once however many of
-    its k experts live there, as moe_ext.dispatch does):
+  * EP all-to-all, per MoE layer and pass: issue 9's 2 x B x S x H (dispatch + combine, B x S
+    read as this GPU's T tokens) times bytes and the expected number of OTHER ranks a token is
+    sent to. With uniform routing of k distinct experts out of E over ep ranks holding E / ep
+    experts each, a given rank receives a token with probability
+    p = 1 - C(E - E/ep, k) / C(E, k) (C: binomial coefficient), so the expected routing fan-out
+    (distinct destination ranks per token, the token's own rank included) is ep * p, and the
+    part sent is (ep - 1) * p (the fraction 1/ep of the fan-out that stays on the local rank is
+    not sent; a token crosses to a rank once however many of its k experts live there, as
+    moe_ext.dispatch does):
         ep_bytes = passes * moe_layers * 2 * T * H * bytes * (ep - 1) * p
+    Assumption: the combine returns as many rows as the dispatch sent, one per (token,
+    destination rank), i.e. the destination sums a token's expert outputs before sending them
+    back (as DeepEP's combine does). moe_ext.combine instead returns one row per kept slot (the
+    source sums them in slot order, for bit-exact results): k * (ep - 1) / ep rows per token
+    under uniform routing instead of (ep - 1) * p, the same when E / ep = 1 or k = 1, more when
+    a rank holds several of a token's experts (tests/test_plan.py measures both against a gloo
+    dispatch / combine). Only token rows are counted, not the small metadata that travels with
+    them (row counts, expert ids).
     With ep x tp, tp rank i of a group dispatches its tokens to tp rank i of the destination
     group, so every rank of the expert's tp group gets the token; the partial expert outputs are
     combined back and summed by the layer's tp all-reduce (below), as for a dense MLP.
-  * TP all-reduce: TP_ALLREDUCES_PER_LAYER = 2 all-reduces of the [T, H] activations per layer
-    and pass (after attention, after the MLP/MoE), each a ring all-reduce in which every rank
-    sends 2 * (tp - 1) / tp * T * H * bytes:
-        tp_bytes = passes * layers * 2 * 2 * T * H * bytes * (tp - 1) / tp
-    (the often-quoted "2 x B x S x H x L" counts one all-reduce per layer and one pass.)
+  * TP all-reduce, issue 9's 2 x B x S x H x L: one ring all-reduce of the [T, H] activations
+    per layer and pass (B x S read as the T tokens of one tp group, L = layers), in which every
+    rank sends 2 * T * H * bytes * (tp - 1) / tp:
+        tp_bytes = passes * layers * 2 * T * H * bytes * (tp - 1) / tp
+    Assumption: TP_ALLREDUCES_PER_LAYER = 1, as issue 9 counts. A Megatron-style layer whose
+    attention is split over tp too all-reduces twice per layer and pass (after attention, after
+    the MLP / MoE), so there the real TP traffic is up to 2x this number.
   * DP gradient sync (training only), ring all-reduce of the gradients of every replicated
     parameter, in bytes_per_param bytes, over the ranks holding the same copy:
         dp_bytes = 2 * P_experts / (ep * tp) * bytes * (dp - 1) / dp                (over dp ranks)
@@ -91,7 +102,9 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 GB = 1e9
-TP_ALLREDUCES_PER_LAYER = 2  # attention output and MLP / MoE output, per layer and pass
+# TP all-reduces of the [T, H] activations per layer and pass: 1, issue 9's 2 x B x S x H x L
+# (a Megatron-style layer with TP attention has 2: after attention and after the MLP / MoE).
+TP_ALLREDUCES_PER_LAYER = 1
 MODES = ("train", "infer")
 
 
@@ -247,7 +260,8 @@ def routing_fanout(num_experts, topk, ep):
 
 def expected_dispatch_bytes(tokens, hidden, bytes_per_elem, num_experts, topk, ep):
     """Expected bytes ONE rank sends in ONE dispatch of `tokens` tokens under uniform routing:
-    tokens * hidden * bytes_per_elem * (ep - 1) * p. (The combine sends as many back.)"""
+    tokens * hidden * bytes_per_elem * (ep - 1) * p. (The planner counts the combine as sending as
+    many back; moe_ext.combine returns one row per kept slot, see the module docstring.)"""
     return tokens * hidden * bytes_per_elem * (ep - 1) * rank_hit_probability(num_experts, topk, ep)
 
 

@@ -178,7 +178,10 @@ def test_unsupported_blocks_raise():
 
 def _model(kind, dtype=torch.float32):
     torch.manual_seed(0)
-    model = _hf_class(kind, MODEL_CLASS[kind])(_config(kind)).to(dtype).eval()
+    config = _config(kind)
+    if dtype == torch.float64:
+        config._experts_implementation = "eager"  # transformers' default grouped_mm has no float64
+    model = _hf_class(kind, MODEL_CLASS[kind])(config).to(dtype).eval()
     for module in model.modules():  # non-trivial routing
         if type(module).__name__ in moe_ext.hf.SUPPORTED_BLOCKS:
             _randomize(module)
@@ -278,3 +281,64 @@ def test_expert_parallel_world2():
 
     counts = run_world(_ep_rank, 2, EP_CASES, seed=0, timeout_s=120)
     assert counts == [[7 * K] * len(EP_CASES), [10 * K] * len(EP_CASES)]
+
+
+# ---- hybrid layouts, gloo world 4: EP2 x TP2 and EP4 with replicated experts -------------------------
+
+# Experts 0 and 5 get a second copy (on ranks 1 and 3); every rank holds three slots, some empty.
+REPLICAS = [[0, 1], [2, 3, 0], [4, 5], [6, 7, 5]]
+
+
+def _hybrid_rank(rank, world, dtype_names):
+    from moe_ext.parallel import make_groups
+
+    ep_group, tp_group = make_groups(2, 2)  # TP innermost: TP groups {0, 1}, {2, 3}; EP {0, 2}, {1, 3}
+    layouts = [("EP2xTP2", dict(ep_group=ep_group, tp_group=tp_group)),
+               ("EP4 + replicas", dict(ep_group=dist.group.WORLD, placement=REPLICAS))]
+    second_replica_rows = 0
+    for dtype_name in dtype_names:
+        dtype = getattr(torch, dtype_name)
+        for what, kwargs in layouts:
+            model = _model("mixtral", dtype)  # the same weights on every rank
+            blocks = [m for m in model.modules() if type(m).__name__ == BLOCK_CLASS["mixtral"]]
+            gen = torch.Generator().manual_seed(100 + rank)  # different tokens, and counts, on each rank
+            ids = torch.randint(0, 64, (1, 16 + 2 * rank), generator=gen)
+            with torch.no_grad():
+                before = model(ids).logits
+                assert moe_ext.hf.patch_model(model, **kwargs) == len(blocks) == 2
+                layers = [m for m in model.modules() if isinstance(m, moe_ext.MoE)]
+                after = model(ids).logits  # collective over the groups
+            torch.testing.assert_close(after, before, **TOL[dtype], msg=lambda m, w=what, d=dtype_name: f"{w} {d}: {m}")
+            for block, layer in zip(blocks, layers):
+                gate_up = block.experts.gate_up_proj.detach().transpose(1, 2)  # [E, H, 2F]
+                down = block.experts.down_proj.detach().transpose(1, 2)  # [E, F, H]
+                assert layer.w1.dtype == dtype and layer.w1.requires_grad and layer.w2.requires_grad
+                same = moe_ext.MoE.from_hf(block, **kwargs)  # the class method's path: the same slots and shards
+                assert torch.equal(same.w1, layer.w1) and torch.equal(same.w2, layer.w2), what
+                if "tp_group" in kwargs:
+                    assert (layer.ep_world, layer.tp_world) == (2, 2) and layer.tp_rank == rank % 2
+                    assert tuple(layer.w1.shape) == (E // 2, H, F_EXPERT) and tuple(layer.w2.shape) == (
+                        E // 2, F_EXPERT // 2, H)
+                    w1, w2 = layer.expert_weights()  # every EP slot and TP shard, reassembled
+                    assert torch.equal(w1, gate_up) and torch.equal(w2, down), what
+                else:  # slots hold their experts in ascending order, empty ones (-1) last
+                    assert layer.local_experts == sorted(REPLICAS[rank]) + [-1] * (3 - len(REPLICAS[rank]))
+                    assert layer.replica_counts.tolist() == [2, 1, 1, 1, 1, 2, 1, 1]
+                    for s, e in enumerate(layer.local_experts):  # every copy, bit for bit
+                        want1, want2 = (gate_up[e], down[e]) if e >= 0 else (0 * gate_up[0], 0 * down[0])
+                        assert torch.equal(layer.w1[s], want1) and torch.equal(layer.w2[s], want2), (what, s, e)
+                    second = {1: 0, 3: 5}.get(rank)  # ranks 1 and 3 hold the second copies of experts 0, 5
+                    if second is not None:
+                        second_replica_rows += int(layer.tokens_per_slot[layer.layout.slot_of(rank, second)])
+    return second_replica_rows
+
+
+def test_patch_model_hybrid_layouts_world4():
+    """A tiny Mixtral model patched on 4 gloo ranks as EP2 x TP2 (each expert's w1 / w2 split over
+    a TP pair) and as EP4 with two experts replicated: every rank's logits equal the unpatched
+    model's, in float32 and float64, and the layers hold exactly the block's weights (the TP shards
+    reassembled by expert_weights, each replica a bit-exact copy). One spawned world for all of it."""
+    from dist_utils import run_world
+
+    rows = run_world(_hybrid_rank, 4, ["float32", "float64"], seed=0, timeout_s=240)
+    assert rows[0] == rows[2] == 0 and rows[1] + rows[3] > 0  # the replicas really served tokens

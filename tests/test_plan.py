@@ -1,5 +1,6 @@
 """The layout planner (moe_ext.plan, `moe-ext plan`): hand-computed numbers, presets, layouts,
-the routing fan-out against exact counts and against the bytes a 2-rank gloo dispatch sent, the CLI."""
+the routing fan-out against exact counts and against the bytes a 2-rank gloo dispatch / combine
+sent (counted by wrapping torch.distributed.all_to_all_single), the CLI."""
 import itertools
 import json
 import math
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import moe_ext
 from moe_ext import plan as P
@@ -34,18 +36,19 @@ EXPECTED = {
     # EP = 2 passes * 2 layers * 2 * 32 * 4 * 2 bytes * (4 - 1) * 1/2 = 3072; DP (rest over 4) = 2*180*2*3/4 = 540
     (4, 1, 1): (372, 372 * 16, False, 3072, 0, 540, ("net", "-", "net"), (3072 + 540) / NET),
     # EP2xTP2: T = 128 / 2 = 64; params 768/4 + 180/2 = 282; p = 1 - C(2,2)/C(4,2) = 5/6;
-    # EP = 2*2*2*64*4*2*1*5/6 = 4096*5/6; TP = 2 passes * 2 layers * 2 all-reduces * 2*(1/2) * 64*4*2 = 4096;
+    # EP = 2*2*2*64*4*2*1*5/6 = 4096*5/6; TP (issue 9's 2 x B x S x H x L: one all-reduce per layer and
+    # pass) = 2 passes * 2 layers * 2 * 64*4*2 * (1/2) = 2048;
     # DP (rest over ep*dp = 2) = 2*90*2*1/2 = 180. Links: tp {0,1} nvlink, ep {0,2} net, dp {0,2} net.
-    (2, 2, 1): (282, 282 * 16, True, 4096 * 5 / 6, 4096, 180, ("net", "nvlink", "net"),
-                4096 / NV + (4096 * 5 / 6 + 180) / NET),
+    (2, 2, 1): (282, 282 * 16, True, 4096 * 5 / 6, 2048, 180, ("net", "nvlink", "net"),
+                2048 / NV + (4096 * 5 / 6 + 180) / NET),
     # EP2xDP2: T = 32; params 384 + 180 = 564; EP = 2*2*2*32*4*2*1*5/6 = 2048*5/6 (ep {0,1}: nvlink);
     # DP = experts over dp 2: 2*384*2*1/2 = 768 + rest over 4: 540 = 1308 (net)
     (2, 1, 2): (564, 564 * 16, False, 2048 * 5 / 6, 0, 1308, ("nvlink", "-", "net"), 2048 * 5 / 6 / NV + 1308 / NET),
-    # TP2xDP2: T = 64; params 384 + 90 = 474; TP = 2*2*2*2*(1/2)*64*4*2 = 4096 (nvlink);
+    # TP2xDP2: T = 64; params 384 + 90 = 474; TP = 2*2*2*(1/2)*64*4*2 = 2048 (nvlink);
     # DP = 2*384*2*1/2 + 2*90*2*1/2 = 768 + 180 = 948 (net)
-    (1, 2, 2): (474, 474 * 16, False, 0, 4096, 948, ("-", "nvlink", "net"), 4096 / NV + 948 / NET),
-    # TP4: T = 128; params 192 + 45 = 237; TP = 2*2*2*2*(3/4)*128*4*2 = 12288 over 2 nodes (net)
-    (1, 4, 1): (237, 237 * 16, True, 0, 12288, 0, ("-", "net", "-"), 12288 / NET),
+    (1, 2, 2): (474, 474 * 16, False, 0, 2048, 948, ("-", "nvlink", "net"), 2048 / NV + 948 / NET),
+    # TP4: T = 128; params 192 + 45 = 237; TP = 2*2*2*(3/4)*128*4*2 = 6144 over 2 nodes (net)
+    (1, 4, 1): (237, 237 * 16, True, 0, 6144, 0, ("-", "net", "-"), 6144 / NET),
     # DP4: T = 32; params 948; DP = 2*948*2*3/4 = 2844 (net)
     (1, 1, 4): (948, 948 * 16, False, 0, 0, 2844, ("-", "-", "net"), 2844 / NET),
 }
@@ -69,8 +72,8 @@ def test_tiny_model_by_hand():
         assert _rel(r["ep_bytes"], ep_b) and _rel(r["tp_bytes"], tp_b) and _rel(r["dp_bytes"], dp_b)
         assert (r["ep_link"], r["tp_link"], r["dp_link"]) == links
         assert _rel(r["comm_s"], comm)
-    # Sorted by communication time: TPxDP 1.3576e-7, EPxDP 1.4787e-7, DP 2.844e-7, EP 3.612e-7,
-    # EPxTP 4.0029e-7, TP 1.2288e-6; the best that fits is EPxTP.
+    # Sorted by communication time: TPxDP 1.1528e-7, EPxDP 1.4787e-7, DP 2.844e-7, EP 3.612e-7,
+    # EPxTP 3.7981e-7, TP 6.144e-7; the best that fits is EPxTP.
     assert [r["layout"] for r in rows] == ["TPxDP", "EPxDP", "DP", "EP", "EPxTP", "TP"]
     assert [r["layout"] for r in rows if r["best"]] == ["EPxTP"]
 
@@ -81,7 +84,7 @@ def test_tiny_model_inference_and_sharded_optimizer():
     assert infer.state_bytes_per_param(model) == 2  # weights only
     r = {(x["ep"], x["tp"], x["dp"]): x for x in P.plan(model, infer)}[(2, 2, 1)]
     # one pass: half the training EP and TP bytes; no gradient sync
-    assert _rel(r["ep_bytes"], 2048 * 5 / 6) and _rel(r["tp_bytes"], 2048) and r["dp_bytes"] == 0
+    assert _rel(r["ep_bytes"], 2048 * 5 / 6) and _rel(r["tp_bytes"], 1024) and r["dp_bytes"] == 0
     assert _rel(r["state_gb"] * 1e9, 282 * 2)
     # training default: 2 * 2 + 12 = 16 bytes per parameter
     assert P.ClusterSpec(**{**TINY_CLUSTER, "optimizer_bytes_per_param": None}).state_bytes_per_param(model) == 16
@@ -91,6 +94,20 @@ def test_tiny_model_inference_and_sharded_optimizer():
     r = {(x["ep"], x["tp"], x["dp"]): x for x in P.plan(model, sharded)}[(2, 1, 2)]
     assert _rel(r["state_gb"] * 1e9, 3840 + 1260) and r["fits"] is False
     assert _rel(r["dp_bytes"], 1308)  # reduce-scatter + all-gather: the same bytes
+
+
+def test_tp_bytes_are_the_issues_formula():
+    # Issue 9's TP all-reduce 2 x B x S x H x L: one ring all-reduce of the [T, H] activations per
+    # layer and pass, B x S = T the tokens of one tp group, times bytes and the ring's (tp - 1) / tp.
+    # TP8, L = 3, H = 16, 4 x 32 = 128 tokens, 2 bytes: 2 * 128 * 16 * 3 * 2 * 7/8 = 21504 per pass.
+    model = P.ModelSpec(layers=3, moe_layers=1, hidden=16, ffn=8, experts=8, topk=2)
+    for mode, passes in (("infer", 1), ("train", 2)):
+        rows = P.plan(model, P.ClusterSpec(gpus=8, batch=4, seq_len=32, mode=mode))
+        r = next(r for r in rows if (r["ep"], r["tp"], r["dp"]) == (1, 8, 1))
+        assert r["tp_bytes"] == passes * 21504 == passes * 2 * 4 * 32 * 16 * 3 * 2 * 7 / 8
+        assert all(r["tp_bytes"] == 0 for r in rows if r["tp"] == 1)
+    assert P.TP_ALLREDUCES_PER_LAYER == 1 and P.to_json(rows, model, P.ClusterSpec(gpus=8, batch=4, seq_len=32))[
+        "tp_allreduces_per_layer"] == 1
 
 
 # ---- layouts and presets ----------------------------------------------------------------------------
@@ -179,28 +196,125 @@ def test_ep_dispatch_bytes_by_hand():
         P.ep_dispatch_bytes([4, 4], 10, 2, idx, 4, 2)
 
 
-def _dispatch_bytes_worker(rank, world, seed, tokens, hidden, k, num_experts):
-    """Every rank rebuilds all ranks' routing from the seed, dispatches its own tokens, and returns
-    (bytes of token rows it sent to other ranks, as the dispatch plan says, ep_dispatch_bytes)."""
+class _SentBytes:
+    """Counting wrapper of torch.distributed.all_to_all_single, installed inside a spawned rank:
+    adds up the bytes this rank sends to the OTHER ranks of the group (its own split is a local
+    copy) over every call, whatever the tensor (headers and expert ids included), then calls the
+    real collective."""
+
+    def __init__(self, real):
+        self.real, self.sent = real, 0
+
+    def __call__(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        splits = list(input_split_sizes) if input_split_sizes else [input.shape[0] // world] * world
+        self.sent += (sum(splits) - splits[me]) * math.prod(input.shape[1:]) * input.element_size()
+        return self.real(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+
+def _moved(counter, idx, hidden, num_experts):
+    """Bytes sent by one bfloat16 dispatch, its combine and their backward (through identity
+    experts), as the all_to_all_single wrapper counted them: {stage: bytes}."""
+    k = idx.shape[1]
+    x = torch.randn(idx.shape[0], hidden).to(torch.bfloat16).requires_grad_()
+    w = torch.rand(idx.shape[0], k, requires_grad=True)
+    out = {}
+    counter.sent = 0
+    recv_x, _, handle = moe_ext.dispatch(x, idx, w, num_experts, backend="gloo")
+    out["dispatch"], counter.sent = counter.sent, 0
+    y = moe_ext.combine(recv_x, handle)
+    out["combine"], counter.sent = counter.sent, 0
+    y.float().sum().backward()
+    out["backward"] = counter.sent
+    return out
+
+
+def _dispatch_bytes_worker(rank, world, idx_per_rank, num_experts, hidden):
+    """Dispatches this rank's tokens (idx_per_rank[rank], nested lists [T_r, k]) with hidden sizes
+    H, 2H and 3H, counting what all_to_all_single sent; returns {stage: [bytes at H, 2H, 3H]}."""
+    counter = _SentBytes(dist.all_to_all_single)
+    dist.all_to_all_single = counter
+    try:
+        idx = torch.tensor(idx_per_rank[rank], dtype=torch.int64).view(-1, len(idx_per_rank[rank][0]))
+        runs = [_moved(counter, idx, m * hidden, num_experts) for m in (1, 2, 3)]
+    finally:
+        dist.all_to_all_single = counter.real
+    return {stage: [r[stage] for r in runs] for stage in runs[0]}
+
+
+def _token_bytes(moved):
+    """The part of the bytes sent that grows with the hidden size: the token rows at H (the bytes
+    at 2H minus those at H); the rest (header rows, expert ids, weights) does not depend on H."""
+    at_h, at_2h, at_3h = moved
+    assert at_3h - at_2h == at_2h - at_h, f"bytes sent are not linear in the hidden size: {moved}"
+    return at_2h - at_h
+
+
+def _all_pairs_routing():
+    """E = 4 experts (rank 0: 0, 1; rank 1: 2, 3), k = 2, each rank's 18 tokens every one of the
+    C(4, 2) = 6 pairs three times (rank 1 in reverse order): uniform routing exactly, so the
+    planner's expectation is an exact count."""
+    pairs = [list(s) for s in itertools.combinations(range(4), 2)] * 3
+    return [pairs, pairs[::-1]]
+
+
+def _random_routing(seed, tokens, k, num_experts):
+    """Random experts with repeats (several slots of a token on one rank) and 20% unrouted (-1) slots."""
     g = torch.Generator().manual_seed(seed)
-    idx_all = []
+    out = []
     for t in tokens:
-        idx = torch.randint(num_experts, (t, k), generator=g)  # repeats allowed: several slots on one rank
+        idx = torch.randint(num_experts, (t, k), generator=g)
         idx[torch.rand(t, k, generator=g) < 0.2] = -1
-        idx_all.append(idx)
-    x = torch.randn(tokens[rank], hidden).to(torch.bfloat16)
-    w = torch.rand(tokens[rank], k)
-    _, _, handle = moe_ext.dispatch(x, idx_all[rank], w, num_experts, backend="gloo")
-    splits = handle.plan.send_splits  # rows sent to each destination rank, this rank's own included
-    sent = (sum(splits) - splits[rank]) * hidden * x.element_size()
-    return sent, P.ep_dispatch_bytes(tokens, hidden, x.element_size(), idx_all, num_experts, world)
+        out.append(idx.tolist())
+    return out
 
 
-def test_ep_dispatch_bytes_equal_what_a_gloo_dispatch_sent():
-    tokens, hidden, k, num_experts = [37, 53], 8, 3, 6
-    results = run_world(_dispatch_bytes_worker, 2, 1234, tokens, hidden, k, num_experts, timeout_s=120)
-    for rank, (sent, counted) in enumerate(results):
-        assert sent == counted[rank] and sent > 0
+def test_ep_bytes_equal_what_a_gloo_dispatch_sent():
+    """The bytes a real gloo dispatch / combine sent (counted by wrapping all_to_all_single in each
+    rank), against the planner: its EP number, its expectation and its exact count, and by hand."""
+    H, nbytes = 8, 2  # bfloat16 rows
+    cases = [("all pairs", _all_pairs_routing(), 4), ("random", _random_routing(1234, [37, 53], 3, 6), 6)]
+    results = {}
+    for name, routing, num_experts in cases:
+        results[name] = run_world(_dispatch_bytes_worker, 2, routing, num_experts, H, timeout_s=120)
+
+    # By hand, all pairs: from each rank 15 of the 18 tokens have an expert on the other rank (every
+    # pair but the rank's own one), 15 rows * 8 * 2 bytes = 240 per dispatch; the combine returns one
+    # row per slot: 18 of the other rank's 36 slots live here, 18 * 8 * 2 = 288.
+    T, k, E, W = 18, 2, 4, 2
+    p = P.rank_hit_probability(E, k, W)
+    assert math.isclose(p, 5 / 6)
+    assert math.isclose(P.expected_dispatch_bytes(T, H, nbytes, E, k, W), 240)
+    assert P.ep_dispatch_bytes(T, H, nbytes, _all_pairs_routing(), E, W) == [240, 240]
+    model = P.ModelSpec(layers=1, hidden=H, ffn=8, experts=E, topk=k, bytes_per_param=nbytes)
+    rows = {mode: next(r for r in P.plan(model, P.ClusterSpec(gpus=W, batch=2, seq_len=T, mode=mode)) if r["ep"] == W)
+            for mode in ("infer", "train")}
+    assert rows["infer"]["tokens_per_gpu"] == T
+    assert math.isclose(rows["infer"]["ep_bytes"], 2 * T * H * nbytes * (W - 1) * p)  # = 480: 2 x 240
+    assert math.isclose(rows["train"]["ep_bytes"], 2 * rows["infer"]["ep_bytes"])
+    for rank, moved in enumerate(results["all pairs"]):
+        sent = {stage: _token_bytes(m) for stage, m in moved.items()}
+        # The dispatch moves exactly the planner's half of the EP bytes (dispatch + combine).
+        assert sent["dispatch"] == 240 == rows["infer"]["ep_bytes"] / 2, (rank, sent)
+        # moe_ext.combine returns one row per kept slot, T * k * (W - 1) / W of them, not one per
+        # (token, destination) as the planner assumes: k / (W * p) = 1.2 times its half here.
+        assert sent["combine"] == T * k * (W - 1) // W * H * nbytes == 288, (rank, sent)
+        assert math.isclose(sent["combine"], rows["infer"]["ep_bytes"] / 2 * k / (W * p))
+        # The backward moves the same rows again (the planner's passes = 2): the combine's gradient
+        # once per (token, destination), the dispatch's once per slot.
+        assert sent["backward"] == sent["dispatch"] + sent["combine"], (rank, sent)
+
+    # Random routing with repeated experts and unrouted slots: the exact count of the planner.
+    routing, E = cases[1][1], cases[1][2]
+    tokens = [len(r) for r in routing]
+    counted = P.ep_dispatch_bytes(tokens, H, nbytes, routing, E, W)
+    for rank, moved in enumerate(results["random"]):
+        sent = {stage: _token_bytes(m) for stage, m in moved.items()}
+        assert sent["dispatch"] == counted[rank] > 0, (rank, sent, counted)
+        # One row back per slot of the other rank's tokens on this rank's experts.
+        slots_here = int((np.asarray(routing[1 - rank]) // (E // W) == rank).sum())
+        assert sent["combine"] == slots_here * H * nbytes, (rank, sent, slots_here)
+        assert sent["backward"] == sent["dispatch"] + sent["combine"], (rank, sent)
 
 
 # ---- the command line -----------------------------------------------------------------------------

@@ -78,7 +78,7 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 cxx_flags = ["-O3"]  # the C++ standard is the one torch's cpp_extension picks (C++20)
 if want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-    sources += rel("csrc/kernels/*.cu") + rel("csrc/ops/*.cu")
+    sources += rel("csrc/kernels/*.cu") + rel("csrc/comm/*.cu") + rel("csrc/ops/*.cu")
     cutlass = cutlass_include()
     if not cutlass:
         raise RuntimeError("moe_ext CUDA build: CUTLASS/CuTe headers not found (the Hopper grouped GEMM needs them). "

@@ -477,12 +477,12 @@ def _spawn(cfg, world, device):
 
 
 def _cuda_multirank_problem(world):
-    """Why W ranks with CUDA tensors cannot dispatch yet (None when moe_ext.dispatch supports it)."""
-    from .dispatch import _select_backend
+    """Why W ranks with CUDA tensors cannot dispatch (None when this build can)."""
+    from . import _ipc
 
     try:
-        _select_backend("auto", torch.device("cuda"), world)
-    except NotImplementedError as e:
+        _ipc.require_cuda_build()
+    except RuntimeError as e:
         return str(e)
     return None
 

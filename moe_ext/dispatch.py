@@ -81,11 +81,12 @@ def _resolve_group(group):
     return group, dist.get_world_size(group), rank
 
 
-def _select_backend(backend, device, world_size):
-    """The backend name for tensors on `device` over `world_size` ranks ("local" for a world of one).
+def _choose(backend, device, world_size, group=None):
+    """(backend name, why) for tensors on `device` over `world_size` ranks ("local" for a world of one).
 
-    Raises ValueError for a backend that cannot move tensors of that device and
-    NotImplementedError where the backend that would do it is not built yet.
+    Raises ValueError for a backend that cannot move tensors of that device, and RuntimeError
+    where the CUDA backends are missing from this build. For "auto" on CUDA with W > 1 it asks
+    every rank of `group` once (a collective, cached) which GPUs can reach each other.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"moe_ext.dispatch: backend must be one of {_BACKENDS}, got {backend!r}")
@@ -94,18 +95,28 @@ def _select_backend(backend, device, world_size):
         if backend in ("ipc", "nccl"):
             raise ValueError(f"moe_ext.dispatch: backend {backend!r} moves CUDA tensors, but x is on the CPU; "
                              "use backend='gloo' or 'auto' for CPU tensors")
-        return "local" if world_size == 1 else "gloo"
-    if device.type == "cuda":
-        if backend == "gloo":
-            raise ValueError(f"moe_ext.dispatch: backend 'gloo' needs CPU tensors, but x is on {device}; "
-                             "use backend='auto' (or move x, idx and w to the CPU)")
         if world_size == 1:
-            return "local"
-        raise NotImplementedError(
-            f"moe_ext.dispatch: CUDA tensors over {world_size} ranks need the 'ipc' or 'nccl' backend, which "
-            "are not built yet (they come with the GPU work of issue 7); use CPU tensors with backend='gloo', "
-            "or a world of one rank")
-    raise ValueError(f"moe_ext.dispatch: tensors on {device} are not supported (CPU or CUDA only)")
+            return "local", "dispatch is a permute and combine an unpermute, no communication"
+        return "gloo", ("tokens move with torch.distributed all_to_all_single over the group, the only backend "
+                        "for CPU tensors")
+    if device.type != "cuda":
+        raise ValueError(f"moe_ext.dispatch: tensors on {device} are not supported (CPU or CUDA only)")
+    if backend == "gloo":
+        raise ValueError(f"moe_ext.dispatch: backend 'gloo' needs CPU tensors, but x is on {device}; "
+                         "use backend='auto' (or move x, idx and w to the CPU)")
+    if world_size == 1:
+        return "local", "dispatch is a permute and combine an unpermute, no communication"
+    from . import _ipc
+    _ipc.require_cuda_build()
+    if backend != "auto":
+        return backend, "asked for by name"
+    ok, why = _ipc.peer_access(group, device)
+    return ("ipc" if ok else "nccl"), why
+
+
+def _select_backend(backend, device, world_size, group=None):
+    """The backend name for tensors on `device` over `world_size` ranks (see _choose)."""
+    return _choose(backend, device, world_size, group)[0]
 
 
 def describe(group=None, device=None):
@@ -113,7 +124,8 @@ def describe(group=None, device=None):
 
     group: a ProcessGroup (None = the default group if initialised, else a world of one).
     device: where x lives; None = the current CUDA device if CUDA is available, else the CPU.
-    Returns one line of text.
+    For CUDA over W > 1 ranks this is a collective the first time (every rank of the group must
+    call it, or dispatch, together). Returns one line of text.
     """
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -124,14 +136,10 @@ def describe(group=None, device=None):
     else:
         where = f"rank {rank} of a group of {world} ranks {dist.get_process_group_ranks(group)}"
     try:
-        name = _select_backend("auto", device, world)
-    except (ValueError, NotImplementedError) as e:
+        name, why = _choose("auto", device, world, group)
+    except (ValueError, RuntimeError) as e:
         return f"auto -> none for {device.type} tensors on {where}: {e}"
-    if name == "local":
-        return (f"auto -> local for {device.type} tensors on {where}: dispatch is a permute and combine an "
-                "unpermute, no communication")
-    return (f"auto -> gloo for cpu tensors on {where}: tokens move with torch.distributed all_to_all_single "
-            f"over the group ({dist.get_backend(group)}), the only backend for CPU tensors")
+    return f"auto -> {name} for {device.type} tensors on {where}: {why}"
 
 
 # ---- the handle --------------------------------------------------------------------------------
@@ -173,17 +181,34 @@ class DispatchHandle:
     backend: str = "local"
     hidden: int = 0
     dtype: Optional[torch.dtype] = None
-    num_rows: int = 0  # rows of recv_x, i.e. of the y combine expects
-    plan: Optional[_Plan] = None
+    num_rows: int = 0  # rows of recv_x, i.e. of the y combine expects (E_local * max_rows if masked)
+    max_rows: Optional[int] = None  # rows per expert of the masked layout (sync=False), else None
+    recv_x_scale: Optional[torch.Tensor] = None  # the fp8 rows' scales, next to recv_x (ipc, x_scale=)
+    async_op: bool = False
+    plan: Optional[object] = None
     comm: Optional[object] = field(default=None, repr=False)  # the backend object (W > 1)
     work: object = field(default_factory=_CompletedWork, repr=False)
 
     def wait(self):
-        """Completes the exchange started by dispatch(async_op=True); recv_x is valid after it.
-
-        The gloo backend and a world of one run synchronously: their work is already complete.
+        """Completes the exchange started with async_op=True (dispatch: recv_x, combine: out are
+        valid after it, on the current stream). The gloo backend and a world of one run
+        synchronously: their work is already complete.
         """
         return self.work.wait()
+
+
+@dataclass
+class _Options:
+    """The arguments of one dispatch that every backend reads."""
+    num_experts: int
+    pad_to: int = 1
+    capacity: Optional[int] = None
+    requires_grad: bool = False
+    sync: bool = True
+    max_tokens: Optional[int] = None
+    max_rows: Optional[int] = None
+    x_scale: Optional[torch.Tensor] = None
+    async_op: bool = False
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -222,7 +247,7 @@ def _dtype_name(code):
 def _view_as(t, dtype):
     """The rows of 2-D `t` reinterpreted as `dtype` (the last dimension rescaled), as a contiguous tensor."""
     if t.stride() != (t.shape[1], 1):  # NOTE: view(dtype) needs plain row-major strides, even for 0 or 1 rows
-        t = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+        t = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
     return t.view(dtype)
 
 
@@ -298,7 +323,18 @@ class _AllToAllBackend:
                 raise ValueError(f"moe_ext.dispatch: the ranks of the group disagree on {name} ({per_rank})")
         return recv
 
-    def dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad):
+    def dispatch(self, x, idx, w, opts):
+        """-> recv_x, tokens_per_expert, plan, row_map; the masked layout when opts.sync is False."""
+        if opts.sync:
+            return self._dispatch(x, idx, w, opts.num_experts, opts.pad_to, opts.capacity, opts.requires_grad)
+        cap = opts.max_rows if opts.capacity is None else min(opts.capacity, opts.max_rows)
+        flat, kept, plan, row_map = self._dispatch(x, idx, w, opts.num_experts, 1, cap, opts.requires_grad)
+        recv_x, where = _to_masked(flat, kept, opts.max_rows)
+        plan.back_rows = where.index_select(0, plan.back_rows)
+        plan.recv_row_map = _remap_rows(plan.recv_row_map, where)
+        return recv_x, kept, plan, row_map
+
+    def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad):
         world = self.world
         problem = _input_problem(x, idx, w, num_experts)
         k = idx.shape[1] if idx.dim() == 2 else 0
@@ -364,6 +400,12 @@ class _AllToAllBackend:
         (rows,) = self._exchange([y[plan.back_rows]], plan.back_send_splits, plan.back_recv_splits, stage)
         return rows
 
+    def combine(self, y, w, plan, row_map, keep_rows=False, stage="combine", async_op=False):
+        """out [T, H] = the weighted (w) or plain (w None) sum of every kept slot's row, sent back
+        from the experts' ranks; also those rows [M, H] when keep_rows (the weights' gradient)."""
+        rows = self.combine_rows(y, plan, stage)
+        return unpermute(rows, row_map, w), (rows if keep_rows else None)
+
     def scatter_grad(self, g, w, y, plan):
         g_recv, w_recv = self._exchange([g.to(y.dtype)[plan.send_tokens], w[plan.send_tokens]],
                                         plan.send_splits, plan.recv_splits, "combine-backward")
@@ -371,20 +413,28 @@ class _AllToAllBackend:
         return grad_y
 
 
-def _make_backend(name, group, world, rank):
+def _make_backend(name, group, world, rank, device):
+    """The backend object moving tensors on `device` over `group` (CUDA ones are cached per group and
+    device: they hold buffers and communicators)."""
     if name == "gloo":
         return _AllToAllBackend(group, world, rank)
-    raise NotImplementedError(f"moe_ext.dispatch: backend {name!r} is not built yet")  # ipc / nccl go here
+    if name == "nccl":
+        from ._nccl import nccl_backend
+        return nccl_backend(group, world, rank, device)
+    from ._ipc import ipc_backend
+    return ipc_backend(group, world, rank, device)
 
 
 # ---- autograd ----------------------------------------------------------------------------------
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, idx, w, num_experts, pad_to, capacity, requires_grad, handle):
-        recv_x, tokens_per_expert, plan, row_map = handle.comm.dispatch(
-            x, idx, w, num_experts, pad_to, capacity, requires_grad)
-        handle.plan, handle.row_map, handle.num_rows = plan, row_map, recv_x.shape[0]
+    def forward(ctx, x, idx, w, opts, handle):
+        recv_x, tokens_per_expert, plan, row_map = handle.comm.dispatch(x, idx, w, opts)
+        handle.plan, handle.row_map = plan, row_map
+        handle.num_rows = recv_x.shape[0] * (recv_x.shape[1] if recv_x.dim() == 3 else 1)
+        handle.recv_x_scale = getattr(plan, "recv_x_scale", None)
+        handle.work = getattr(handle.comm, "last_work", None) or _CompletedWork()
         ctx.handle = handle
         ctx.mark_non_differentiable(tokens_per_expert)
         return recv_x, tokens_per_expert
@@ -394,17 +444,20 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, grad_recv_x, _grad_tpe):
         # NOTE: runs on every rank (grads are materialised), so the exchange is always collective.
         handle = ctx.handle
-        rows = handle.comm.combine_rows(grad_recv_x.contiguous(), handle.plan, "dispatch-backward")
-        return unpermute(rows, handle.row_map, None), None, None, None, None, None, None, None
+        grad = grad_recv_x.reshape(-1, handle.hidden).contiguous()
+        grad_x, _ = handle.comm.combine(grad, None, handle.plan, handle.row_map, stage="dispatch-backward")
+        return grad_x, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, w, handle):
-        rows = handle.comm.combine_rows(y, handle.plan)
+        out, rows = handle.comm.combine(y, w, handle.plan, handle.row_map, keep_rows=w.requires_grad,
+                                        async_op=handle.async_op)
+        handle.work = getattr(handle.comm, "last_work", None) or _CompletedWork()
         ctx.handle = handle
         ctx.save_for_backward(y, w, rows)
-        return unpermute(rows, handle.row_map, w)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -417,61 +470,132 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_w, None
 
 
+# ---- the masked (no-sync) layout ---------------------------------------------------------------
+
+def masked_rows(world_size, max_tokens, capacity=None, pad_to=1):
+    """Rows per local expert of the masked [E_local, max_rows, H] layout (sync=False).
+
+    capacity if given, else world_size * max_tokens (every token of every rank), rounded up to
+    pad_to. An expert keeps its first max_rows rows in (source rank, source token) order.
+    """
+    rows = capacity if capacity is not None else world_size * max_tokens
+    return max(1, -(-rows // pad_to) * pad_to)
+
+
+def _to_masked(recv_x, kept, max_rows):
+    """recv_x [R, H] expert-major (pad_to=1, kept[e] rows each) -> ([E, max_rows, H] with rows past
+    kept zero, the [R] index of every row in it). Device ops only, no host synchronisation."""
+    E, H = kept.shape[0], recv_x.shape[1]
+    ends = torch.cumsum(kept.long(), 0)
+    rows = torch.arange(recv_x.shape[0], device=recv_x.device)
+    e = torch.searchsorted(ends, rows, right=True)
+    where = e * max_rows + rows - (ends - kept.long()).index_select(0, e.clamp(max=max(E - 1, 0)))
+    where = torch.where(e < E, where, E * max_rows)  # NOTE: rows past the total land in a spare row
+    out = recv_x.new_zeros((E * max_rows + 1, H))
+    out.index_copy_(0, where, recv_x)
+    return out[:-1].view(E, max_rows, H), where
+
+
+def _remap_rows(row_map, where):
+    """row_map's rows (-1 = none) renamed through `where` (old row -> new row)."""
+    return torch.where(row_map >= 0, where.index_select(0, row_map.clamp(min=0).reshape(-1)).view_as(row_map),
+                       row_map)
+
+
 # ---- public API --------------------------------------------------------------------------------
 
-def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False, pad_to=1, capacity=None):
+def _check_modes(sync, max_tokens, x_scale, name, x):
+    if not sync:
+        if max_tokens is None or max_tokens < 1:
+            raise ValueError("moe_ext.dispatch: sync=False (the masked no-sync layout) needs max_tokens >= 1, the "
+                             "most tokens any rank passes (the same number on every rank); got "
+                             f"max_tokens={max_tokens}")
+        if x.dim() >= 1 and x.shape[0] > max_tokens:
+            raise ValueError(f"moe_ext.dispatch: x has {x.shape[0]} tokens, more than max_tokens={max_tokens}")
+    if x_scale is not None and name != "ipc":
+        raise ValueError("moe_ext.dispatch: x_scale (fp8 rows with per-token scales) needs the 'ipc' backend "
+                         f"(CUDA tensors over W > 1 ranks); this call uses {name!r}")
+
+
+def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False, pad_to=1, capacity=None,
+             sync=True, max_tokens=None, x_scale=None):
     """Sends every token to the ranks owning its experts; rows arrive grouped by local expert.
 
     x: [T, H] (T may differ per rank and be 0); idx: [T, k] int32/int64 global expert ids
     (-1 = not routed); w: [T, k] float32 routing weights (kept in the handle for combine).
     num_experts: E, a multiple of the group's size W; rank e // (E / W) holds expert e.
     group: a ProcessGroup (None = the default group if initialised, else a world of one).
-    backend: "auto" | "gloo" (CPU tensors) | "ipc" | "nccl" (CUDA, not built yet for W > 1).
+    backend: "auto" | "gloo" (CPU tensors) | "ipc" (CUDA, one-sided writes into the peers'
+    symmetric buffers; GPUs with peer access) | "nccl" (CUDA, NCCL send/recv). describe() says
+    which "auto" picks and why.
     pad_to, capacity: per local expert on the receiver; capacity keeps the first rows in
     (source rank, source token) order, a dropped slot contributes 0 to combine's output.
-    async_op: the handle's wait() completes the exchange (already complete for gloo).
-    Returns recv_x [R, H] in x's dtype (expert-major; inside an expert by (source rank, source
-    token); padding rows zero), tokens_per_expert [E / W] int32 (padded segment sizes) and the
-    handle for combine. Differentiable w.r.t. x (and w, through combine).
+    sync: True (exact): recv_x is [R, H], R read back to the host once (training).
+    False (no-sync, decode): recv_x is the masked layout [E / W, max_rows, H] with
+    max_rows = masked_rows(W, max_tokens, capacity, pad_to), tokens_per_expert the valid rows of
+    each expert (on the device, unpadded); no host synchronisation with the ipc backend, so the
+    call can be captured in a CUDA graph. max_tokens: the most tokens any rank passes, the same
+    on every rank (needed for sync=False; sizes the ipc buffers otherwise).
+    async_op: the tokens may still be moving when dispatch returns; handle.wait() makes the
+    current stream wait for them (the gloo backend and a world of one are already complete).
+    x_scale: [T] or [T, S] float32 per-token scales of fp8 rows (ipc only), delivered in
+    handle.recv_x_scale next to recv_x.
+    Returns recv_x in x's dtype (expert-major; inside an expert by (source rank, source token);
+    padding rows zero), tokens_per_expert [E / W] int32 (padded segment sizes; valid rows when
+    sync=False) and the handle for combine. Differentiable w.r.t. x (and w, through combine).
     """
     group, world, rank = _resolve_group(group)
     if pad_to < 1:
         raise ValueError(f"moe_ext.dispatch: pad_to must be >= 1, got {pad_to}")
     if capacity is not None and capacity < 0:
         raise ValueError(f"moe_ext.dispatch: capacity must be >= 0 or None, got {capacity}")
-    name = _select_backend(backend, x.device, world)
+    name = _select_backend(backend, x.device, world, group)
+    _check_modes(sync, max_tokens, x_scale, name, x)
+    max_rows = masked_rows(world, max_tokens, capacity, pad_to) if not sync else None
     if name == "local":
         problem = _input_problem(x, idx, w, num_experts)
         if problem is not None:
             raise ValueError(f"moe_ext.dispatch: {problem}")
-        recv_x, row_map, tokens_per_expert = permute(x, idx, num_experts, pad_to=pad_to, capacity=capacity)
+        if sync:
+            recv_x, row_map, tokens_per_expert = permute(x, idx, num_experts, pad_to=pad_to, capacity=capacity)
+        else:
+            cap = max_rows if capacity is None else min(capacity, max_rows)
+            flat, row_map, tokens_per_expert = permute(x, idx, num_experts, capacity=cap, sync=False)
+            recv_x, where = _to_masked(flat, tokens_per_expert, max_rows)
+            row_map = _remap_rows(row_map, where)
         handle = DispatchHandle(row_map, w, x.shape[0], world, group, name, hidden=x.shape[1], dtype=x.dtype,
-                                num_rows=recv_x.shape[0])
+                                num_rows=recv_x.reshape(-1, x.shape[1]).shape[0], max_rows=max_rows)
         return recv_x, tokens_per_expert, handle
     expert_placement(num_experts, world)  # E divisible by W: checked before any communication
     handle = DispatchHandle(None, w, x.shape[0] if x.dim() else 0, world, group, name,
-                            hidden=x.shape[1] if x.dim() == 2 else 0, dtype=x.dtype)
-    handle.comm = _make_backend(name, group, world, rank)
+                            hidden=x.shape[1] if x.dim() == 2 else 0, dtype=x.dtype, max_rows=max_rows)
+    handle.comm = _make_backend(name, group, world, rank, x.device)
     # NOTE: every rank must agree on requires_grad (a rank without the backward would leave the
     # others waiting in theirs); a Function's forward runs without grad mode, so it is read here.
     requires_grad = torch.is_grad_enabled() and x.requires_grad
-    recv_x, tokens_per_expert = _Dispatch.apply(x, idx, w, num_experts, pad_to, capacity, requires_grad, handle)
+    opts = _Options(num_experts, pad_to, capacity, requires_grad, sync, max_tokens, max_rows, x_scale, async_op)
+    recv_x, tokens_per_expert = _Dispatch.apply(x, idx, w, opts, handle)
     return recv_x, tokens_per_expert, handle
 
 
-def combine(y, handle):
+def combine(y, handle, async_op=False):
     """out[t] = sum_j w[t, j] * y[row of (t, j)], back on the rank that sent token t.
 
-    y: [R, H] expert outputs in the layout dispatch returned (recv_x's shape and dtype); padding
-    rows are ignored. Returns out [T, H] in y's dtype, summed in float32 (float64 for float64) in
-    slot order j = 0..k-1: bit-identical to the single-rank permute -> unpermute.
-    Differentiable w.r.t. y and the weights given to dispatch.
+    y: expert outputs in the layout dispatch returned (recv_x's shape and dtype: [R, H], or the
+    masked [E / W, max_rows, H] with sync=False); padding rows and rows past an expert's valid
+    count are ignored. Returns out [T, H] in y's dtype, summed in float32 (float64 for float64)
+    in slot order j = 0..k-1: bit-identical to the single-rank permute -> unpermute on the same
+    device. async_op: out is valid once handle.wait() returns (CUDA backends; the others finish
+    before returning). Differentiable w.r.t. y and the weights given to dispatch.
     """
     if not isinstance(handle, DispatchHandle):
         raise TypeError("moe_ext.combine: handle must be the DispatchHandle returned by moe_ext.dispatch")
-    if y.dim() != 2 or y.shape[0] != handle.num_rows or y.shape[1] != handle.hidden or y.dtype != handle.dtype:
-        raise ValueError(f"moe_ext.combine: y must be [R={handle.num_rows}, H={handle.hidden}] {handle.dtype} like "
-                         f"recv_x, got {tuple(y.shape)} {y.dtype}")
+    want = ((handle.num_rows // handle.max_rows, handle.max_rows, handle.hidden) if handle.max_rows
+            else (handle.num_rows, handle.hidden))
+    if tuple(y.shape) != want or y.dtype != handle.dtype:
+        raise ValueError(f"moe_ext.combine: y must be {list(want)} {handle.dtype} like recv_x, got "
+                         f"{list(y.shape)} {y.dtype}")
     if handle.plan is None:
-        return unpermute(y, handle.row_map, handle.weights)
-    return _Combine.apply(y, handle.weights, handle)
+        return unpermute(y.reshape(-1, handle.hidden), handle.row_map, handle.weights)
+    handle.async_op = async_op
+    return _Combine.apply(y.reshape(-1, handle.hidden), handle.weights, handle)

@@ -1,0 +1,42 @@
+// The ipc backend's operations as launch sequences over a SymmetricBuffer, torch-free: the torch
+// adapter (csrc/ops/ep_ipc.cpp) and the C++ benchmark (bench/bench_ep.cu) run exactly these.
+//
+// dispatch:  ep_dispatch_begin (local index, count exchange [-> `counted` event], token send,
+//            wait for every source), then, in the exact layout, the host reads the row count
+//            (SymmetricBuffer::recv_total after synchronising on `counted`) and allocates recv_x,
+//            then ep_dispatch_finish (expansion into recv_x).
+// combine:   ep_combine (barrier, expert rows back, wait, the weighted sum of each token's k rows).
+// backward of combine: ep_combine_grad (barrier, gradient rows out, wait, expansion with weights).
+#pragma once
+
+#include "comm/symmetric.cuh"
+#include "kernels/ep.cuh"
+#include "kernels/permute.cuh"
+
+namespace moe_ext::comm {
+
+// Device scratch of one dispatch's local index, caller-owned, ep_dispatch_workspace_bytes large.
+size_t ep_dispatch_workspace_bytes(int64_t num_tokens, int64_t k, int64_t num_experts, int64_t world);
+
+// The plan a dispatch leaves for its combine and backward (caller-owned device memory):
+//   scratch   [kernels::ep_scratch_len(world, num_experts)] int64
+//   slot_rows [T, k] int64, stage_rows [T, k] int64   (sender side)
+//   back_map  [recv_rows] int64                         (receiver side)
+// p: the call's fields (num_tokens, k, num_experts, pad_to, capacity, max_rows, row_bytes,
+// dtype_code, idx, x, x_row_stride, x_scale, scale_cols) and the plan pointers (scratch,
+// slot_rows, stage_rows, tokens_per_expert). Writes the local-index fields of p.
+void ep_dispatch_begin(kernels::EpParams& p, void* workspace, cudaEvent_t counted, cudaStream_t stream);
+// p additionally: recv_x, recv_rows, recv_scale, back_map.
+void ep_dispatch_finish(const kernels::EpParams& p, cudaStream_t stream);
+
+// out [T, hidden] = sum_j w[t, j] * (row of slot (t, j) sent back), float32 accumulation
+// (plain sum without weights). p: the dispatch's params with y / y_row_stride set.
+void ep_combine(const kernels::EpParams& p, kernels::PermuteFloat dtype, const int64_t* combine_map,
+                const float* weights, void* out, cudaStream_t stream);
+
+// grad_y (zeroed here) = the dispatch layout of g [T, hidden] scaled by each slot's weight.
+// p: the dispatch's params with x = g (y's dtype), weights = w [T, k] float32.
+void ep_combine_grad(const kernels::EpParams& p, kernels::EpFloat dtype, void* grad_y, int64_t grad_y_bytes,
+                     cudaStream_t stream);
+
+}  // namespace moe_ext::comm

@@ -1,0 +1,644 @@
+// The ipc backend's kernels: count exchange and plan, token send, flag waits, expansion into the
+// expert-major layout, expert outputs back. Protocol and buffer layout: ep.cuh.
+#include "kernels/ep.cuh"
+#include "kernels/exception.cuh"
+
+#include <cub/block/block_scan.cuh>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+namespace moe_ext::kernels {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kCountThreads = 1024;
+constexpr int kRowThreads = 256;
+constexpr int kRowWarps = kRowThreads / kWarp;
+
+inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+// ---- memory-model helpers ----------------------------------------------------------------------
+
+__device__ __forceinline__ void store_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint64_t* flag_ptr(char* base, const EpLayout& L, int phase, int src) {
+  return reinterpret_cast<uint64_t*>(base + L.flags) + static_cast<int64_t>(phase) * L.sizes.world + src;
+}
+
+__device__ __forceinline__ int64_t* count_row(char* base, const EpLayout& L, uint64_t seq, int src) {
+  return reinterpret_cast<int64_t*>(base + L.counts) +
+         (static_cast<int64_t>(seq & 1) * L.sizes.world + src) * L.count_row;
+}
+
+// Records the first error of this rank (later ones are dropped) and stops the communicator.
+__device__ void record_error(const EpParams& p, int code, int rank, int field, int phase, int64_t value,
+                             int64_t mine, uint64_t seq) {
+  if (atomicCAS(&p.control->status, 0, code) != 0) return;
+  volatile EpError* e = p.error;
+  e->rank = rank;
+  e->field = field;
+  e->phase = phase;
+  e->value = value;
+  e->mine = mine;
+  e->seq = static_cast<int64_t>(seq);
+  __threadfence_system();
+  e->code = code;
+  __threadfence_system();
+}
+
+__device__ __forceinline__ bool failed(const EpParams& p) {
+  return *reinterpret_cast<volatile int*>(&p.control->status) != 0;
+}
+
+// Thread `src` of the block waits for the flag of `phase` from rank `src`; false on timeout.
+__device__ bool wait_flag(const EpParams& p, int phase, int src, uint64_t seq, uint64_t start) {
+  const uint64_t* f = flag_ptr(p.local, p.layout, phase, src);
+  int spins = 0;
+  while (load_acquire_sys(f) < seq) {
+    if (++spins % 64 == 0) {
+      if (global_ns() - start > static_cast<uint64_t>(p.timeout_ns)) return false;
+      if (failed(p)) return true;  // another wait of this rank already failed: give up quietly
+    }
+  }
+  return true;
+}
+
+// Every thread has finished its one-sided writes: the block's last thread to arrive at the
+// grid-wide counter raises this rank's flag of `phase` on every peer.
+__device__ void signal_when_done(const EpParams& p, int phase, uint64_t seq) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned prev = atomicAdd(&p.control->done_blocks, 1u);
+    if (prev == gridDim.x - 1) {
+      p.control->done_blocks = 0;
+      if (failed(p)) return;  // a broken operation raises no flags: the peers time out too
+      __threadfence_system();
+      for (int d = 0; d < p.world; ++d) store_release_sys(flag_ptr(p.peers[d], p.layout, phase, p.rank), seq);
+    }
+  }
+}
+
+template <typename IdxT>
+__device__ __forceinline__ int64_t expert_of(const void* idx, int64_t i, int64_t num_experts) {
+  const int64_t e = static_cast<int64_t>(static_cast<const IdxT*>(idx)[i]);
+  return (e >= 0 && e < num_experts) ? e : -1;
+}
+
+__device__ __forceinline__ int64_t load_expert(const EpParams& p, int64_t i) {
+  return p.idx_is_int64 ? expert_of<int64_t>(p.idx, i, p.num_experts) : expert_of<int32_t>(p.idx, i, p.num_experts);
+}
+
+// Copies `bytes` (a multiple of 16) from src to dst with the lanes of one warp.
+__device__ __forceinline__ void warp_copy(char* __restrict__ dst, const char* __restrict__ src, int64_t bytes,
+                                          int lane) {
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  const int64_t n = bytes / 16;
+  int64_t v = lane;
+  for (; v + 3 * kWarp < n; v += 4 * kWarp) {
+    const uint4 a = s[v], b = s[v + kWarp], c = s[v + 2 * kWarp], e = s[v + 3 * kWarp];
+    d[v] = a;
+    d[v + kWarp] = b;
+    d[v + 2 * kWarp] = c;
+    d[v + 3 * kWarp] = e;
+  }
+  for (; v < n; v += kWarp) d[v] = s[v];
+}
+
+__device__ __forceinline__ void warp_zero(char* dst, int64_t bytes, int lane) {
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  for (int64_t v = lane; v < bytes / 16; v += kWarp) d[v] = make_uint4(0, 0, 0, 0);
+}
+
+// ---- plan scratch ----------------------------------------------------------------------------
+// int64: slot_base[E], cap_limit[E], own_off[E], tok_off[W], recv_tok[W], recv_kept[El],
+// recv_base[El], recv_seg[El], total[1].
+struct Scratch {
+  int64_t *slot_base, *cap_limit, *own_off, *tok_off, *recv_tok, *recv_kept, *recv_base, *recv_seg, *total;
+};
+
+__host__ __device__ inline Scratch carve_scratch(int64_t* s, int64_t world, int64_t num_experts) {
+  const int64_t el = num_experts / world;
+  Scratch c;
+  c.slot_base = s;
+  c.cap_limit = c.slot_base + num_experts;
+  c.own_off = c.cap_limit + num_experts;
+  c.tok_off = c.own_off + num_experts;
+  c.recv_tok = c.tok_off + world;
+  c.recv_kept = c.recv_tok + world;
+  c.recv_base = c.recv_kept + el;
+  c.recv_seg = c.recv_base + el;
+  c.total = c.recv_seg + el;
+  return c;
+}
+
+// ---- kernels -----------------------------------------------------------------------------------
+
+template <typename IdxT>
+__global__ void __launch_bounds__(kRowThreads)
+    destination_keys_kernel(const IdxT* __restrict__ idx, int64_t num_tokens, int64_t k, int64_t num_experts,
+                            int64_t local_experts, int64_t* __restrict__ keys) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_tokens;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = static_cast<int64_t>(idx[t * k + j]);
+      int64_t d = (e >= 0 && e < num_experts) ? e / local_experts : -1;
+      for (int64_t i = 0; i < j && d >= 0; ++i) {  // a token goes to each rank once
+        const int64_t f = static_cast<int64_t>(idx[t * k + i]);
+        if (f >= 0 && f < num_experts && f / local_experts == d) d = -1;
+      }
+      keys[t * k + j] = d;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kCountThreads) exchange_counts_kernel(EpParams p) {
+  __shared__ uint64_t s_seq;
+  __shared__ int s_bad;
+  using Scan = cub::BlockScan<int64_t, kCountThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  const EpLayout& L = p.layout;
+  const int W = p.world, me = p.rank;
+  const int64_t E = p.num_experts, El = E / W;
+  const uint64_t start = global_ns();
+  if (threadIdx.x == 0) {
+    s_seq = ++p.control->seq;
+    s_bad = 0;
+  }
+  __syncthreads();
+  const uint64_t seq = s_seq;
+  if (failed(p)) return;
+
+  // 1. This rank's row (header, tokens per destination, slots per expert) into every peer.
+  for (int d = 0; d < W; ++d) {
+    int64_t* row = count_row(p.peers[d], L, seq, me);
+    for (int64_t i = threadIdx.x; i < L.count_row; i += blockDim.x) {
+      int64_t v = 0;
+      if (i < kHdrLen) {
+        switch (static_cast<int>(i)) {
+          case kHdrMagic: v = kEpMagic; break;
+          case kHdrSeq: v = static_cast<int64_t>(seq); break;
+          case kHdrTokens: v = p.num_tokens; break;
+          case kHdrRowBytes: v = p.row_bytes; break;
+          case kHdrDtype: v = p.dtype_code; break;
+          case kHdrExperts: v = E; break;
+          case kHdrK: v = p.k; break;
+          case kHdrPadTo: v = p.pad_to; break;
+          case kHdrCapacity: v = p.capacity; break;
+          case kHdrMaxRows: v = p.max_rows; break;
+          case kHdrWorld: v = W; break;
+          case kHdrScaleCols: v = p.scale_cols; break;
+          case kHdrBadInput: v = p.bad_input; break;
+          default: break;
+        }
+      } else if (i < kHdrLen + W) {
+        v = p.tok[i - kHdrLen];
+      } else if (i < kHdrLen + W + E) {
+        v = p.hist[i - kHdrLen - W];
+      }
+      row[i] = v;
+    }
+  }
+  __threadfence_system();
+  __syncthreads();
+  for (int d = threadIdx.x; d < W; d += blockDim.x) store_release_sys(flag_ptr(p.peers[d], L, kEpCount, me), seq);
+
+  // 2. Every peer's row.
+  for (int s = threadIdx.x; s < W; s += blockDim.x) {
+    if (!wait_flag(p, kEpCount, s, seq, start)) {
+      record_error(p, kEpTimeout, s, 0, kEpCount, 0, 0, seq);
+      s_bad = 1;
+    }
+  }
+  __syncthreads();
+  if (s_bad || failed(p)) return;
+
+  // 3. The ranks must agree on everything but their token counts; those must fit the buffer.
+  if (threadIdx.x < W) {
+    const int s = threadIdx.x;
+    const int64_t* mine = count_row(p.local, L, seq, me);
+    const int64_t* theirs = count_row(p.local, L, seq, s);
+    // NOTE: invalid inputs first: a rank that announces them may disagree on everything else.
+    for (int i = 0; i < kHdrLen; ++i) {
+      const int f = i == 0 ? kHdrBadInput : (i == kHdrBadInput ? 0 : i);
+      if (f == kHdrTokens) continue;
+      if (theirs[f] != mine[f]) {
+        record_error(p, kEpMismatch, s, f, kEpCount, theirs[f], mine[f], seq);
+        s_bad = 1;
+        break;
+      }
+    }
+    if (theirs[kHdrTokens] > L.sizes.max_tokens) {
+      int64_t most = 0;
+      for (int r = 0; r < W; ++r) most = max(most, count_row(p.local, L, seq, r)[kHdrTokens]);
+      record_error(p, kEpTooMany, s, kHdrTokens, kEpCount, most, L.sizes.max_tokens, seq);
+      s_bad = 1;
+    }
+  }
+  __syncthreads();
+  if (s_bad || failed(p)) return;
+
+  // 4. The plan. Per global expert e: this rank's offset in its own expert-major order (own),
+  // the slots of ranks before this one (prefix) and of all ranks (total).
+  const Scratch sc = carve_scratch(p.scratch, W, E);
+  const int64_t hist_at = kHdrLen + W;
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    int64_t prefix = 0, total = 0;
+    for (int s = 0; s < W; ++s) {
+      const int64_t c = count_row(p.local, L, seq, s)[hist_at + e];
+      if (s < me) prefix += c;
+      total += c;
+    }
+    sc.slot_base[e] = prefix;
+    sc.cap_limit[e] = total;
+  }
+  int64_t carry = 0;
+  for (int64_t e0 = 0; e0 < E; e0 += kCountThreads) {
+    const int64_t e = e0 + threadIdx.x;
+    const int64_t v = e < E ? static_cast<int64_t>(p.hist[e]) : 0;
+    int64_t excl, aggregate;
+    Scan(scan_tmp).ExclusiveSum(v, excl, aggregate);
+    if (e < E) sc.own_off[e] = carry + excl;
+    carry += aggregate;
+    __syncthreads();
+  }
+  // Per owner d, its local experts' segments: kept rows, padded size, base. A slot of this rank
+  // at position pos of expert e (own row r = own_off + pos) lands at base + prefix + pos =
+  // r + slot_base on its owner, and is kept while prefix + pos < cap, i.e. r < cap_limit.
+  int64_t cap = p.capacity;
+  if (p.max_rows >= 0) cap = cap < 0 ? p.max_rows : min(cap, p.max_rows);
+  const bool masked = p.max_rows >= 0;
+  for (int d = threadIdx.x; d < W; d += blockDim.x) {
+    int64_t base = 0;
+    for (int64_t el = 0; el < El; ++el) {
+      const int64_t e = d * El + el;
+      const int64_t prefix = sc.slot_base[e], total = sc.cap_limit[e];
+      const int64_t kept = cap < 0 ? total : min(total, cap);
+      const int64_t seg = masked ? p.max_rows : (kept + p.pad_to - 1) / p.pad_to * p.pad_to;
+      if (d == me) {
+        sc.recv_kept[el] = kept;
+        sc.recv_base[el] = base;
+        sc.recv_seg[el] = masked ? kept : seg;
+        p.tokens_per_expert[el] = static_cast<int32_t>(masked ? kept : seg);
+      }
+      sc.slot_base[e] = base + prefix - sc.own_off[e];
+      sc.cap_limit[e] = cap < 0 ? INT64_MAX : sc.own_off[e] + cap - prefix;
+      base += seg;
+    }
+    if (d == me) {
+      *sc.total = base;
+      if (p.recv_total != nullptr) *p.recv_total = base;
+      if (p.recv_total_host != nullptr) *reinterpret_cast<volatile int64_t*>(p.recv_total_host) = base;
+    }
+  }
+  if (threadIdx.x == 0) {
+    int64_t off = 0;
+    for (int d = 0; d < W; ++d) {
+      sc.tok_off[d] = off;
+      off += p.tok[d];
+    }
+  }
+  for (int s = threadIdx.x; s < W; s += blockDim.x) sc.recv_tok[s] = count_row(p.local, L, seq, s)[kHdrLen + me];
+  if (p.recv_total_host != nullptr) __threadfence_system();
+}
+
+// One warp per token: its rows to each destination it has slots on, once per destination.
+__global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bool grad) {
+  const EpLayout& L = p.layout;
+  const uint64_t seq = *reinterpret_cast<volatile unsigned long long*>(&p.control->seq);
+  if (!failed(p)) {
+    const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
+    const int lane = threadIdx.x % kWarp;
+    const int64_t El = p.num_experts / p.world;
+    const int64_t meta_cols = L.sizes.max_k + 1;
+    const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp; t < p.num_tokens;
+         t += warps) {
+      // Lane j: slot j's destination, its row there, and the staging row if it is the first.
+      int64_t dest = -1, row = -1, stage = -1;
+      if (lane < p.k) {
+        const int64_t s = t * p.k + lane;
+        const int64_t e = load_expert(p, s);
+        if (e >= 0) dest = e / El;
+        if (grad) {
+          row = p.slot_rows[s];
+          stage = p.stage_rows[s];
+        } else {
+          if (e >= 0) {
+            const int64_t r = p.expert_rows[s];
+            row = r < sc.cap_limit[e] ? r + sc.slot_base[e] : -1;
+            if (p.dest_rows[s] >= 0) stage = p.rank * L.sizes.max_tokens + p.dest_rows[s] - sc.tok_off[dest];
+          }
+          p.slot_rows[s] = row;
+          p.stage_rows[s] = stage;
+        }
+      }
+      unsigned firsts = __ballot_sync(kFull, stage >= 0);
+      while (firsts) {
+        const int j = __ffs(firsts) - 1;
+        firsts &= firsts - 1;
+        const int64_t d = __shfl_sync(kFull, dest, j);
+        const int64_t st = __shfl_sync(kFull, stage, j);
+        char* peer = p.peers[d];
+        warp_copy(peer + L.payload + st * L.sizes.row_bytes,
+                  static_cast<const char*>(p.x) + t * p.x_row_stride, p.row_bytes, lane);
+        int64_t* meta = reinterpret_cast<int64_t*>(peer + L.meta) + st * meta_cols;
+        if (lane < p.k) meta[lane] = dest == d ? row : -1;
+        if (lane == 0) meta[L.sizes.max_k] = t;
+        if (grad && lane < p.k)
+          reinterpret_cast<float*>(peer + L.weights)[st * L.sizes.max_k + lane] = p.weights[t * p.k + lane];
+        if (p.x_scale != nullptr) {
+          float* sdst = reinterpret_cast<float*>(peer + L.scales) + st * L.sizes.scale_cols;
+          for (int64_t c = lane; c < p.scale_cols; c += kWarp) sdst[c] = p.x_scale[t * p.scale_cols + c];
+        }
+      }
+    }
+  }
+  signal_when_done(p, kEpData, seq);
+}
+
+__global__ void __launch_bounds__(kCountThreads) wait_kernel(EpParams p, int phase, bool signal, bool new_op) {
+  __shared__ uint64_t s_seq;
+  const uint64_t start = global_ns();
+  if (threadIdx.x == 0) s_seq = new_op ? ++p.control->seq : p.control->seq;
+  __syncthreads();
+  const uint64_t seq = s_seq;
+  if (failed(p)) return;
+  if (signal)
+    for (int d = threadIdx.x; d < p.world; d += blockDim.x)
+      store_release_sys(flag_ptr(p.peers[d], p.layout, phase, p.rank), seq);
+  for (int s = threadIdx.x; s < p.world; s += blockDim.x)
+    if (!wait_flag(p, phase, s, seq, start)) record_error(p, kEpTimeout, s, 0, phase, 0, 0, seq);
+}
+
+// One warp per staged token: copied into the recv rows of each of its slots here.
+__global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
+  if (failed(p)) return;
+  const EpLayout& L = p.layout;
+  const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t meta_cols = L.sizes.max_k + 1;
+  const int64_t staged = p.world * L.sizes.max_tokens;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  const int64_t slots_per_rank = L.sizes.max_tokens * L.sizes.max_k;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; g < staged; g += warps) {
+    const int64_t s = g / L.sizes.max_tokens, i = g % L.sizes.max_tokens;
+    if (i >= sc.recv_tok[s]) continue;
+    const int64_t* meta = reinterpret_cast<const int64_t*>(p.local + L.meta) + g * meta_cols;
+    const int64_t t = meta[L.sizes.max_k];
+    const int64_t mine = lane < p.k ? meta[lane] : -1;
+    unsigned rows = __ballot_sync(kFull, mine >= 0 && mine < p.recv_rows);
+    while (rows) {
+      const int j = __ffs(rows) - 1;
+      rows &= rows - 1;
+      const int64_t r = __shfl_sync(kFull, mine, j);
+      warp_copy(static_cast<char*>(p.recv_x) + r * p.row_bytes, p.local + L.payload + g * L.sizes.row_bytes,
+                p.row_bytes, lane);
+      if (lane == 0) p.back_map[r] = s * slots_per_rank + t * p.k + j;
+      if (p.recv_scale != nullptr) {
+        const float* ssrc = reinterpret_cast<const float*>(p.local + L.scales) + g * L.sizes.scale_cols;
+        for (int64_t c = lane; c < p.scale_cols; c += kWarp) p.recv_scale[r * p.scale_cols + c] = ssrc[c];
+      }
+    }
+  }
+  if (p.max_rows >= 0) return;  // masked: rows past each expert's count are never read
+  // Exact layout: the padding rows of each expert are zero and map back nowhere.
+  const int64_t El = p.num_experts / p.world;
+  for (int64_t el = blockIdx.x; el < El; el += gridDim.x) {
+    const int64_t lo = sc.recv_base[el] + sc.recv_kept[el], hi = sc.recv_base[el] + sc.recv_seg[el];
+    for (int64_t r = lo + warp; r < hi && r < p.recv_rows; r += kRowWarps) {
+      warp_zero(static_cast<char*>(p.recv_x) + r * p.row_bytes, p.row_bytes, lane);
+      if (lane == 0) p.back_map[r] = -1;
+      if (p.recv_scale != nullptr)
+        for (int64_t c = lane; c < p.scale_cols; c += kWarp) p.recv_scale[r * p.scale_cols + c] = 0.f;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f(T v);
+template <>
+__device__ __forceinline__ float to_f(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) expand_grad_kernel(EpParams p, T* __restrict__ grad_y) {
+  if (failed(p)) return;
+  const EpLayout& L = p.layout;
+  const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t meta_cols = L.sizes.max_k + 1;
+  const int64_t staged = p.world * L.sizes.max_tokens;
+  const int64_t hidden = p.row_bytes / static_cast<int64_t>(sizeof(T));
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; g < staged; g += warps) {
+    const int64_t s = g / L.sizes.max_tokens, i = g % L.sizes.max_tokens;
+    if (i >= sc.recv_tok[s]) continue;
+    const int64_t* meta = reinterpret_cast<const int64_t*>(p.local + L.meta) + g * meta_cols;
+    const float* w = reinterpret_cast<const float*>(p.local + L.weights) + g * L.sizes.max_k;
+    const T* src = reinterpret_cast<const T*>(p.local + L.payload + g * L.sizes.row_bytes);
+    for (int j = 0; j < p.k; ++j) {
+      const int64_t r = meta[j];
+      if (r < 0 || r >= p.recv_rows) continue;
+      const float wj = w[j];
+      T* dst = grad_y + r * hidden;
+      for (int64_t h = lane; h < hidden; h += kWarp) dst[h] = from_f<T>(wj * to_f<T>(src[h]));
+    }
+  }
+}
+
+// One warp per kept row of each local expert: back to its source's back staging.
+__global__ void __launch_bounds__(kRowThreads) send_back_kernel(EpParams p) {
+  const EpLayout& L = p.layout;
+  const uint64_t seq = *reinterpret_cast<volatile unsigned long long*>(&p.control->seq);
+  if (!failed(p)) {
+    const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
+    const int lane = threadIdx.x % kWarp;
+    const int64_t El = p.num_experts / p.world;
+    const int64_t slots_per_rank = L.sizes.max_tokens * L.sizes.max_k;
+    const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+    const int64_t rows_per_expert = p.max_rows >= 0 ? p.max_rows : 0;
+    // Rows are walked as (expert, i) over the largest segment so that warps spread evenly.
+    int64_t widest = rows_per_expert;
+    if (p.max_rows < 0)
+      for (int64_t el = 0; el < El; ++el) widest = max(widest, sc.recv_kept[el]);
+    const int64_t items = El * widest;
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp; g < items; g += warps) {
+      const int64_t el = g / widest, i = g % widest;
+      if (i >= sc.recv_kept[el]) continue;
+      const int64_t r = sc.recv_base[el] + i;
+      const int64_t code = p.back_map[r];
+      if (code < 0) continue;
+      const int64_t s = code / slots_per_rank, slot = code % slots_per_rank;
+      warp_copy(p.peers[s] + L.back + slot * L.sizes.row_bytes, static_cast<const char*>(p.y) + r * p.y_row_stride,
+                p.row_bytes, lane);
+    }
+  }
+  signal_when_done(p, kEpBack, seq);
+}
+
+int sm_count_now() {
+  int device = 0, sms = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device));
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::max(sms, 1);
+}
+
+unsigned data_grid(const EpParams& p, int64_t items) {
+  const int64_t most = p.num_blocks > 0 ? p.num_blocks : sm_count_now();
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(most, (items + kRowWarps - 1) / kRowWarps)));
+}
+
+void check_params(const EpParams& p) {
+  MOE_HOST_ASSERT(p.world >= 1 && p.world <= kEpMaxWorld && p.world == p.layout.sizes.world,
+                  "ep: world must be in [1, 1024] and match the buffer");
+  MOE_HOST_ASSERT(p.rank >= 0 && p.rank < p.world, "ep: rank out of range");
+  MOE_HOST_ASSERT(p.num_experts >= p.world && p.num_experts % p.world == 0 &&
+                      p.num_experts <= p.layout.sizes.max_experts,
+                  "ep: num_experts must be a multiple of world within the buffer's max_experts");
+  MOE_HOST_ASSERT(p.k >= 1 && p.k <= p.layout.sizes.max_k && p.k <= kWarp, "ep: k must be in [1, min(32, max_k)]");
+  // NOTE: num_tokens may exceed the buffer's max_tokens: the count exchange tells every rank
+  // (kEpTooMany) and the data kernels then write nothing, so that all ranks can grow together.
+  MOE_HOST_ASSERT(p.num_tokens >= 0, "ep: negative num_tokens");
+  MOE_HOST_ASSERT(p.row_bytes % 16 == 0 && p.row_bytes <= p.layout.sizes.row_bytes,
+                  "ep: row_bytes must be a multiple of 16 within the buffer's row_bytes");
+  MOE_HOST_ASSERT(p.scale_cols <= p.layout.sizes.scale_cols, "ep: scale_cols over the buffer's");
+  MOE_HOST_ASSERT(p.local && p.peers && p.control && p.error && p.scratch, "ep: communicator pointers missing");
+}
+
+}  // namespace
+
+EpLayout ep_layout(const EpSizes& s) {
+  MOE_HOST_ASSERT(s.world >= 1 && s.world <= kEpMaxWorld, "ep_layout: world must be in [1, 1024]");
+  MOE_HOST_ASSERT(s.max_experts >= 1 && s.max_k >= 1 && s.max_tokens >= 1, "ep_layout: sizes must be >= 1");
+  MOE_HOST_ASSERT(s.row_bytes >= 16 && s.row_bytes % 16 == 0, "ep_layout: row_bytes must be a positive multiple of 16");
+  EpLayout L;
+  L.sizes = s;
+  L.count_row = kHdrLen + s.world + s.max_experts;
+  const int64_t staged = s.world * s.max_tokens;
+  size_t at = 0;
+  L.flags = at;
+  at += align256(sizeof(uint64_t) * kEpNumPhases * s.world);
+  L.counts = at;
+  at += align256(sizeof(int64_t) * 2 * s.world * L.count_row);
+  L.meta = at;
+  at += align256(sizeof(int64_t) * staged * (s.max_k + 1));
+  L.weights = at;
+  at += align256(sizeof(float) * staged * s.max_k);
+  L.scales = at;
+  at += align256(sizeof(float) * staged * s.scale_cols);
+  L.payload = at;
+  at += align256(static_cast<size_t>(staged) * s.row_bytes);
+  L.back = at;
+  at += align256(static_cast<size_t>(s.max_tokens) * s.max_k * s.row_bytes);
+  L.total = at;
+  return L;
+}
+
+int64_t ep_scratch_len(int64_t world, int64_t num_experts) {
+  return 3 * num_experts + 2 * world + 3 * (num_experts / world) + 1;
+}
+
+void ep_destination_keys(const EpParams& p, int64_t* dest_keys, cudaStream_t stream) {
+  check_params(p);
+  if (p.num_tokens == 0) return;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((p.num_tokens + kRowThreads - 1) / kRowThreads, 4096));
+  const int64_t el = p.num_experts / p.world;
+  if (p.idx_is_int64)
+    destination_keys_kernel<int64_t><<<grid, kRowThreads, 0, stream>>>(
+        static_cast<const int64_t*>(p.idx), p.num_tokens, p.k, p.num_experts, el, dest_keys);
+  else
+    destination_keys_kernel<int32_t><<<grid, kRowThreads, 0, stream>>>(
+        static_cast<const int32_t*>(p.idx), p.num_tokens, p.k, p.num_experts, el, dest_keys);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_exchange_counts(const EpParams& p, cudaStream_t stream) {
+  check_params(p);
+  MOE_HOST_ASSERT(p.tok && p.hist && p.tokens_per_expert, "ep_exchange_counts: tok, hist, tokens_per_expert needed");
+  exchange_counts_kernel<<<1, kCountThreads, 0, stream>>>(p);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_send_tokens(const EpParams& p, bool grad, cudaStream_t stream) {
+  check_params(p);
+  MOE_HOST_ASSERT(p.num_tokens == 0 || (p.x && p.idx && p.slot_rows && p.stage_rows),
+                  "ep_send_tokens: x, idx, slot_rows, stage_rows needed");
+  MOE_HOST_ASSERT(grad || p.num_tokens == 0 || (p.expert_rows && p.dest_rows), "ep_send_tokens: the local index is needed");
+  MOE_HOST_ASSERT(!grad || p.num_tokens == 0 || p.weights, "ep_send_tokens: weights needed for a gradient send");
+  MOE_HOST_ASSERT(p.x_row_stride % 16 == 0, "ep_send_tokens: x rows must be 16-byte aligned");
+  // NOTE: at least one block, even without tokens: the flag must still be raised.
+  send_tokens_kernel<<<data_grid(p, p.num_tokens), kRowThreads, 0, stream>>>(p, grad);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_wait(const EpParams& p, EpPhase phase, bool signal, bool new_op, cudaStream_t stream) {
+  check_params(p);
+  wait_kernel<<<1, std::min(kCountThreads, std::max(kWarp, (p.world + kWarp - 1) / kWarp * kWarp)), 0, stream>>>(
+      p, static_cast<int>(phase), signal, new_op);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_expand(const EpParams& p, cudaStream_t stream) {
+  check_params(p);
+  MOE_HOST_ASSERT(p.recv_rows == 0 || (p.recv_x && p.back_map), "ep_expand: recv_x and back_map needed");
+  const int64_t staged = p.world * p.layout.sizes.max_tokens;
+  expand_kernel<<<data_grid(p, staged), kRowThreads, 0, stream>>>(p);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_expand_grad(const EpParams& p, EpFloat dtype, void* grad_y, cudaStream_t stream) {
+  check_params(p);
+  const unsigned grid = data_grid(p, p.world * p.layout.sizes.max_tokens);
+  switch (dtype) {
+    case EpFloat::kFloat32:
+      expand_grad_kernel<float><<<grid, kRowThreads, 0, stream>>>(p, static_cast<float*>(grad_y));
+      break;
+    case EpFloat::kFloat16:
+      expand_grad_kernel<__half><<<grid, kRowThreads, 0, stream>>>(p, static_cast<__half*>(grad_y));
+      break;
+    case EpFloat::kBFloat16:
+      expand_grad_kernel<__nv_bfloat16><<<grid, kRowThreads, 0, stream>>>(p, static_cast<__nv_bfloat16*>(grad_y));
+      break;
+  }
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_send_back(const EpParams& p, cudaStream_t stream) {
+  check_params(p);
+  MOE_HOST_ASSERT(p.y_row_stride % 16 == 0, "ep_send_back: y rows must be 16-byte aligned");
+  const int64_t rows = p.max_rows >= 0 ? (p.num_experts / p.world) * p.max_rows : p.recv_rows;
+  send_back_kernel<<<data_grid(p, rows), kRowThreads, 0, stream>>>(p);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace moe_ext::kernels

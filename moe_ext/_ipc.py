@@ -100,7 +100,7 @@ class _EventWork:
         self.event, self.backend = event, backend
 
     def wait(self, timeout=None):
-        torch.cuda.current_stream(self.event.device if hasattr(self.event, "device") else None).wait_event(self.event)
+        torch.cuda.current_stream(self.backend.device).wait_event(self.event)
         self.backend.check()
         return True
 
@@ -165,10 +165,16 @@ class IpcBackend:
     def nbytes(self):
         return 0 if self._c is None else int(self._c.nbytes())
 
-    def close(self):
-        """Frees the buffers (call it on every rank; the peers' mappings are closed with them)."""
+    def close(self, collective=True):
+        """Frees the buffers: a collective, call it on every rank of the group. Every rank first
+        unmaps its peers' buffers; after a barrier each frees its own (CUDA forbids freeing an
+        exported buffer that another process still maps). collective=False skips the barrier
+        (process exit, or a group that is gone)."""
         if self._c is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            self._c.close_peers()
+            if collective:
+                dist.barrier(group=self.group)
             self._c.close()
         self._c, self._sizes = None, None
 
@@ -242,15 +248,17 @@ class IpcBackend:
         self.check()
         cur = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(cur)
-        for t in tensors:
-            if t is not None and t.is_cuda:
-                t.record_stream(self.stream)
+        if not torch.cuda.is_current_stream_capturing():  # NOTE: a graph's memory pool lives as long as the graph
+            for t in tensors:
+                if t is not None and t.is_cuda:
+                    t.record_stream(self.stream)
         return cur
 
     def _leave(self, cur, outputs, async_op):
-        for t in outputs:
-            if t is not None and t.is_cuda:
-                t.record_stream(cur)
+        if not torch.cuda.is_current_stream_capturing():
+            for t in outputs:
+                if t is not None and t.is_cuda:
+                    t.record_stream(cur)
         if async_op:
             event = torch.cuda.Event()
             event.record(self.stream)
@@ -397,7 +405,7 @@ def communicator(group=None, device=None):
 def _close_all():
     for comm in list(_COMMS.values()):
         try:
-            comm.close()
+            comm.close(collective=False)
         except Exception:  # noqa: BLE001  (process exit: the driver frees what is left)
             pass
     _COMMS.clear()

@@ -93,13 +93,22 @@ void SymmetricBuffer::open(const std::vector<IpcHandle>& handles) {
   opened_ = true;
 }
 
-void SymmetricBuffer::close() {
-  if (local_ == nullptr && control_ == nullptr && host_page_ == nullptr) return;
+void SymmetricBuffer::close_peers() {
+  if (peers_.empty()) return;
   DeviceScope scope(device_);
   cudaDeviceSynchronize();  // NOTE: nothing of ours may still run against the mappings
   for (int r = 0; r < static_cast<int>(peers_.size()); ++r)
     if (r != rank_ && peers_[r] != nullptr) cudaIpcCloseMemHandle(peers_[r]);
   peers_.clear();
+  opened_ = false;
+  cudaGetLastError();
+}
+
+void SymmetricBuffer::close() {
+  if (local_ == nullptr && control_ == nullptr && host_page_ == nullptr) return;
+  close_peers();
+  DeviceScope scope(device_);
+  cudaDeviceSynchronize();
   if (peers_dev_) cudaFree(peers_dev_);
   if (control_) cudaFree(control_);
   if (local_) cudaFree(local_);

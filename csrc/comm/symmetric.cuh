@@ -31,6 +31,10 @@ class SymmetricBuffer {
   IpcHandle handle() const;
   // handles[r] is rank r's handle (this rank's own is not opened, its pointer is used).
   void open(const std::vector<IpcHandle>& handles);
+  // Unmaps the peers' buffers (after this rank's work on the device is done). CUDA requires
+  // every importer to unmap before the exporter frees: close_peers() on every rank, a barrier,
+  // then close(). close() alone (destructor, process exit) does both without the barrier.
+  void close_peers();
   // Waits for this rank's work on the device, closes the peers' mappings, frees everything.
   void close();
   bool is_open() const { return opened_; }

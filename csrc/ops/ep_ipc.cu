@@ -90,6 +90,10 @@ class IpcComm : public torch::CustomClassHolder {
     }
   }
 
+  void close_peers() {
+    if (buf_) buf_->close_peers();
+  }
+
   void close() {
     if (buf_) buf_->close();
     buf_.reset();
@@ -307,6 +311,7 @@ TORCH_LIBRARY_FRAGMENT(moe_ext, m) {
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t>())
       .def("handle", &IpcComm::handle)
       .def("open", &IpcComm::open)
+      .def("close_peers", &IpcComm::close_peers)
       .def("close", &IpcComm::close)
       .def("nbytes", &IpcComm::nbytes)
       .def("sizes", &IpcComm::sizes)

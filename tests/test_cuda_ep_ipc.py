@@ -1,0 +1,253 @@
+"""The ipc backend on one GPU shared by 2, 4 and 8 processes (run them under MPS: GPU.md).
+
+Every spawned rank runs each case twice over the same gloo group: with CPU tensors (the gloo
+backend, the reference) and with CUDA tensors (ipc). recv_x, tokens_per_expert, out and the
+gradients of x and y must be bit-identical (the CUDA unpermute rounds exactly like the CPU op);
+the weights' gradient (a float64-accumulated dot) within float32 rounding. Outputs are never
+pre-zeroed by the tests: the kernels must write every row.
+Skipped without CUDA or without the CUDA build of moe_ext.
+"""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moe_ext
+
+from dist_utils import run_world
+
+
+def _cuda_build():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.classes.moe_ext.IpcComm  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _cuda_build(), reason="needs a GPU and the CUDA build of moe_ext")
+
+CASES = [  # (dtype, hidden, k, experts per rank, max T, pad_to, capacity)
+    (torch.bfloat16, 64, 2, 2, 33, 1, None),
+    (torch.float32, 40, 1, 1, 17, 1, None),
+    (torch.float16, 256, 8, 4, 65, 16, None),
+    (torch.bfloat16, 7168, 8, 32, 129, 1, None),
+    (torch.bfloat16, 128, 4, 3, 50, 1, 5),
+    (torch.float32, 8, 3, 2, 9, 4, 2),
+]
+
+
+def _device(rank):
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def _inputs(world, rank, seed, dtype, hidden, k, epr, max_t, skew=False):
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    E = world * epr
+    k = min(k, E)
+    T = 0 if rank == world - 1 else int(torch.randint(1, max_t + 1, (1,), generator=g))
+    x = torch.randn(T, hidden, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k)
+    idx = idx.long()
+    if skew and T:
+        idx[:, 0] = 0  # every token's first slot on expert 0
+        idx[:, 1:] = torch.where(idx[:, 1:] == 0, torch.full_like(idx[:, 1:], E - 1), idx[:, 1:])
+    if T > 2:
+        idx[1, -1] = -1  # unrouted slot
+    w = torch.rand(T, k, generator=g)
+    gout = torch.randn(T, hidden, generator=g).to(dtype)
+    return E, x, idx, w, gout
+
+
+def _run(x, idx, w, gout, E, backend, **kw):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    recv, tpe, h = moe_ext.dispatch(x, idx, w, E, backend=backend, **kw)
+    y = (recv.float() * 1.5 - 0.25).to(recv.dtype).detach().requires_grad_(True)  # an "expert"
+    out = moe_ext.combine(y, h)
+    (out.float() * gout.float()).sum().backward()
+    return [t.detach().cpu() for t in (recv, tpe, out, x.grad, w.grad, y.grad)]
+
+
+def _compare(ref, got, what):
+    names = ("recv_x", "tokens_per_expert", "out", "grad_x", "grad_w", "grad_y")
+    for name, a, b in zip(names, ref, got):
+        assert a.shape == b.shape, f"{what}: {name} shape {tuple(b.shape)} != {tuple(a.shape)}"
+        if name == "grad_w":
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=f"{what}: {name}")
+        else:
+            assert torch.equal(a, b), f"{what}: {name} differs (max {(a.double() - b.double()).abs().max()})"
+
+
+def _world_cases(rank, world, seed):
+    dev = _device(rank)
+    torch.cuda.set_device(dev)
+    for i, (dtype, hidden, k, epr, max_t, pad_to, cap) in enumerate(CASES):
+        for skew in (False, True):
+            E, x, idx, w, gout = _inputs(world, rank, seed + i, dtype, hidden, k, epr, max_t, skew and k > 1)
+            what = f"case {i} skew={skew} rank {rank}/{world}"
+            ref = _run(x, idx, w, gout, E, "gloo", pad_to=pad_to, capacity=cap)
+            got = _run(x.to(dev), idx.to(dev), w.to(dev), gout.to(dev), E, "ipc", pad_to=pad_to, capacity=cap)
+            _compare(ref, got, what + " exact")
+            mt = max_t
+            ref = _run(x, idx, w, gout, E, "gloo", capacity=cap, sync=False, max_tokens=mt)
+            got = _run(x.to(dev), idx.to(dev), w.to(dev), gout.to(dev), E, "ipc", capacity=cap, sync=False,
+                       max_tokens=mt)
+            _compare(ref, got, what + " masked")
+            # async: the same results once waited for
+            E2, x2, idx2, w2, _ = _inputs(world, rank, seed + 99 + i, dtype, hidden, k, epr, max_t)
+            recv_a, _, h = moe_ext.dispatch(x2.to(dev), idx2.to(dev), w2.to(dev), E2, backend="ipc", async_op=True)
+            h.wait()
+            recv_s, _, _ = moe_ext.dispatch(x2, idx2, w2, E2, backend="gloo")
+            assert torch.equal(recv_a.cpu(), recv_s), what + " async"
+    comm = moe_ext.communicator(device=dev)
+    assert comm.nbytes > 0
+    line = moe_ext.describe(device=dev)
+    return line
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_ipc_matches_gloo(world, seed):
+    lines = run_world(_world_cases, world, seed, timeout_s=600, pg_timeout_s=120)
+    assert all(line.startswith("auto -> ipc") for line in lines), lines
+
+
+def _fp8(rank, world, seed):
+    dev = _device(rank)
+    torch.cuda.set_device(dev)
+    E, x, idx, w, _ = _inputs(world, rank, seed, torch.float32, 64, 2, 2, 20)
+    scale = x.abs().amax(1).clamp(min=1e-6) / 448
+    x8 = (x / scale[:, None]).to(torch.float8_e4m3fn)
+    recv, tpe, h = moe_ext.dispatch(x8.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", x_scale=scale.to(dev))
+    ref, ref_tpe, rh = moe_ext.dispatch(x8.view(torch.uint8), idx, w, E, backend="gloo")
+    ref_scale, _, _ = moe_ext.dispatch(scale[:, None].expand(-1, 4).contiguous(), idx, w, E, backend="gloo")
+    assert torch.equal(recv.cpu().view(torch.uint8), ref)
+    assert torch.equal(h.recv_x_scale.cpu()[:, 0], ref_scale[:, 0])
+    return int(tpe.sum())
+
+
+def test_ipc_fp8_rows_with_scales(seed):
+    run_world(_fp8, 2, seed, timeout_s=300)
+
+
+def _graph(rank, world, seed):
+    dev = _device(rank)
+    torch.cuda.set_device(dev)
+    H, F, epr, k, T = 64, 32, 2, 2, 16
+    E = world * epr
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(epr, H, 2 * F, generator=g).to(dev) / 8
+    w2 = torch.randn(epr, F, H, generator=g).to(dev) / 8
+    x_s = torch.zeros(T, H, device=dev)
+    idx_s = torch.zeros(T, k, dtype=torch.long, device=dev)
+    w_s = torch.zeros(T, k, device=dev)
+
+    def layer():
+        recv, tpe, h = moe_ext.dispatch(x_s, idx_s, w_s, E, backend="ipc", sync=False, max_tokens=T)
+        hid = moe_ext.gemm.grouped_gemm_masked(recv, w1, tpe, activation="swiglu")
+        y = moe_ext.gemm.grouped_gemm_masked(hid, w2, tpe)
+        return moe_ext.combine(y, h)
+
+    def load(i):
+        gi = torch.Generator().manual_seed(seed + 100 * i + rank)
+        x_s.copy_(torch.randn(T, H, generator=gi))
+        idx_s.copy_(torch.stack([torch.randperm(E, generator=gi)[:k] for _ in range(T)]))
+        w_s.copy_(torch.rand(T, k, generator=gi))
+
+    load(0)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        layer()  # warm-up: creates the communicator and its buffers (collective, not capturable)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_s = layer()
+    for i in range(1, 4):
+        load(i)
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        replayed = out_s.clone()
+        eager = layer()
+        assert torch.equal(replayed, eager), f"replay {i}: {(replayed - eager).abs().max()}"
+    return True
+
+
+def test_ipc_cuda_graph_dispatch_gemm_combine(seed):
+    run_world(_graph, 2, seed, timeout_s=300)
+
+
+def _timeout(rank, world, seed):
+    dev = _device(rank)
+    torch.cuda.set_device(dev)
+    E, x, idx, w, _ = _inputs(world, rank, seed, torch.bfloat16, 64, 2, 2, 20)
+    moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")  # every rank: buffers exist
+    comm = moe_ext.communicator(device=dev)
+    comm.timeout = 5.0
+    if rank == 1:
+        time.sleep(8)  # alive (its buffer mapped) but never makes the second call
+        return None
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out after 5 s .* global rank 1"):
+        moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    return time.monotonic() - start
+
+
+def test_ipc_missing_peer_times_out(seed):
+    took = run_world(_timeout, 2, seed, timeout_s=120)
+    assert took[0] < 10.0
+
+
+def _mismatch(rank, world, seed):
+    dev = _device(rank)
+    torch.cuda.set_device(dev)
+    comm = moe_ext.communicator(device=dev)
+    comm.reserve(64, 2 * 128, 2, 4)
+    hidden = 64 if rank == 0 else 128
+    E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, hidden, 2, 2, 20)
+    with pytest.raises(RuntimeError, match="disagree on row_bytes"):
+        moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    comm.close()
+    # A rank with bad inputs raises ValueError; the others learn it in the count exchange.
+    E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64, 2, 2, 20)
+    moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    if rank == 0:
+        idx = idx.clone()
+        idx[0, 0] = E + 3
+        with pytest.raises(ValueError, match="outside"):
+            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    else:
+        with pytest.raises(RuntimeError, match="invalid inputs"):
+            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    return True
+
+
+def test_ipc_mismatch_and_bad_input_raise_everywhere(seed):
+    run_world(_mismatch, 2, seed, timeout_s=300)
+
+
+def _grow(rank, world, seed):
+    dev = _device(rank)
+    torch.cuda.set_device(dev)
+    comm = moe_ext.communicator(device=dev)
+    sizes = []
+    for max_t in (8, 3000, 20):
+        E, x, idx, w, gout = _inputs(world, rank, seed + max_t, torch.bfloat16, 128, 4, 2, max_t)
+        ref = _run(x, idx, w, gout, E, "gloo")
+        got = _run(x.to(dev), idx.to(dev), w.to(dev), gout.to(dev), E, "ipc")
+        _compare(ref, got, f"T up to {max_t}")
+        sizes.append(comm.nbytes)
+    comm.memory_budget = sizes[-1] // 2
+    comm.close()
+    E, x, idx, w, _ = _inputs(world, rank, seed, torch.bfloat16, 128, 4, 2, 8)
+    with pytest.raises(ValueError, match="memory budget"):
+        moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", max_tokens=3000)
+    return sizes
+
+
+def test_ipc_buffers_grow_and_respect_budget(seed):
+    sizes = run_world(_grow, 2, seed, timeout_s=300)
+    assert sizes[0][1] > sizes[0][0]

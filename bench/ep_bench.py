@@ -1,0 +1,189 @@
+"""Multi-rank dispatch / combine (the ipc backend) from Python: W processes, one GPU or one each.
+
+    # all ranks on one GPU: start MPS first (GPU.md), else kernels of different processes
+    # take turns in time slices and the numbers mean nothing
+    python bench/ep_bench.py --ranks 8 --tokens 4096 --hidden 7168 --k 8 --experts 256
+    python bench/ep_bench.py --ranks 2 --tokens 128 --masked          # decode, no-sync layout
+
+Each rank routes its tokens to k distinct random experts (seeded per rank), then times dispatch
+and combine with CUDA events (median of --iters, every iteration started together after a gloo
+barrier; the reported time is the slowest rank's median). Bytes counted, per rank, summed over
+ranks: dispatch moves one row per (token, destination rank) pair, combine one row per kept
+(token, slot). All ranks on one GPU share its HBM, so each row is read and written there once:
+"busbw" = 2 x bytes / time, compared with the 2.95 TB/s copy ceiling of GPU.md ("%ceil"). In the
+same run, rank 0 times the baseline a single process would need to move the same rows on the
+same GPU: torch index_select of them (one read + one write each).
+Results are checked against the gloo backend on CPU before timing (--no-check skips).
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CEIL_BPS = 2.95e12
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--masked", action="store_true", help="no-sync masked layout (decode)")
+    p.add_argument("--num-sms", type=int, default=0, help="blocks of the data kernels (0: every SM)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--one-gpu-per-rank", action="store_true")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def _inputs(args, rank, device):
+    g = torch.Generator().manual_seed(1234 + rank)
+    T, E = args.tokens, args.experts
+    x = torch.randn(T, args.hidden, generator=g).to(getattr(torch, args.dtype))
+    idx = torch.rand(T, E, generator=g).topk(args.k, dim=1).indices
+    w = torch.rand(T, args.k, generator=g)
+    return x, idx, w
+
+
+def _time(fn, args, device):
+    times = []
+    for i in range(args.warmup + args.iters):
+        dist.barrier()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def _rank(rank, args, store, results):
+    import moe_ext
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=args.ranks,
+                            timeout=datetime.timedelta(seconds=120))
+    device = torch.device("cuda", rank if args.one_gpu_per_rank else 0)
+    torch.cuda.set_device(device)
+    W, E = args.ranks, args.experts
+    x, idx, w = _inputs(args, rank, device)
+    xd, idxd, wd = x.to(device), idx.to(device), w.to(device)
+    kw = dict(sync=False, max_tokens=args.tokens) if args.masked else {}
+    comm = moe_ext.communicator(device=device)
+    comm.num_sms = args.num_sms
+    wrong = 0
+    if not args.no_check:
+        recv, _, h = moe_ext.dispatch(xd, idxd, wd, E, backend="ipc", **kw)
+        ref, _, hr = moe_ext.dispatch(x, idx, w, E, backend="gloo", **kw)
+        wrong += int((recv.cpu() != ref).reshape(-1, args.hidden).any(1).sum())
+        out = moe_ext.combine(recv, h)
+        out_ref = moe_ext.combine(ref, hr)
+        wrong += int((out.cpu() != out_ref).any(1).sum())
+    state = {}
+
+    def do_dispatch():
+        state["recv"], _, state["h"] = moe_ext.dispatch(xd, idxd, wd, E, backend="ipc", **kw)
+
+    def do_combine():
+        moe_ext.combine(state["recv"], state["h"])
+
+    t_dispatch = _time(do_dispatch, args, device)
+    do_dispatch()
+    t_combine = _time(do_combine, args, device)
+    # Rows this rank moves: one per (token, destination) pair; one per kept (token, slot) back.
+    owner = idx // (E // W)
+    pairs = int(sum((owner == d).any(1).sum() for d in range(W)))
+    slots = int((idx >= 0).sum())
+    row = args.hidden * x.element_size()
+    base = None
+    if rank == 0:
+        rows = torch.randint(0, args.tokens, (pairs,), device=device)
+        base = _time_local(lambda: xd.index_select(0, rows), device, args)
+    results.put((rank, dict(dispatch_us=t_dispatch, combine_us=t_combine, dispatch_bytes=pairs * row,
+                            combine_bytes=slots * row, wrong=wrong, baseline_us=base, nbytes=comm.nbytes)))
+    dist.barrier()
+    comm.close()
+    dist.destroy_process_group()
+
+
+def _time_local(fn, device, args):
+    for _ in range(args.warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(args.iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize(device)
+        times.append(s.elapsed_time(e) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ep_bench: no CUDA device; skipped")
+        return 0
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    tmp = tempfile.mkdtemp(prefix="moe_ext_ep_bench_")
+    procs = [ctx.Process(target=_rank, args=(r, args, os.path.join(tmp, "store"), results)) for r in range(args.ranks)]
+    for p in procs:
+        p.start()
+    got = {}
+    deadline = time.monotonic() + 600
+    while len(got) < args.ranks and time.monotonic() < deadline:
+        try:
+            r, v = results.get(timeout=5)
+            got[r] = v
+        except Exception:  # noqa: BLE001
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    if len(got) < args.ranks:
+        print(f"ep_bench: only {len(got)} of {args.ranks} ranks reported", file=sys.stderr)
+        return 1
+    rows = [got[r] for r in range(args.ranks)]
+    out = {"ranks": args.ranks, "tokens": args.tokens, "hidden": args.hidden, "k": args.k, "experts": args.experts,
+           "dtype": args.dtype, "masked": args.masked, "device": torch.cuda.get_device_name(0)}
+    print(f"{'stage':>9} {'ranks':>5} {'tok/rank':>8} {'hidden':>6} {'k':>3} {'E':>4} {'time us':>9} "
+          f"{'bytes':>12} {'busbw GB/s':>10} {'%ceil':>6} {'#wrong':>6}")
+    for stage in ("dispatch", "combine"):
+        t = max(r[f"{stage}_us"] for r in rows)
+        moved = sum(r[f"{stage}_bytes"] for r in rows)
+        bw = 2 * moved / (t * 1e-6)
+        out[stage] = dict(us=t, bytes=moved, busbw=bw, frac=bw / CEIL_BPS, floor_us=2 * moved / CEIL_BPS * 1e6)
+        print(f"{stage:>9} {args.ranks:>5} {args.tokens:>8} {args.hidden:>6} {args.k:>3} {args.experts:>4} "
+              f"{t:>9.1f} {moved:>12} {bw / 1e9:>10.1f} {100 * bw / CEIL_BPS:>5.1f}% {sum(r['wrong'] for r in rows):>6}")
+    out["baseline_index_select_us_rank0"] = rows[0]["baseline_us"]
+    out["buffer_bytes_per_rank"] = rows[0]["nbytes"]
+    print(f"baseline (rank 0 alone, torch index_select of its dispatch rows): {rows[0]['baseline_us']:.1f} us; "
+          f"buffer {rows[0]['nbytes'] / 2**20:.0f} MiB per rank")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0 if all(r["wrong"] == 0 for r in rows) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

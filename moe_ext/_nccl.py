@@ -1,0 +1,245 @@
+"""The `nccl` backend of dispatch/combine: CUDA tensors over W > 1 ranks through NCCL send/recv.
+
+It is the protocol of moe_ext.dispatch's `_AllToAllBackend` (the gloo backend), unchanged: the
+header exchange with its agreement checks, each token sent once per destination rank with its
+local expert ids, the permute into the expert-major layout on the receiver, the capacity
+feedback, combine sending every kept slot's row back, scatter_grad for the backward. Only the
+transport differs: every exchange is one grouped ncclSend/ncclRecv per peer, of bytes, on an
+NCCL communicator of our own (csrc/comm/nccl_comm.cu, torch.classes.moe_ext.NcclComm). It is
+made from the user's ProcessGroup once per (group, device): rank 0 of the group creates the
+unique id, the id goes round the group (any backend, gloo included), every rank joins. After
+that the ProcessGroup is not used.
+
+Synchronisation: the exchanges run on the current CUDA stream and the host waits for each one
+(bounded, see below); the protocol reads sizes back to the host between them anyway. So
+async_op=True is accepted and the work is complete when dispatch/combine return (last_work is
+None; handle.wait() returns at once). sync=False (the masked no-sync layout) works too, through
+the exact layout, but it synchronises the host: the no-sync, CUDA-graph path is the ipc
+backend's.
+
+Failures: every wait (joining the communicator, each exchange, close) gives up after the
+backend's `timeout` (default 60 s, settable: nccl_backend(...).timeout = 5, or DEFAULT_TIMEOUT_S
+before the first call). A rank that never makes the call makes the others raise a RuntimeError
+naming the group's ranks; NCCL cannot tell which peer is missing, so the message says so. The
+communicator is then aborted and leaves the cache: the next dispatch makes a new one (a
+collective again, on every rank). Mismatched inputs (hidden size, dtypes, num_experts, k, ...)
+are caught by the header exchange as with gloo, naming each rank's value.
+"""
+import atexit
+
+import torch
+import torch.distributed as dist
+
+from .dispatch import _COL, _HEADER, _MAGIC, _AllToAllBackend, _dtype_name
+
+DEFAULT_TIMEOUT_S = 60.0
+_UNIQUE_ID_BYTES = 128
+# NcclComm.state(): 0 new, 1 ready, 2 closed, 3 aborted after a timeout, 4 aborted after an error
+_READY, _CLOSED, _TIMED_OUT, _FAILED = 1, 2, 3, 4
+
+
+def _comm_class():
+    """torch.classes.moe_ext.NcclComm; RuntimeError where this build has no CUDA backends."""
+    from . import _ops  # noqa: F401  (loads moe_ext._C, which registers the class)
+
+    try:
+        return torch.classes.moe_ext.NcclComm
+    except (AttributeError, RuntimeError) as e:
+        raise RuntimeError("moe_ext nccl backend: this build of moe_ext has no CUDA backends (it was built without "
+                           "CUDA); reinstall it with a CUDA build of torch to dispatch CUDA tensors over NCCL") from e
+
+
+def available():
+    """True where this build has the nccl backend (a CUDA build) and a CUDA device is visible."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _comm_class()
+    except RuntimeError:
+        return False
+    return True
+
+
+class NcclBackend(_AllToAllBackend):
+    """The gloo protocol over an NCCL communicator of our own, for CUDA tensors on `device`.
+
+    Made by nccl_backend() (cached per group and device); creating one is a collective over the
+    group. timeout: seconds any wait gives up after. close(): ends the communicator (every rank).
+    """
+    name = "nccl"
+    last_work = None  # NOTE: every exchange completes before returning (see the module docstring)
+
+    def __init__(self, group, world, rank, device, timeout=None):
+        super().__init__(group, world, rank)
+        self.device = torch.device(device)
+        self._timeout = float(DEFAULT_TIMEOUT_S if timeout is None else timeout)
+        if not self._timeout > 0:
+            raise ValueError(f"moe_ext nccl backend: timeout must be > 0 seconds, got {timeout}")
+        self._key = None  # set by nccl_backend() when cached
+        self._c = self._connect()
+
+    # ---- the communicator ------------------------------------------------------------------------
+    def _connect(self):
+        """Creates the NCCL communicator: unique id from rank 0 of the group, through the group, then
+        every rank joins (bounded by the timeout)."""
+        c = _comm_class()(self.device.index, self.world, self.rank, self._timeout)
+        uid = c.unique_id() if self.rank == 0 else torch.zeros(_UNIQUE_ID_BYTES, dtype=torch.uint8)
+        box = [bytes(uid.tolist())]
+        # NOTE: broadcast_object_list picks the group's device (the CPU for gloo, the current CUDA
+        # device for an NCCL-only group): make that ours.
+        with torch.cuda.device(self.device):
+            dist.broadcast_object_list(box, src=self.ranks[0], group=self.group)
+        try:
+            c.init(torch.tensor(list(box[0]), dtype=torch.uint8))
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"moe_ext nccl backend: rank {self.rank} of the group with global ranks {self.ranks} could not join "
+                f"the NCCL communicator on {self.device} (every rank of the group must make the same first "
+                f"dispatch call; NCCL refuses two ranks on one GPU). Cause: {e}") from e
+        return c
+
+    @property
+    def timeout(self):
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds):
+        if not seconds > 0:
+            raise ValueError(f"moe_ext nccl backend: timeout must be > 0 seconds, got {seconds}")
+        self._timeout = float(seconds)
+        if self._c is not None:
+            self._c.set_timeout(self._timeout)
+
+    @property
+    def closed(self):
+        return self._c is None or int(self._c.state()) != _READY
+
+    def close(self, abort=False):
+        """Ends the communicator: orderly on every rank (bounded by the timeout), or with abort=True
+        locally without waiting for the peers. Leaves the cache; safe to call twice."""
+        _forget(self)
+        c, self._c = self._c, None
+        if c is None:
+            return
+        if abort:
+            c.abort()
+        else:
+            c.close()
+
+    # ---- the transport: the two hooks of _AllToAllBackend ------------------------------------------
+    def _all_to_all(self, send, send_splits, recv_splits, stage):
+        recv = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
+        self._run(send.contiguous(), recv, send_splits, recv_splits, stage)
+        return recv
+
+    def _exchange_header(self, row, problem=None):
+        """The header rows through the communicator (on the device and back), then the base class's
+        agreement checks. Returns the rows received, [W, len(_HEADER)] int64 on the CPU."""
+        send = row.to(self.device, torch.int64).contiguous()
+        recv = torch.full_like(send, -1)
+        ones = [1] * self.world
+        self._run(send, recv, ones, ones, "header")
+        return self._check_header(recv.cpu(), problem)
+
+    def _run(self, send, recv, send_splits, recv_splits, stage):
+        if self._c is None:
+            raise self._fail(stage, "the communicator was closed (close()); the next dispatch makes a new one")
+        try:
+            self._c.alltoallv(send, recv, list(send_splits), list(recv_splits))
+        except RuntimeError as e:
+            raise self._fail(stage, e) from e
+
+    def _check_header(self, recv, problem):
+        # NOTE: the checks of _AllToAllBackend._exchange_header after its all_to_all_single, kept
+        # identical; they move to a shared method once dispatch.py splits transport from checks.
+        if not bool((recv[:, _COL["magic"]] == _MAGIC).all()):
+            raise RuntimeError(f"moe_ext.dispatch: a peer of the group {self.ranks} sent something that is not a "
+                               "moe_ext.dispatch header: the ranks are not making the same collective calls")
+        if problem is not None:
+            raise ValueError(f"moe_ext.dispatch: {problem}")
+        bad = [self.ranks[s] for s in range(self.world) if int(recv[s, _COL["bad_input"]])]
+        if bad:
+            raise ValueError(f"moe_ext.dispatch: global rank(s) {bad} of the group {self.ranks} passed invalid "
+                             "inputs (the error on those ranks says what); every rank stops")
+        for name in _HEADER[2:-1]:
+            values = recv[:, _COL[name]].tolist()
+            if len(set(values)) > 1:
+                shown = [_dtype_name(v) for v in values] if name.endswith("dtype") else values
+                per_rank = ", ".join(f"rank {r}: {v}" for r, v in zip(self.ranks, shown))
+                raise ValueError(f"moe_ext.dispatch: the ranks of the group disagree on {name} ({per_rank})")
+        return recv
+
+    def _fail(self, stage, err, extra=""):
+        op = "combine" if stage.startswith("combine") else "dispatch"
+        state = int(self._c.state()) if self._c is not None else _CLOSED
+        me = self.ranks[self.rank]
+        if state in (_TIMED_OUT, _FAILED):
+            _forget(self)  # aborted: the next dispatch makes a new communicator
+        if state == _TIMED_OUT:
+            others = [r for r in self.ranks if r != me]
+            return RuntimeError(
+                f"moe_ext.{op}: the {stage} exchange (nccl backend) did not complete within {self._timeout:g} s on "
+                f"global rank {me} of the group with global ranks {self.ranks}: one or more of the other ranks "
+                f"{others} did not make the same dispatch/combine call, or died. NCCL cannot tell which of them it "
+                "is. The communicator was aborted; the next dispatch makes a new one on every rank (set the wait "
+                f"with nccl_backend(...).timeout){extra}. Cause: {err}")
+        return RuntimeError(
+            f"moe_ext.{op}: the {stage} exchange (nccl backend) failed on global rank {me} of the group with global "
+            f"ranks {self.ranks}{extra}. Every rank of the group must make the same dispatch/combine calls. "
+            f"Cause: {err}")
+
+    # ---- the protocol on the device ------------------------------------------------------------
+    def _dispatch(self, x, idx, w, *args):
+        # NOTE: _AllToAllBackend._dispatch makes its index tensors (expert placement, token ids,
+        # masks, row maps) with factory functions that name no device, i.e. on the CPU; under
+        # torch.device(x.device) they are made on x's device instead, next to idx and the payload.
+        with torch.device(x.device):
+            return super()._dispatch(x, idx, w, *args)
+
+
+# ---- the communicators, one per (group, device) -----------------------------------------------
+
+_BACKENDS = {}
+
+
+def _forget(backend):
+    if backend._key is not None and _BACKENDS.get(backend._key) is backend:
+        del _BACKENDS[backend._key]
+    backend._key = None
+
+
+def nccl_backend(group, world, rank, device):
+    """The cached nccl backend of (group, device), created on first use (a collective over the group:
+    every rank must get here together, which the first dispatch on every rank does)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"moe_ext nccl backend: moves CUDA tensors, got device {device}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (group, device.index)
+    backend = _BACKENDS.get(key)
+    if backend is None or backend.closed:
+        backend = NcclBackend(group, world, rank, device)
+        backend._key = key
+        _BACKENDS[key] = backend
+    return backend
+
+
+def close_all(abort=False):
+    """Closes every cached nccl communicator of this process (see NcclBackend.close)."""
+    for backend in list(_BACKENDS.values()):
+        try:
+            backend.close(abort=abort)
+        except RuntimeError:
+            backend.close(abort=True)
+    _BACKENDS.clear()
+
+
+@atexit.register
+def _close_at_exit():
+    # NOTE: abort, not the orderly close: at exit the peers may already be gone, and the orderly
+    # close would wait for them; nothing is in flight (every exchange completes before returning).
+    try:
+        close_all(abort=True)
+    except Exception:  # noqa: BLE001  (process exit: the driver frees what is left)
+        pass

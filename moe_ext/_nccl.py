@@ -30,7 +30,7 @@ import atexit
 import torch
 import torch.distributed as dist
 
-from .dispatch import _COL, _HEADER, _MAGIC, _AllToAllBackend, _dtype_name
+from .dispatch import _AllToAllBackend
 
 DEFAULT_TIMEOUT_S = 60.0
 _UNIQUE_ID_BYTES = 128
@@ -132,14 +132,14 @@ class NcclBackend(_AllToAllBackend):
         self._run(send.contiguous(), recv, send_splits, recv_splits, stage)
         return recv
 
-    def _exchange_header(self, row, problem=None):
-        """The header rows through the communicator (on the device and back), then the base class's
-        agreement checks. Returns the rows received, [W, len(_HEADER)] int64 on the CPU."""
+    def _header_all_to_all(self, row):
+        """The header rows through the communicator (on the device and back), [W, len(_HEADER)]
+        int64 on the CPU; the base class checks them."""
         send = row.to(self.device, torch.int64).contiguous()
         recv = torch.full_like(send, -1)
         ones = [1] * self.world
         self._run(send, recv, ones, ones, "header")
-        return self._check_header(recv.cpu(), problem)
+        return recv.cpu()
 
     def _run(self, send, recv, send_splits, recv_splits, stage):
         if self._c is None:
@@ -148,26 +148,6 @@ class NcclBackend(_AllToAllBackend):
             self._c.alltoallv(send, recv, list(send_splits), list(recv_splits))
         except RuntimeError as e:
             raise self._fail(stage, e) from e
-
-    def _check_header(self, recv, problem):
-        # NOTE: the checks of _AllToAllBackend._exchange_header after its all_to_all_single, kept
-        # identical; they move to a shared method once dispatch.py splits transport from checks.
-        if not bool((recv[:, _COL["magic"]] == _MAGIC).all()):
-            raise RuntimeError(f"moe_ext.dispatch: a peer of the group {self.ranks} sent something that is not a "
-                               "moe_ext.dispatch header: the ranks are not making the same collective calls")
-        if problem is not None:
-            raise ValueError(f"moe_ext.dispatch: {problem}")
-        bad = [self.ranks[s] for s in range(self.world) if int(recv[s, _COL["bad_input"]])]
-        if bad:
-            raise ValueError(f"moe_ext.dispatch: global rank(s) {bad} of the group {self.ranks} passed invalid "
-                             "inputs (the error on those ranks says what); every rank stops")
-        for name in _HEADER[2:-1]:
-            values = recv[:, _COL[name]].tolist()
-            if len(set(values)) > 1:
-                shown = [_dtype_name(v) for v in values] if name.endswith("dtype") else values
-                per_rank = ", ".join(f"rank {r}: {v}" for r, v in zip(self.ranks, shown))
-                raise ValueError(f"moe_ext.dispatch: the ranks of the group disagree on {name} ({per_rank})")
-        return recv
 
     def _fail(self, stage, err, extra=""):
         op = "combine" if stage.startswith("combine") else "dispatch"
@@ -187,14 +167,6 @@ class NcclBackend(_AllToAllBackend):
             f"moe_ext.{op}: the {stage} exchange (nccl backend) failed on global rank {me} of the group with global "
             f"ranks {self.ranks}{extra}. Every rank of the group must make the same dispatch/combine calls. "
             f"Cause: {err}")
-
-    # ---- the protocol on the device ------------------------------------------------------------
-    def _dispatch(self, x, idx, w, *args):
-        # NOTE: _AllToAllBackend._dispatch makes its index tensors (expert placement, token ids,
-        # masks, row maps) with factory functions that name no device, i.e. on the CPU; under
-        # torch.device(x.device) they are made on x's device instead, next to idx and the payload.
-        with torch.device(x.device):
-            return super()._dispatch(x, idx, w, *args)
 
 
 # ---- the communicators, one per (group, device) -----------------------------------------------

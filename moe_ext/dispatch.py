@@ -55,7 +55,7 @@ _COL = {name: i for i, name in enumerate(_HEADER)}
 
 # ---- placement and backend choice -------------------------------------------------------------
 
-def expert_placement(num_experts, world_size):
+def expert_placement(num_experts, world_size, device=None):
     """Where every global expert lives: (owner [E] int64 rank in the group, local [E] int64 id on it).
 
     Contiguous blocks: expert e lives on rank e // (E / W) as its local expert e % (E / W).
@@ -65,7 +65,7 @@ def expert_placement(num_experts, world_size):
         raise ValueError(f"moe_ext.dispatch: num_experts={num_experts} must be a positive multiple of the "
                          f"group's world size {world_size} (each rank holds num_experts / world_size experts)")
     per_rank = num_experts // world_size
-    experts = torch.arange(num_experts)
+    experts = torch.arange(num_experts, device=device)
     return experts // per_rank, experts % per_rank
 
 
@@ -299,6 +299,10 @@ class _AllToAllBackend:
         """Sends `row` (one int64 per header field, "tokens" per destination) to every peer; checks
         that every rank agrees. Returns the rows received, [W, len(_HEADER)]. `problem`: what is
         wrong with this rank's inputs, raised here once the peers know."""
+        return self._check_header(self._header_all_to_all(row), problem)
+
+    def _header_all_to_all(self, row):
+        """The header rows of every rank, [W, len(_HEADER)] on the CPU (the transport half)."""
         send = row.contiguous()
         recv = torch.full_like(send, -1)  # NOTE: rows still -1 after a failure never arrived
         try:
@@ -306,6 +310,10 @@ class _AllToAllBackend:
         except RuntimeError as e:
             missing = [self.ranks[s] for s in range(self.world) if int(recv[s, _COL["magic"]]) != _MAGIC]
             raise self._fail("header", e, f"; no header arrived from global rank(s) {missing}") from e
+        return recv
+
+    def _check_header(self, recv, problem):
+        """Every rank agrees (or all raise the same error); `problem`: this rank's own, raised here."""
         if not bool((recv[:, _COL["magic"]] == _MAGIC).all()):
             raise RuntimeError(f"moe_ext.dispatch: a peer of the group {self.ranks} sent something that is not a "
                                "moe_ext.dispatch header: the ranks are not making the same collective calls")
@@ -346,14 +354,15 @@ class _AllToAllBackend:
             self._exchange_header(row, problem)  # tells the peers, then raises
 
         # 1. Plan: rows to send ordered by (destination, token); the local expert of each slot there.
-        owner, local = expert_placement(num_experts, world)
+        dev = idx.device
+        owner, local = expert_placement(num_experts, world, dev)
         num_tokens = x.shape[0]
         idx = idx.long()
         routed = idx >= 0
         safe = idx.clamp(min=0)
         dest = torch.where(routed, owner[safe], -1)  # [T, k] destination rank of each slot
-        tokens = torch.arange(num_tokens).unsqueeze(1).expand(-1, k)
-        goes = torch.zeros(world, num_tokens, dtype=torch.bool)
+        tokens = torch.arange(num_tokens, device=dev).unsqueeze(1).expand(-1, k)
+        goes = torch.zeros(world, num_tokens, dtype=torch.bool, device=dev)
         goes[dest[routed], tokens[routed]] = True
         send_dest, send_tokens = goes.nonzero(as_tuple=True)
         send_splits = goes.sum(1)
@@ -369,7 +378,8 @@ class _AllToAllBackend:
                                                           pad_to=pad_to, capacity=capacity, sync=True)
 
         # Slots that arrived here, by (source, token, slot); which were kept (capacity drops the rest).
-        source = torch.repeat_interleave(torch.arange(world), torch.tensor(recv_splits, dtype=torch.long))
+        source = torch.repeat_interleave(torch.arange(world, device=dev),
+                                         torch.tensor(recv_splits, dtype=torch.long, device=dev))
         arrived = recv_experts >= 0
         arrived_source = source.unsqueeze(1).expand(-1, k)[arrived]
         arrived_kept = recv_row_map[arrived] >= 0
@@ -378,15 +388,15 @@ class _AllToAllBackend:
         slots = routed.reshape(-1).nonzero().squeeze(1)
         slots = slots[torch.sort(flat_dest[slots], stable=True).indices]
         if capacity is None:
-            slot_kept = torch.ones(slots.numel(), dtype=torch.bool)
+            slot_kept = torch.ones(slots.numel(), dtype=torch.bool, device=dev)
         else:  # 4. Each receiver tells each source which of its slots it kept.
             (flags,) = self._exchange([arrived_kept.to(torch.uint8).unsqueeze(1)],
                                       torch.bincount(arrived_source, minlength=world).tolist(),
                                       torch.bincount(flat_dest[slots], minlength=world).tolist(), "capacity")
             slot_kept = flags.squeeze(1).bool()
         kept_slots = slots[slot_kept]
-        row_map = torch.full((num_tokens * k,), -1, dtype=torch.long)
-        row_map[kept_slots] = torch.arange(kept_slots.numel())
+        row_map = torch.full((num_tokens * k,), -1, dtype=torch.long, device=dev)
+        row_map[kept_slots] = torch.arange(kept_slots.numel(), device=dev)
 
         flat_recv_map = recv_row_map.reshape(-1)
         plan = _Plan(

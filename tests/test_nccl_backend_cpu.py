@@ -238,9 +238,9 @@ def test_unavailable_without_cuda_build():
             _nccl._comm_class()
 
 
-# What NcclBackend._dispatch relies on to run the base protocol on CUDA tensors without editing it:
-# every torch function the protocol calls either makes its tensor on the default device (which
-# torch.device(x.device) redirects) or follows the device of its tensor inputs.
+# What the nccl backend relies on to run the base protocol on CUDA tensors: every torch function
+# the protocol calls either is given idx's device explicitly or follows the device of its inputs
+# (a new factory call must be checked for that, then listed here).
 FOLLOWS_ITS_INPUTS = {"bincount", "cat", "cumsum", "full_like", "repeat_interleave", "searchsorted", "sort",
                       "where", "stack", "zeros_like", "ones_like", "empty_like"}
 
@@ -262,6 +262,6 @@ def test_base_protocol_makes_tensors_where_the_device_context_says():
                 used.add(node.func.attr)
     unknown = used - redirected - FOLLOWS_ITS_INPUTS
     assert not unknown, (f"moe_ext/dispatch.py's protocol now calls torch.{sorted(unknown)}: check that each makes "
-                         "its tensor on x's device under `with torch.device(x.device)` (NcclBackend._dispatch), "
+                         "its tensor on idx's device (device=dev), "
                          "then list it here")
     assert {"arange", "zeros", "full", "tensor"} <= used  # the scan sees the protocol

@@ -31,6 +31,8 @@ void ep_dispatch_finish(const kernels::EpParams& p, cudaStream_t stream);
 
 // out [T, hidden] = sum_j w[t, j] * (row of slot (t, j) sent back), float32 accumulation
 // (plain sum without weights). p: the dispatch's params with y / y_row_stride set.
+// combine_map [T, k]: t * k + j where the dispatch's slot_rows[t, j] >= 0, else -1 (the caller
+// derives it once per dispatch; the torch adapter with at::where).
 void ep_combine(const kernels::EpParams& p, kernels::PermuteFloat dtype, const int64_t* combine_map,
                 const float* weights, void* out, cudaStream_t stream);
 

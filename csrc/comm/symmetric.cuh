@@ -6,6 +6,8 @@
 //   SymmetricBuffer buf(device, world, rank, sizes);   // allocates, zeroes the flags
 //   auto mine = buf.handle();                          // to every peer
 //   buf.open(all_handles);                             // world handles, this rank's included
+// The sizes must be the same on every rank (peers write at offsets of their own layout): the
+// caller exchanges and compares them with the handles (moe_ext/_ipc.py does).
 //   kernels::EpParams p = buf.params();                // the communicator fields, ready to launch
 //   ... launches ...; buf.error() after a synchronisation
 //   buf.close();                                       // also in the destructor

@@ -2,17 +2,22 @@
 
 Hybrid layouts (moe_ext.parallel): experts split over a TP group (EP x TP), replicated over EP
 ranks (EP x DP) with load-based placement, and the weight moves that change the placement.
+The chunked EP pipeline (num_chunks) and the sync-free decode path (decode=True) are described
+in the MoE docstring.
 """
 import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import parallel as par
-from .dispatch import _BACKENDS, combine, dispatch
-from .gemm import grouped_gemm
+from ._ops import ops, swiglu_backward
+from .dispatch import _BACKENDS, combine, dispatch, masked_rows
+from .gemm import grouped_gemm, grouped_gemm_masked
 from .permute import permute, unpermute
 from .routing import GatingStats, topk_gating, update_expert_bias
 
@@ -32,6 +37,109 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---- the chunked pipeline's expert weights ------------------------------------------------------
+# Chunking splits each expert's rows over several GEMM calls. Its weight gradient, a sum over the
+# rows, is therefore not left to autograd (a sum of per-chunk sums rounds differently): each chunk's
+# backward keeps its rows, and one node computes the gradient over all of them, put back in the
+# order and padding of a single unchunked dispatch, with the same op as the unchunked layer.
+
+class _ChunkState:
+    """What the chunks of one forward share with the weights' backward."""
+
+    def __init__(self, num_chunks, pad_to):
+        self.num_chunks, self.pad_to = num_chunks, pad_to
+        self.counts = None  # [W, n, S] int64 (CPU): rows source rank r sent to slot s in chunk c
+        self.tokens_per_slot = [None] * num_chunks  # [S] padded rows per slot, per chunk
+        self.rows = {}  # chunk -> (x, grad of w1's output, h, grad of y), filled by the chunks' backward
+
+
+def _round_up(n, multiple):
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _unchunked_rows(counts, pad_to):
+    """Where the rows of one unchunked dispatch lie among the chunks' rows.
+
+    counts [W, n, S] int64: rows source rank r sent to local slot s in chunk c. Dispatch lays out a
+    chunk's rows slot by slot, inside a slot by source rank (then token), then padding to pad_to;
+    the chunks' rows are concatenated in chunk order. One dispatch of all tokens would hold, per
+    slot, the rows by source rank, inside a source by chunk (chunks are contiguous token ranges),
+    then padding. Returns (index [R] int64 into the concatenated rows, -1 for a padding row;
+    sizes [S] int64 padded rows per slot; per_chunk [n, S] the chunks' padded rows per slot).
+    """
+    W, n, S = counts.shape
+    per_chunk = _round_up(counts.sum(0), pad_to)
+    flat = per_chunk.reshape(-1)
+    start = (flat.cumsum(0) - flat).view(n, S) + counts.cumsum(0) - counts  # [W, n, S] first row of each block
+    lengths = counts.permute(2, 0, 1).reshape(-1)  # blocks in (slot, source, chunk) order
+    starts = start.permute(2, 0, 1).reshape(-1)
+    total = int(lengths.sum())
+    real = torch.repeat_interleave(starts - (lengths.cumsum(0) - lengths), lengths) + torch.arange(total)
+    per_slot = counts.sum((0, 1))
+    sizes = _round_up(per_slot, pad_to)
+    shift = (sizes.cumsum(0) - sizes) - (per_slot.cumsum(0) - per_slot)  # padded minus unpadded slot start
+    index = torch.full((int(sizes.sum()),), -1, dtype=torch.int64)
+    index[torch.arange(total) + torch.repeat_interleave(shift, per_slot)] = real
+    return index, sizes, per_chunk
+
+
+class _ChunkExperts(torch.autograd.Function):
+    """One chunk's experts, y = swiglu(x @ w1) @ w2 per local slot: grouped_gemm's ops and backward
+    formulas, except that backward returns only the gradient of x and leaves the rows that the
+    weights' gradient needs in state.rows for _ChunkedWeights."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, tokens_per_slot, state, chunk):
+        h = ops.grouped_gemm(x, w1, tokens_per_slot, False, "swiglu")
+        ctx.save_for_backward(x, h, w1, w2, tokens_per_slot)
+        ctx.state, ctx.chunk = state, chunk
+        return ops.grouped_gemm(h, w2, tokens_per_slot, False, "none")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, h, w1, w2, tps = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_h = ops.grouped_gemm(grad_y, w2, tps, True, "none")
+        grad_pre = swiglu_backward(grad_h, ops.grouped_gemm(x, w1, tps, False, "none")).contiguous()
+        ctx.state.rows[ctx.chunk] = (x, grad_pre, h, grad_y)
+        grad_x = ops.grouped_gemm(grad_pre, w1, tps, True, "none") if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None
+
+
+class _ChunkedWeights(torch.autograd.Function):
+    """w1, w2 as every chunk's _ChunkExperts sees them. Backward (after every chunk's, which all
+    consume its outputs): the weights' gradient over all chunks' rows, bit-identical to the
+    unchunked layer's (same rows, same order, same padding, same op)."""
+
+    @staticmethod
+    def forward(ctx, w1, w2, state):
+        ctx.state = state
+        ctx.set_materialize_grads(False)
+        return w1.view_as(w1), w2.view_as(w2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _grad_w1, _grad_w2):
+        state = ctx.state
+        index, sizes, per_chunk = _unchunked_rows(state.counts, state.pad_to)
+        if not torch.equal(per_chunk, torch.stack(state.tokens_per_slot).cpu().long()):
+            raise RuntimeError("moe_ext.MoE: a chunk's dispatch returned other per-slot row counts than the layer "
+                               "expected from the routing (dispatch's layout changed?)")
+        rows = [state.rows.pop(c) for c in range(state.num_chunks)]
+        device = rows[0][0].device
+        index, sizes = index.to(device), sizes.to(device=device, dtype=torch.int32)
+
+        def unchunked(parts):  # NOTE: index -1 picks the zero row appended last (padding rows)
+            return torch.cat(list(parts) + [parts[0].new_zeros(1, parts[0].shape[1])])[index]
+
+        x, grad_pre, h, grad_y = (unchunked(parts) for parts in zip(*rows))
+        S = sizes.shape[0]
+        grad_w1 = ops.grouped_gemm_wgrad(x, grad_pre, sizes, S, False) if ctx.needs_input_grad[0] else None
+        grad_w2 = ops.grouped_gemm_wgrad(h, grad_y, sizes, S, False) if ctx.needs_input_grad[1] else None
+        return grad_w1, grad_w2, None
 
 
 class MoE(nn.Module):
@@ -71,13 +179,56 @@ class MoE(nn.Module):
     `tokens_per_slot` holds the rows this rank's slots ran in the last forward; `expert_load()`
     the running average of tokens_per_expert over all ranks (decay `load_decay` per forward),
     the input for moe_ext.placement.rebalance; `apply_placement` moves the weights to a new one.
+
+    Chunked EP pipeline (num_chunks, overlap; EP world W > 1, no expert TP): routing runs once on
+    the whole batch, then the tokens are split into num_chunks contiguous chunks (the same number
+    on every rank; chunks may be empty, e.g. T < num_chunks or T = 0, and still take part in
+    every collective, forward and backward). overlap=True pipelines them: chunk c+1 is dispatched
+    (async_op) before chunk c's expert GEMMs run, and chunk c's combine (async_op) is still in
+    flight during chunk c+1's GEMMs; each handle is waited on just before its result is used.
+    overlap=False runs the same chunks one after the other (dispatch, GEMMs, combine), each call
+    synchronous. With num_chunks=1 (the default), or W = 1 where nothing travels, the layer does
+    not chunk; overlap changes nothing then. Chunking does not change what is computed:
+    - capacity_factor drops tokens in the router, over this rank's whole batch before chunking,
+      so the same tokens are dropped (dispatch's per-call capacity is not used by the layer);
+    - each token's k expert rows are summed by combine in float32 in slot order, as unchunked;
+    - the expert weights' gradient is computed once over every chunk's rows, reordered and padded
+      as one unchunked dispatch lays them out (one small extra all-to-all of per-chunk counts per
+      forward), not as a sum over chunks;
+    - the aux losses, stats and expert_load come from the whole-batch routing.
+    So outputs and the gradients of x and of every parameter are bit-identical to num_chunks=1,
+    provided the grouped GEMM gives a row the same bits whatever other rows share its call. The
+    CUDA grouped kernels (bf16/fp16) compute tile by tile without splitting the rows' sums, so
+    they should (tests/test_cuda_layer.py checks; float32 on CUDA goes through cuBLAS per expert,
+    whose kernel choice may depend on the row count). On the CPU, MKL's GEMM gives a row other bits
+    depending on how many rows share the call (seen: calls of fewer than 4 rows, and the rows past
+    the last multiple of 4), so there bit-identity needs pad_to a multiple of 4; otherwise chunked
+    results differ from unchunked ones by rounding only. Every rank must use the same num_chunks
+    and overlap (they fix the order of the collective calls). On CUDA the communication runs on
+    the backend's own stream; each chunk's dispatch / combine backward is autograd's (the same
+    graph on every rank, hence the same order of collectives), without async overlap of its own.
+
+    Decode (max_decode_tokens, decode): forward(x, decode=True) (or layer.decode = True, e.g.
+    on every MoE of a model) runs without any host synchronisation, so the whole forward can be
+    captured in a torch.cuda.CUDAGraph and replayed: the no-sync dispatch (sync=False, the masked
+    [S, max_rows, H] layout, max_rows = W * max_decode_tokens rounded up to pad_to; with W = 1 it is
+    built locally from permute), grouped_gemm_masked (SwiGLU, then the second GEMM; rows past an
+    expert's valid count ignored) and combine. Every rank passes at most max_decode_tokens tokens
+    (the same bound on every rank). Routing (topk_gating), the aux losses, `load` and the
+    expert_load average are device-side updates and stay on; nothing is skipped. Not chunked.
+    Limits: no expert TP (its all-gather reads counts back); a placement other than the default
+    contiguous one routes replicas with a bincount, which synchronises on CUDA (correct, but not
+    capturable); on CUDA only bf16/fp16 expert weights are capturable (the float32/float64
+    masked GEMM reads valid_rows back to the host); W > 1 needs the ipc backend to be capturable
+    (run one eager forward first: creating its buffers is a collective). The output equals the
+    normal forward's (bit-identical with pad_to=1 on the CPU).
     """
 
     def __init__(self, hidden, ffn_hidden, num_experts, k, ep_group=None, tp_group=None, *, placement=None,
                  score="softmax", renormalize=True, num_groups=None, topk_groups=None, capacity_factor=None,
                  noise_std=0.0, expert_bias=False, routed_scaling_factor=1.0, shared_ffn_hidden=0,
                  shared_expert_gate=False, router_dtype=None, pad_to=1, backend="auto", load_decay=0.9,
-                 device=None, dtype=None):
+                 num_chunks=1, overlap=True, max_decode_tokens=None, device=None, dtype=None):
         super().__init__()
         world, rank = _ep_world(ep_group)
         tp_world, tp_rank = _ep_world(tp_group)
@@ -91,6 +242,13 @@ class MoE(nn.Module):
             raise ValueError(f"moe_ext.MoE: backend must be one of {_BACKENDS}, got {backend!r}")
         if not 0.0 <= load_decay < 1.0:
             raise ValueError(f"moe_ext.MoE: load_decay must be in [0, 1), got {load_decay}")
+        if not (isinstance(num_chunks, int) and num_chunks >= 1):
+            raise ValueError(f"moe_ext.MoE: num_chunks must be an int >= 1, got {num_chunks!r}")
+        if num_chunks > 1 and tp_world > 1:
+            raise ValueError("moe_ext.MoE: num_chunks > 1 is not supported with expert TP (tp_group of "
+                             f"{tp_world} ranks)")
+        if max_decode_tokens is not None and not (isinstance(max_decode_tokens, int) and max_decode_tokens >= 1):
+            raise ValueError(f"moe_ext.MoE: max_decode_tokens must be None or an int >= 1, got {max_decode_tokens!r}")
         self.hidden, self.ffn_hidden, self.num_experts, self.k = hidden, ffn_hidden, num_experts, k
         self.ep_group, self.ep_world, self.ep_rank = ep_group, world, rank
         self.tp_group, self.tp_world, self.tp_rank = tp_group, tp_world, tp_rank
@@ -100,6 +258,8 @@ class MoE(nn.Module):
         self.noise_std, self.routed_scaling_factor = noise_std, routed_scaling_factor
         self.router_dtype, self.pad_to, self.backend = router_dtype, pad_to, backend
         self.load_decay = load_decay
+        self.num_chunks, self.overlap = num_chunks, overlap
+        self.max_decode_tokens, self.decode = max_decode_tokens, False
 
         kw = dict(device=device, dtype=dtype)
         self.router = nn.Linear(hidden, num_experts, bias=False, **kw)
@@ -174,33 +334,37 @@ class MoE(nn.Module):
         h = grouped_gemm(recv_x, self.w1, tokens_per_expert, activation="swiglu")
         return grouped_gemm(h, self.w2, tokens_per_expert)
 
-    def forward(self, x):
+    def forward(self, x, decode=None):
+        """x [..., H] -> [..., H]. decode: the sync-free decode path (None: `self.decode`)."""
         shape = x.shape
         if shape[-1] != self.hidden:
             raise ValueError(f"moe_ext.MoE: x must end in hidden={self.hidden}, got shape {tuple(shape)}")
+        decode = self.decode if decode is None else decode
         x2 = x.reshape(-1, self.hidden)
+        if decode:
+            self._check_decode(x2.shape[0])
         seq_len = shape[-2] if x.dim() == 3 and shape[-2] > 0 else None
         w, idx, stats = self.route(x2, seq_len)
         slots = self.physical_slots(idx)
-        num_slots = self.layout.num_slots
-        if self.ep_world == 1:  # NOTE: never the default group's dispatch: this layer's experts are all here
-            recv_x, row_map, tokens_per_slot = permute(x2, slots, num_slots, pad_to=self.pad_to)
-            handle = None
+        if decode:
+            out, tokens_per_slot = self._decode(x2, slots, w)
+        elif self.ep_world == 1:  # NOTE: never the default group's dispatch: this layer's experts are all here
+            recv_x, row_map, tokens_per_slot = permute(x2, slots, self.layout.num_slots, pad_to=self.pad_to)
+            y, tokens_per_slot = self._experts_here(recv_x, tokens_per_slot)
+            out = unpermute(y, row_map, w)
+        elif self.num_chunks > 1:
+            out, tokens_per_slot = self._pipeline(x2, slots, w)
         else:
-            recv_x, tokens_per_slot, handle = dispatch(x2, slots, w, num_slots, group=self.ep_group,
-                                                       backend=self.backend, pad_to=self.pad_to)
-        if self.tp_world > 1:
-            y, tokens_per_slot = par.tp_experts(recv_x, tokens_per_slot, self.experts, self.tp_rank, self.tp_group)
-        else:
-            y = self.experts(recv_x, tokens_per_slot)
-        out = unpermute(y, row_map, w) if handle is None else combine(y, handle)
+            recv_x, tokens_per_slot, handle = self._dispatch(x2, slots, w)
+            y, tokens_per_slot = self._experts_here(recv_x, tokens_per_slot)
+            out = combine(y, handle)
         if self.shared is not None:
             s = self.shared(x2)
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x2)) * s
             out = out + s
         self.stats = stats
-        with torch.no_grad():
+        with torch.no_grad():  # NOTE: device-side updates only (no host sync: decode mode captures them)
             tpe = stats.tokens_per_expert.to(self.load.device)
             self.load += tpe.to(torch.int64)
             d = self.load_decay
@@ -211,6 +375,101 @@ class MoE(nn.Module):
             self._load_ema[-1].add_(1.0 - d)
             self.tokens_per_slot = tokens_per_slot.detach()
         return out.view(shape)
+
+    def _experts_here(self, recv_x, tokens_per_slot):
+        """(y, tokens per slot run here): the local experts, or with TP this rank's shard over the TP group's rows."""
+        if self.tp_world > 1:
+            return par.tp_experts(recv_x, tokens_per_slot, self.experts, self.tp_rank, self.tp_group)
+        return self.experts(recv_x, tokens_per_slot), tokens_per_slot
+
+    def _dispatch(self, x2, slots, w, **kw):
+        return dispatch(x2, slots, w, self.layout.num_slots, group=self.ep_group, backend=self.backend,
+                        pad_to=self.pad_to, **kw)
+
+    def _pipeline(self, x2, slots, w):
+        """The routed experts over num_chunks contiguous token chunks, pipelined (class docstring).
+        Returns (out [T, H], tokens_per_slot [S] summed over the chunks)."""
+        n, T = self.num_chunks, x2.shape[0]
+        sizes = [(c + 1) * T // n - c * T // n for c in range(n)]
+        xs, ss, ws = x2.split(sizes), slots.split(sizes), w.split(sizes)
+        state = _ChunkState(n, self.pad_to)
+        w1, w2 = _ChunkedWeights.apply(self.w1, self.w2, state)
+        started, outs, handles = {}, [], []
+
+        def start(c):
+            if c < n:
+                started[c] = self._dispatch(xs[c], ss[c], ws[c], async_op=self.overlap)
+
+        start(0)
+        for c in range(n):
+            if self.overlap:
+                start(c + 1)  # NOTE: chunk c+1's tokens travel while chunk c's GEMMs run
+            recv_x, tps, handle = started.pop(c)
+            handle.wait()
+            state.tokens_per_slot[c] = tps
+            y = _ChunkExperts.apply(recv_x, w1, w2, tps, state, c)
+            outs.append(combine(y, handle, async_op=self.overlap))  # in flight during chunk c+1's GEMMs
+            handles.append(handle)
+            if not self.overlap:
+                start(c + 1)
+        for handle in handles:
+            handle.wait()
+        state.counts = self._chunk_counts(ss)
+        return torch.cat(outs), torch.stack(state.tokens_per_slot).sum(0, dtype=torch.int32)
+
+    def _chunk_counts(self, slot_chunks):
+        """[W, n, S] int64 on the CPU: the rows every source rank sends to each of this rank's slots
+        in each chunk (one all-to-all over the EP group; every rank calls it, even without grad)."""
+        W, S, n = self.ep_world, self.num_local_experts, len(slot_chunks)
+        mine = torch.zeros(n, W * S + 1, dtype=torch.int64)
+        for c, s in enumerate(slot_chunks):
+            s = s.reshape(-1).long().cpu()
+            mine[c].index_add_(0, torch.where(s >= 0, s, W * S), torch.ones_like(s))  # NOTE: unrouted -> spare
+        send = mine[:, :-1].reshape(n, W, S).transpose(0, 1).contiguous()  # [destination, n, S]
+        # NOTE: CPU tensors for a gloo group (also what the ipc backend may bootstrap over), CUDA for NCCL.
+        device = self.w1.device if dist.get_backend(self.ep_group) == "nccl" else "cpu"
+        recv = torch.empty_like(send, device=device)
+        dist.all_to_all_single(recv, send.to(device), group=self.ep_group)
+        return recv.cpu()
+
+    def _check_decode(self, num_tokens):
+        if self.max_decode_tokens is None:
+            raise ValueError("moe_ext.MoE: decode needs max_decode_tokens (the most tokens any rank passes) set at "
+                             "construction")
+        if num_tokens > self.max_decode_tokens:
+            raise ValueError(f"moe_ext.MoE: decode got {num_tokens} tokens, more than max_decode_tokens="
+                             f"{self.max_decode_tokens}")
+        if self.tp_world > 1:
+            raise ValueError("moe_ext.MoE: decode is not supported with expert TP")
+
+    def _decode(self, x2, slots, w):
+        """The sync-free path: masked layout [S, max_rows, H], masked grouped GEMMs, combine.
+        Returns (out [T, H], valid rows per slot [S] int32)."""
+        if self.ep_world == 1:
+            max_rows = masked_rows(1, self.max_decode_tokens, None, self.pad_to)
+            recv_x, valid, row_map = self._masked_here(x2, slots, max_rows)
+            return unpermute(self._masked_experts(recv_x, valid).view(-1, self.hidden), row_map, w), valid
+        recv_x, valid, handle = self._dispatch(x2, slots, w, sync=False, max_tokens=self.max_decode_tokens)
+        return combine(self._masked_experts(recv_x, valid), handle), valid
+
+    def _masked_experts(self, recv_x, valid):
+        """The local experts over the masked layout [S, max_rows, H]; rows past valid[s] come out zero."""
+        h = grouped_gemm_masked(recv_x, self.w1, valid, activation="swiglu")
+        return grouped_gemm_masked(h, self.w2, valid)
+
+    def _masked_here(self, x2, slots, max_rows):
+        """W = 1: dispatch's masked layout built locally (dispatch itself would use the default group
+        when ep_group is None). Returns recv_x [S, max_rows, H] (rows of slot s in token order, then
+        zeros), valid rows [S] int32 and row_map [T, k] (row of each slot in recv_x viewed [S * max_rows, H]).
+        Device ops only; an expert gets at most one row per token, so T <= max_rows drops nothing."""
+        S, k = self.layout.num_slots, slots.shape[1]
+        _, flat_rows, valid = permute(x2, slots, S, sync=False)
+        first = torch.cumsum(valid, 0) - valid  # the first flat row of each slot
+        slot = slots.long().clamp(min=0)
+        row_map = torch.where(flat_rows >= 0, slot * max_rows + flat_rows - first[slot], -1)
+        where = torch.where(row_map >= 0, row_map, S * max_rows).view(-1)  # NOTE: unrouted -> a spare row
+        recv_x = x2.new_zeros(S * max_rows + 1, self.hidden).index_copy(0, where, x2.repeat_interleave(k, 0))
+        return recv_x[:-1].view(S, max_rows, self.hidden), valid, row_map
 
     # ---- load statistics ---------------------------------------------------------------------
 
@@ -372,4 +631,8 @@ class MoE(nn.Module):
             text += f", tp={self.tp_rank}/{self.tp_world}"
         if not self.layout.is_identity:
             text += f", slots={self.local_experts}"
+        if self.num_chunks > 1:
+            text += f", num_chunks={self.num_chunks}, overlap={self.overlap}"
+        if self.max_decode_tokens is not None:
+            text += f", max_decode_tokens={self.max_decode_tokens}"
         return text

@@ -613,8 +613,6 @@ class RankRunner {
                          const moe_bench::DeviceBuffer<int32_t>& tpe) const {
     const int64_t H = c.hidden, El = c.experts / world_;
     const int64_t rb = H * static_cast<int64_t>(ops_.size);
-    const kernels::EpSizes& sz = buf_->layout().sizes;
-    const int64_t slots_per_rank = sz.max_tokens * sz.max_k;
     int64_t wrong = 0;
     const std::vector<int32_t> tpe_h = tpe.to_host();
     for (int64_t el = 0; el < El; ++el) wrong += tpe_h[el] != static_cast<int64_t>(plan.rows[el].size());
@@ -644,7 +642,7 @@ class RankRunner {
         const Plan::Src& src = plan.rows[el][i];
         ops_.make_row(seed_of(case_id, src.rank, kSeedX), src.token, H, want.data());
         const bool row_ok = std::memcmp(got.data() + i * rb, want.data(), static_cast<size_t>(rb)) == 0;
-        const bool map_ok = map[i] == src.rank * slots_per_rank + src.token * c.k + src.slot;
+        const bool map_ok = map[i] == ((static_cast<int64_t>(src.rank) << 40) | (src.token * c.k + src.slot));  // ep.cuh back_map
         wrong += !(row_ok && map_ok);
       }
     }

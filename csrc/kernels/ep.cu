@@ -17,6 +17,9 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kCountThreads = 1024;
 constexpr int kRowThreads = 256;
 constexpr int kRowWarps = kRowThreads / kWarp;
+// back_map entries: source rank << kBackShift | slot (t * k + j). Independent of the buffer's
+// sizes, so a plan stays valid after the buffers grow between a dispatch and its combine.
+constexpr int kBackShift = 40;
 
 inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -345,7 +348,7 @@ __global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bo
           if (e >= 0) {
             const int64_t r = p.expert_rows[s];
             row = r < sc.cap_limit[e] ? r + sc.slot_base[e] : -1;
-            if (p.dest_rows[s] >= 0) stage = p.rank * L.sizes.max_tokens + p.dest_rows[s] - sc.tok_off[dest];
+            if (p.dest_rows[s] >= 0) stage = p.dest_rows[s] - sc.tok_off[dest];  // position among those to dest
           }
           p.slot_rows[s] = row;
           p.stage_rows[s] = stage;
@@ -356,7 +359,9 @@ __global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bo
         const int j = __ffs(firsts) - 1;
         firsts &= firsts - 1;
         const int64_t d = __shfl_sync(kFull, dest, j);
-        const int64_t st = __shfl_sync(kFull, stage, j);
+        // NOTE: the staging row from the buffer's current sizes (they may have grown since the
+        // dispatch whose plan a gradient send reuses).
+        const int64_t st = p.rank * L.sizes.max_tokens + __shfl_sync(kFull, stage, j);
         char* peer = p.peers[d];
         warp_copy(peer + L.payload + st * L.sizes.row_bytes,
                   static_cast<const char*>(p.x) + t * p.x_row_stride, p.row_bytes, lane);
@@ -398,7 +403,6 @@ __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
   const int64_t meta_cols = L.sizes.max_k + 1;
   const int64_t staged = p.world * L.sizes.max_tokens;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-  const int64_t slots_per_rank = L.sizes.max_tokens * L.sizes.max_k;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; g < staged; g += warps) {
     const int64_t s = g / L.sizes.max_tokens, i = g % L.sizes.max_tokens;
     if (i >= sc.recv_tok[s]) continue;
@@ -412,7 +416,7 @@ __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
       const int64_t r = __shfl_sync(kFull, mine, j);
       warp_copy(static_cast<char*>(p.recv_x) + r * p.row_bytes, p.local + L.payload + g * L.sizes.row_bytes,
                 p.row_bytes, lane);
-      if (lane == 0) p.back_map[r] = s * slots_per_rank + t * p.k + j;
+      if (lane == 0) p.back_map[r] = (s << kBackShift) | (t * p.k + j);
       if (p.recv_scale != nullptr) {
         const float* ssrc = reinterpret_cast<const float*>(p.local + L.scales) + g * L.sizes.scale_cols;
         for (int64_t c = lane; c < p.scale_cols; c += kWarp) p.recv_scale[r * p.scale_cols + c] = ssrc[c];
@@ -484,7 +488,6 @@ __global__ void __launch_bounds__(kRowThreads) send_back_kernel(EpParams p) {
     const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
     const int lane = threadIdx.x % kWarp;
     const int64_t El = p.num_experts / p.world;
-    const int64_t slots_per_rank = L.sizes.max_tokens * L.sizes.max_k;
     const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
     const int64_t rows_per_expert = p.max_rows >= 0 ? p.max_rows : 0;
     // Rows are walked as (expert, i) over the largest segment so that warps spread evenly.
@@ -498,7 +501,7 @@ __global__ void __launch_bounds__(kRowThreads) send_back_kernel(EpParams p) {
       const int64_t r = sc.recv_base[el] + i;
       const int64_t code = p.back_map[r];
       if (code < 0) continue;
-      const int64_t s = code / slots_per_rank, slot = code % slots_per_rank;
+      const int64_t s = code >> kBackShift, slot = code & ((int64_t{1} << kBackShift) - 1);
       warp_copy(p.peers[s] + L.back + slot * L.sizes.row_bytes, static_cast<const char*>(p.y) + r * p.y_row_stride,
                 p.row_bytes, lane);
     }

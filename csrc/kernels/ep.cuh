@@ -155,13 +155,14 @@ struct EpParams {
   const int32_t* tok = nullptr;          // [W] this rank's tokens per destination (of the second)
   int64_t* scratch = nullptr;            // [ep_scratch_len], written by ep_exchange_counts
   int64_t* slot_rows = nullptr;          // [T, k]: each slot's row on its expert's rank, -1 dropped / none
-  int64_t* stage_rows = nullptr;         // [T, k]: staging row at the destination, on its first slot there
+  int64_t* stage_rows = nullptr;         // [T, k]: on its first slot there, the token's position among
+                                         // this rank's tokens to that destination (else -1)
 
   // Receiving side.
   void* recv_x = nullptr;             // exact: [recv_rows] rows; masked: [El * max_rows] rows
   int64_t recv_rows = 0;              // rows allocated in recv_x / back_map (bounds)
   float* recv_scale = nullptr;        // [recv_rows, scale_cols] or null
-  int64_t* back_map = nullptr;        // [recv_rows]: source rank * (max_tokens * max_k) + t * k + j, -1 padding
+  int64_t* back_map = nullptr;        // [recv_rows]: source rank << 40 | (t * k + j), -1 padding
   int32_t* tokens_per_expert = nullptr;  // [El]: padded segments (exact) or valid rows (masked)
   int64_t* recv_total = nullptr;      // [1] device, optional: rows of the exact layout
   int64_t* recv_total_host = nullptr; // [1] host-mapped, optional: the same, for the one host read

@@ -20,7 +20,6 @@ graph once the communicator exists (run one eager call first: creating it is a c
 """
 import atexit
 import socket
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -87,10 +86,6 @@ def peer_access(group, device):
                         "tokens are written one-sided into the peers' symmetric buffers (CUDA IPC)")
     _TOPOLOGY[key] = answer
     return answer
-
-
-def _dtype_code(dtype):
-    return zlib.crc32(str(dtype).encode()) & 0x7FFFFFFF
 
 
 class _EventWork:
@@ -268,10 +263,9 @@ class IpcBackend:
             self.last_work = None
 
     def dispatch(self, x, idx, w, opts):
-        from .dispatch import _input_problem, expert_placement
+        from .dispatch import _dtype_code, _input_problem
 
-        num_experts = opts.num_experts
-        expert_placement(num_experts, self.world)
+        num_experts = opts.num_experts  # a multiple of the world size: dispatch() checked it
         # NOTE: the value checks of idx read it back to the host: only where the exact layout
         # synchronises anyway; the masked layout treats out-of-range ids as not routed.
         problem = _input_problem(x, idx, w, num_experts) if opts.sync else _shape_problem(x, idx, w)
@@ -295,7 +289,7 @@ class IpcBackend:
             with torch.cuda.stream(self.stream):
                 recv_x, recv_scale, tpe, *plan = self._c.dispatch(x, idx, scale, num_experts, opts.pad_to, capacity,
                                                                    max_rows, call[-1], 0)
-            code, value = (self._c.error()[0], self._c.error()[4]) if opts.sync else (0, 0)
+            code, _, _, _, value, _, _ = self._c.error() if opts.sync else (0,) * 7
             if code != _TOO_MANY or attempt == 1:
                 break
             cur.wait_stream(self.stream)

@@ -1,11 +1,11 @@
 // The ipc backend's kernels: count exchange and plan, token send, flag waits, expansion into the
 // expert-major layout, expert outputs back. Protocol and buffer layout: ep.cuh.
 #include "kernels/ep.cuh"
+#include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
+#include "kernels/float_cast.cuh"
 
 #include <cub/block/block_scan.cuh>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 
@@ -438,23 +438,6 @@ __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
 }
 
 template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T>
 __global__ void __launch_bounds__(kRowThreads) expand_grad_kernel(EpParams p, T* __restrict__ grad_y) {
   if (failed(p)) return;
   const EpLayout& L = p.layout;
@@ -475,7 +458,7 @@ __global__ void __launch_bounds__(kRowThreads) expand_grad_kernel(EpParams p, T*
       if (r < 0 || r >= p.recv_rows) continue;
       const float wj = w[j];
       T* dst = grad_y + r * hidden;
-      for (int64_t h = lane; h < hidden; h += kWarp) dst[h] = from_f<T>(wj * to_f<T>(src[h]));
+      for (int64_t h = lane; h < hidden; h += kWarp) dst[h] = from_acc<T>(wj * to_acc(src[h]));
     }
   }
 }
@@ -509,15 +492,8 @@ __global__ void __launch_bounds__(kRowThreads) send_back_kernel(EpParams p) {
   signal_when_done(p, kEpBack, seq);
 }
 
-int sm_count_now() {
-  int device = 0, sms = 0;
-  MOE_CUDA_CHECK(cudaGetDevice(&device));
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return std::max(sms, 1);
-}
-
 unsigned data_grid(const EpParams& p, int64_t items) {
-  const int64_t most = p.num_blocks > 0 ? p.num_blocks : sm_count_now();
+  const int64_t most = p.num_blocks > 0 ? p.num_blocks : sm_count();
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(most, (items + kRowWarps - 1) / kRowWarps)));
 }
 

@@ -4,6 +4,7 @@
 // (expert, m-tile, n-tile) with a binary search. No workspace, no extra launch, no host sync.
 #pragma once
 
+#include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
 #include "kernels/grouped_gemm_internal.cuh"
 
@@ -169,25 +170,10 @@ __device__ __forceinline__ int find_expert(const int32_t* prefix, int num_expert
 
 // ---- host-side launch helpers ----------------------------------------------------------------------
 
-inline int current_device() {
-  int device = 0;
-  MOE_CUDA_CHECK(cudaGetDevice(&device));
-  return device;
-}
-
-inline int device_sm_count(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  if (device >= 0 && device < kMaxDevices) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int sms = 0;
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  sms = std::max(sms, 1);
-  if (device >= 0 && device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
-}
+// NOTE: current_device and device_sm_count live in kernels/device_info.cuh, shared with the
+// other stages.
+using ::moe_ext::kernels::current_device;
+using ::moe_ext::kernels::device_sm_count;
 
 // Resident CTAs per SM of kKernel launched with `threads` threads and `smem` bytes of dynamic
 // shared memory; the first call per device raises the kernel's shared-memory limit to max_smem.

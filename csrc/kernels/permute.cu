@@ -27,7 +27,9 @@
 // order with __fmul_rn / __fadd_rn (no FMA contraction) exactly as the CPU op does.
 // unpermute_backward: one warp per token writes grad_y for its k rows and reduces the k dot
 // products; a byte per row marks the rows written, and a last kernel zeroes the others.
+#include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
+#include "kernels/float_cast.cuh"
 #include "kernels/permute.cuh"
 
 #include <cuda_bf16.h>
@@ -39,7 +41,6 @@
 #include <cuda/functional>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -69,23 +70,6 @@ constexpr int kGatherMinBlocks = 2;  // unpermute kernels: <= 128 registers, >= 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
-
-// SM count of the current device, queried once per device (a launch-config input only).
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};
-  int device = 0;
-  MOE_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 0 && device < kMaxDevices) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  int sms = 0;
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  sms = std::max(sms, 1);
-  if (device >= 0 && device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
-}
 
 // Grid of row blocks for `items` warp-sized work items: enough blocks to fill the device, then
 // the kernels stride.
@@ -492,20 +476,6 @@ struct FloatTraits<PermuteFloat::kBFloat16> {
   using T = __nv_bfloat16;
   using Acc = float;
 };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // NOTE: separately rounded multiply and add: nvcc must not contract them into an FMA, or the
 // result would differ from the CPU op's in the last bit.

@@ -1,0 +1,36 @@
+// Host-side facts about the current device that launch configurations read: cached per device,
+// so a launch does not pay a driver query each time.
+#pragma once
+
+#include "kernels/exception.cuh"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <atomic>
+
+namespace moe_ext::kernels {
+
+inline int current_device() {
+  int device = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+inline int device_sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  if (device >= 0 && device < kMaxDevices) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int sms = 0;
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  sms = std::max(sms, 1);
+  if (device >= 0 && device < kMaxDevices) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+inline int sm_count() { return device_sm_count(current_device()); }
+
+}  // namespace moe_ext::kernels

@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# One device call on the lent GPU machine: build, test and benchmark moe_ext inside the call's
+# 10-minute limit, with every log kept. CI never runs this (it has no GPU).
+#
+#   .ci/gpu_session.sh [phase ...]        default phases: build test
+#
+# Phases (in the order given; each step is skipped, and says so, once the deadline is near):
+#   build     pip wheels from .whl/ (nvidia-cutlass; carry it), then the extension in place
+#             (setup.py build_ext --inplace, MAX_JOBS=16), unless moe_ext/_C.srchash says the .so
+#             there was built from these very sources (a warm machine, or a carried .so). The
+#             stripped .so comes back as $OUT/_C.so.part-* with $OUT/_C.srchash, to be carried.
+#   cmake_bg  start the CMake build (kernel library, bench_*, test_*) in the background; it
+#             overlaps the GPU-bound tests. sanitize and bench wait for it, then run ctest.
+#   test      every tests/test_cuda_*.py, each under its own timeout, cheapest first; the grouped
+#             GEMM once per kernel (portable, sm90) so that a hang of one costs only its own limit;
+#             the layer and ipc tests on the portable GEMM (a Hopper GEMM bug must not mask theirs).
+#   sanitize  compute-sanitizer memcheck/racecheck over small cases (C++ benchmarks, which check
+#             their results, and a few pytest cases).
+#   bench     every benchmark (C++ tables and Python, JSON into the logs), ep under MPS.
+#   quick     a smoke test: one family of small cases per stage, stopping at the first failure.
+#
+# A 30-minute session, in calls of at most 10 minutes, carrying .whl (and the .so once built):
+#   1. build cmake_bg quick test      the build, then as many tests as fit
+#   2. build test                     (the .so carried) the rest of the tests; fix, repeat
+#   3. build cmake_bg sanitize bench  the numbers for bench/RESULTS.md
+# MPS (GPU.md) is started at the beginning and stopped at the end: the ipc tests and bench_ep run
+# 2, 4 and 8 ranks on the one GPU, which without MPS take turns in time slices.
+#
+# Output: a one-line verdict per step on stdout (the device reply keeps only the last 12,000
+# characters), and every log in $OUT/logs.tgz (with $OUT/summary.txt). Environment:
+# MOE_EXT_DEADLINE_S (seconds from the start after which nothing new starts; 560),
+# MOE_EXT_PYTEST_ARGS (extra pytest arguments, e.g. "-k small").
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-$ROOT/out}
+LOGS=/tmp/moe_ext_gpu_logs
+rm -rf "$LOGS" && mkdir -p "$LOGS" "$OUT"
+START=$EPOCHSECONDS
+DEADLINE=${MOE_EXT_DEADLINE_S:-560}
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+SUMMARY="$LOGS/summary.txt"
+phases=("$@")
+((${#phases[@]})) || phases=(build test)
+
+say() { printf '[%4ds] %s\n' $((EPOCHSECONDS - START)) "$*" | tee -a "$SUMMARY"; }
+left() { echo $((DEADLINE - (EPOCHSECONDS - START))); }
+
+# run NAME TIMEOUT CMD...: runs CMD with its output in $LOGS/NAME.log under min(TIMEOUT, time left);
+# prints one verdict line plus the log's failure lines. Returns CMD's status (124: timed out).
+run() {
+  local name=$1 limit=$2
+  shift 2
+  local l
+  l=$(left)
+  if ((l < 15)); then
+    say "SKIP $name (deadline)"
+    return 125
+  fi
+  ((limit > l)) && limit=$l
+  local t0=$EPOCHSECONDS rc=0
+  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
+  local verdict=ok
+  ((rc == 124 || rc == 137)) && verdict="TIMEOUT after ${limit}s"
+  ((rc != 0 && rc != 124 && rc != 137)) && verdict="FAILED rc=$rc"
+  # pytest's own last line says how many passed/failed/skipped.
+  local tail_line
+  tail_line=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/$name.log" | grep -E '^=*\s*[0-9]' | tail -n 1)
+  say "$name: $verdict ($((EPOCHSECONDS - t0))s) ${tail_line}"
+  if ((rc != 0)); then
+    grep -E '^(FAILED|ERROR) |Error|error:|Timeout|timed out|mismatch|#wrong' "$LOGS/$name.log" | head -n 12 | sed 's/^/    /' | cut -c1-300 | tee -a "$SUMMARY"
+    ((rc == 124 || rc == 137)) && tail -n 5 "$LOGS/$name.log" | sed 's/^/    | /' | cut -c1-300 | tee -a "$SUMMARY"
+  fi
+  return $rc
+}
+
+finish() {
+  if [[ -n "${MPS_STARTED:-}" ]]; then echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; fi
+  say "done: phases ${phases[*]}"
+  cp "$SUMMARY" "$OUT/summary.txt" 2>/dev/null
+  tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+}
+trap finish EXIT
+
+start_mps() {
+  [[ -n "${MPS_STARTED:-}" ]] && return
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d 2>/dev/null; then MPS_STARTED=1; say "MPS started"; else say "MPS did not start (already running?)"; fi
+}
+
+say "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+dirty'), phases: ${phases[*]}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$SUMMARY"
+python -c "import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version() if torch.cuda.is_available() else None)" 2>&1 | tee -a "$SUMMARY"
+
+# The nvidia-cutlass wheel (headers only) travels in .whl/; the machine has no registry.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1 &&
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+# The extension is rebuilt only when the sources changed: a content hash of csrc/ and setup.py
+# is kept beside the .so (moe_ext/_C.srchash), so a .so carried from an earlier call is reused.
+src_hash() { find csrc setup.py -type f | LC_ALL=C sort | xargs sha1sum | sha1sum | cut -c1-16; }
+so_fresh() {
+  compgen -G "moe_ext/_C*.so" >/dev/null && [[ -f moe_ext/_C.srchash ]] && [[ "$(cat moe_ext/_C.srchash)" == "$(src_hash)" ]]
+}
+
+phase_build() {
+  if so_fresh; then
+    say "build: moe_ext/_C*.so matches the sources (moe_ext/_C.srchash), not rebuilt"
+  else
+    rm -f moe_ext/_C.srchash
+    run build 540 python setup.py build_ext --inplace || return 1
+    src_hash >moe_ext/_C.srchash
+  fi
+  run import 60 python -c "import torch, moe_ext; assert torch.cuda.is_available(); x = torch.randn(4, 8, device='cuda'); print(moe_ext.__file__, moe_ext.topk_gating(x, 2)[0].cpu())" || return 1
+  # Bring the .so back (stripped, in pieces under the 16 MiB limit of a returned file) so the next
+  # call can carry it: cat _C.so.part-* > moe_ext/<name>; cp _C.srchash moe_ext/.
+  local so
+  so=$(ls moe_ext/_C*.so | head -n 1)
+  strip --strip-unneeded -o /tmp/_C.so "$so" 2>/dev/null || cp "$so" /tmp/_C.so
+  split -b 15M -d /tmp/_C.so "$OUT/_C.so.part-"
+  cp moe_ext/_C.srchash "$OUT/_C.srchash"
+  say "build: $(basename "$so"), $(du -h /tmp/_C.so | cut -f1) stripped, in \$OUT/_C.so.part-* (+ _C.srchash)"
+}
+
+# The CMake build (bench_*, test_*) compiles the kernels again; started in the background it
+# overlaps the GPU-bound tests. The bench and sanitize phases wait for it.
+phase_cmake_bg() {
+  ( cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$(command -v python)" &&
+    nice -n 10 cmake --build build/cmake -j "$MAX_JOBS" ) >"$LOGS/cmake_bg.log" 2>&1 &
+  CMAKE_PID=$!
+  say "cmake: building in the background (pid $CMAKE_PID)"
+}
+wait_cmake() {
+  [[ -n "${CMAKE_PID:-}" ]] || return 0
+  local t0=$EPOCHSECONDS
+  while kill -0 "$CMAKE_PID" 2>/dev/null && (($(left) > 20)); do sleep 2; done
+  if kill -0 "$CMAKE_PID" 2>/dev/null; then say "cmake: still building at the deadline"; return 1; fi
+  wait "$CMAKE_PID"; local rc=$?
+  CMAKE_PID=
+  say "cmake: background build rc=$rc (waited $((EPOCHSECONDS - t0))s)"
+  ((rc == 0)) || { grep -E 'error|FAILED' "$LOGS/cmake_bg.log" | head -n 10 | sed 's/^/    /' | tee -a "$SUMMARY"; return 1; }
+  run ctest 180 ctest --test-dir build/cmake --output-on-failure --timeout 120
+}
+
+phase_cmake() {
+  run cmake_configure 120 cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE="$(command -v python)" || return 1
+  run cmake_build 540 cmake --build build/cmake -j "$MAX_JOBS" || return 1
+  run ctest 240 ctest --test-dir build/cmake --output-on-failure --timeout 120
+}
+
+pytest_file() {  # name timeout file [pytest args...]: one test file, every failure listed
+  local name=$1 limit=$2 file=$3
+  shift 3
+  run "$name" "$limit" python -m pytest -q -rfE --tb=short --maxfail=40 -p no:cacheprovider ${MOE_EXT_PYTEST_ARGS:-} "$file" "$@"
+}
+
+phase_test() {
+  start_mps
+  pytest_file test_permute 240 tests/test_cuda_permute.py
+  pytest_file test_gating 240 tests/test_cuda_gating.py
+  # The kernel is a parameter of the GEMM tests' ids: run each kernel on its own, so a hang of
+  # the Hopper kernel (mbarrier phases) costs only its own time limit.
+  pytest_file test_gemm_portable 240 tests/test_cuda_grouped_gemm.py -k "not sm90"
+  pytest_file test_gemm_sm90 180 tests/test_cuda_grouped_gemm.py -k "sm90"
+  pytest_file test_gemm_masked 120 tests/test_grouped_gemm_masked.py
+  # Layer and ipc tests on the portable GEMM: a Hopper GEMM bug must not mask theirs.
+  MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc 300 tests/test_cuda_ep_ipc.py
+  pytest_file test_nccl 120 tests/test_cuda_nccl.py
+  MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_layer 240 tests/test_cuda_layer.py
+}
+
+phase_sanitize() {
+  wait_cmake
+  local cs=(compute-sanitizer --error-exitcode 9 --print-limit 20)
+  local B=build/cmake
+  if [[ -x $B/bench_permute ]]; then
+    # The C++ benchmarks check their results, so one small case each under the sanitizer is a test.
+    run san_permute_cpp 120 "${cs[@]}" --tool memcheck $B/bench_permute -s 4097x2056x8 -n 1 -w 0 -L 0
+    run san_permute_race 120 "${cs[@]}" --tool racecheck $B/bench_permute -s 1000x520x8 -n 1 -w 0 -L 0
+    run san_gating_cpp 120 "${cs[@]}" --tool memcheck $B/bench_gating -s 4097x256x8 -n 1 -w 0 -L 0
+    run san_gating_race 120 "${cs[@]}" --tool racecheck $B/bench_gating -s 1000x60x6 -n 1 -w 0 -L 0
+    run san_gemm_cpp 180 "${cs[@]}" --tool memcheck $B/test_grouped_gemm
+  fi
+  run san_permute_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_permute.py -k "narrow_rows and (40-0 or 8-0)"
+  run san_gating_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_gating.py -k "every_option_combination and sigmoid-True"
+  run san_gemm_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_grouped_gemm.py -k "forward_matches_float64 and dtype0-swiglu and (odd or empty)"
+}
+
+phase_bench() {
+  wait_cmake
+  start_mps
+  local B=build/cmake J=$LOGS
+  if [[ -x $B/bench_gating ]]; then
+    run bench_gating_cpp 90 $B/bench_gating -J "$J/bench_gating.json"
+    run bench_permute_cpp 120 $B/bench_permute -s 16384x7168x8 -J "$J/bench_permute.json"
+    run bench_gemm_cpp 240 $B/bench_grouped_gemm -J "$J/bench_grouped_gemm.json"
+    run bench_ep_2 90 $B/bench_ep --ranks 2 -J "$J/bench_ep_2.json"
+    run bench_ep_4 90 $B/bench_ep --ranks 4 -J "$J/bench_ep_4.json"
+    run bench_ep_8 120 $B/bench_ep --ranks 8 -J "$J/bench_ep_8.json"
+    run bench_ep_2m 60 $B/bench_ep --ranks 2 --masked -T 128 -J "$J/bench_ep_2m.json"
+    run bench_ep_8m 60 $B/bench_ep --ranks 8 --masked -T 128 -J "$J/bench_ep_8m.json"
+  else
+    say "bench: no build/cmake executables (run the cmake phase first); C++ benchmarks skipped"
+  fi
+  run bench_gating_py 120 python bench/gating_bench.py --json "$J/gating_py.json"
+  run bench_permute_py 120 python bench/permute_bench.py --json "$J/permute_py.json"
+  run bench_gemm_py 240 python bench/grouped_gemm_bench.py --kernels portable,sm90 --json "$J/gemm_py.json"
+  run bench_ep_py_8 120 python bench/ep_bench.py --ranks 8 --json "$J/ep_py_8.json"
+  run bench_cli 240 python -m moe_ext bench --device cuda --shape mixtral --json "$J/cli_mixtral.json"
+}
+
+phase_quick() {
+  start_mps
+  pytest_file quick_permute 60 tests/test_cuda_permute.py -x -k "narrow_rows"
+  pytest_file quick_gating 60 tests/test_cuda_gating.py -x -k "every_option_combination"
+  pytest_file quick_gemm_portable 60 tests/test_cuda_grouped_gemm.py -x -k "forward_matches_float64 and portable"
+  pytest_file quick_gemm_sm90 60 tests/test_cuda_grouped_gemm.py -x -k "forward_matches_float64 and sm90"
+  MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file quick_ep 120 tests/test_cuda_ep_ipc.py -x -k "matches_gloo"
+}
+
+for p in "${phases[@]}"; do
+  if ! declare -F "phase_$p" >/dev/null; then say "unknown phase $p"; continue; fi
+  say "== phase $p"
+  "phase_$p"
+  rc=$?
+  if [[ $p == build ]] && ((rc != 0)); then say "build failed: later phases skipped"; exit 1; fi
+done

@@ -1,7 +1,6 @@
 """moe_ext: expert-parallel Mixture-of-Experts kernels for PyTorch."""
 from . import _ops  # noqa: F401  (loads torch.ops.moe_ext and registers fakes/autograd)
-from ._ipc import communicator
-from .dispatch import DispatchHandle, combine, describe, dispatch, masked_rows
+from .dispatch import DispatchHandle, combine, communicator, describe, dispatch, masked_rows
 from .gemm import grouped_gemm
 from .layer import MoE
 from .permute import permute, unpermute

@@ -18,14 +18,19 @@ the exact layout, but it synchronises the host: the no-sync, CUDA-graph path is 
 backend's.
 
 Failures: every wait (joining the communicator, each exchange, close) gives up after the
-backend's `timeout` (default 60 s, settable: nccl_backend(...).timeout = 5, or DEFAULT_TIMEOUT_S
-before the first call). A rank that never makes the call makes the others raise a RuntimeError
-naming the group's ranks; NCCL cannot tell which peer is missing, so the message says so. The
-communicator is then aborted and leaves the cache: the next dispatch makes a new one (a
-collective again, on every rank). Mismatched inputs (hidden size, dtypes, num_experts, k, ...)
+backend's `timeout` (default 60 s, settable: moe_ext.communicator(group, backend="nccl").timeout
+= 5, or DEFAULT_TIMEOUT_S before the first call). A rank that never makes the call makes the
+others raise a RuntimeError naming it. NCCL itself cannot tell which peer is missing, so the
+ranks that timed out find out through the ProcessGroup's key-value store, on the failure path
+only: each writes a key for the exchange it gave up on, waits a short while for the keys of the
+others, and names the ranks whose key never came (they never reached that exchange: missing,
+stuck elsewhere or dead). The happy path never touches the store. The communicator is then
+aborted and leaves the cache: the next dispatch makes a new one (a collective again, on every
+rank). Mismatched inputs (hidden size, dtypes, num_experts, k, ...)
 are caught by the header exchange as with gloo, naming each rank's value.
 """
 import atexit
+import time
 
 import torch
 import torch.distributed as dist
@@ -76,6 +81,10 @@ class NcclBackend(_AllToAllBackend):
         if not self._timeout > 0:
             raise ValueError(f"moe_ext nccl backend: timeout must be > 0 seconds, got {timeout}")
         self._key = None  # set by nccl_backend() when cached
+        # The exchange sequence number and the communicator's tag (from its unique id, the same on
+        # every rank) name an exchange in the store when a timeout must find the missing rank.
+        self._exchanges = 0
+        self._tag = "0"
         self._c = self._connect()
 
     # ---- the communicator ------------------------------------------------------------------------
@@ -89,6 +98,7 @@ class NcclBackend(_AllToAllBackend):
         # device for an NCCL-only group): make that ours.
         with torch.cuda.device(self.device):
             dist.broadcast_object_list(box, src=self.ranks[0], group=self.group)
+        self._tag = bytes(box[0][:16]).hex()
         try:
             c.init(torch.tensor(list(box[0]), dtype=torch.uint8))
         except RuntimeError as e:
@@ -109,6 +119,12 @@ class NcclBackend(_AllToAllBackend):
         self._timeout = float(seconds)
         if self._c is not None:
             self._c.set_timeout(self._timeout)
+
+    @property
+    def nbytes(self):
+        """Device bytes this communicator holds for moe_ext: none (the exchanges use the caller's
+        tensors; NCCL's own internal buffers are NCCL's)."""
+        return 0
 
     @property
     def closed(self):
@@ -144,6 +160,7 @@ class NcclBackend(_AllToAllBackend):
     def _run(self, send, recv, send_splits, recv_splits, stage):
         if self._c is None:
             raise self._fail(stage, "the communicator was closed (close()); the next dispatch makes a new one")
+        self._exchanges += 1
         try:
             self._c.alltoallv(send, recv, list(send_splits), list(recv_splits))
         except RuntimeError as e:
@@ -156,17 +173,49 @@ class NcclBackend(_AllToAllBackend):
         if state in (_TIMED_OUT, _FAILED):
             _forget(self)  # aborted: the next dispatch makes a new communicator
         if state == _TIMED_OUT:
-            others = [r for r in self.ranks if r != me]
+            missing = self._missing_ranks()
+            if missing:
+                who = (f"global rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} never reached "
+                       "this exchange (it did not make the same dispatch/combine call, is stuck elsewhere, or died)")
+            elif missing is None:
+                others = [r for r in self.ranks if r != me]
+                who = (f"one or more of the other ranks {others} did not make the same dispatch/combine call, or "
+                       "died (NCCL cannot tell which, and the ProcessGroup's store could not be asked)")
+            else:
+                who = ("every rank reached this exchange, so a peer is too slow or the transport is stuck, not "
+                       "missing")
             return RuntimeError(
                 f"moe_ext.{op}: the {stage} exchange (nccl backend) did not complete within {self._timeout:g} s on "
-                f"global rank {me} of the group with global ranks {self.ranks}: one or more of the other ranks "
-                f"{others} did not make the same dispatch/combine call, or died. NCCL cannot tell which of them it "
-                "is. The communicator was aborted; the next dispatch makes a new one on every rank (set the wait "
-                f"with nccl_backend(...).timeout){extra}. Cause: {err}")
+                f"global rank {me} of the group with global ranks {self.ranks}: {who}. The communicator was "
+                "aborted; the next dispatch makes a new one on every rank (set the wait with "
+                f"moe_ext.communicator(group, backend='nccl').timeout){extra}. Cause: {err}")
         return RuntimeError(
             f"moe_ext.{op}: the {stage} exchange (nccl backend) failed on global rank {me} of the group with global "
             f"ranks {self.ranks}{extra}. Every rank of the group must make the same dispatch/combine calls. "
             f"Cause: {err}")
+
+
+    def _missing_ranks(self):
+        """After a timed-out exchange: the global ranks that never reached it, found through the
+        default ProcessGroup's store (None when there is no store). Every rank that gave up writes a
+        key naming the exchange, then waits up to half the timeout (at most 10 s) for the others'."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001  (no default group, or a torch without the helper)
+            return None
+        prefix = f"moe_ext/nccl/{self._tag}/{self._exchanges}/"
+        me = self.ranks[self.rank]
+        try:
+            store.set(prefix + str(me), "1")
+            pending = [r for r in self.ranks if r != me]
+            deadline = time.monotonic() + min(0.5 * self._timeout, 10.0)
+            while True:
+                pending = [r for r in pending if not store.check([prefix + str(r)])]
+                if not pending or time.monotonic() >= deadline:
+                    return pending
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001  (the store itself is unreachable: say so, do not mask the timeout)
+            return None
 
 
 # ---- the communicators, one per (group, device) -----------------------------------------------

@@ -142,6 +142,35 @@ def describe(group=None, device=None):
     return f"auto -> {name} for {device.type} tensors on {where}: {why}"
 
 
+def communicator(group=None, device=None, backend="auto"):
+    """The communicator that dispatch/combine use for CUDA tensors on `device` over `group`: one per
+    (group, device, backend), created on first use (a collective: every rank of the group calls it
+    or its first dispatch together) and cached; dispatch(..., backend=the same) uses this object.
+
+    backend: "auto" (what dispatch's "auto" picks: see describe()), "ipc" or "nccl".
+    Both have .timeout (seconds every wait gives up after; default 60), .nbytes (device bytes held)
+    and .close() (every rank; the next dispatch makes a new one). The ipc one also has .num_sms,
+    .memory_budget and .reserve(max_tokens, hidden_bytes, k, num_experts).
+    """
+    group, world, rank = _resolve_group(group)
+    if group is None or world == 1:
+        raise ValueError("moe_ext.communicator: a world of one rank has no communicator (no communication)")
+    if device is None:
+        if not torch.cuda.is_available():
+            raise ValueError("moe_ext.communicator: the communicators move CUDA tensors and this machine has no "
+                             "CUDA device (CPU tensors go through gloo, which needs none)")
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"moe_ext.communicator: device must be a CUDA device, got {device}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if backend not in ("auto", "ipc", "nccl"):
+        raise ValueError(f"moe_ext.communicator: backend must be 'auto', 'ipc' or 'nccl', got {backend!r}")
+    name = _select_backend(backend, device, world, group)
+    return _make_backend(name, group, world, rank, device)
+
+
 # ---- the handle --------------------------------------------------------------------------------
 
 class _CompletedWork:

@@ -239,7 +239,9 @@ def _missing_peer(rank, world, done_dir):
     dev = torch.device("cuda", rank)
     x, idx, w = torch.randn(4, HIDDEN, device=dev), torch.randint(2, (4, 1), device=dev), torch.rand(4, 1, device=dev)
     moe_ext.dispatch(x, idx, w, 2, backend="nccl")  # makes the communicator, on both ranks
-    _nccl.nccl_backend(dist.group.WORLD, world, rank, dev).timeout = 5
+    comm = moe_ext.communicator(device=dev, backend="nccl")
+    assert comm is _nccl.nccl_backend(dist.group.WORLD, world, rank, dev) and comm.nbytes == 0
+    comm.timeout = 5
     if rank == 1:
         deadline = time.monotonic() + 60
         while not os.listdir(done_dir) and time.monotonic() < deadline:
@@ -259,4 +261,4 @@ def test_missing_peer_times_out(tmp_path, seed):
     elapsed, message = run_world(_missing_peer, 2, str(tmp_path), seed=seed, timeout_s=120)[0]
     assert elapsed < 10, f"took {elapsed:.1f} s to fail"
     assert "did not complete within 5 s" in message and "global ranks [0, 1]" in message, message
-    assert "NCCL cannot tell which" in message, message
+    assert "global rank 1 never reached this exchange" in message, message

@@ -10,6 +10,7 @@ tests/test_cuda_nccl.py.
 """
 import importlib
 import os
+import time
 
 import pytest
 import torch
@@ -195,8 +196,8 @@ def test_cache_close_and_failures(group1, monkeypatch):
     assert second is not first and not second.closed
     first.close()  # twice is fine
 
-    # A timed-out exchange: the message names the group, says NCCL cannot tell which peer, and the
-    # aborted backend leaves the cache.
+    # A timed-out exchange in a world of one: nobody is missing, and the message says so; the
+    # aborted backend leaves the cache. (Naming a missing rank: test_timeout_names_the_missing_rank.)
     second._c.fail = (_nccl._TIMED_OUT, "NCCL alltoallv did not complete within 5 s")
     x, idx, w = torch.randn(3, HIDDEN), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
     second.device = torch.device("cpu")  # the fake transport moves CPU tensors
@@ -204,7 +205,7 @@ def test_cache_close_and_failures(group1, monkeypatch):
         second.dispatch(x, idx, w, dispatch_mod._Options(1))
     msg = str(err.value)
     assert "moe_ext.dispatch: the header exchange (nccl backend) did not complete within 60 s" in msg, msg
-    assert "group with global ranks [0]" in msg and "NCCL cannot tell which" in msg, msg
+    assert "group with global ranks [0]" in msg and "every rank reached this exchange" in msg, msg
     assert _nccl.nccl_backend(group1, 1, 0, dev) is not second
 
     # Any other failure: named as such, with the stage (combine here).
@@ -222,6 +223,56 @@ def test_cache_close_and_failures(group1, monkeypatch):
 
     _nccl.close_all()
     assert not _nccl._BACKENDS
+
+
+def _skip_one_rank(rank, world, skipper):
+    """Every rank but `skipper` dispatches; their (fake) exchange times out at once, as NCCL's would
+    with a peer missing. Returns the message each one raised (None on the skipper)."""
+    msg = None
+    if rank != skipper:
+        backend = CpuNccl(dist.group.WORLD, world, rank, "cpu")
+        backend.timeout = 2  # the store is watched for up to half of it
+        backend._c.fail = (_nccl._TIMED_OUT, "NCCL alltoallv did not complete within 2 s")
+        x, idx, w = torch.randn(3, HIDDEN), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError) as err:
+            backend.dispatch(x, idx, w, dispatch_mod._Options(world))
+        msg = (str(err.value), time.monotonic() - t0)
+    dist.barrier()
+    return msg
+
+
+def test_timeout_names_the_missing_rank():
+    results = run_world(_skip_one_rank, 3, 1, timeout_s=60)
+    assert results[1] is None
+    for r in (0, 2):
+        msg, took = results[r]
+        assert f"did not complete within 2 s on global rank {r}" in msg, msg
+        assert "global rank 1 never reached this exchange" in msg, msg
+        assert took < 5, took  # the 1 s watch of the store, not a hang
+
+
+def _communicator_errors(rank, world):
+    out = []
+    for kwargs in [dict(device="cpu"), dict(device="cuda:0", backend="bogus")]:
+        try:
+            moe_ext.communicator(**kwargs)
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def test_communicator_bad_arguments(group1):
+    with pytest.raises(ValueError, match="a world of one rank has no communicator"):
+        moe_ext.communicator(device="cuda:0")
+    dist.destroy_process_group()
+    try:
+        msgs = run_world(_communicator_errors, 2, timeout_s=60)
+    finally:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    for m in msgs:
+        assert "device must be a CUDA device, got cpu" in m[0], m
+        assert "backend must be 'auto', 'ipc' or 'nccl', got 'bogus'" in m[1], m
 
 
 def test_unavailable_without_cuda_build():

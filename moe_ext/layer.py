@@ -216,9 +216,7 @@ class MoE(nn.Module):
     expert's valid count ignored) and combine. Every rank passes at most max_decode_tokens tokens
     (the same bound on every rank). Routing (topk_gating), the aux losses, `load` and the
     expert_load average are device-side updates and stay on; nothing is skipped. Not chunked.
-    Limits: no expert TP (its all-gather reads counts back); a placement other than the default
-    contiguous one routes replicas with a bincount, which synchronises on CUDA (correct, but not
-    capturable); on CUDA only bf16/fp16 expert weights are capturable (the float32/float64
+    Limits: no expert TP (its all-gather reads counts back); on CUDA only bf16/fp16 expert weights are capturable (the float32/float64
     masked GEMM reads valid_rows back to the host); W > 1 needs the ipc backend to be capturable
     (run one eager forward first: creating its buffers is a collective). The output equals the
     normal forward's (bit-identical with pad_to=1 on the CPU).

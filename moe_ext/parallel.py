@@ -250,7 +250,8 @@ def route_to_replicas(idx, replica_counts, replica_slots, rank):
     routed = flat >= 0
     key = torch.where(routed, flat, num_experts)  # unrouted sort last
     order = torch.argsort(key, stable=True)
-    seg = torch.bincount(key, minlength=num_experts + 1)
+    # NOTE: not torch.bincount, whose output size depends on the data (a host sync on CUDA).
+    seg = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(0, key, torch.ones_like(key))
     start = torch.cumsum(seg, 0) - seg
     n = torch.empty_like(flat)
     n[order] = torch.arange(flat.numel(), device=flat.device) - start[key[order]]

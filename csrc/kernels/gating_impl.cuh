@@ -5,6 +5,7 @@
 // in parallel. See gating.cu for the design.
 #pragma once
 
+#include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
 #include "kernels/gating.cuh"
 
@@ -13,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -1012,10 +1014,29 @@ inline void allow_smem(const void* kernel, size_t bytes, int* configured) {
   if (device >= 0 && device < 64) configured[device] = static_cast<int>(bytes);
 }
 
+// The shared-memory budget of a block on the current device: kSmemBudget, or less where the
+// device's opt-in limit is lower. NOTE: a fixed 160 KiB exceeds the opt-in limit of sm_86/sm_89
+// (99 KiB) and sm_75 (64 KiB), where large E (E=1024: ~112 KiB for float) made
+// cudaFuncSetAttribute / the launch fail; on sm_80 (163 KiB) and sm_90 (227 KiB) nothing changes.
+// (Where it is lower, fewer warps per block sum a tile's scores in another order: the aux losses
+// may then differ in the last bits from those of other GPUs, still the same from run to run.)
+inline size_t smem_budget() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const int device = current_device();
+  int optin = (device >= 0 && device < kMaxDevices) ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (optin <= 0) {
+    MOE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (device >= 0 && device < kMaxDevices) cache[device].store(optin, std::memory_order_relaxed);
+  }
+  return std::min(kSmemBudget, static_cast<size_t>(std::max(optin, 0)));
+}
+
 // Warps per block that fit the shared-memory budget.
 inline int fit_warps(size_t block_bytes, size_t warp_bytes) {
+  const size_t budget = smem_budget();
   int w = kRouteWarps;
-  while (w > 1 && block_bytes + warp_bytes * w > kSmemBudget) --w;
+  while (w > 1 && block_bytes + warp_bytes * w > budget) --w;
   return w;
 }
 

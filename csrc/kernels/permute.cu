@@ -333,11 +333,15 @@ __global__ void __launch_bounds__(kRowThreads)
         my_row = (r >= 0 && r < out_rows) ? r : -1;
       }
       const int nj = static_cast<int>(min(static_cast<int64_t>(kWarpSize), k - j0));
-      for (int64_t v0 = lane; v0 < row_vecs; v0 += kWarpSize * kScatterUnroll) {
+      // NOTE: the loop starts at 0 for every lane (not at `lane`) so that its trip count is the
+      // same across the warp: the full-mask __shfl_sync below must be reached by all 32 lanes.
+      // Starting at `lane` left lanes >= row_vecs out of it for narrow rows (row_vecs < 32),
+      // which is undefined behaviour (hang or rows broadcast from another token).
+      for (int64_t v0 = 0; v0 < row_vecs; v0 += kWarpSize * kScatterUnroll) {
         V buf[kScatterUnroll];
 #pragma unroll
         for (int u = 0; u < kScatterUnroll; ++u) {
-          const int64_t v = v0 + u * kWarpSize;
+          const int64_t v = v0 + lane + u * kWarpSize;
           if (v < row_vecs) buf[u] = __ldg(src + v);
         }
         for (int j = 0; j < nj; ++j) {
@@ -346,7 +350,7 @@ __global__ void __launch_bounds__(kRowThreads)
           V* dst = reinterpret_cast<V*>(x_perm + r * row_bytes);
 #pragma unroll
           for (int u = 0; u < kScatterUnroll; ++u) {
-            const int64_t v = v0 + u * kWarpSize;
+            const int64_t v = v0 + lane + u * kWarpSize;
             if (v < row_vecs) dst[v] = buf[u];
           }
         }

@@ -172,6 +172,7 @@ phase_test() {
   MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc 300 tests/test_cuda_ep_ipc.py
   pytest_file test_nccl 120 tests/test_cuda_nccl.py
   MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_layer 240 tests/test_cuda_layer.py
+  MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_parallel 180 tests/test_cuda_parallel.py
 }
 
 phase_sanitize() {

@@ -1,9 +1,10 @@
-"""Multi-rank dispatch / combine (the ipc backend) from Python: W processes, one GPU or one each.
+"""Multi-rank dispatch / combine (the ipc or nccl backend) from Python: W processes, one GPU or one each.
 
     # all ranks on one GPU: start MPS first (GPU.md), else kernels of different processes
     # take turns in time slices and the numbers mean nothing
     python bench/ep_bench.py --ranks 8 --tokens 4096 --hidden 7168 --k 8 --experts 256
     python bench/ep_bench.py --ranks 2 --tokens 128 --masked          # decode, no-sync layout
+    python bench/ep_bench.py --ranks 8 --one-gpu-per-rank --backend nccl   # NCCL: a GPU per rank
 
 Each rank routes its tokens to k distinct random experts (seeded per rank), then times dispatch
 and combine with CUDA events (median of --iters, every iteration started together after a gloo
@@ -44,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--one-gpu-per-rank", action="store_true")
+    p.add_argument("--backend", default="ipc", choices=("ipc", "nccl"),
+                   help="nccl needs --one-gpu-per-rank (NCCL refuses two ranks on one GPU)")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
@@ -84,11 +87,12 @@ def _rank(rank, args, store, results):
     x, idx, w = _inputs(args, rank, device)
     xd, idxd, wd = x.to(device), idx.to(device), w.to(device)
     kw = dict(sync=False, max_tokens=args.tokens) if args.masked else {}
-    comm = moe_ext.communicator(device=device)
-    comm.num_sms = args.num_sms
+    comm = moe_ext.communicator(device=device, backend=args.backend)
+    if args.backend == "ipc":
+        comm.num_sms = args.num_sms
     wrong = 0
     if not args.no_check:
-        recv, _, h = moe_ext.dispatch(xd, idxd, wd, E, backend="ipc", **kw)
+        recv, _, h = moe_ext.dispatch(xd, idxd, wd, E, backend=args.backend, **kw)
         ref, _, hr = moe_ext.dispatch(x, idx, w, E, backend="gloo", **kw)
         wrong += int((recv.cpu() != ref).reshape(-1, args.hidden).any(1).sum())
         out = moe_ext.combine(recv, h)
@@ -97,7 +101,7 @@ def _rank(rank, args, store, results):
     state = {}
 
     def do_dispatch():
-        state["recv"], _, state["h"] = moe_ext.dispatch(xd, idxd, wd, E, backend="ipc", **kw)
+        state["recv"], _, state["h"] = moe_ext.dispatch(xd, idxd, wd, E, backend=args.backend, **kw)
 
     def do_combine():
         moe_ext.combine(state["recv"], state["h"])
@@ -138,6 +142,9 @@ def _time_local(fn, device, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.backend == "nccl" and not args.one_gpu_per_rank:
+        print("ep_bench: --backend nccl needs --one-gpu-per-rank (NCCL refuses two ranks on one GPU)", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("ep_bench: no CUDA device; skipped")
         return 0
@@ -165,7 +172,8 @@ def main(argv=None):
         return 1
     rows = [got[r] for r in range(args.ranks)]
     out = {"ranks": args.ranks, "tokens": args.tokens, "hidden": args.hidden, "k": args.k, "experts": args.experts,
-           "dtype": args.dtype, "masked": args.masked, "device": torch.cuda.get_device_name(0)}
+           "dtype": args.dtype, "masked": args.masked, "backend": args.backend, "device": torch.cuda.get_device_name(0)}
+    print(f"backend {args.backend}, {args.ranks} ranks on {'one GPU each' if args.one_gpu_per_rank else 'one GPU'}")
     print(f"{'stage':>9} {'ranks':>5} {'tok/rank':>8} {'hidden':>6} {'k':>3} {'E':>4} {'time us':>9} "
           f"{'bytes':>12} {'busbw GB/s':>10} {'%ceil':>6} {'#wrong':>6}")
     for stage in ("dispatch", "combine"):

@@ -271,11 +271,13 @@ class IpcBackend:
         problem = _input_problem(x, idx, w, num_experts) if opts.sync else _shape_problem(x, idx, w)
         if problem is None:
             problem = _ipc_problem(x, idx)
+        scale = None
+        if problem is None and opts.x_scale is not None:
+            scale, problem = _scale_rows(opts.x_scale, x)
         if problem is not None:
             self._announce_bad_input(num_experts)
             raise ValueError(f"moe_ext.dispatch: {problem}")
         k, row_bytes = idx.shape[1], x.shape[1] * x.element_size()
-        scale = None if opts.x_scale is None else opts.x_scale.reshape(x.shape[0], -1).float().contiguous()
         scale_cols = 0 if scale is None else scale.shape[1]
         # NOTE: never this rank's own T here: the ranks must size their buffers alike. A rank with
         # more tokens than the buffer holds is seen by all in the count exchange; all grow then.
@@ -348,6 +350,22 @@ def _ipc_problem(x, idx):
     if idx.shape[1] > 32:
         return f"idx has k={idx.shape[1]} slots per token; the ipc backend takes at most 32"
     return None
+
+
+def _scale_rows(x_scale, x):
+    """(x_scale as [T, S] float32 contiguous, None) or (None, what is wrong). [T] is [T, 1].
+
+    NOTE: S comes from x_scale's own shape, never reshape(T, -1): with T = 0 (a rank without
+    tokens) that is ambiguous and raises on that rank alone, while its peers wait for it in the
+    count exchange; every rank must also announce the same S there."""
+    if x_scale.dim() < 1 or x_scale.shape[0] != x.shape[0]:
+        return None, f"x_scale must be [num_tokens={x.shape[0]}] or [num_tokens, S], got shape {tuple(x_scale.shape)}"
+    if x_scale.device != x.device:
+        return None, f"x_scale must be on x's device {x.device}, got {x_scale.device}"
+    cols = 1
+    for n in x_scale.shape[1:]:
+        cols *= n
+    return x_scale.reshape(x.shape[0], cols).float().contiguous(), None
 
 
 def _shape_problem(x, idx, w):

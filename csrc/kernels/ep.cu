@@ -73,7 +73,7 @@ __device__ __forceinline__ bool failed(const EpParams& p) {
 // Thread `src` of the block waits for the flag of `phase` from rank `src`; false on timeout.
 __device__ bool wait_flag(const EpParams& p, int phase, int src, uint64_t seq, uint64_t start) {
   const uint64_t* f = flag_ptr(p.local, p.layout, phase, src);
-  int spins = 0;
+  unsigned spins = 0;  // NOTE: unsigned: a long timeout may spin past 2^31 times
   while (load_acquire_sys(f) < seq) {
     if (++spins % 64 == 0) {
       if (global_ns() - start > static_cast<uint64_t>(p.timeout_ns)) return false;
@@ -249,7 +249,17 @@ __global__ void __launch_bounds__(kCountThreads) exchange_counts_kernel(EpParams
         break;
       }
     }
-    if (theirs[kHdrTokens] > L.sizes.max_tokens) {
+  }
+  __syncthreads();
+  if (s_bad || failed(p)) return;
+  // NOTE: too many tokens only once no header disagrees. A disagreement is seen by every rank
+  // (each differs from some rank), but which of the two errors a rank recorded first would
+  // otherwise depend on its threads' timing: a rank recording kEpTooMany grows its buffer and
+  // retries (a collective) while one recording kEpMismatch (e.g. a peer's bad_input) raises,
+  // and the first then waits in that collective until the process group's own timeout.
+  if (threadIdx.x < W) {
+    const int s = threadIdx.x;
+    if (count_row(p.local, L, seq, s)[kHdrTokens] > L.sizes.max_tokens) {
       int64_t most = 0;
       for (int r = 0; r < W; ++r) most = max(most, count_row(p.local, L, seq, r)[kHdrTokens]);
       record_error(p, kEpTooMany, s, kHdrTokens, kEpCount, most, L.sizes.max_tokens, seq);
@@ -574,7 +584,10 @@ void ep_send_tokens(const EpParams& p, bool grad, cudaStream_t stream) {
                   "ep_send_tokens: x, idx, slot_rows, stage_rows needed");
   MOE_HOST_ASSERT(grad || p.num_tokens == 0 || (p.expert_rows && p.dest_rows), "ep_send_tokens: the local index is needed");
   MOE_HOST_ASSERT(!grad || p.num_tokens == 0 || p.weights, "ep_send_tokens: weights needed for a gradient send");
-  MOE_HOST_ASSERT(p.x_row_stride % 16 == 0, "ep_send_tokens: x rows must be 16-byte aligned");
+  // NOTE: the stride matters only with two rows or more (row t at t * x_row_stride), as in the
+  // Python check (_ipc_problem); asserting it for one row would throw here, after this rank's
+  // count exchange went out, and leave the peers waiting for its tokens until they time out.
+  MOE_HOST_ASSERT(p.num_tokens <= 1 || p.x_row_stride % 16 == 0, "ep_send_tokens: x rows must be 16-byte aligned");
   // NOTE: at least one block, even without tokens: the flag must still be raised.
   send_tokens_kernel<<<data_grid(p, p.num_tokens), kRowThreads, 0, stream>>>(p, grad);
   MOE_CUDA_CHECK(cudaGetLastError());

@@ -18,6 +18,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstring>
 #include <memory>
 
@@ -33,6 +34,15 @@ kernels::PermuteFloat permute_float(at::ScalarType t) {
     case at::kBFloat16: return kernels::PermuteFloat::kBFloat16;
     default: TORCH_CHECK(false, "moe_ext ipc backend: combine needs float32, float16 or bfloat16 rows, got ", t);
   }
+}
+
+// The kernels move rows with 16-byte vector accesses (ep.cu warp_copy): a contiguous view whose
+// first element is not 16-byte aligned (a slice starting mid-row) would fault on the device with a
+// misaligned address, a sticky error that kills this rank's context while its peers wait for it.
+// Such rows are copied to a fresh (aligned) allocation instead.
+Tensor aligned_rows(const Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
+  return t.clone(at::MemoryFormat::Contiguous);
 }
 
 kernels::EpFloat ep_float(at::ScalarType t) {
@@ -141,7 +151,11 @@ class IpcComm : public torch::CustomClassHolder {
     p.x_row_stride = x.stride(0) * x.element_size();
     Tensor scale;
     if (x_scale.has_value()) {
-      scale = x_scale->to(at::kFloat).reshape({T, -1}).contiguous();
+      // NOTE: [T] or [T, S...] -> [T, S]; S from the scale's own shape, not reshape({T, -1}),
+      // which cannot infer S when T = 0 (a rank without tokens must still announce the same S).
+      int64_t cols = 1;
+      for (int64_t d = 1; d < x_scale->dim(); ++d) cols *= x_scale->size(d);
+      scale = x_scale->to(at::kFloat).reshape({T, cols}).contiguous();
       p.x_scale = scale.data_ptr<float>();
       p.scale_cols = scale.size(1);
     }
@@ -191,7 +205,7 @@ class IpcComm : public torch::CustomClassHolder {
                               const std::vector<Tensor>& plan, const std::vector<int64_t>& call, bool keep_rows) {
     const c10::cuda::CUDAGuard guard(y_in.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    const Tensor y = y_in.reshape({-1, y_in.size(-1)}).contiguous();
+    const Tensor y = aligned_rows(y_in.reshape({-1, y_in.size(-1)}).contiguous());
     kernels::EpParams p = plan_params(idx, plan, call, y.size(1) * y.element_size());
     p.y = y.data_ptr();
     p.y_row_stride = y.size(1) * y.element_size();
@@ -226,7 +240,7 @@ class IpcComm : public torch::CustomClassHolder {
                       const std::vector<int64_t>& call) {
     const c10::cuda::CUDAGuard guard(g_in.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    const Tensor g = g_in.contiguous();
+    const Tensor g = aligned_rows(g_in.contiguous());
     const Tensor w = weights.to(at::kFloat).contiguous();
     kernels::EpParams p = plan_params(idx, plan, call, g.size(1) * g.element_size());
     p.x = g.data_ptr();

@@ -48,6 +48,13 @@ def _topk_gating_backward_fake(grad_weights, grad_aux, grad_seq_aux, grad_z, log
     return torch.empty_like(logits)
 
 
+@torch.library.register_fake("moe_ext::update_expert_bias_")
+def _update_expert_bias_fake(expert_bias, tokens_per_expert, rate):
+    torch._check(expert_bias.dim() == 1 and tokens_per_expert.shape == expert_bias.shape,
+                 lambda: "moe_ext.update_expert_bias: expert_bias and tokens_per_expert must both be [E]")
+    _same_device("tokens_per_expert", tokens_per_expert, "expert_bias", expert_bias)
+
+
 @torch.library.register_fake("moe_ext::permute")
 def _permute_fake(x, idx, num_experts, pad_to, capacity, exact):
     torch._check(x.dim() == 2, lambda: "moe_ext.permute: x must be 2-D [num_tokens, hidden]")

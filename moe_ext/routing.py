@@ -56,10 +56,17 @@ def update_expert_bias(expert_bias, tokens_per_expert, rate=1e-3):
     """Auxiliary-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean load - load), in place.
 
     expert_bias: [E] float32; tokens_per_expert: [E] counts (summed over steps/ranks as the caller
-    likes). Overloaded experts get a lower bias, underloaded ones a higher bias.
+    likes; integer counts, or float loads such as a running average). Overloaded experts get a
+    lower bias, underloaded ones a higher bias. The sign is exact: sum(load) - E * load[e], in
+    int64 for counts (one kernel on CUDA, no host sync), in float64 for float loads.
     """
     if expert_bias.dim() != 1 or tokens_per_expert.shape != expert_bias.shape:
         raise ValueError("moe_ext.update_expert_bias: expert_bias and tokens_per_expert must both be [E]")
-    load = tokens_per_expert.to(expert_bias.dtype)
-    expert_bias.add_(torch.sign(load.mean() - load), alpha=rate)
+    load = tokens_per_expert.to(expert_bias.device)
+    if not load.is_floating_point() and expert_bias.dtype == torch.float32 and expert_bias.is_contiguous():
+        ops.update_expert_bias_(expert_bias, load.long(), float(rate))
+        return expert_bias
+    load = load.double()
+    delta = torch.sign(load.sum() - load.numel() * load)
+    expert_bias.add_(delta.to(expert_bias.dtype), alpha=rate)
     return expert_bias

@@ -414,3 +414,11 @@ def test_update_expert_bias_on_device():
     bias = torch.zeros(4, device=DEV)
     moe_ext.update_expert_bias(bias, torch.tensor([10, 0, 5, 5], device=DEV), rate=0.1)
     torch.testing.assert_close(bias.cpu(), torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    # The kernel against the CPU op, bit for bit: E past one block of 1024 threads, counts past 2^31.
+    for E in (1, 7, 256, 3000):
+        load = torch.randint(0, 3, (E,), dtype=torch.int64) * (2 ** 33)
+        bias = torch.randn(E)
+        want = moe_ext.update_expert_bias(bias.clone(), load, rate=1e-3)
+        got = bias.to(DEV)
+        moe_ext.update_expert_bias(got, load.to(DEV), rate=1e-3)
+        assert torch.equal(got.cpu(), want), E

@@ -172,3 +172,32 @@ def test_update_expert_bias():
     bias = torch.zeros(4)
     moe_ext.update_expert_bias(bias, torch.tensor([10, 0, 5, 5]), rate=0.1)
     torch.testing.assert_close(bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("E", [1, 3, 256, 1025])
+@pytest.mark.parametrize("counts_dtype", [torch.int32, torch.int64, torch.float32])
+def test_update_expert_bias_random(E, counts_dtype, seed):
+    # Counts whose mean is often exactly some expert's load (ties give sign 0), and huge ones
+    # (float32 sums would round: the sign must still be exact).
+    load = torch.randint(0, 4, (E,)) * (2 ** 40 if counts_dtype == torch.int64 else 1)
+    load = load.to(counts_dtype)
+    bias = torch.randn(E)
+    sign = torch.sign(load.double().sum() - E * load.double())  # exact for these sizes
+    want = bias + torch.tensor(0.01) * sign.float()  # float32, as documented
+    got = moe_ext.update_expert_bias(bias.clone(), load, rate=0.01)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    mean = load.double().mean()
+    assert torch.equal(got > bias, load.double() < mean) and torch.equal(got < bias, load.double() > mean)
+
+
+def test_update_expert_bias_op_checks():
+    bias = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="tokens_per_expert must be int64"):
+        torch.ops.moe_ext.update_expert_bias_(bias, torch.zeros(4, dtype=torch.int32), 0.1)
+    with pytest.raises(RuntimeError, match="expert_bias must be a contiguous float32"):
+        torch.ops.moe_ext.update_expert_bias_(bias.double(), torch.zeros(4, dtype=torch.long), 0.1)
+    with pytest.raises(RuntimeError, match=r"tokens_per_expert must be \[E\] like expert_bias"):
+        torch.ops.moe_ext.update_expert_bias_(bias, torch.zeros(5, dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match="must both be"):
+        moe_ext.update_expert_bias(bias, torch.zeros(5, dtype=torch.long))
+    torch.library.opcheck(torch.ops.moe_ext.update_expert_bias_, (bias, torch.tensor([3, 1, 0, 4]), 0.5))

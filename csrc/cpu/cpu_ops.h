@@ -10,6 +10,10 @@
 
 namespace moe_ext::cpu {
 
+// Auxiliary-loss-free balancing, in place: expert_bias[e] += rate * sign(mean - load[e]), the sign
+// taken exactly (sum(load) - E * load[e] in int64).
+void update_expert_bias(at::Tensor& expert_bias, const at::Tensor& tokens_per_expert, double rate);
+
 // -> (weights[T,k], idx[T,k] int32, positions[T,k] int32, tokens_per_expert[E] int32,
 //     aux_loss, seq_aux_loss, z_loss)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gating(

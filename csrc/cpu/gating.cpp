@@ -374,4 +374,19 @@ at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor
                                      num_groups, topk_groups, seq_len);
 }
 
+void update_expert_bias(at::Tensor& expert_bias, const at::Tensor& tokens_per_expert, double rate) {
+  const int64_t E = expert_bias.numel();
+  const auto load = tokens_per_expert.contiguous();
+  const int64_t* l = load.data_ptr<int64_t>();
+  float* b = expert_bias.data_ptr<float>();
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) total += l[e];
+  const float r = static_cast<float>(rate);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t d = total - E * l[e];  // E * (mean - load[e]), exact
+    const float sign = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
+    b[e] = b[e] + r * sign;  // r * sign is exact: no contraction can change the sum
+  }
+}
+
 }  // namespace moe_ext::cpu

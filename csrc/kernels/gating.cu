@@ -300,7 +300,7 @@ __global__ void __launch_bounds__(kFixupThreads) fixup_kernel(const ScanArgs<acc
     fixup_slot(a, i);
 }
 
-__global__ void __launch_bounds__(1024) bias_update_kernel(float* bias, const int32_t* load, int E, float rate) {
+__global__ void __launch_bounds__(1024) bias_update_kernel(float* bias, const int64_t* load, int E, float rate) {
   __shared__ long long s_sum[1024];
   long long sum = 0;
   for (int e = threadIdx.x; e < E; e += blockDim.x) sum += load[e];
@@ -310,10 +310,10 @@ __global__ void __launch_bounds__(1024) bias_update_kernel(float* bias, const in
     if (threadIdx.x < s) s_sum[threadIdx.x] += s_sum[threadIdx.x + s];
     __syncthreads();
   }
-  const float mean = __fdiv_rn(static_cast<float>(s_sum[0]), static_cast<float>(E));
+  const long long total = s_sum[0];
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    const float d = mean - static_cast<float>(load[e]);
-    const float sign = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
+    const long long d = total - static_cast<long long>(E) * load[e];  // E * (mean - load[e]), exact
+    const float sign = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
     bias[e] = __fadd_rn(bias[e], __fmul_rn(rate, sign));
   }
 }
@@ -550,7 +550,7 @@ void gating_backward(const GatingBackwardParams& p, cudaStream_t stream) {
   }
 }
 
-void update_expert_bias(float* expert_bias, const int32_t* tokens_per_expert, int64_t num_experts, float rate,
+void update_expert_bias(float* expert_bias, const int64_t* tokens_per_expert, int64_t num_experts, float rate,
                         cudaStream_t stream) {
   MOE_HOST_ASSERT(num_experts >= 1 && num_experts < (int64_t{1} << 31), "update_expert_bias: bad num_experts");
   bias_update_kernel<<<1, 1024, 0, stream>>>(expert_bias, tokens_per_expert, static_cast<int>(num_experts), rate);

@@ -74,10 +74,10 @@ struct GatingBackwardParams {
 size_t gating_backward_workspace_bytes(const GatingProblem& problem);
 void gating_backward(const GatingBackwardParams& p, cudaStream_t stream);
 
-// Auxiliary-loss-free balancing (DeepSeek-V3), in place and on the device:
-// expert_bias[e] += rate * sign(mean(load) - load[e]) with load = tokens_per_expert as float32,
-// its mean the float32 sum divided by num_experts (as moe_ext.update_expert_bias computes it).
-void update_expert_bias(float* expert_bias, const int32_t* tokens_per_expert, int64_t num_experts, float rate,
+// Auxiliary-loss-free balancing (DeepSeek-V3), in place and on the device, one launch:
+// expert_bias[e] += rate * sign(mean(load) - load[e]) with load = tokens_per_expert, the sign
+// taken exactly as sign(sum(load) - E * load[e]) in int64 (as the CPU op computes it).
+void update_expert_bias(float* expert_bias, const int64_t* tokens_per_expert, int64_t num_experts, float rate,
                         cudaStream_t stream);
 
 }  // namespace moe_ext::kernels

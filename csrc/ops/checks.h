@@ -99,6 +99,23 @@ inline int64_t gating_capacity(double capacity_factor, int64_t num_tokens, int64
   return cap < 1 ? 1 : cap;
 }
 
+// update_expert_bias_: expert_bias [E] float32 (updated in place), tokens_per_expert [E] int64.
+inline void check_update_expert_bias(const at::Tensor& expert_bias, const at::Tensor& tokens_per_expert) {
+  TORCH_CHECK(expert_bias.dim() == 1 && expert_bias.numel() >= 1,
+              "moe_ext.update_expert_bias: expert_bias must be [E] with E >= 1, got shape ", expert_bias.sizes());
+  TORCH_CHECK(expert_bias.scalar_type() == at::kFloat && expert_bias.is_contiguous(),
+              "moe_ext.update_expert_bias: expert_bias must be a contiguous float32 tensor, got ",
+              expert_bias.scalar_type());
+  TORCH_CHECK(tokens_per_expert.sizes() == expert_bias.sizes(),
+              "moe_ext.update_expert_bias: tokens_per_expert must be [E] like expert_bias ", expert_bias.sizes(),
+              ", got ", tokens_per_expert.sizes());
+  TORCH_CHECK(tokens_per_expert.scalar_type() == at::kLong,
+              "moe_ext.update_expert_bias: tokens_per_expert must be int64, got ", tokens_per_expert.scalar_type());
+  TORCH_CHECK(tokens_per_expert.device() == expert_bias.device(),
+              "moe_ext.update_expert_bias: tokens_per_expert must be on expert_bias's device ", expert_bias.device(),
+              ", got ", tokens_per_expert.device());
+}
+
 inline void check_topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor& grad_aux,
                                        const at::Tensor& grad_seq_aux, const at::Tensor& grad_z,
                                        const at::Tensor& logits, const c10::optional<at::Tensor>& noise,

@@ -155,11 +155,20 @@ Tensor topk_gating_backward_cuda(const Tensor& grad_weights, const Tensor& grad_
   return grad;
 }
 
+void update_expert_bias_cuda(Tensor& expert_bias, const Tensor& tokens_per_expert, double rate) {
+  check_update_expert_bias(expert_bias, tokens_per_expert);
+  const c10::cuda::CUDAGuard guard(expert_bias.device());
+  const Tensor load = tokens_per_expert.contiguous();
+  kernels::update_expert_bias(expert_bias.data_ptr<float>(), load.data_ptr<int64_t>(), expert_bias.numel(),
+                              static_cast<float>(rate), c10::cuda::getCurrentCUDAStream().stream());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
   m.impl("topk_gating", &topk_gating_cuda);
   m.impl("topk_gating_backward", &topk_gating_backward_cuda);
+  m.impl("update_expert_bias_", &update_expert_bias_cuda);
 }
 
 }  // namespace moe_ext

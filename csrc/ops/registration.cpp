@@ -68,6 +68,11 @@ Tensor grouped_gemm_wgrad_aten(const Tensor& a, const Tensor& grad_out, const Te
   return cpu::grouped_gemm_wgrad(a, grad_out, sizes, num_experts, trans_b);
 }
 
+void update_expert_bias_cpu(Tensor& expert_bias, const Tensor& tokens_per_expert, double rate) {
+  check_update_expert_bias(expert_bias, tokens_per_expert);
+  cpu::update_expert_bias(expert_bias, tokens_per_expert, rate);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_ext, m) {
@@ -80,6 +85,7 @@ TORCH_LIBRARY(moe_ext, m) {
       "topk_gating_backward(Tensor grad_weights, Tensor grad_aux_loss, Tensor grad_seq_aux_loss, "
       "Tensor grad_z_loss, Tensor logits, Tensor? noise, Tensor idx, str score, bool renormalize, "
       "Tensor? expert_bias, int num_groups, int topk_groups, int seq_len) -> Tensor");
+  m.def("update_expert_bias_(Tensor(a!) expert_bias, Tensor tokens_per_expert, float rate) -> ()");
   m.def(
       "permute(Tensor x, Tensor idx, int num_experts, int pad_to, int capacity, bool exact) -> "
       "(Tensor x_perm, Tensor row_map, Tensor tokens_per_expert)");
@@ -96,6 +102,7 @@ TORCH_LIBRARY(moe_ext, m) {
 TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("topk_gating", &topk_gating_cpu);
   m.impl("topk_gating_backward", &topk_gating_backward_cpu);
+  m.impl("update_expert_bias_", &update_expert_bias_cpu);
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
   m.impl("unpermute_backward", &unpermute_backward_cpu);

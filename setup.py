@@ -75,7 +75,10 @@ def want_cuda():
 
 sources = rel("csrc/cpu/*.cpp") + rel("csrc/ops/*.cpp")
 include_dirs = [os.path.join(ROOT, "csrc")]
-cxx_flags = ["-O3"]  # the C++ standard is the one torch's cpp_extension picks (C++20)
+# The C++ standard is the one torch's cpp_extension picks (C++20). -ffp-contract=off: the CPU ops
+# are the bit-exact reference of the CUDA kernels (which round every product and sum: __fmul_rn,
+# __fadd_rn), so a*b+c must not become one fused multiply-add where the target has FMA (aarch64).
+cxx_flags = ["-O3", "-ffp-contract=off"]
 if want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     sources += rel("csrc/kernels/*.cu") + rel("csrc/comm/*.cu") + rel("csrc/ops/*.cu")

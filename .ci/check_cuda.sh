@@ -124,7 +124,7 @@ if ((need_torch)); then
             -isystem "$headers/torch/include/torch/csrc/api/include" -isystem "$python_inc"
             -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1)
   # The host compiler nvcc uses, with the flags setup.py gives .cpp files in a CUDA build.
-  cpp_cmd=("${CXX:-c++}" -fsyntax-only -std=c++17 -O0 -fPIC -DMOE_EXT_WITH_CUDA -I"$ROOT/csrc"
+  cpp_cmd=("${CXX:-c++}" -c -std=c++17 -O0 -fPIC -DMOE_EXT_WITH_CUDA -I"$ROOT/csrc"
            -isystem "$headers/torch/include" -isystem "$headers/torch/include/torch/csrc/api/include"
            -isystem "$python_inc" -isystem "$CUDA_HOME/include" -DTORCH_API_INCLUDE_EXTENSION_H
            -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1)
@@ -141,7 +141,7 @@ trap 'rm -rf "$work"' EXIT
 compile_one() {  # index file: writes $work/$i.{log,rc,sec,cmd}
   local i=$1 f=$2 cmd start rc
   case "$f" in
-    *.cpp) cmd=("${cpp_cmd[@]}" "$f") ;;
+    *.cpp) cmd=("${cpp_cmd[@]}" "$f" -o "$work/$i.o") ;;
     csrc/ops/*) cmd=("$NVCC" "${op_flags[@]}" "$f" -o "$work/$i.o") ;;
     csrc/kernels/*) cmd=("$NVCC" "${kernel_flags[@]}" "$f" -o "$work/$i.o") ;;
     *) cmd=("$NVCC" "${plain_flags[@]}" "$f" -o "$work/$i.o") ;;
@@ -152,7 +152,8 @@ compile_one() {  # index file: writes $work/$i.{log,rc,sec,cmd}
   "${cmd[@]}" >"$work/$i.log" 2>&1 || rc=$?
   echo "$rc" >"$work/$i.rc"
   awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }' >"$work/$i.sec"
-  rm -f "$work/$i.o"
+  # The objects of the extension (csrc/) stay for the symbol check below; the rest go now.
+  [[ "$f" == csrc/* ]] || rm -f "$work/$i.o"
   printf 'check_cuda: %-4s %6ss  %s\n' "$([[ $rc == 0 ]] && echo ok || echo FAIL)" "$(cat "$work/$i.sec")" "$f"
 }
 
@@ -186,3 +187,23 @@ if ((failed)); then
   exit 1
 fi
 echo "check_cuda: all ${#files[@]} file(s) compile"
+
+# --- Symbol check (only when every file was compiled): the extension links csrc/**/*.{cu,cpp} into
+# one library, and a moe_ext function declared in a header but defined (or explicitly
+# instantiated) nowhere would only show on the GPU machine, as an "undefined symbol" at import.
+# Every undefined moe_ext symbol of these objects must be defined by one of them. (Symbols of
+# torch, CUDA and NCCL are not checked here: their headers compiled, and CMake links the kernel
+# library into the benchmarks against the real CUDA and NCCL libraries.)
+if (($# == 0)) && [[ "${MOE_EXT_CHECK_CPP:-1}" != 0 ]] && command -v nm >/dev/null; then
+  objs=()
+  for i in "${!files[@]}"; do [[ "${files[$i]}" == csrc/* && -f "$work/$i.o" ]] && objs+=("$work/$i.o"); done
+  nm --defined-only -C "${objs[@]}" 2>/dev/null | awk 'NF >= 3 && $2 ~ /^[TWVBDRu]$/ { $1 = ""; $2 = ""; sub(/^  /, ""); print }' | sort -u >"$work/defined"
+  nm --undefined-only -C "${objs[@]}" 2>/dev/null | awk '$1 == "U" { $1 = ""; sub(/^ /, ""); print }' | grep 'moe_ext::' | sort -u >"$work/wanted"
+  missing=$(comm -23 "$work/wanted" "$work/defined")
+  if [[ -n "$missing" ]]; then
+    echo "check_cuda: symbols of moe_ext used but defined in no csrc/ object (the extension would fail to import):"
+    echo "$missing" | sed 's/^/  /'
+    exit 1
+  fi
+  echo "check_cuda: symbol check: every moe_ext symbol the ${#objs[@]} csrc/ objects use is defined by one of them ($(wc -l <"$work/wanted") checked)"
+fi

@@ -618,14 +618,16 @@ __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
           T* dst = grad_y + rows[jj] * hidden + v * kVec;
           if constexpr (kWeights) {
             Pack<T, kVec> o;
-            Acc part = Acc(0);  // the vector's share of the dot, then added in float64
+            // The dot in float64 throughout, as permute.cuh promises and the CPU op computes it
+            // (products of float32 values are exact in float64).
+            double part = 0.0;
 #pragma unroll
             for (int e = 0; e < kVec; ++e) {
               const Acc gv = to_acc(g.v[e]);
               o.v[e] = cast_out<T>(mul_rn(ws[jj], gv));
-              part += to_acc(ybuf[jj].v[e]) * gv;
+              part += static_cast<double>(to_acc(ybuf[jj].v[e])) * static_cast<double>(gv);
             }
-            dot[jj] += static_cast<double>(part);
+            dot[jj] += part;
             store_pack<T, kVec>(dst, o);
           } else {
             store_pack<T, kVec>(dst, g);

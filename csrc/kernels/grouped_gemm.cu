@@ -83,11 +83,14 @@ Kernel choose_kernel(const GroupedGemmParams& p) {
   MOE_HOST_ASSERT(want.empty() || want == "auto" || want == "portable" || want == "sm90",
                   "MOE_EXT_GROUPED_GEMM_KERNEL must be auto, portable or sm90, got '" + want + "'");
   if (want != "portable") {
-    const bool fits = p.k > 0 && p.groups.num_experts <= gemm_detail::kSm90MaxExperts;
+    // NOTE: TMA strides must stay under 2^40 bytes: one expert's B (N * K 16-bit elements) past
+    // that would make cuTensorMapEncodeTiled fail, which CuTe only asserts (gone under NDEBUG).
+    const bool fits = p.k > 0 && p.groups.num_experts <= gemm_detail::kSm90MaxExperts &&
+                      static_cast<double>(p.n) * static_cast<double>(p.k) * 2.0 < 0x1p39;
     if (fits && gemm_detail::sm90_available()) return Kernel::kSm90;
     MOE_HOST_ASSERT(want != "sm90",
                     "MOE_EXT_GROUPED_GEMM_KERNEL=sm90, but the Hopper kernel cannot run this problem: it needs an "
-                    "sm_90 device, an sm_90a build, K > 0 and num_experts <= 1024");
+                    "sm_90 device, an sm_90a build, K > 0, num_experts <= 1024 and one expert's b under 2^39 bytes");
   }
   return choose_bm(p.groups) == 64 ? Kernel::kPortable64 : Kernel::kPortable128;
 }

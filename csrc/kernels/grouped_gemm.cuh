@@ -34,7 +34,7 @@
 //   (16-byte rows; with SwiGLU N % 16 == 0); a, b, out, bias 16-byte aligned; 1 <= E <=
 //   kGroupedGemmMaxExperts; every row count and K, N < 2^31.
 //
-// ---- The portable kernel (sm_80 and later; grouped_gemm_sm80.cuh) ------------------------------
+// ---- The portable kernel (sm_80 and later; grouped_gemm_sm80_impl.cuh) -----------------------
 // mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) fed by ldmatrix from XOR-swizzled shared
 // memory, a 4-stage cp.async pipeline (K tiles of 32), 256 threads as 2 x 4 warps. Tiles are
 // BM x 128 (BM = 128, or 64 when the experts are small: decode). Each CTA is persistent: it first

@@ -336,12 +336,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB0), group_modes<0, 2>(gB0));
       auto [tB1g, tB1s] =
           tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB1), group_modes<0, 2>(gB1));
+      // NOTE: without SwiGLU, a tile whose second half starts at or past N (N - n0 <= 64) would
+      // ask TMA for a box lying wholly outside b. Rather than rely on such a box being zero-filled
+      // and still counted, it is not loaded: its stale shared memory only feeds output columns
+      // >= N, which are never stored.
+      const bool load_b1 = kSwiglu || c1 < N;
+      const uint32_t tx_bytes = load_b1 ? kTxBytes : kTxBytes - kHalfN * kBK * 2;
       for (int kt = 0; kt < num_k; ++kt) {
         EmptyBarrier::wait(&empty[stage], phase ^ 1);  // the consumers have released this slot
-        FullBarrier::arrive_and_expect_tx(&full[stage], kTxBytes);
+        FullBarrier::arrive_and_expect_tx(&full[stage], tx_bytes);
         copy(p.tma_a.with(full[stage]), tAg(_, kt), tAs(_, stage));
         copy(p.tma_b.with(full[stage]), tB0g(_, kt), tB0s(_, stage));
-        copy(p.tma_b.with(full[stage]), tB1g(_, kt), tB1s(_, stage));
+        if (load_b1) copy(p.tma_b.with(full[stage]), tB1g(_, kt), tB1s(_, stage));
         if (++stage == kStages) {
           stage = 0;
           phase ^= 1;

@@ -329,12 +329,12 @@ class IpcBackend:
         self._leave(cur, [out, rows], async_op)
         return out, (rows if keep_rows else None)
 
-    def scatter_grad(self, g, w, y, plan):
+    def scatter_grad(self, g, w, y, plan, async_op=False):
         g = g.to(y.dtype)
         cur = self._enter([g, w])
         with torch.cuda.stream(self.stream):
             grad_y = self._c.combine_grad(g, plan.idx, w.detach(), plan.tensors, plan.call)
-        self._leave(cur, [grad_y], False)
+        self._leave(cur, [grad_y], async_op)
         return grad_y
 
 

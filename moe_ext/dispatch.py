@@ -445,7 +445,7 @@ class _AllToAllBackend:
         rows = self.combine_rows(y, plan, stage)
         return unpermute(rows, row_map, w), (rows if keep_rows else None)
 
-    def scatter_grad(self, g, w, y, plan):
+    def scatter_grad(self, g, w, y, plan, async_op=False):
         g_recv, w_recv = self._exchange([g.to(y.dtype)[plan.send_tokens], w[plan.send_tokens]],
                                         plan.send_splits, plan.recv_splits, "combine-backward")
         grad_y, _ = ops.unpermute_backward(g_recv, y, plan.recv_row_map, w_recv)

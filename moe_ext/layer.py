@@ -39,21 +39,16 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# ---- the chunked pipeline's expert weights ------------------------------------------------------
-# Chunking splits each expert's rows over several GEMM calls. Its weight gradient, a sum over the
-# rows, is therefore not left to autograd (a sum of per-chunk sums rounds differently): each chunk's
-# backward keeps its rows, and one node computes the gradient over all of them, put back in the
-# order and padding of a single unchunked dispatch, with the same op as the unchunked layer.
-
-class _ChunkState:
-    """What the chunks of one forward share with the weights' backward."""
-
-    def __init__(self, num_chunks, pad_to):
-        self.num_chunks, self.pad_to = num_chunks, pad_to
-        self.counts = None  # [W, n, S] int64 (CPU): rows source rank r sent to slot s in chunk c
-        self.tokens_per_slot = [None] * num_chunks  # [S] padded rows per slot, per chunk
-        self.rows = {}  # chunk -> (x, grad of w1's output, h, grad of y), filled by the chunks' backward
-
+# ---- the chunked EP pipeline ----------------------------------------------------------------------
+# One autograd node for all chunks, so that its backward can order the communication itself:
+# every chunk's gradient scatter (combine's backward) starts at once on the communication stream,
+# before any expert backward is queued on the compute stream; each chunk's expert backward then
+# waits only for its own scatter, and its dispatch backward (the x gradient going home) is
+# started asynchronously, in flight during the next chunk's expert backward. (Left to autograd,
+# each communication call would wait for every compute kernel queued before it.)
+# Chunking also splits each expert's rows over several GEMM calls. The weight gradient, a sum over
+# the rows, is therefore computed once over every chunk's rows put back in the order and padding
+# of a single unchunked dispatch (a sum of per-chunk sums would round differently).
 
 def _round_up(n, multiple):
     return (n + multiple - 1) // multiple * multiple
@@ -85,61 +80,111 @@ def _unchunked_rows(counts, pad_to):
     return index, sizes, per_chunk
 
 
-class _ChunkExperts(torch.autograd.Function):
-    """One chunk's experts, y = swiglu(x @ w1) @ w2 per local slot: grouped_gemm's ops and backward
-    formulas, except that backward returns only the gradient of x and leaves the rows that the
-    weights' gradient needs in state.rows for _ChunkedWeights."""
+def _work(comm):
+    work = getattr(comm, "last_work", None)
+    return work if work is not None else _Done
+
+
+class _Done:
+    @staticmethod
+    def wait():
+        return True
+
+
+class _Pipeline(torch.autograd.Function):
+    """out [T, H], tokens_per_slot [S] = the routed experts of `layer` over its num_chunks chunks
+    (MoE._pipeline); differentiable w.r.t. x2, the routing weights w, w1 and w2."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, tokens_per_slot, state, chunk):
-        h = ops.grouped_gemm(x, w1, tokens_per_slot, False, "swiglu")
-        ctx.save_for_backward(x, h, w1, w2, tokens_per_slot)
-        ctx.state, ctx.chunk = state, chunk
-        return ops.grouped_gemm(h, w2, tokens_per_slot, False, "none")
+    def forward(ctx, x2, w, w1, w2, slots, layer):
+        n, T, overlap = layer.num_chunks, x2.shape[0], layer.overlap
+        sizes = [(c + 1) * T // n - c * T // n for c in range(n)]
+        xs, ss, ws = x2.split(sizes), slots.split(sizes), w.split(sizes)
+        started, chunks, works = {}, [], []
+
+        def start(c):
+            if c < n:
+                started[c] = layer._dispatch(xs[c], ss[c], ws[c], async_op=overlap)
+
+        start(0)
+        for c in range(n):
+            if overlap:
+                start(c + 1)  # NOTE: chunk c+1's tokens travel while chunk c's GEMMs run
+            recv_x, tps, handle = started.pop(c)
+            handle.wait()
+            h = ops.grouped_gemm(recv_x, w1, tps, False, "swiglu")
+            y = ops.grouped_gemm(h, w2, tps, False, "none")
+            out, rows = handle.comm.combine(y, ws[c], handle.plan, handle.row_map, keep_rows=w.requires_grad,
+                                            async_op=overlap)  # NOTE: in flight during chunk c+1's GEMMs
+            works.append(_work(handle.comm))
+            chunks.append((handle, recv_x, h, y, rows, tps, out))
+            if not overlap:
+                start(c + 1)
+        for work in works:
+            work.wait()
+        ctx.layer, ctx.sizes, ctx.chunks = layer, sizes, [c[:6] for c in chunks]
+        ctx.counts = layer._chunk_counts(ss)
+        ctx.save_for_backward(w, w1, w2)
+        tokens_per_slot = torch.stack([c[5] for c in chunks]).sum(0, dtype=torch.int32)
+        ctx.mark_non_differentiable(tokens_per_slot)
+        return torch.cat([c[6] for c in chunks]), tokens_per_slot
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
-        x, h, w1, w2, tps = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        grad_h = ops.grouped_gemm(grad_y, w2, tps, True, "none")
-        grad_pre = swiglu_backward(grad_h, ops.grouped_gemm(x, w1, tps, False, "none")).contiguous()
-        ctx.state.rows[ctx.chunk] = (x, grad_pre, h, grad_y)
-        grad_x = ops.grouped_gemm(grad_pre, w1, tps, True, "none") if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None
+    def backward(ctx, grad_out, _grad_tps):
+        w, w1, w2 = ctx.saved_tensors
+        layer, chunks, n = ctx.layer, ctx.chunks, len(ctx.chunks)
+        need_x, need_w, need_w1, need_w2 = ctx.needs_input_grad[:4]
+        gs, ws = grad_out.contiguous().split(ctx.sizes), w.split(ctx.sizes)
+        # 1. Every chunk's gradient scatter, last chunk first (the order they are consumed), before
+        # any compute is queued: each waits only for grad_out.
+        scattered = {}
+        for c in reversed(range(n)):
+            handle, _, _, y, _, _ = chunks[c]
+            grad_y = handle.comm.scatter_grad(gs[c], ws[c], y, handle.plan, async_op=layer.overlap)
+            scattered[c] = (grad_y, _work(handle.comm))
+        grad_w = None
+        if need_w:
+            grad_w = torch.cat([ops.unpermute_backward(gs[c], chunks[c][4], chunks[c][0].row_map, ws[c])[1]
+                                for c in range(n)])
+        # 2. Per chunk: its experts' backward, then its x gradient on the way home (async).
+        rows, homes = {}, {}
+        for c in reversed(range(n)):
+            handle, x, h, _, _, tps = chunks[c]
+            grad_y, work = scattered.pop(c)
+            work.wait()
+            grad_y = grad_y.contiguous()
+            grad_h = ops.grouped_gemm(grad_y, w2, tps, True, "none")
+            grad_pre = swiglu_backward(grad_h, ops.grouped_gemm(x, w1, tps, False, "none")).contiguous()
+            rows[c] = (x, grad_pre, h, grad_y)
+            if need_x:
+                grad_recv = ops.grouped_gemm(grad_pre, w1, tps, True, "none")
+                grad_x, _ = handle.comm.combine(grad_recv, None, handle.plan, handle.row_map,
+                                                stage="dispatch-backward", async_op=layer.overlap)
+                homes[c] = (grad_x, _work(handle.comm))
+        # 3. The weights' gradient once, over every chunk's rows in the unchunked layout.
+        grad_w1 = grad_w2 = None
+        if need_w1 or need_w2:
+            index, sizes, per_chunk = _unchunked_rows(ctx.counts, layer.pad_to)
+            if not torch.equal(per_chunk, torch.stack([c[5] for c in chunks]).cpu().long()):
+                raise RuntimeError("moe_ext.MoE: a chunk's dispatch returned other per-slot row counts than the "
+                                   "layer expected from the routing (dispatch's layout changed?)")
+            device = w1.device
+            index, sizes = index.to(device), sizes.to(device=device, dtype=torch.int32)
 
+            def unchunked(parts):  # NOTE: index -1 picks the zero row appended last (padding rows)
+                return torch.cat(list(parts) + [parts[0].new_zeros(1, parts[0].shape[1])])[index]
 
-class _ChunkedWeights(torch.autograd.Function):
-    """w1, w2 as every chunk's _ChunkExperts sees them. Backward (after every chunk's, which all
-    consume its outputs): the weights' gradient over all chunks' rows, bit-identical to the
-    unchunked layer's (same rows, same order, same padding, same op)."""
-
-    @staticmethod
-    def forward(ctx, w1, w2, state):
-        ctx.state = state
-        ctx.set_materialize_grads(False)
-        return w1.view_as(w1), w2.view_as(w2)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, _grad_w1, _grad_w2):
-        state = ctx.state
-        index, sizes, per_chunk = _unchunked_rows(state.counts, state.pad_to)
-        if not torch.equal(per_chunk, torch.stack(state.tokens_per_slot).cpu().long()):
-            raise RuntimeError("moe_ext.MoE: a chunk's dispatch returned other per-slot row counts than the layer "
-                               "expected from the routing (dispatch's layout changed?)")
-        rows = [state.rows.pop(c) for c in range(state.num_chunks)]
-        device = rows[0][0].device
-        index, sizes = index.to(device), sizes.to(device=device, dtype=torch.int32)
-
-        def unchunked(parts):  # NOTE: index -1 picks the zero row appended last (padding rows)
-            return torch.cat(list(parts) + [parts[0].new_zeros(1, parts[0].shape[1])])[index]
-
-        x, grad_pre, h, grad_y = (unchunked(parts) for parts in zip(*rows))
-        S = sizes.shape[0]
-        grad_w1 = ops.grouped_gemm_wgrad(x, grad_pre, sizes, S, False) if ctx.needs_input_grad[0] else None
-        grad_w2 = ops.grouped_gemm_wgrad(h, grad_y, sizes, S, False) if ctx.needs_input_grad[1] else None
-        return grad_w1, grad_w2, None
+            x, grad_pre, h, grad_y = (unchunked(parts) for parts in zip(*(rows[c] for c in range(n))))
+            S = sizes.shape[0]
+            grad_w1 = ops.grouped_gemm_wgrad(x, grad_pre, sizes, S, False) if need_w1 else None
+            grad_w2 = ops.grouped_gemm_wgrad(h, grad_y, sizes, S, False) if need_w2 else None
+        grad_x2 = None
+        if need_x:
+            for c in range(n):
+                homes[c][1].wait()
+            grad_x2 = torch.cat([homes[c][0] for c in range(n)])
+        return grad_x2, grad_w, grad_w1, grad_w2, None, None
 
 
 class MoE(nn.Module):
@@ -205,8 +250,9 @@ class MoE(nn.Module):
     the last multiple of 4), so there bit-identity needs pad_to a multiple of 4; otherwise chunked
     results differ from unchunked ones by rounding only. Every rank must use the same num_chunks
     and overlap (they fix the order of the collective calls). On CUDA the communication runs on
-    the backend's own stream; each chunk's dispatch / combine backward is autograd's (the same
-    graph on every rank, hence the same order of collectives), without async overlap of its own.
+    the backend's own stream. Backward, with overlap=True: every chunk's gradient scatter starts
+    before any expert backward is queued, each chunk's expert backward waits only for its own,
+    and its x gradient travels home (async) during the next chunk's expert backward.
 
     Decode (max_decode_tokens, decode): forward(x, decode=True) (or layer.decode = True, e.g.
     on every MoE of a model) runs without any host synchronisation, so the whole forward can be
@@ -385,35 +431,9 @@ class MoE(nn.Module):
                         pad_to=self.pad_to, **kw)
 
     def _pipeline(self, x2, slots, w):
-        """The routed experts over num_chunks contiguous token chunks, pipelined (class docstring).
-        Returns (out [T, H], tokens_per_slot [S] summed over the chunks)."""
-        n, T = self.num_chunks, x2.shape[0]
-        sizes = [(c + 1) * T // n - c * T // n for c in range(n)]
-        xs, ss, ws = x2.split(sizes), slots.split(sizes), w.split(sizes)
-        state = _ChunkState(n, self.pad_to)
-        w1, w2 = _ChunkedWeights.apply(self.w1, self.w2, state)
-        started, outs, handles = {}, [], []
-
-        def start(c):
-            if c < n:
-                started[c] = self._dispatch(xs[c], ss[c], ws[c], async_op=self.overlap)
-
-        start(0)
-        for c in range(n):
-            if self.overlap:
-                start(c + 1)  # NOTE: chunk c+1's tokens travel while chunk c's GEMMs run
-            recv_x, tps, handle = started.pop(c)
-            handle.wait()
-            state.tokens_per_slot[c] = tps
-            y = _ChunkExperts.apply(recv_x, w1, w2, tps, state, c)
-            outs.append(combine(y, handle, async_op=self.overlap))  # in flight during chunk c+1's GEMMs
-            handles.append(handle)
-            if not self.overlap:
-                start(c + 1)
-        for handle in handles:
-            handle.wait()
-        state.counts = self._chunk_counts(ss)
-        return torch.cat(outs), torch.stack(state.tokens_per_slot).sum(0, dtype=torch.int32)
+        """The routed experts over num_chunks contiguous token chunks, pipelined (class docstring;
+        _Pipeline). Returns (out [T, H], tokens_per_slot [S] summed over the chunks)."""
+        return _Pipeline.apply(x2, w, self.w1, self.w2, slots, self)
 
     def _chunk_counts(self, slot_chunks):
         """[W, n, S] int64 on the CPU: the rows every source rank sends to each of this rank's slots

@@ -8,6 +8,7 @@ that is what bit-identity needs on the CPU (MoE docstring); with pad_to=1 chunki
 Decode mode (masked layout, masked GEMMs, no host synchronisation) equals the normal forward.
 """
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -109,6 +110,36 @@ def _check_chunks(rank, world, seed, counts, group, layer_kw, dtype, three_d, x_
     return want
 
 
+def _check_backward_order(rank, world, seed, counts, group):
+    """Backward issues every chunk's gradient scatter (last chunk first) before any x gradient goes
+    home, and both asynchronously with overlap=True: what lets the communication overlap the expert
+    backward on CUDA (each call orders the communication stream after all compute queued before it)."""
+    backend = importlib.import_module("moe_ext.dispatch")._AllToAllBackend  # (moe_ext.dispatch: the function)
+    real_scatter, real_combine, log = backend.scatter_grad, backend.combine, []
+
+    def scatter_grad(self, g, w, y, plan, async_op=False):
+        log.append(("scatter", g.shape[0], async_op))
+        return real_scatter(self, g, w, y, plan, async_op)
+
+    def combine(self, y, w, plan, row_map, keep_rows=False, stage="combine", async_op=False):
+        log.append((stage, row_map.shape[0], async_op))
+        return real_combine(self, y, w, plan, row_map, keep_rows, stage, async_op)
+
+    backend.scatter_grad, backend.combine = scatter_grad, combine
+    try:
+        layer = _layer(group, seed, torch.float64, pad_to=4)
+        x, gout = _inputs(seed, counts, torch.float64)[rank]
+        for overlap in (True, False):
+            log.clear()
+            _step(layer, x, gout, 3, overlap)
+            T = x.shape[0]
+            sizes = [(c + 1) * T // 3 - c * T // 3 for c in range(3)]
+            assert log == ([("combine", n, overlap) for n in sizes] + [("scatter", n, overlap) for n in sizes[::-1]]
+                           + [("dispatch-backward", n, overlap) for n in sizes[::-1]]), log
+    finally:
+        backend.scatter_grad, backend.combine = real_scatter, real_combine
+
+
 def _check_against_reference(rank, world, seed, counts, group):
     """The chunked layer against the plain-torch reference over every rank's tokens (float64)."""
     layer = _layer(group, seed, torch.float64, pad_to=4, num_chunks=3)
@@ -137,6 +168,7 @@ def _pipeline_world(rank, world, seed, counts):
         _check_chunks(rank, world, seed + i, counts, group, kw, dtype, three_d)
     kw, dtype, three_d = CONFIGS[0]  # x without a gradient: no dispatch backward, the weights' still exact
     _check_chunks(rank, world, seed, counts, group, kw, dtype, three_d, x_grad=False)
+    _check_backward_order(rank, world, seed, counts, group)
     _check_against_reference(rank, world, seed, counts, group)
     _check_rounding_only(rank, world, seed, counts, group)
     if world == 4:  # replicated experts: replicas are chosen on the whole batch, before chunking

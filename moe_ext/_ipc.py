@@ -130,6 +130,8 @@ class IpcBackend:
         self.stream = torch.cuda.Stream(self.device)
         self.broken = None
         self.last_work = None
+        self.captured = False  # a CUDA graph holds pointers into the buffers (see _allocate)
+        self._retired = []  # outgrown buffers that a CUDA graph captured, kept until close()
 
     # ---- settings --------------------------------------------------------------------------------
     @property
@@ -158,20 +160,26 @@ class IpcBackend:
 
     @property
     def nbytes(self):
-        return 0 if self._c is None else int(self._c.nbytes())
+        return sum(int(c.nbytes()) for c in ([self._c] if self._c is not None else []) + self._retired)
 
-    def close(self, collective=True):
+    def close(self, collective=True, retired=True):
         """Frees the buffers: a collective, call it on every rank of the group. Every rank first
         unmaps its peers' buffers; after a barrier each frees its own (CUDA forbids freeing an
         exported buffer that another process still maps). collective=False skips the barrier
-        (process exit, or a group that is gone)."""
-        if self._c is not None:
+        (process exit, or a group that is gone). Buffers that a CUDA graph captured and that were
+        later outgrown are freed here too (destroy such graphs first)."""
+        comms = ([self._c] if self._c is not None else []) + (self._retired if retired else [])
+        if comms:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            self._c.close_peers()
+            for c in comms:
+                c.close_peers()
             if collective:
                 dist.barrier(group=self.group)
-            self._c.close()
-        self._c, self._sizes = None, None
+            for c in comms:
+                c.close()
+        self._c, self._sizes, self.captured = None, None, False
+        if retired:
+            self._retired = []
 
     # ---- buffers ---------------------------------------------------------------------------------
     def reserve(self, max_tokens, hidden_bytes, k, num_experts, scale_cols=0):
@@ -184,40 +192,60 @@ class IpcBackend:
             want = tuple(max(w, h) for w, h in zip(want, self._sizes))
         self._allocate(want)
 
-    def _allocate(self, sizes):
+    def _allocate(self, sizes, problem=None):
+        """(Re)allocates the buffers: a collective. Every rank takes part even when it cannot
+        allocate (`problem`: its invalid inputs; or a buffer over its memory budget), so that all
+        raise together instead of the others waiting for it until the process group's timeout."""
         world, experts, k, max_tokens, row_bytes, scale_cols = sizes
-        self.close()
-        need = int(torch.ops.moe_ext.ep_buffer_bytes(world, experts, k, max_tokens, row_bytes, scale_cols))
-        if self.memory_budget is not None and need > self.memory_budget:
-            raise ValueError(
-                f"moe_ext ipc backend: a buffer for {max_tokens} tokens per rank of {row_bytes} bytes, k={k}, "
-                f"{experts} experts over {world} ranks takes {need} bytes, over the memory budget of "
-                f"{self.memory_budget} bytes; pass fewer tokens per call (e.g. more chunks in the MoE layer) or "
-                "raise the budget")
-        c = torch.classes.moe_ext.IpcComm(self.device.index, world, self.rank, experts, k, max_tokens, row_bytes,
-                                          scale_cols, self._timeout, self._num_sms)
+        if self.captured and self._c is not None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("moe_ext ipc backend: a call inside CUDA graph capture needs larger buffers; run "
+                                   "it once eagerly first (or reserve() enough) so that the buffers exist")
+            # NOTE: a CUDA graph holds pointers into the current buffers (and their peers'): they stay
+            # mapped, with their own operation counter, until close(); every rank retires its own at the
+            # same call (growth is collective), so replays keep working on the old ones.
+            self._retired.append(self._c)
+            self._c, self._sizes, self.captured = None, None, False
+        self.close(retired=False)
+        if problem is None and self.memory_budget is not None:
+            need = int(torch.ops.moe_ext.ep_buffer_bytes(world, experts, k, max_tokens, row_bytes, scale_cols))
+            if need > self.memory_budget:
+                problem = (
+                    f"moe_ext ipc backend: a buffer for {max_tokens} tokens per rank of {row_bytes} bytes, k={k}, "
+                    f"{experts} experts over {world} ranks takes {need} bytes, over the memory budget of "
+                    f"{self.memory_budget} bytes; pass fewer tokens per call (e.g. more chunks in the MoE layer) or "
+                    "raise the budget")
+        c = None
+        if problem is None:
+            c = torch.classes.moe_ext.IpcComm(self.device.index, world, self.rank, experts, k, max_tokens, row_bytes,
+                                              scale_cols, self._timeout, self._num_sms)
         handles = [None] * world
-        dist.all_gather_object(handles, (c.handle().tolist(), sizes), group=self.group)
-        for r, (_, theirs) in zip(self.ranks, handles):
+        dist.all_gather_object(handles, (None if c is None else c.handle().tolist(), sizes, problem),
+                               group=self.group)
+        if problem is not None:
+            raise ValueError(problem)
+        for r, (_, theirs, their_problem) in zip(self.ranks, handles):
+            if their_problem is not None:
+                c.close()
+                raise RuntimeError(f"moe_ext ipc backend: global rank {r} of the group {self.ranks} could not take part "
+                                   f"in allocating the buffers, so no rank does: {their_problem}")
             if tuple(theirs) != tuple(sizes):
                 c.close()
                 raise RuntimeError(f"moe_ext ipc backend: global rank {r} sizes its buffer as {tuple(theirs)}, this "
                                    f"rank as {tuple(sizes)} (world, experts, k, max_tokens, row_bytes, scale_cols): "
                                    "the ranks are not making the same calls")
-        c.open(torch.tensor([h for h, _ in handles], dtype=torch.uint8))
+        c.open(torch.tensor([h for h, _, _ in handles], dtype=torch.uint8))
         self._c, self._sizes, self.broken = c, tuple(sizes), None
 
     def check(self):
         """Raises the first error the kernels recorded (a timeout, ranks that disagree)."""
         if self.broken is not None:
             raise RuntimeError(self.broken)
-        if self._c is None:
-            return
-        code, r, field, phase, value, mine, seq = self._c.error()
-        if code == 0:
-            return
-        self.broken = self._message(code, r, field, phase, value, mine)
-        raise RuntimeError(self.broken)
+        for c in ([self._c] if self._c is not None else []) + self._retired:  # (retired: graph replays)
+            code, r, field, phase, value, mine, seq = c.error()
+            if code != 0:
+                self.broken = self._message(code, r, field, phase, value, mine)
+                raise RuntimeError(self.broken)
 
     def _message(self, code, r, field, phase, value, mine):
         peer = f"global rank {self.ranks[r]} (rank {r} of the group {self.ranks})"
@@ -243,7 +271,9 @@ class IpcBackend:
         self.check()
         cur = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(cur)
-        if not torch.cuda.is_current_stream_capturing():  # NOTE: a graph's memory pool lives as long as the graph
+        if torch.cuda.is_current_stream_capturing():
+            self.captured = True
+        else:  # NOTE: a graph's memory pool lives as long as the graph
             for t in tensors:
                 if t is not None and t.is_cuda:
                     t.record_stream(self.stream)
@@ -275,6 +305,8 @@ class IpcBackend:
         if problem is None and opts.x_scale is not None:
             scale, problem = _scale_rows(opts.x_scale, x)
         if problem is not None:
+            if self._c is None:  # NOTE: the peers are allocating the buffers (a collective): take part, then raise
+                self._allocate(self._sizes or (self.world, 0, 0, 0, 0, 0), problem=f"moe_ext.dispatch: {problem}")
             self._announce_bad_input(num_experts)
             raise ValueError(f"moe_ext.dispatch: {problem}")
         k, row_bytes = idx.shape[1], x.shape[1] * x.element_size()
@@ -282,7 +314,9 @@ class IpcBackend:
         # NOTE: never this rank's own T here: the ranks must size their buffers alike. A rank with
         # more tokens than the buffer holds is seen by all in the count exchange; all grow then.
         self.reserve(opts.max_tokens or 0, row_bytes, k, num_experts, scale_cols)
-        idx = idx.contiguous()
+        # NOTE: a copy, not the caller's tensor: combine and the backward re-read idx (the plan), and
+        # an in-place change of the caller's idx in between would silently misroute them.
+        idx = idx.clone(memory_format=torch.contiguous_format)
         max_rows = -1 if opts.sync else opts.max_rows
         capacity = -1 if opts.capacity is None else opts.capacity
         call = [num_experts, opts.pad_to, capacity, max_rows, _dtype_code(x.dtype)]
@@ -310,7 +344,9 @@ class IpcBackend:
 
     def _announce_bad_input(self, num_experts):
         """Takes part in the count exchange with bad_input set, so every peer fails too instead of
-        waiting (possible once the buffer exists; before that the peers time out)."""
+        waiting (once the buffer exists; before that, dispatch takes part in its allocation).
+        NOTE: a peer that must grow its buffer for this call allocates (a collective) instead of
+        exchanging counts: it then waits until the process group's timeout."""
         if self._c is None or self.broken is not None:
             return
         x0 = torch.zeros((0, 16), dtype=torch.uint8, device=self.device)

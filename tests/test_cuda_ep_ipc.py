@@ -173,6 +173,22 @@ def _graph(rank, world, seed):
         replayed = out_s.clone()
         eager = layer()
         assert torch.equal(replayed, eager), f"replay {i}: {(replayed - eager).abs().max()}"
+    # A later call that outgrows the buffers: new ones for it, the captured ones stay for the graph.
+    comm = moe_ext.communicator(device=dev)
+    held = comm.nbytes
+    big = torch.randn(40 * T, H, device=dev)
+    big_idx = torch.randint(0, E, (40 * T, k), device=dev)
+    moe_ext.dispatch(big, big_idx, torch.rand(40 * T, k, device=dev), E, backend="ipc", max_tokens=40 * T)
+    assert comm.nbytes > held and comm._retired, "the captured buffers should have been kept"
+    load(4)
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    replayed = out_s.clone()
+    eager = layer()  # on the new buffers
+    assert torch.equal(replayed, eager), f"replay after growth: {(replayed - eager).abs().max()}"
+    del graph
+    comm.close()
+    assert comm.nbytes == 0
     return True
 
 
@@ -222,6 +238,21 @@ def _mismatch(rank, world, seed):
     else:
         with pytest.raises(RuntimeError, match="invalid inputs"):
             moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    # Before any buffer exists, the bad rank takes part in allocating them (a collective), so the
+    # others raise too instead of waiting for it until the process group's timeout.
+    comm.close()
+    if rank == 0:
+        with pytest.raises(ValueError, match="outside"):
+            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    else:
+        with pytest.raises(RuntimeError, match="could not take part in allocating the buffers.*outside"):
+            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    # The same for a memory budget only one rank cannot meet.
+    E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64, 2, 2, 20)
+    comm.memory_budget = 1 if rank == 1 else None
+    with pytest.raises(ValueError if rank == 1 else RuntimeError, match="memory budget"):
+        moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    comm.memory_budget = None
     return True
 
 

@@ -323,6 +323,15 @@ class MoE(nn.Module):
         self.stats: Optional[GatingStats] = None
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # NOTE: the expert bias moves in rate-sized steps (1e-3): it stays float32 when the layer is
+        # cast (.bfloat16(), .to(dtype)), as topk_gating requires; only its device follows.
+        bias = self.expert_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != bias.dtype:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return self
+
     def _set_layout(self, layout, device=None):
         self.layout = layout
         self.num_local_experts = layout.slots_per_rank

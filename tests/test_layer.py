@@ -83,6 +83,19 @@ def test_expert_bias_update_balances(seed):
     assert layer.load.sum() == 0
 
 
+def test_expert_bias_stays_float32_when_cast(seed):
+    layer = _layer(E=4, k=1, expert_bias=True)
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.tensor([1e-3, -2e-3, 3e-4, 0.1234567]))
+    want = layer.expert_bias.clone()
+    layer.bfloat16()
+    assert layer.w1.dtype == torch.bfloat16 and layer.expert_bias.dtype == torch.float32
+    assert torch.equal(layer.expert_bias, want)
+    layer(torch.randn(6, 16, dtype=torch.bfloat16))
+    layer.update_expert_bias(rate=1e-3)
+    assert layer.expert_bias.dtype == torch.float32 and not torch.equal(layer.expert_bias, want)
+
+
 def test_capacity_drops_reported(seed):
     layer = _layer(E=4, k=2, capacity_factor=0.5)
     layer(torch.randn(32, 16, dtype=torch.float64))

@@ -465,7 +465,15 @@ class DeviceBuffer {
   }
   void from_host(const std::vector<T>& h) {
     MOE_HOST_ASSERT(h.size() == n_, "DeviceBuffer::from_host: size mismatch");
-    if (n_) MOE_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+    if (n_) {
+      MOE_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+      // NOTE: a pageable host-to-device cudaMemcpy may return before its DMA has landed (CUDA's
+      // "API synchronization behavior"), and it runs on the default stream, which Bench's
+      // cudaStreamNonBlocking stream does not wait for: a kernel launched next on bench.stream()
+      // could read stale inputs (idx, counts, bias). Waiting on that same default stream here
+      // adds no dependency the copy itself did not already have.
+      MOE_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+    }
   }
 
  private:

@@ -73,8 +73,9 @@ def rel_err(x, ref):
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("grouped_gemm_bench: needs a CUDA device", file=sys.stderr)
-        return 2
+        # No GPU (the CPU build machine): a skip, not a failure (as ep_bench.py does).
+        print("grouped_gemm_bench: no CUDA device; skipped")
+        return 0
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     act = None if args.activation == "none" else "swiglu"

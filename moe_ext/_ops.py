@@ -83,8 +83,11 @@ def _unpermute_fake(y, row_map, weights):
 
 @torch.library.register_fake("moe_ext::unpermute_backward")
 def _unpermute_backward_fake(grad_out, y, row_map, weights):
-    grad_w = torch.empty_like(weights) if weights is not None else y.new_empty((0,))
-    return torch.empty_like(y), grad_w
+    # NOTE: new_empty, not empty_like: the real ops (CPU and CUDA) return contiguous grad_y and
+    # grad_weights, while empty_like keeps the strides of a dense non-contiguous input (e.g.
+    # transposed weights), a stride mismatch between fake and real outputs.
+    grad_w = weights.new_empty(weights.shape) if weights is not None else y.new_empty((0,))
+    return y.new_empty(y.shape), grad_w
 
 
 @torch.library.register_fake("moe_ext::grouped_gemm")

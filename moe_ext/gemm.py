@@ -25,8 +25,9 @@ def grouped_gemm_masked(a, b, valid_rows, trans_b=False, activation=None):
     """The masked (decode) layout: y[e, :v_e] = act(a[e, :v_e] @ b[e]) with v_e = valid_rows[e].
 
     a: [E, max_rows, K]; b: [E, K, N], or [E, N, K] with trans_b; same float dtype, contiguous.
-    valid_rows: [E] int32/int64 on a's device, each in [0, max_rows] (checked on CPU; clamped on
-    CUDA, where the counts are never read back to the host, so the call is CUDA-graph safe).
+    valid_rows: [E] int32/int64 on a's device, each in [0, max_rows] (checked on the CPU; for
+    bf16/fp16 on CUDA clamped instead, the counts never read back to the host, so the call is
+    CUDA-graph safe; float32/float64 on CUDA take the ATen path, which reads them back and checks).
     activation: None or "swiglu" (as grouped_gemm). Returns [E, max_rows, N] (or N/2) in the
     dtype of a, rows past valid_rows[e] zero. Differentiable in a and b.
     """

@@ -147,7 +147,10 @@ inline void check_routing_idx(const char* op, const at::Tensor& idx, int64_t num
 
 inline void check_rows_tensor(const char* op, const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D [rows, hidden], got ", x.dim(), "-D");
-  TORCH_CHECK(x.size(1) == 0 || x.stride(1) == 1, op, ": ", name,
+  // NOTE: a tensor without elements is never read, whatever its strides: autograd hands an empty
+  // x_perm's gradient over as an expanded zero (stride 0), which .contiguous() leaves as it is
+  // (numel 0 counts as contiguous), so permute's backward with T = 0 used to fail here.
+  TORCH_CHECK(x.numel() == 0 || x.stride(1) == 1, op, ": ", name,
               " must have a contiguous last dimension (stride 1), got stride ", x.stride(1));
 }
 
@@ -155,7 +158,10 @@ inline void check_rows_tensor(const char* op, const at::Tensor& x, const char* n
 inline int64_t permute_max_rows(int64_t num_tokens, int64_t k, int64_t num_experts, int64_t pad_to,
                                 int64_t capacity) {
   int64_t n = num_tokens * k;
-  if (capacity > 0 && capacity * num_experts < n) n = capacity * num_experts;
+  // NOTE: capacity -1 is "none"; 0 is a real capacity (every slot dropped, 0 rows). `> 0` here made
+  // the eager ops return T*k + ... rows for capacity 0 while the fake kernel (moe_ext/_ops.py)
+  // says 0, a shape mismatch under torch.compile / opcheck.
+  if (capacity >= 0 && capacity * num_experts < n) n = capacity * num_experts;
   const int64_t nonempty = n < num_experts ? n : num_experts;
   return n + nonempty * (pad_to - 1);
 }

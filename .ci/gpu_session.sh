@@ -205,6 +205,7 @@ phase_bench() {
     run bench_ep_8 120 $B/bench_ep --ranks 8 -J "$J/bench_ep_8.json"
     run bench_ep_2m 60 $B/bench_ep --ranks 2 --masked -T 128 -J "$J/bench_ep_2m.json"
     run bench_ep_8m 60 $B/bench_ep --ranks 8 --masked -T 128 -J "$J/bench_ep_8m.json"
+    run bench_ep_nccl1 60 $B/bench_ep --ranks 1 --one-gpu-per-rank -J "$J/bench_ep_nccl1.json"  # the nccl code path
   else
     say "bench: no build/cmake executables (run the cmake phase first); C++ benchmarks skipped"
   fi

@@ -1,40 +1,68 @@
-// bench_ep: the ipc backend's dispatch and combine (csrc/comm/ep_ops.cuh), torch-free, over N
-// ranks forked from this process: all on one GPU (run it under MPS, bench/README.md) or, with
+// bench_ep: dispatch and combine over N ranks forked from this process, torch-free: the ipc
+// backend (csrc/comm/ep_ops.cuh) on every run, and the nccl protocol (below) when every rank has
+// its own GPU. All ranks on one GPU (run it under MPS, bench/README.md) or, with
 // --one-gpu-per-rank, rank r on device r.
 //
 // Bootstrap: before any CUDA call, an anonymous MAP_SHARED page holds a process-shared barrier
-// (atomics, with an abort flag), the ranks' CUDA IPC handles and their results. Each rank makes
-// a comm::SymmetricBuffer sized for the largest case (max tokens per rank, hidden * element
-// size, k, E), publishes its handle there, opens every peer's, and runs the cases. The parent
-// probes for a GPU in a child (a CUDA call in the parent would make CUDA unusable in the
-// forked ranks), then only supervises: a rank that crashes or fails makes the parent stop the
-// others (abort flag, then SIGKILL after a grace period), and no barrier completing for
-// --timeout-s seconds kills every rank, so nothing hangs.
+// (atomics, with an abort flag), the ranks' CUDA IPC handles, the NCCL unique id and their
+// results. Each rank makes a comm::SymmetricBuffer sized for the largest case (max tokens per
+// rank, hidden * element size, k, E), publishes its handle there, opens every peer's; with one
+// GPU per rank, rank 0 also makes an NCCL unique id that the page carries to every rank, and each
+// joins a comm::NcclComm. Then the ranks run the cases. The parent probes for a GPU in a child (a
+// CUDA call in the parent would make CUDA unusable in the forked ranks), then only supervises: a
+// rank that crashes or fails makes the parent stop the others (abort flag, then SIGKILL after a
+// grace period), and no barrier completing for --timeout-s seconds kills every rank, so nothing
+// hangs.
 //
 // One iteration, on every rank (each rank has the same T tokens; its routing is k distinct
 // uniformly drawn experts per token and its data uniform in [-1, 1), both seeded by rank):
-//   barrier; event; dispatch = ep_dispatch_begin, then in the exact layout
-//     cudaEventSynchronize(counted) + SymmetricBuffer::recv_total() + recv_x grown if needed,
-//     then ep_dispatch_finish; event
-//   (untimed: combine_map[t, j] = t * k + j where slot_rows[t, j] >= 0, else -1)
-//   barrier; event; combine = ep_combine(y = the unmodified recv_x, float32 weights); event
+//   barrier; event; dispatch; event; wait for it; barrier; event; combine; event; wait for it
+// with, for the ipc rows:
+//   dispatch = ep_dispatch_begin, then in the exact layout cudaEventSynchronize(counted) +
+//     SymmetricBuffer::recv_total() + recv_x grown if needed, then ep_dispatch_finish
+//   (untimed, after the dispatch's end event: combine_map[t, j] = t * k + j where
+//     slot_rows[t, j] >= 0, else -1)
+//   combine = ep_combine(y = the unmodified recv_x, float32 weights)
 // so the exact layout's host read of the row count is inside the dispatch time. --masked uses
 // the no-sync layout, max_rows = ranks * T rows per local expert (every row fits: a token has
 // distinct experts): nothing synchronises inside the timed region. Every synchronisation is
 // followed by SymmetricBuffer::error(); an EpError is printed (code, the rank it names, phase)
 // and the rank exits 3. Time = max over ranks of each rank's median over the timed iterations.
 //
-// Bytes (issue 7, "Target"):
+// The nccl rows (--one-gpu-per-rank only: NCCL refuses two ranks on one GPU; exact layout only,
+// so not with --masked): the protocol of the Python nccl/gloo backend (moe_ext/dispatch.py,
+// _AllToAllBackend._dispatch / combine_rows) with the torch-free kernels, on a comm::NcclComm:
+//   dispatch, sender: ep_destination_keys (each token's first slot on each destination rank) and
+//     each slot's owner rank; index passes (permute_route/permute_scatter without rows) over both
+//     give the tokens and slots per destination, and the order the slots' rows come back in;
+//     1. count exchange: (tokens, slots) per peer, an alltoall of 2 x W int64, one host read.
+//        (The slot counts size recv_x exactly; the Python backend reads the row count a second
+//        time inside permute(sync=True) instead.)
+//     2. permute_scatter of x by destination key: the rows to send, destination-major and in
+//        token order, one per (token, destination); with each, the token's k local expert ids
+//        at that destination (-1 for slots elsewhere); alltoallv of the rows, then of the ids.
+//     3. receiver: permute of the arrived rows by their ids = recv_x, expert-major and inside an
+//        expert by (source rank, source token), as the ipc layout; an index pass over "this slot
+//        arrived" keys numbers the arrived slots in (source, token, slot) order: where each
+//        expert row goes in the combine's send buffer.
+//   combine: every kept expert row gathered into that order, alltoallv back to its source, and
+//     unpermute there (the k rows of a token summed in float32 with the weights, slot order).
+//   The two extra index passes are the plan a combine needs, so they count in the dispatch time
+//   (the ipc rows' combine_map is outside both times). Every wait is NcclComm::wait, bounded by
+//   --ep-timeout-s.
+//
+// Bytes (issue 7, "Target"), the same for both backends:
 //   dispatch: the payload bytes the ranks send: one row (hidden * element size) per (token,
 //             destination rank) pair, the token's own rank included, summed over ranks.
 //   combine:  one row per kept (token, slot) pair, summed over ranks (every slot is kept here:
 //             no capacity, no unrouted slots).
+//   (The nccl rows also move counts and k int32 expert ids per row sent: not counted.)
 // algbw = bytes / time. busbw = 2 * bytes / time: the ranks share one GPU's HBM, so each counted
 // byte is read once and written once, the count of the 2.95 TB/s device-to-device copy ceiling
 // (../shared/GPU.md) it is compared with. floor = 2 * bytes / 2950 GB/s, %floor = floor / time
 // (= busbw / ceiling). With one GPU per rank the bytes cross links instead and this floor is
 // only a reference.
-// Floors: 8 ranks, T=4096, H=7168, k=8 of E=256, bf16 (5.30 destination ranks per token
+// Floors: 8 ranks, T=4096, H=7168, k=8 of E=256, bf16 (5.29 destination ranks per token
 // expected): dispatch 2.49 GB -> 1686 us, combine 3.76 GB -> 2548 us. T=128: dispatch 78 MB ->
 // 53 us, combine 117 MB -> 80 us. 2 ranks, T=128 (1.99 per token): dispatch 7.3 MB -> 5.0 us,
 // combine 29 MB -> 19.9 us.
@@ -45,18 +73,19 @@
 // Combine sends each slot's row back (read + write) and the weighted sum reads k rows and writes
 // one per token: 3 * slots + tokens rows for a floor of 2 * slots, at most 64%.
 //
-// Check (-c 1, the default; after the timed iterations, one more run with recv_x, back_map,
-// tokens_per_expert and out poisoned first): every rank rebuilds every rank's routing and data
-// from the seeds and compares, bit for bit, its recv_x with the expected exact layout (rows
-// grouped by local expert, inside an expert by (source rank, source token), pad_to 1, no
-// capacity) or the masked one (expert el's rows from el * max_rows), its back_map and
-// tokens_per_expert (and recv_total); and combine's out [T, H] with a host float32 reference of
+// Check (-c 1, the default; after the timed iterations, one more run with the outputs poisoned
+// first): every rank rebuilds every rank's routing and data from the seeds and compares, bit for
+// bit, its recv_x with the expected exact layout (rows grouped by local expert, inside an expert
+// by (source rank, source token), pad_to 1, no capacity) or the masked one (expert el's rows
+// from el * max_rows), the map back from each row to its (source rank, token, slot) (ipc: the
+// back_map; nccl: derived from the receiver's row map), tokens_per_expert and the row (and, for
+// nccl, arrived token) totals; and combine's out [T, H] with a host float32 reference of
 // sum_j w[t, j] * x[t] (products and sums rounded in slot order, as the kernel does), within
 // rtol 2^-7 for bf16 (2^-10 fp16, 1e-6 fp32) + atol 1e-5. '#wrong' = wrong rows (plus wrong
 // counts) summed over ranks, dispatch + combine.
 //
 // Exit status: 0 all good (or no GPU: "skipped"), 1 wrong results, 2 an error (CUDA error,
-// EpError, a crashed or killed rank, a timeout).
+// NCCL error or timeout, EpError, a crashed or killed rank, a timeout).
 #include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -65,17 +94,21 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/ep_ops.cuh"
+#include "comm/nccl_comm.cuh"
 #include "comm/symmetric.cuh"
 #include "common.cuh"
 #include "kernels/ep.cuh"
@@ -85,6 +118,7 @@ namespace {
 
 namespace kernels = moe_ext::kernels;
 namespace comm = moe_ext::comm;
+using moe_bench::DeviceBuffer;
 using moe_bench::DType;
 
 constexpr int kMaxRanks = 64;  // forked on one node; a 64-bit mask of destinations per token
@@ -102,20 +136,28 @@ struct Config {
   int ranks = 2;
   bool one_gpu_per_rank = false;
   bool masked = false;
+  bool nccl = true;  // also the nccl rows, where they can run
   double timeout_s = 60, ep_timeout_s = 10;
   int64_t blocks = 0;
   int crash_rank = -1;
   std::vector<Case> cases;
 };
 
+// Why the nccl rows do not run ("" when they do); the same answer on every rank.
+std::string nccl_skip_reason(const Config& cfg) {
+  if (!cfg.nccl) return "--nccl 0";
+  if (!cfg.one_gpu_per_rank) return "needs one GPU per rank";
+  if (cfg.masked) return "--masked: the nccl backend has no no-sync layout";
+  return "";
+}
+
 // ---- the shared page -------------------------------------------------------------------------
 
-// One rank's numbers of one case, read by rank 0.
+// One rank's numbers of one case and backend, read by rank 0.
 struct RankReport {
   double dispatch_us, dispatch_min_us, dispatch_sd_us;
   double combine_us, combine_min_us, combine_sd_us;
   int64_t wrong_dispatch, wrong_combine;  // -1: not checked
-  int64_t recv_rows;
 };
 
 struct Shared {
@@ -128,6 +170,7 @@ struct Shared {
   int skip_case = 0;                    // rank 0's decision for the current case
   char skip_reason[200] = {};
   comm::IpcHandle handles[kMaxRanks];
+  comm::NcclUniqueId nccl_id{};         // rank 0's, for every rank's NcclComm::init
   RankReport reports[kMaxRanks];
 };
 static_assert(std::atomic<int>::is_always_lock_free && std::atomic<long long>::is_always_lock_free,
@@ -148,6 +191,8 @@ inline void cpu_relax() {
 // Sense-reversing barrier over the shared page. Spins (ranks must leave it together: the
 // skew is part of the time of whoever left first), then yields; at once when the ranks
 // outnumber the cores, where spinning would only delay the ranks still on their way.
+// NOTE: the acq_rel arrival and the release of the new generation also publish everything a
+// rank wrote to the page before the barrier (handles, unique id, reports) to every rank after it.
 void barrier(Shared* sh, int world) {
   static const uint64_t spins_before_yield = world < sysconf(_SC_NPROCESSORS_ONLN) ? 1u << 14 : 0;
   const int gen = sh->generation.load(std::memory_order_acquire);
@@ -261,6 +306,9 @@ struct Plan {
   };
   std::vector<std::vector<Src>> rows;  // [El]
   int64_t recv_rows = 0;
+  // The tokens that come to this rank, each once, in (source rank, source token) order: the
+  // nccl receiver's staging order.
+  std::vector<std::pair<int32_t, int64_t>> arrivals;
 };
 
 Plan make_plan(const Case& c, int world, int me, int case_id) {
@@ -283,11 +331,120 @@ Plan make_plan(const Case& c, int world, int me, int case_id) {
         if (owner == me) p.rows[e - me * El].push_back({s, static_cast<int32_t>(j), t});
       }
       p.dest_pairs += __builtin_popcountll(dests);
+      if (dests >> me & 1) p.arrivals.push_back({s, t});
     }
   }
   for (int r = 0; r < world; ++r) p.most_recv_rows = std::max(p.most_recv_rows, per_rank[r]);
   p.recv_rows = per_rank[me];
   return p;
+}
+
+// back_map's encoding of a row's origin (kernels/ep.cu): source rank << 40 | slot (t * k + j).
+inline int64_t back_code(int64_t rank, int64_t token, int64_t k, int64_t slot) {
+  return (rank << 40) | (token * k + slot);
+}
+
+// ---- the nccl rows' kernels (one step each; the index passes are permute's) ------------------
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+
+inline unsigned grid_for(int64_t items, int64_t per_block) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((items + per_block - 1) / per_block, 4096)));
+}
+
+// keys[t, j] = the rank that owns slot j's expert, -1 if not routed. An index pass over them
+// orders this rank's slots by (owner, token, slot): the order their rows come back in.
+__global__ void owner_keys_kernel(const int32_t* __restrict__ idx, int64_t n, int64_t num_experts,
+                                  int64_t local_experts, int64_t* __restrict__ keys) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = idx[i];
+    keys[i] = (e >= 0 && e < num_experts) ? e / local_experts : -1;
+  }
+}
+
+// counts[d] = (tokens, slots) this rank sends to rank d, as the int64 pairs of the count exchange.
+__global__ void pair_counts_kernel(const int32_t* __restrict__ tokens, const int32_t* __restrict__ slots, int world,
+                                   int64_t* __restrict__ counts) {
+  for (int d = threadIdx.x; d < world; d += blockDim.x) {
+    counts[2 * d] = tokens[d];
+    counts[2 * d + 1] = slots[d];
+  }
+}
+
+// For each token's first slot on a destination d (dest_keys[t, j] == d): at the token's row among
+// the rows sent, its k expert ids local to d, -1 for the slots whose experts live elsewhere.
+__global__ void pack_ids_kernel(const int32_t* __restrict__ idx, const int64_t* __restrict__ dest_keys,
+                                const int64_t* __restrict__ dest_rows, int64_t num_tokens, int64_t k,
+                                int64_t num_experts, int64_t local_experts, int32_t* __restrict__ ids) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_tokens * k;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = dest_keys[i], r = dest_rows[i];
+    if (d < 0 || r < 0) continue;
+    const int32_t* slots = idx + (i / k) * k;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = slots[j];
+      const bool there = e >= 0 && e < num_experts && e / local_experts == d;
+      ids[r * k + j] = there ? static_cast<int32_t>(e - d * local_experts) : -1;
+    }
+  }
+}
+
+// keys = 0 for a slot that arrived with a local expert, -1 otherwise. An index pass over them
+// numbers the arrived slots in (source rank, source token, slot) order: each one's row in the
+// combine's send buffer, which is the order its source expects them back in.
+__global__ void arrived_keys_kernel(const int32_t* __restrict__ ids, int64_t n, int32_t* __restrict__ keys) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    keys[i] = ids[i] >= 0 ? 0 : -1;
+}
+
+// back[pos[i]] = y[rows[i]] for every arrived slot i (one warp per slot, 16-byte vectors: rows are
+// a multiple of 16 bytes and the buffers come from cudaMalloc).
+__global__ void gather_rows_kernel(const char* __restrict__ y, const int64_t* __restrict__ rows,
+                                   const int64_t* __restrict__ pos, int64_t n, int64_t row_bytes,
+                                   char* __restrict__ back) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) + threadIdx.x / kWarp; i < n; i += warps) {
+    const int64_t r = rows[i], d = pos[i];
+    if (r < 0 || d < 0) continue;
+    const uint4* src = reinterpret_cast<const uint4*>(y + r * row_bytes);
+    uint4* dst = reinterpret_cast<uint4*>(back + d * row_bytes);
+    for (int64_t v = lane; v < row_bytes / 16; v += kWarp) dst[v] = src[v];
+  }
+}
+
+// An index pass (no rows): row_map = each slot's position in the key-major, token-order layout
+// of `keys`; counts = slots per key.
+kernels::PermuteParams index_params(const void* keys, bool keys_int64, int64_t num_tokens, int64_t k,
+                                    int64_t num_keys, int64_t* row_map, int32_t* counts, void* workspace) {
+  kernels::PermuteParams q;
+  q.idx = keys;
+  q.idx_is_int64 = keys_int64;
+  q.num_tokens = num_tokens;
+  q.k = k;
+  q.num_experts = num_keys;
+  q.row_map = row_map;
+  q.tokens_per_expert = counts;
+  q.workspace = workspace;
+  return q;
+}
+
+// Grows b to at least n elements (contents not kept). The routing of a case is fixed, so the
+// sizing run grows every buffer once and the timed runs never allocate.
+template <class T>
+void ensure(DeviceBuffer<T>& b, int64_t n) {
+  if (static_cast<size_t>(n) > b.size()) b = DeviceBuffer<T>(static_cast<size_t>(n));
+}
+
+// The first n elements of b on the host.
+template <class T>
+std::vector<T> head(const DeviceBuffer<T>& b, int64_t n) {
+  std::vector<T> h(static_cast<size_t>(std::min<int64_t>(n, static_cast<int64_t>(b.size()))));
+  if (!h.empty()) MOE_CUDA_CHECK(cudaMemcpy(h.data(), b.get(), h.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
 }
 
 // ---- one rank ---------------------------------------------------------------------------------
@@ -328,10 +485,21 @@ __global__ void combine_map_kernel(const int64_t* __restrict__ slot_rows, int64_
 }
 
 struct Row {  // one table row, rank 0's
+  std::string backend;
   Case c;
   double dispatch_us, combine_us, dispatch_bytes, combine_bytes, dests_per_token;
   int64_t wrong;  // -1: not checked
   std::vector<double> dispatch_per_rank, combine_per_rank;
+};
+
+// This rank's inputs of one case, shared by both backends.
+struct Inputs {
+  const std::vector<int32_t>* idx_h;
+  std::vector<float> w_h;
+  std::vector<char> x_h;
+  DeviceBuffer<int32_t> idx;
+  DeviceBuffer<float> w;
+  DeviceBuffer<char> x, out;
 };
 
 class RankRunner {
@@ -348,7 +516,7 @@ class RankRunner {
     MOE_CUDA_CHECK(cudaEventCreateWithFlags(&counted_, cudaEventDisableTiming));
     if (o_.flush_l2) {
       flush_bytes_ = 2 * static_cast<size_t>(std::max(prop_.l2CacheSize, 1 << 20));
-      flush_ = moe_bench::DeviceBuffer<char>(flush_bytes_);
+      flush_ = DeviceBuffer<char>(flush_bytes_);
     }
 
     // The buffer holds the largest case.
@@ -367,6 +535,7 @@ class RankRunner {
     barrier(sh_, world_);
     buf.open(std::vector<comm::IpcHandle>(sh_->handles, sh_->handles + world_));
     barrier(sh_, world_);
+    if (nccl_skip_reason(cfg_).empty()) join_nccl();
     if (rank_ == 0) print_header(buf);
 
     int status = kExitOk;
@@ -374,6 +543,8 @@ class RankRunner {
       const int s = run_case(cfg_.cases[i], static_cast<int>(i));
       status = std::max(status, s);
     }
+    // NOTE: every rank, before anything is freed: finalize completes the peers' operations too.
+    if (nccl_) nccl_->destroy();
     // NOTE: CUDA requires every importer to unmap before the exporter frees: unmap, barrier, free.
     buf.close_peers();
     barrier(sh_, world_);
@@ -384,6 +555,8 @@ class RankRunner {
   }
 
   ~RankRunner() {
+    nccl_.reset();  // aborts a communicator that was not destroyed (a failure), before its stream goes
+    if (host_counts_) cudaFreeHost(host_counts_);
     for (cudaEvent_t e : ev_)
       if (e) cudaEventDestroy(e);
     if (counted_) cudaEventDestroy(counted_);
@@ -396,8 +569,30 @@ class RankRunner {
     if (e.code != kernels::kEpOk) throw EpFailure(std::string(where) + ": " + ep_error_text(e));
   }
 
+  // Rank 0's unique id travels through the page; init() returns once every rank has joined, or
+  // throws (a rank that never joins).
+  void join_nccl() {
+    // NOTE: the library loaded at run time may be older than the headers: nonblocking
+    // communicators and ncclCommFinalize (comm::NcclComm) came with NCCL 2.14.
+    const int version = comm::NcclComm::version();
+    if (version < 21400)
+      throw std::runtime_error("the nccl rows need NCCL >= 2.14 (nonblocking communicators); the loaded "
+                               "libnccl reports version code " + std::to_string(version));
+    if (rank_ == 0) sh_->nccl_id = comm::NcclComm::unique_id();
+    barrier(sh_, world_);
+    // Joining can take seconds on many GPUs: bounded by the supervisor's --timeout-s; every later
+    // wait by --ep-timeout-s, like the EP kernels' (the supervisor's grace after a failure).
+    nccl_ = std::make_unique<comm::NcclComm>(device_, world_, rank_, cfg_.timeout_s);
+    nccl_->init(sh_->nccl_id);
+    nccl_->set_timeout(cfg_.ep_timeout_s);
+    MOE_CUDA_CHECK(cudaMallocHost(&host_counts_, sizeof(int64_t) * 4 * world_));
+    for (std::vector<int64_t>& v : a2a_) v.assign(world_, 0);
+    barrier(sh_, world_);
+  }
+
   void print_header(const comm::SymmetricBuffer& buf) const {
-    std::printf("# %s: %s\n# command: %s\n", cfg_.name.c_str(), "ipc backend dispatch + combine (csrc/comm/ep_ops.cuh)",
+    std::printf("# %s: %s\n# command: %s\n", cfg_.name.c_str(),
+                "dispatch + combine: ipc backend (csrc/comm/ep_ops.cuh), nccl protocol (comm::NcclComm)",
                 o_.command_line.c_str());
     if (cfg_.one_gpu_per_rank)
       std::printf("# ranks: %d processes, one GPU each (devices 0..%d; rank 0's: %s, %d SMs)\n", world_, world_ - 1,
@@ -413,26 +608,37 @@ class RankRunner {
       std::printf("# MPS: %s %s%s\n", control.c_str(), mps ? "found" : "not found",
                   mps ? "" : " -- without MPS the ranks' kernels take turns in time slices: times are not meaningful");
     const kernels::EpSizes& s = buf.layout().sizes;
-    std::printf("# symmetric buffer: %.1f MB per rank (max tokens %lld, row %lld B, k %lld, E %lld)\n",
+    std::printf("# ipc: symmetric buffer %.1f MB per rank (max tokens %lld, row %lld B, k %lld, E %lld); layout %s; "
+                "data kernels: %s blocks; EP kernel timeout %g s\n",
                 buf.bytes() / 1e6, static_cast<long long>(s.max_tokens), static_cast<long long>(s.row_bytes),
-                static_cast<long long>(s.max_k), static_cast<long long>(s.max_experts));
-    std::printf("# dtype %s, layout %s, pad_to 1, no capacity; data kernels: %s blocks; EP kernel timeout %g s\n",
-                moe_bench::dtype_name(o_.dtype), cfg_.masked ? "masked (max_rows = ranks * T)" : "exact",
+                static_cast<long long>(s.max_k), static_cast<long long>(s.max_experts),
+                cfg_.masked ? "masked (max_rows = ranks * T)" : "exact",
                 cfg_.blocks > 0 ? std::to_string(cfg_.blocks).c_str() : "one per SM", cfg_.ep_timeout_s);
-    std::printf("# 1 sizing run + %lld warm-up + %lld timed iterations per case, L2 %s, check %s\n",
-                static_cast<long long>(o_.warmup), static_cast<long long>(o_.iters),
+    if (nccl_) {
+      const int v = comm::NcclComm::version();
+      std::printf("# nccl: NCCL %d.%d.%d, one communicator of %d ranks; exact layout; count exchange of (tokens, "
+                  "slots) per peer + one host read, then rows and expert ids by alltoallv; waits bounded by %g s\n",
+                  v / 10000, v / 100 % 100, v % 100, world_, cfg_.ep_timeout_s);
+    } else {
+      std::printf("# nccl: skipped (%s)\n", nccl_skip_reason(cfg_).c_str());
+    }
+    std::printf("# dtype %s, pad_to 1, no capacity; 1 sizing run + %lld warm-up + %lld timed iterations per case "
+                "and backend, L2 %s, check %s\n",
+                moe_bench::dtype_name(o_.dtype), static_cast<long long>(o_.warmup), static_cast<long long>(o_.iters),
                 o_.flush_l2 ? "flushed before each iteration" : "warm", o_.check ? "on" : "off");
-    std::printf("# time: max over ranks of the rank's median, CUDA events on its stream (exact layout: the host\n"
-                "#   read of the row count included); ranks start each stage together (shared-memory barrier)\n");
-    std::printf("# bytes: dispatch = one row per (token, destination rank) pair, own rank included; combine = one\n"
-                "#   row per kept (token, slot); both summed over ranks. algbw = bytes / time; busbw = 2 * bytes /\n"
-                "#   time (read + written in the shared HBM); floor = 2 * bytes / %.0f GB/s; %%floor = floor / time\n",
+    std::printf("# time: max over ranks of the rank's median, CUDA events on its stream (exact layouts: the host\n"
+                "#   read of the counts included); ranks start each stage together (shared-memory barrier)\n");
+    std::printf("# bytes (both backends): dispatch = one row per (token, destination rank) pair, own rank included;\n"
+                "#   combine = one row per kept (token, slot); both summed over ranks. algbw = bytes / time; busbw =\n"
+                "#   2 * bytes / time (read + written in the shared HBM); floor = 2 * bytes / %.0f GB/s; %%floor =\n"
+                "#   floor / time\n",
                 o_.ceil_bw_gbps);
-    std::printf("#\n#%5s %6s %6s %3s %4s %7s | %9s %8s %8s %8s %6s | %9s %8s %8s %8s %6s | %6s\n", "ranks", "tokens",
-                "hidden", "k", "E", "dst/tok", "dispatch", "algbw", "busbw", "floor", "%floor", "combine", "algbw",
-                "busbw", "floor", "%floor", "#wrong");
-    std::printf("#%5s %6s %6s %3s %4s %7s | %9s %8s %8s %8s %6s | %9s %8s %8s %8s %6s | %6s\n", "", "/rank", "", "",
-                "", "", "(us)", "(GB/s)", "(GB/s)", "(us)", "(%)", "(us)", "(GB/s)", "(GB/s)", "(us)", "(%)", "");
+    std::printf("#\n#%7s %5s %6s %6s %3s %4s %7s | %9s %8s %8s %8s %6s | %9s %8s %8s %8s %6s | %6s\n", "backend",
+                "ranks", "tokens", "hidden", "k", "E", "dst/tok", "dispatch", "algbw", "busbw", "floor", "%floor",
+                "combine", "algbw", "busbw", "floor", "%floor", "#wrong");
+    std::printf("#%7s %5s %6s %6s %3s %4s %7s | %9s %8s %8s %8s %6s | %9s %8s %8s %8s %6s | %6s\n", "", "", "/rank",
+                "", "", "", "", "(us)", "(GB/s)", "(GB/s)", "(us)", "(%)", "(us)", "(GB/s)", "(GB/s)", "(us)", "(%)",
+                "");
     std::fflush(stdout);
   }
 
@@ -445,8 +651,23 @@ class RankRunner {
     return "";
   }
 
+  // Device bytes one rank's buffers take for a case (the large ones), per backend: the backends
+  // run one after the other, each freeing its buffers before the next.
+  double bytes_needed(const Case& c, const Plan& plan, bool nccl) const {
+    const double T = static_cast<double>(c.tokens), k = static_cast<double>(c.k);
+    const double rb = static_cast<double>(c.hidden) * ops_.size, R = static_cast<double>(plan.most_recv_rows);
+    if (!nccl) {
+      const double recv_cap = cfg_.masked ? static_cast<double>(c.experts) * T : R;  // El * ranks * T
+      return T * rb * 2 + recv_cap * (rb + 8) + T * k * 32 +
+             static_cast<double>(comm::ep_dispatch_workspace_bytes(c.tokens, c.k, c.experts, world_));
+    }
+    // x, out; rows sent (<= T * min(k, ranks)); arrived tokens (<= R), recv_x, rows sent back
+    // (R each); rows received back (T * k); the index arrays.
+    return rb * (2 * T + T * std::min<double>(k, world_) + 3 * R + T * k) + T * k * 32 + R * k * 24;
+  }
+
   int run_case(const Case& c, int case_id) {
-    const int64_t T = c.tokens, H = c.hidden, k = c.k, E = c.experts, El = E / std::max(world_, 1);
+    const int64_t T = c.tokens, H = c.hidden, k = c.k, E = c.experts;
     const int64_t rb = H * static_cast<int64_t>(ops_.size);
     const std::string bad = invalid(c);
     if (!bad.empty()) {
@@ -456,15 +677,12 @@ class RankRunner {
       return kExitOk;
     }
     const Plan plan = make_plan(c, world_, rank_, case_id);
-    const int64_t max_rows = cfg_.masked ? world_ * T : -1;
-    const int64_t recv_cap = cfg_.masked ? El * max_rows : plan.most_recv_rows;
 
     // Room on the GPU (every rank's buffers of the previous case are freed at this barrier).
     barrier(sh_, world_);
     if (rank_ == 0) {
-      const double need = static_cast<double>(T) * rb * 2 + static_cast<double>(recv_cap) * (rb + 8) +
-                          static_cast<double>(T) * k * 32 +
-                          static_cast<double>(comm::ep_dispatch_workspace_bytes(T, k, E, world_));
+      const double need =
+          std::max(bytes_needed(c, plan, false), nccl_ ? bytes_needed(c, plan, true) : 0.0) + 2.0 * T * k * 8;
       const int sharing = cfg_.one_gpu_per_rank ? 1 : world_;
       size_t free_b = 0, total_b = 0;
       MOE_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
@@ -483,27 +701,110 @@ class RankRunner {
     }
 
     // This rank's inputs.
+    Inputs in;
+    in.idx_h = &plan.idx[rank_];
+    in.w_h = make_weights(T, k, seed_of(case_id, rank_, kSeedWeights));
+    in.x_h.resize(static_cast<size_t>(T * rb));
     const uint64_t seed_x = seed_of(case_id, rank_, kSeedX);
-    const std::vector<int32_t>& idx_h = plan.idx[rank_];
-    const std::vector<float> w_h = make_weights(T, k, seed_of(case_id, rank_, kSeedWeights));
-    std::vector<char> x_h(static_cast<size_t>(T * rb));
-    for (int64_t t = 0; t < T; ++t) ops_.make_row(seed_x, t, H, x_h.data() + t * rb);
-    moe_bench::DeviceBuffer<int32_t> idx(idx_h.size()), tpe(static_cast<size_t>(El));
-    moe_bench::DeviceBuffer<float> w(w_h.size());
-    moe_bench::DeviceBuffer<char> x(x_h.size()), out(x_h.size());
-    moe_bench::DeviceBuffer<char> ws(comm::ep_dispatch_workspace_bytes(T, k, E, world_));
-    moe_bench::DeviceBuffer<int64_t> scratch(static_cast<size_t>(kernels::ep_scratch_len(world_, E)));
-    moe_bench::DeviceBuffer<int64_t> slot_rows(static_cast<size_t>(T * k)), stage_rows(static_cast<size_t>(T * k));
-    moe_bench::DeviceBuffer<int64_t> combine_map(static_cast<size_t>(T * k));
-    moe_bench::DeviceBuffer<char> recv_x;
-    moe_bench::DeviceBuffer<int64_t> back_map;
-    idx.from_host(idx_h);
-    w.from_host(w_h);
-    x.from_host(x_h);
-    if (cfg_.masked) {
-      recv_x = moe_bench::DeviceBuffer<char>(static_cast<size_t>(recv_cap * rb));
-      back_map = moe_bench::DeviceBuffer<int64_t>(static_cast<size_t>(recv_cap));
+    for (int64_t t = 0; t < T; ++t) ops_.make_row(seed_x, t, H, in.x_h.data() + t * rb);
+    in.idx = DeviceBuffer<int32_t>(in.idx_h->size());
+    in.w = DeviceBuffer<float>(in.w_h.size());
+    in.x = DeviceBuffer<char>(in.x_h.size());
+    in.out = DeviceBuffer<char>(in.x_h.size());
+    in.idx.from_host(*in.idx_h);
+    in.w.from_host(in.w_h);
+    in.x.from_host(in.x_h);
+    // NOTE: a cudaMemcpy from pageable memory may return before its DMA has landed, and stream_
+    // (non-blocking) does not wait for the legacy stream it ran on: the first dispatch could
+    // read idx or x half-written.
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+
+    int status = publish("ipc", c, plan, measure_ipc(c, plan, case_id, in));
+    if (nccl_) status = std::max(status, publish("nccl", c, plan, measure_nccl(c, plan, case_id, in)));
+    return status;
+  }
+
+  // Hands this rank's numbers to rank 0, which prints the row; this rank's exit status for them.
+  int publish(const char* backend, const Case& c, const Plan& plan, const RankReport& rep) {
+    sh_->reports[rank_] = rep;
+    barrier(sh_, world_);
+    if (rank_ == 0) report(backend, c, plan);
+    barrier(sh_, world_);  // the reports are read before the next backend or case overwrites them
+    return (rep.wrong_dispatch > 0 || rep.wrong_combine > 0) ? kExitWrong : kExitOk;
+  }
+
+  // One dispatch + combine: the ranks start each stage together (barrier), the stage is timed
+  // with a pair of CUDA events on this rank's stream, then `*_done` waits for it (bounded: an
+  // EpError or the NCCL timeout ends a wait for a rank that is gone). times: the two stage times
+  // in us, or null.
+  template <class Dispatch, class DispatchDone, class Combine, class CombineDone>
+  void iteration(double* times, Dispatch&& dispatch, DispatchDone&& dispatch_done, Combine&& combine,
+                 CombineDone&& combine_done) {
+    if (flush_.get()) MOE_CUDA_CHECK(cudaMemsetAsync(flush_.get(), 0, flush_bytes_, stream_));
+    MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    barrier(sh_, world_);
+    if (rank_ == cfg_.crash_rank) {
+      std::fprintf(stderr, "[rank %d] --crash-rank: aborting at the start of a dispatch\n", rank_);
+      std::fflush(stderr);
+      std::abort();
     }
+    MOE_CUDA_CHECK(cudaEventRecord(ev_[0], stream_));
+    dispatch();
+    MOE_CUDA_CHECK(cudaEventRecord(ev_[1], stream_));
+    dispatch_done();
+    barrier(sh_, world_);
+    MOE_CUDA_CHECK(cudaEventRecord(ev_[2], stream_));
+    combine();
+    MOE_CUDA_CHECK(cudaEventRecord(ev_[3], stream_));
+    combine_done();
+    if (times) {
+      float ms = 0;
+      MOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[0], ev_[1]));
+      times[0] = 1e3 * ms;
+      MOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[2], ev_[3]));
+      times[1] = 1e3 * ms;
+    }
+  }
+
+  // The sizing run (grows the receive buffers of the exact layout), -w warm-up runs, -n timed runs.
+  template <class One>
+  void time_iterations(One&& one, std::vector<double>* d_us, std::vector<double>* c_us) {
+    one(nullptr);
+    for (int64_t i = 0; i < o_.warmup; ++i) one(nullptr);
+    d_us->assign(o_.iters, 0);
+    c_us->assign(o_.iters, 0);
+    for (int64_t i = 0; i < o_.iters; ++i) {
+      double t2[2];
+      one(t2);
+      (*d_us)[i] = t2[0], (*c_us)[i] = t2[1];
+    }
+  }
+
+  RankReport make_report(const std::vector<double>& d_us, const std::vector<double>& c_us, int64_t wrong_d,
+                         int64_t wrong_c) const {
+    const moe_bench::Timing td = moe_bench::summarize(d_us), tc = moe_bench::summarize(c_us);
+    return {td.median_us, td.min_us, td.stddev_us, tc.median_us, tc.min_us, tc.stddev_us, wrong_d, wrong_c};
+  }
+
+  // Before the check run: nothing stale from the timed iterations can pass.
+  template <class T>
+  void poison(DeviceBuffer<T>& b) {
+    if (b.size()) MOE_CUDA_CHECK(cudaMemsetAsync(b.get(), 0xff, b.size() * sizeof(T), stream_));
+  }
+
+  // ---- the ipc backend ----
+
+  RankReport measure_ipc(const Case& c, const Plan& plan, int case_id, Inputs& in) {
+    const int64_t T = c.tokens, H = c.hidden, k = c.k, E = c.experts, El = E / world_;
+    const int64_t rb = H * static_cast<int64_t>(ops_.size);
+    const int64_t max_rows = cfg_.masked ? world_ * T : -1;
+    DeviceBuffer<int32_t> tpe(static_cast<size_t>(El));
+    DeviceBuffer<char> ws(comm::ep_dispatch_workspace_bytes(T, k, E, world_));
+    DeviceBuffer<int64_t> scratch(static_cast<size_t>(kernels::ep_scratch_len(world_, E)));
+    DeviceBuffer<int64_t> slot_rows(static_cast<size_t>(T * k)), stage_rows(static_cast<size_t>(T * k));
+    DeviceBuffer<int64_t> combine_map(static_cast<size_t>(T * k));
+    DeviceBuffer<char> recv_x;
+    DeviceBuffer<int64_t> back_map;
 
     kernels::EpParams p = buf_->params();
     p.timeout_ns = static_cast<int64_t>(cfg_.ep_timeout_s * 1e9);
@@ -516,133 +817,277 @@ class RankRunner {
     p.max_rows = max_rows;
     p.row_bytes = rb;
     p.dtype_code = ops_.code;
-    p.idx = idx.get();
+    p.idx = in.idx.get();
     p.idx_is_int64 = false;
-    p.x = x.get();
+    p.x = in.x.get();
     p.x_row_stride = rb;
     p.scratch = scratch.get();
     p.slot_rows = slot_rows.get();
     p.stage_rows = stage_rows.get();
     p.tokens_per_expert = tpe.get();
-    if (cfg_.masked) p.recv_x = recv_x.get(), p.recv_rows = recv_cap, p.back_map = back_map.get();
+    if (cfg_.masked) {
+      const int64_t cap = El * max_rows;
+      recv_x = DeviceBuffer<char>(static_cast<size_t>(cap * rb));
+      back_map = DeviceBuffer<int64_t>(static_cast<size_t>(cap));
+      p.recv_x = recv_x.get(), p.recv_rows = cap, p.back_map = back_map.get();
+    }
 
-    // One dispatch + combine; the two stage times in us when `times` is given.
-    auto iteration = [&](double* times) {
-      if (flush_.get()) MOE_CUDA_CHECK(cudaMemsetAsync(flush_.get(), 0, flush_bytes_, stream_));
-      MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      barrier(sh_, world_);
-      if (rank_ == cfg_.crash_rank) {
-        std::fprintf(stderr, "[rank %d] --crash-rank: aborting at the start of a dispatch\n", rank_);
-        std::fflush(stderr);
-        std::abort();
-      }
-      MOE_CUDA_CHECK(cudaEventRecord(ev_[0], stream_));
+    auto dispatch = [&] {
       comm::ep_dispatch_begin(p, ws.get(), cfg_.masked ? nullptr : counted_, stream_);
       if (!cfg_.masked) {
         MOE_CUDA_CHECK(cudaEventSynchronize(counted_));
         check_ep("dispatch (count exchange)");
         const int64_t rows = buf_->recv_total();
-        if (static_cast<size_t>(rows) > back_map.size()) {  // grows once: the routing is fixed
-          recv_x = moe_bench::DeviceBuffer<char>(static_cast<size_t>(rows * rb));
-          back_map = moe_bench::DeviceBuffer<int64_t>(static_cast<size_t>(rows));
-        }
+        ensure(recv_x, rows * rb);
+        ensure(back_map, rows);
         p.recv_x = recv_x.get();
         p.recv_rows = rows;
         p.back_map = back_map.get();
       }
       comm::ep_dispatch_finish(p, stream_);
-      MOE_CUDA_CHECK(cudaEventRecord(ev_[1], stream_));
-      if (T * k > 0) {
-        const unsigned grid = static_cast<unsigned>(std::min<int64_t>((T * k + 255) / 256, 1024));
-        combine_map_kernel<<<grid, 256, 0, stream_>>>(slot_rows.get(), T * k, combine_map.get());
+    };
+    auto dispatch_done = [&] {
+      if (T * k > 0) {  // untimed: after the dispatch's end event, before the combine's start
+        combine_map_kernel<<<grid_for(T * k, kThreads), kThreads, 0, stream_>>>(slot_rows.get(), T * k,
+                                                                                combine_map.get());
         MOE_CUDA_CHECK(cudaGetLastError());
       }
       MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
       check_ep("dispatch");
-      barrier(sh_, world_);
+    };
+    auto combine = [&] {
       p.y = p.recv_x;
       p.y_row_stride = rb;
-      MOE_CUDA_CHECK(cudaEventRecord(ev_[2], stream_));
-      comm::ep_combine(p, ops_.permute_float, combine_map.get(), w.get(), out.get(), stream_);
-      MOE_CUDA_CHECK(cudaEventRecord(ev_[3], stream_));
+      comm::ep_combine(p, ops_.permute_float, combine_map.get(), in.w.get(), in.out.get(), stream_);
+    };
+    auto combine_done = [&] {
       MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
       check_ep("combine");
-      if (times) {
-        float ms = 0;
-        MOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[0], ev_[1]));
-        times[0] = 1e3 * ms;
-        MOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev_[2], ev_[3]));
-        times[1] = 1e3 * ms;
-      }
     };
+    auto one = [&](double* times) { iteration(times, dispatch, dispatch_done, combine, combine_done); };
 
-    iteration(nullptr);  // sizes recv_x in the exact layout
-    for (int64_t i = 0; i < o_.warmup; ++i) iteration(nullptr);
-    std::vector<double> d_us(o_.iters), c_us(o_.iters);
-    for (int64_t i = 0; i < o_.iters; ++i) {
-      double t2[2];
-      iteration(t2);
-      d_us[i] = t2[0], c_us[i] = t2[1];
-    }
-
+    std::vector<double> d_us, c_us;
+    time_iterations(one, &d_us, &c_us);
     int64_t wrong_d = -1, wrong_c = -1;
     if (o_.check) {
-      // One more run over poisoned outputs: nothing stale from earlier iterations can pass.
-      if (recv_x.size()) MOE_CUDA_CHECK(cudaMemsetAsync(recv_x.get(), 0xff, recv_x.size(), stream_));
-      if (back_map.size()) MOE_CUDA_CHECK(cudaMemsetAsync(back_map.get(), 0xff, back_map.size() * 8, stream_));
-      if (tpe.size()) MOE_CUDA_CHECK(cudaMemsetAsync(tpe.get(), 0xff, tpe.size() * 4, stream_));
-      if (out.size()) MOE_CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, out.size(), stream_));
-      iteration(nullptr);
-      wrong_d = check_dispatch(c, plan, case_id, p.recv_rows, recv_x, back_map, tpe);
-      wrong_c = check_combine(c, idx_h, w_h, x_h, out);
+      poison(recv_x), poison(back_map), poison(tpe), poison(in.out);
+      one(nullptr);
+      wrong_d = check_dispatch(c, plan, case_id, cfg_.masked, p.recv_rows, recv_x, back_map.to_host(), tpe);
+      wrong_c = check_combine(c, in);
     }
-
-    const moe_bench::Timing td = moe_bench::summarize(d_us), tc = moe_bench::summarize(c_us);
-    sh_->reports[rank_] = {td.median_us, td.min_us, td.stddev_us, tc.median_us, tc.min_us, tc.stddev_us,
-                           wrong_d, wrong_c, p.recv_rows};
-    barrier(sh_, world_);
-    if (rank_ == 0) report(c, plan);
-    barrier(sh_, world_);  // the reports are read before the next case overwrites them
-    return (wrong_d > 0 || wrong_c > 0) ? kExitWrong : kExitOk;
+    return make_report(d_us, c_us, wrong_d, wrong_c);
   }
 
-  // Wrong rows of recv_x (bytes or back_map), plus wrong tokens_per_expert entries, plus rows
-  // missing from or added to the exact layout.
-  int64_t check_dispatch(const Case& c, const Plan& plan, int case_id, int64_t recv_rows,
-                         const moe_bench::DeviceBuffer<char>& recv_x, const moe_bench::DeviceBuffer<int64_t>& back_map,
-                         const moe_bench::DeviceBuffer<int32_t>& tpe) const {
+  // ---- the nccl protocol ----
+
+  // alltoallv of rows packed in peer order: rows_out[p] rows of row_bytes to peer p, rows_in[p]
+  // rows from it.
+  void exchange(const void* send, const std::vector<int64_t>& rows_out, void* recv, const std::vector<int64_t>& rows_in,
+                int64_t row_bytes) {
+    std::vector<int64_t>&send_bytes = a2a_[0], &send_off = a2a_[1], &recv_bytes = a2a_[2], &recv_off = a2a_[3];
+    int64_t s = 0, r = 0;
+    for (int p = 0; p < world_; ++p) {
+      send_bytes[p] = rows_out[p] * row_bytes, send_off[p] = s, s += send_bytes[p];
+      recv_bytes[p] = rows_in[p] * row_bytes, recv_off[p] = r, r += recv_bytes[p];
+    }
+    nccl_->alltoallv(send, send_bytes.data(), send_off.data(), recv, recv_bytes.data(), recv_off.data(), stream_);
+  }
+
+  RankReport measure_nccl(const Case& c, const Plan& plan, int case_id, Inputs& in) {
+    const int64_t T = c.tokens, H = c.hidden, k = c.k, E = c.experts, W = world_, El = E / W;
+    const int64_t rb = H * static_cast<int64_t>(ops_.size);
+    const int64_t slots = T * k;
+    // Sender side, sized by this rank's tokens.
+    DeviceBuffer<int64_t> dest_keys(slots), dest_rows(slots), owner_keys(slots), combine_map(slots);
+    DeviceBuffer<int32_t> tok_to(W), slots_to(W), tpe(El), arrived_count(1);
+    DeviceBuffer<int64_t> counts(4 * W);  // [sent | received][peer][tokens, slots]
+    DeviceBuffer<int64_t> scratch(static_cast<size_t>(kernels::ep_scratch_len(W, E)));
+    DeviceBuffer<char> ws_send(kernels::permute_workspace_bytes(T, k, W));
+    // Sized by the count exchange: grown by the sizing run.
+    DeviceBuffer<char> send_x, staged_x, recv_x, back_send, back_recv, ws_recv;
+    DeviceBuffer<int32_t> send_ids, staged_ids, arrived_keys;
+    DeviceBuffer<int64_t> recv_map, back_pos;
+    // Per peer, from the count exchange.
+    std::vector<int64_t> send_tok(W), send_slots(W), recv_tok(W), recv_slots(W), ones(W, 1);
+    int64_t sent_tok = 0, sent_slots = 0, arrived_tok = 0, arrived_slots = 0;
+
+    // NOTE: ep_destination_keys is the ipc backend's launcher and checks EpParams' communicator
+    // fields: this rank's ipc buffer supplies them; nothing of that buffer is read or written.
+    kernels::EpParams q = buf_->params();
+    q.scratch = scratch.get();
+    q.num_tokens = T;
+    q.k = k;
+    q.num_experts = E;
+    q.idx = in.idx.get();
+    q.idx_is_int64 = false;
+    // route before the count exchange (the counts), scatter with the rows after it (their number)
+    kernels::PermuteParams by_dest =
+        index_params(dest_keys.get(), true, T, k, W, dest_rows.get(), tok_to.get(), ws_send.get());
+
+    auto dispatch = [&] {
+      // Sender: each token's destinations and each slot's owner; an index pass over the owners
+      // gives the slots per destination and, as combine_map, the order their rows come back in.
+      if (slots > 0) {
+        kernels::ep_destination_keys(q, dest_keys.get(), stream_);
+        owner_keys_kernel<<<grid_for(slots, kThreads), kThreads, 0, stream_>>>(in.idx.get(), slots, E, El,
+                                                                              owner_keys.get());
+        MOE_CUDA_CHECK(cudaGetLastError());
+      }
+      kernels::PermuteParams by_owner =
+          index_params(owner_keys.get(), true, T, k, W, combine_map.get(), slots_to.get(), ws_send.get());
+      kernels::permute_route(by_owner, stream_);
+      kernels::permute_scatter(by_owner, stream_);
+      kernels::permute_route(by_dest, stream_);
+      pair_counts_kernel<<<1, 64, 0, stream_>>>(tok_to.get(), slots_to.get(), W, counts.get());
+      MOE_CUDA_CHECK(cudaGetLastError());
+
+      // 1. Count exchange and the one host read: every size below follows from it.
+      exchange(counts.get(), ones, counts.get() + 2 * W, ones, 2 * sizeof(int64_t));
+      MOE_CUDA_CHECK(cudaMemcpyAsync(host_counts_, counts.get(), sizeof(int64_t) * 4 * W, cudaMemcpyDeviceToHost,
+                                     stream_));
+      nccl_->wait(stream_, "dispatch (count exchange)");
+      sent_tok = sent_slots = arrived_tok = arrived_slots = 0;
+      for (int p = 0; p < W; ++p) {
+        send_tok[p] = host_counts_[2 * p], send_slots[p] = host_counts_[2 * p + 1];
+        recv_tok[p] = host_counts_[2 * W + 2 * p], recv_slots[p] = host_counts_[2 * W + 2 * p + 1];
+        sent_tok += send_tok[p], sent_slots += send_slots[p];
+        arrived_tok += recv_tok[p], arrived_slots += recv_slots[p];
+      }
+      ensure(send_x, sent_tok * rb), ensure(send_ids, sent_tok * k);
+      ensure(staged_x, arrived_tok * rb), ensure(staged_ids, arrived_tok * k);
+      ensure(recv_x, arrived_slots * rb), ensure(recv_map, arrived_tok * k);
+      ensure(arrived_keys, arrived_tok * k), ensure(back_pos, arrived_tok * k);
+      ensure(back_send, arrived_slots * rb), ensure(back_recv, sent_slots * rb);
+      ensure(ws_recv, static_cast<int64_t>(std::max(kernels::permute_workspace_bytes(arrived_tok, k, El),
+                                                    kernels::permute_workspace_bytes(arrived_tok, k, 1))));
+
+      // 2. The rows to send (destination-major, token order, one per (token, destination)) with
+      // their expert ids local to the destination; rows then ids, each in one grouped alltoallv.
+      by_dest.x = in.x.get();
+      by_dest.row_bytes = rb;
+      by_dest.x_row_stride = rb;
+      by_dest.x_perm = send_x.get();
+      by_dest.out_rows = sent_tok;
+      kernels::permute_scatter(by_dest, stream_);
+      if (slots > 0) {
+        pack_ids_kernel<<<grid_for(slots, kThreads), kThreads, 0, stream_>>>(in.idx.get(), dest_keys.get(),
+                                                                            dest_rows.get(), T, k, E, El,
+                                                                            send_ids.get());
+        MOE_CUDA_CHECK(cudaGetLastError());
+      }
+      exchange(send_x.get(), send_tok, staged_x.get(), recv_tok, rb);
+      exchange(send_ids.get(), send_tok, staged_ids.get(), recv_tok, k * static_cast<int64_t>(sizeof(int32_t)));
+
+      // 3. Receiver: the arrived tokens, in (source rank, source token) order, permuted by their
+      // local expert ids into recv_x; then each arrived slot's place in the combine's send order.
+      kernels::PermuteParams by_expert =
+          index_params(staged_ids.get(), false, arrived_tok, k, El, recv_map.get(), tpe.get(), ws_recv.get());
+      by_expert.x = staged_x.get();
+      by_expert.row_bytes = rb;
+      by_expert.x_row_stride = rb;
+      by_expert.x_perm = recv_x.get();
+      by_expert.out_rows = arrived_slots;
+      kernels::permute_route(by_expert, stream_);
+      kernels::permute_scatter(by_expert, stream_);
+      if (arrived_tok > 0) {
+        arrived_keys_kernel<<<grid_for(arrived_tok * k, kThreads), kThreads, 0, stream_>>>(
+            staged_ids.get(), arrived_tok * k, arrived_keys.get());
+        MOE_CUDA_CHECK(cudaGetLastError());
+      }
+      kernels::PermuteParams by_arrival = index_params(arrived_keys.get(), false, arrived_tok, k, 1, back_pos.get(),
+                                                       arrived_count.get(), ws_recv.get());
+      kernels::permute_route(by_arrival, stream_);
+      kernels::permute_scatter(by_arrival, stream_);
+    };
+    auto combine = [&] {
+      // Every expert row back to its source, in the (source, token, slot) order it expects ...
+      if (arrived_tok > 0) {
+        gather_rows_kernel<<<grid_for(arrived_tok * k, kThreads / kWarp), kThreads, 0, stream_>>>(
+            recv_x.get(), recv_map.get(), back_pos.get(), arrived_tok * k, rb, back_send.get());
+        MOE_CUDA_CHECK(cudaGetLastError());
+      }
+      exchange(back_send.get(), recv_slots, back_recv.get(), send_slots, rb);
+      // ... and there the weighted sum of each token's k rows (combine_map: the owner order).
+      kernels::UnpermuteParams u;
+      u.dtype = ops_.permute_float;
+      u.y = back_recv.get();
+      u.y_rows = sent_slots;
+      u.y_row_stride = H;
+      u.row_map = combine_map.get();
+      u.weights = in.w.get();
+      u.out = in.out.get();
+      u.num_tokens = T;
+      u.k = k;
+      u.hidden = H;
+      kernels::unpermute(u, stream_);
+    };
+    auto one = [&](double* times) {
+      iteration(times, dispatch, [&] { nccl_->wait(stream_, "dispatch"); }, combine,
+                [&] { nccl_->wait(stream_, "combine"); });
+    };
+
+    std::vector<double> d_us, c_us;
+    time_iterations(one, &d_us, &c_us);
+    int64_t wrong_d = -1, wrong_c = -1;
+    if (o_.check) {
+      poison(recv_x), poison(recv_map), poison(tpe), poison(in.out);
+      one(nullptr);
+      // The origin of every recv_x row in back_map's encoding, from the receiver's row map of
+      // each arrived (token, slot); -2 where two slots claim one row.
+      wrong_d = std::llabs(arrived_tok - static_cast<int64_t>(plan.arrivals.size()));
+      std::vector<int64_t> codes(static_cast<size_t>(arrived_slots), -1);
+      if (wrong_d == 0) {
+        const std::vector<int64_t> map = head(recv_map, arrived_tok * k);
+        for (int64_t i = 0; i < arrived_tok; ++i) {
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t r = map[i * k + j];
+            if (r < 0 || r >= arrived_slots) continue;  // the row it should name stays -1: counted
+            const int64_t code = back_code(plan.arrivals[i].first, plan.arrivals[i].second, k, j);
+            codes[r] = codes[r] == -1 ? code : -2;
+          }
+        }
+      }
+      wrong_d += check_dispatch(c, plan, case_id, /*masked=*/false, arrived_slots, recv_x, codes, tpe);
+      wrong_c = check_combine(c, in);
+    }
+    return make_report(d_us, c_us, wrong_d, wrong_c);
+  }
+
+  // ---- checks ----
+
+  // Wrong rows of recv_x (bytes, or the origin `codes` gives the row, in back_map's encoding),
+  // plus wrong tokens_per_expert entries, plus rows missing from or added to the exact layout
+  // (recv_rows: the row count the device side reported).
+  int64_t check_dispatch(const Case& c, const Plan& plan, int case_id, bool masked, int64_t recv_rows,
+                         const DeviceBuffer<char>& recv_x, const std::vector<int64_t>& codes,
+                         const DeviceBuffer<int32_t>& tpe) const {
     const int64_t H = c.hidden, El = c.experts / world_;
     const int64_t rb = H * static_cast<int64_t>(ops_.size);
     int64_t wrong = 0;
     const std::vector<int32_t> tpe_h = tpe.to_host();
     for (int64_t el = 0; el < El; ++el) wrong += tpe_h[el] != static_cast<int64_t>(plan.rows[el].size());
-    if (!cfg_.masked) {
-      wrong += std::llabs(recv_rows - plan.recv_rows);
-      if (buf_->recv_total() != plan.recv_rows) ++wrong;
-    }
-    std::vector<char> got;
-    std::vector<int64_t> map;
-    std::vector<char> want(static_cast<size_t>(rb));
+    if (!masked) wrong += std::llabs(recv_rows - plan.recv_rows);
     // Rows the device wrote in this run (a shorter exact layout was counted above).
-    const int64_t limit = cfg_.masked ? static_cast<int64_t>(back_map.size())
-                                      : std::min<int64_t>(recv_rows, static_cast<int64_t>(back_map.size()));
+    const int64_t written = std::min<int64_t>(static_cast<int64_t>(codes.size()),
+                                              static_cast<int64_t>(recv_x.size()) / rb);
+    const int64_t limit = masked ? written : std::min(recv_rows, written);
+    std::vector<char> got;
+    std::vector<char> want(static_cast<size_t>(rb));
     int64_t base = 0;
     for (int64_t el = 0; el < El; ++el) {
       const int64_t n = static_cast<int64_t>(plan.rows[el].size());
-      const int64_t start = cfg_.masked ? el * c.tokens * world_ : base;  // masked: max_rows = ranks * T
+      const int64_t start = masked ? el * c.tokens * world_ : base;  // masked: max_rows = ranks * T
       base += n;
       const int64_t have = std::max<int64_t>(0, std::min<int64_t>(n, limit - start));
       if (have > 0) {
         got.resize(static_cast<size_t>(have * rb));
-        map.resize(static_cast<size_t>(have));
         MOE_CUDA_CHECK(cudaMemcpy(got.data(), recv_x.get() + start * rb, got.size(), cudaMemcpyDeviceToHost));
-        MOE_CUDA_CHECK(cudaMemcpy(map.data(), back_map.get() + start, have * 8, cudaMemcpyDeviceToHost));
       }
       for (int64_t i = 0; i < have; ++i) {
         const Plan::Src& src = plan.rows[el][i];
         ops_.make_row(seed_of(case_id, src.rank, kSeedX), src.token, H, want.data());
         const bool row_ok = std::memcmp(got.data() + i * rb, want.data(), static_cast<size_t>(rb)) == 0;
-        const bool map_ok = map[i] == ((static_cast<int64_t>(src.rank) << 40) | (src.token * c.k + src.slot));  // ep.cuh back_map
+        const bool map_ok = codes[start + i] == back_code(src.rank, src.token, c.k, src.slot);
         wrong += !(row_ok && map_ok);
       }
     }
@@ -650,19 +1095,19 @@ class RankRunner {
   }
 
   // Rows of out [T, H] outside the tolerance of the float32 reference (NaN counts as wrong).
-  int64_t check_combine(const Case& c, const std::vector<int32_t>& idx, const std::vector<float>& w,
-                        const std::vector<char>& x_h, const moe_bench::DeviceBuffer<char>& out) const {
+  int64_t check_combine(const Case& c, const Inputs& in) const {
     const int64_t T = c.tokens, H = c.hidden, k = c.k;
     const int64_t rb = H * static_cast<int64_t>(ops_.size);
-    const std::vector<char> got = out.to_host();
+    const std::vector<int32_t>& idx = *in.idx_h;
+    const std::vector<char> got = in.out.to_host();
     std::vector<float> acc(static_cast<size_t>(H)), xf(static_cast<size_t>(H));
     int64_t wrong = 0;
     for (int64_t t = 0; t < T; ++t) {
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t h = 0; h < H; ++h) xf[h] = static_cast<float>(ops_.load(x_h.data() + t * rb, h));
+      for (int64_t h = 0; h < H; ++h) xf[h] = static_cast<float>(ops_.load(in.x_h.data() + t * rb, h));
       for (int64_t j = 0; j < k; ++j) {
         if (idx[t * k + j] < 0) continue;
-        const float wj = w[t * k + j];
+        const float wj = in.w_h[t * k + j];
         for (int64_t h = 0; h < H; ++h) {
           const float prod = wj * xf[h];
           acc[h] = acc[h] + prod;  // NOTE: rounded separately, in slot order, as the kernel does
@@ -678,8 +1123,11 @@ class RankRunner {
     return wrong;
   }
 
-  void report(const Case& c, const Plan& plan) {
+  // ---- rank 0's table ----
+
+  void report(const char* backend, const Case& c, const Plan& plan) {
     Row r;
+    r.backend = backend;
     r.c = c;
     r.dispatch_us = r.combine_us = 0;
     r.wrong = o_.check ? 0 : -1;
@@ -701,7 +1149,7 @@ class RankRunner {
       std::printf("%9.2f %8.1f %8.1f %8.2f %6.1f", us, s > 0 ? bytes / s / 1e9 : 0, s > 0 ? 2 * bytes / s / 1e9 : 0,
                   floor_us, us > 0 ? 100 * floor_us / us : 0);
     };
-    std::printf("%6d %6lld %6lld %3lld %4lld %7.2f | ", world_, static_cast<long long>(c.tokens),
+    std::printf("%8s %5d %6lld %6lld %3lld %4lld %7.2f | ", backend, world_, static_cast<long long>(c.tokens),
                 static_cast<long long>(c.hidden), static_cast<long long>(c.k), static_cast<long long>(c.experts),
                 r.dests_per_token);
     stage(r.dispatch_bytes, r.dispatch_us);
@@ -711,8 +1159,8 @@ class RankRunner {
     if (r.wrong > 0)
       for (int s = 0; s < world_; ++s)
         if (sh_->reports[s].wrong_dispatch > 0 || sh_->reports[s].wrong_combine > 0)
-          std::printf("#   rank %d: %lld wrong in dispatch (recv rows, counts), %lld wrong combine rows\n", s,
-                      static_cast<long long>(sh_->reports[s].wrong_dispatch),
+          std::printf("#   %s rank %d: %lld wrong in dispatch (recv rows, counts), %lld wrong combine rows\n", backend,
+                      s, static_cast<long long>(sh_->reports[s].wrong_dispatch),
                       static_cast<long long>(sh_->reports[s].wrong_combine));
     std::fflush(stdout);
     rows_.push_back(std::move(r));
@@ -721,15 +1169,21 @@ class RankRunner {
   // Footer and JSON (rank 0).
   int finish() const {
     int64_t wrong = 0;
-    double d_frac = 0, c_frac = 0;
+    for (const Row& r : rows_) wrong += std::max<int64_t>(r.wrong, 0);
+    std::printf("# rows: %zu, wrong: %s\n", rows_.size(), o_.check ? std::to_string(wrong).c_str() : "not checked");
     const double ceil = o_.ceil_bw_gbps * 1e9;
-    for (const Row& r : rows_) {
-      wrong += std::max<int64_t>(r.wrong, 0);
-      if (r.dispatch_us > 0) d_frac += 2 * r.dispatch_bytes / ceil * 1e6 / r.dispatch_us / rows_.size();
-      if (r.combine_us > 0) c_frac += 2 * r.combine_bytes / ceil * 1e6 / r.combine_us / rows_.size();
+    for (const char* backend : {"ipc", "nccl"}) {
+      double d_frac = 0, c_frac = 0;
+      int n = 0;
+      for (const Row& r : rows_) {
+        if (r.backend != backend) continue;
+        ++n;
+        if (r.dispatch_us > 0) d_frac += 2 * r.dispatch_bytes / ceil * 1e6 / r.dispatch_us;
+        if (r.combine_us > 0) c_frac += 2 * r.combine_bytes / ceil * 1e6 / r.combine_us;
+      }
+      if (n > 0)
+        std::printf("# avg %%floor %s: dispatch %.1f, combine %.1f\n", backend, 100 * d_frac / n, 100 * c_frac / n);
     }
-    std::printf("# cases: %zu, wrong: %s\n", rows_.size(), o_.check ? std::to_string(wrong).c_str() : "not checked");
-    std::printf("# avg %%floor: dispatch %.1f, combine %.1f\n", 100 * d_frac, 100 * c_frac);
     std::fflush(stdout);
     if (!o_.json_path.empty()) write_json();
     return wrong > 0 ? kExitWrong : kExitOk;
@@ -738,16 +1192,21 @@ class RankRunner {
   void write_json() const {
     FILE* f = std::fopen(o_.json_path.c_str(), "w");
     if (f == nullptr) throw std::runtime_error("cannot write " + o_.json_path);
-    std::string cmd;
-    for (char ch : o_.command_line) {
-      if (ch == '"' || ch == '\\') cmd += '\\';
-      if (static_cast<unsigned char>(ch) >= 0x20) cmd += ch;
-    }
-    std::fprintf(f, "{\n  \"benchmark\": \"%s\",\n  \"command\": \"%s\",\n  \"device\": \"%s\",\n", cfg_.name.c_str(),
-                 cmd.c_str(), prop_.name);
-    std::fprintf(f, "  \"ranks\": %d,\n  \"one_gpu_per_rank\": %s,\n  \"layout\": \"%s\",\n  \"dtype\": \"%s\",\n",
+    auto quoted = [](const std::string& s) {
+      std::string out = "\"";
+      for (char ch : s) {
+        if (ch == '"' || ch == '\\') out += '\\';
+        if (static_cast<unsigned char>(ch) >= 0x20) out += ch;
+      }
+      return out + "\"";
+    };
+    const std::string nccl = nccl_ ? "ran" : "skipped: " + nccl_skip_reason(cfg_);
+    std::fprintf(f, "{\n  \"benchmark\": %s,\n  \"command\": %s,\n  \"device\": %s,\n", quoted(cfg_.name).c_str(),
+                 quoted(o_.command_line).c_str(), quoted(prop_.name).c_str());
+    std::fprintf(f, "  \"ranks\": %d,\n  \"one_gpu_per_rank\": %s,\n  \"layout\": \"%s\",\n  \"nccl\": %s,\n"
+                    "  \"dtype\": \"%s\",\n",
                  world_, cfg_.one_gpu_per_rank ? "true" : "false", cfg_.masked ? "masked" : "exact",
-                 moe_bench::dtype_name(o_.dtype));
+                 quoted(nccl).c_str(), moe_bench::dtype_name(o_.dtype));
     std::fprintf(f, "  \"iters\": %lld,\n  \"warmup\": %lld,\n  \"flush_l2\": %s,\n  \"ceiling_gbps\": %.6g,\n",
                  static_cast<long long>(o_.iters), static_cast<long long>(o_.warmup), o_.flush_l2 ? "true" : "false",
                  o_.ceil_bw_gbps);
@@ -761,14 +1220,15 @@ class RankRunner {
     for (size_t i = 0; i < rows_.size(); ++i) {
       const Row& r = rows_[i];
       std::fprintf(f,
-                   "%s\n    {\"tokens\": %lld, \"hidden\": %lld, \"k\": %lld, \"experts\": %lld, "
+                   "%s\n    {\"backend\": \"%s\", \"tokens\": %lld, \"hidden\": %lld, \"k\": %lld, \"experts\": %lld, "
                    "\"dests_per_token\": %.4f, \"dispatch_us\": %.4f, \"dispatch_bytes\": %.17g, "
                    "\"combine_us\": %.4f, \"combine_bytes\": %.17g, \"dispatch_us_per_rank\": %s, "
                    "\"combine_us_per_rank\": %s, \"wrong\": %s}",
-                   i ? "," : "", static_cast<long long>(r.c.tokens), static_cast<long long>(r.c.hidden),
-                   static_cast<long long>(r.c.k), static_cast<long long>(r.c.experts), r.dests_per_token,
-                   r.dispatch_us, r.dispatch_bytes, r.combine_us, r.combine_bytes, list(r.dispatch_per_rank).c_str(),
-                   list(r.combine_per_rank).c_str(), r.wrong < 0 ? "null" : std::to_string(r.wrong).c_str());
+                   i ? "," : "", r.backend.c_str(), static_cast<long long>(r.c.tokens),
+                   static_cast<long long>(r.c.hidden), static_cast<long long>(r.c.k),
+                   static_cast<long long>(r.c.experts), r.dests_per_token, r.dispatch_us, r.dispatch_bytes,
+                   r.combine_us, r.combine_bytes, list(r.dispatch_per_rank).c_str(), list(r.combine_per_rank).c_str(),
+                   r.wrong < 0 ? "null" : std::to_string(r.wrong).c_str());
     }
     std::fprintf(f, "\n  ]\n}\n");
     std::fclose(f);
@@ -784,9 +1244,12 @@ class RankRunner {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t ev_[4] = {};
   cudaEvent_t counted_ = nullptr;
-  moe_bench::DeviceBuffer<char> flush_;
+  DeviceBuffer<char> flush_;
   size_t flush_bytes_ = 0;
   comm::SymmetricBuffer* buf_ = nullptr;
+  std::unique_ptr<comm::NcclComm> nccl_;  // with one GPU per rank only
+  int64_t* host_counts_ = nullptr;        // pinned: the count exchange's [sent | received][peer][tokens, slots]
+  std::vector<int64_t> a2a_[4];           // alltoallv arguments: send bytes, offsets, recv bytes, offsets
   std::vector<Row> rows_;
 };
 
@@ -813,10 +1276,13 @@ template <class F>
 pid_t spawn(F&& f) {
   std::fflush(stdout);
   std::fflush(stderr);
+  const pid_t parent = getpid();
   const pid_t pid = fork();
   if (pid < 0) throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGKILL);
+    // NOTE: a parent that died before the prctl sends no signal: the child is then adopted.
+    if (getppid() != parent) _exit(kExitAborted);
     const int status = f();
     std::fflush(stdout);
     std::fflush(stderr);
@@ -897,19 +1363,20 @@ int supervise(const Config& cfg, Shared* sh) {
 
 // The help text of the bytes, shown by -h.
 const char* kWhat =
-    "the ipc backend's dispatch and combine (csrc/comm/ep_ops.cuh) over --ranks forked processes\n"
-    "  on one GPU (run under MPS) or --one-gpu-per-rank; cases: --tokens (per rank) x --hidden x --k x --experts,\n"
-    "  or -s TxHxkxE,...; or a -b/-e sweep of tokens per rank.\n"
-    "  Bytes: dispatch = the payload rows the ranks send, one row (hidden * element size) per (token,\n"
-    "  destination rank) pair, the token's own rank included, summed over ranks; combine = one row per\n"
-    "  kept (token, slot), summed over ranks. algbw = bytes / time; busbw = 2 * bytes / time (on one GPU\n"
-    "  each byte is read and written in the shared HBM, the count of the copy ceiling); floor = 2 * bytes /\n"
+    "dispatch and combine over --ranks forked processes on one GPU (run under MPS) or --one-gpu-per-rank:\n"
+    "  the ipc backend (csrc/comm/ep_ops.cuh) always; the nccl protocol (comm::NcclComm, exact layout) too\n"
+    "  with one GPU per rank. Cases: --tokens (per rank) x --hidden x --k x --experts, or -s TxHxkxE,...;\n"
+    "  or a -b/-e sweep of tokens per rank.\n"
+    "  Bytes (both backends): dispatch = the payload rows the ranks send, one row (hidden * element size)\n"
+    "  per (token, destination rank) pair, the token's own rank included, summed over ranks; combine = one\n"
+    "  row per kept (token, slot), summed over ranks. algbw = bytes / time; busbw = 2 * bytes / time (on one\n"
+    "  GPU each byte is read and written in the shared HBM, the count of the copy ceiling); floor = 2 * bytes /\n"
     "  --ceil_bw; %floor = floor / time. time = max over ranks of the rank's median.\n"
-    "  Exit status: 0 ok (or 'skipped' without a GPU), 1 wrong results, 2 errors (EpError, crash, timeout)";
+    "  Exit status: 0 ok (or 'skipped' without a GPU), 1 wrong results, 2 errors (EpError, NCCL, crash, timeout)";
 
 // Lets the boolean flags be given bare: "--masked" -> "--masked=1".
 std::vector<char*> bare_flags(int argc, char** argv, std::vector<std::string>* storage) {
-  static const char* bare[] = {"--masked", "--one-gpu-per-rank", "--check"};
+  static const char* bare[] = {"--masked", "--one-gpu-per-rank", "--check", "--nccl"};
   storage->reserve(argc);
   std::vector<char*> out;
   for (int i = 0; i < argc; ++i) {
@@ -944,7 +1411,7 @@ int main(int argc, char** argv) {
   cfg.name = "bench_ep";
   moe_bench::Cli cli(cfg.name, kWhat);
   int64_t ranks = 2, hidden = 7168, topk = 8, experts = 256, warmup = -1, crash_rank = -1;
-  bool one_gpu = false, masked = false;
+  bool one_gpu = false, masked = false, nccl = true;
   std::string tokens = "128,4096";
   cli.add_int("-r", "--ranks", &ranks, "number of ranks (forked processes)");
   cli.add_bool("", "--one-gpu-per-rank", &one_gpu, "rank r on device r (when there are enough GPUs)");
@@ -952,10 +1419,12 @@ int main(int argc, char** argv) {
   cli.add_int("-H", "--hidden", &hidden, "hidden size");
   cli.add_int("-k", "--k", &topk, "experts per token");
   cli.add_int("-E", "--experts", &experts, "number of experts (a multiple of the ranks)");
-  cli.add_bool("", "--masked", &masked, "no-sync masked layout, max_rows = ranks * tokens");
+  cli.add_bool("", "--masked", &masked, "no-sync masked layout, max_rows = ranks * tokens (ipc rows only)");
+  cli.add_bool("", "--nccl", &nccl, "also the nccl rows (they need --one-gpu-per-rank; 0: ipc only)");
   cli.add_int("", "--warmup", &warmup, "same as -w");
   cli.add_double("", "--timeout-s", &cfg.timeout_s, "kill every rank when no barrier completes for this long");
-  cli.add_double("", "--ep-timeout-s", &cfg.ep_timeout_s, "timeout of every wait in the EP kernels");
+  cli.add_double("", "--ep-timeout-s", &cfg.ep_timeout_s,
+                 "timeout of every wait in the EP kernels and of every NCCL wait (joining: --timeout-s)");
   cli.add_int("", "--blocks", &cfg.blocks, "blocks of the data kernels (EpParams::num_blocks; 0: one per SM)");
   cli.add_int("", "--crash-rank", &crash_rank, "test the failure path: this rank aborts at its first dispatch");
   std::vector<std::string> storage;
@@ -968,6 +1437,7 @@ int main(int argc, char** argv) {
   cfg.ranks = static_cast<int>(ranks);
   cfg.one_gpu_per_rank = one_gpu;
   cfg.masked = masked;
+  cfg.nccl = nccl;
   cfg.crash_rank = static_cast<int>(crash_rank);
   cfg.what = kWhat;
   if (ranks < 1 || ranks > kMaxRanks) {

@@ -70,9 +70,14 @@ void ep_dispatch_begin(kernels::EpParams& p, void* workspace, cudaEvent_t counte
   p.tok = w.tok;
   // 0. Local index: each slot's rank among this rank's slots of its expert, each token's rank
   // among this rank's tokens to a destination (keys: its first slot on each destination).
-  kernels::ep_destination_keys(p, w.dest_keys, stream);
-  index_pass(p.idx, p.idx_is_int64, p.num_tokens, p.k, p.num_experts, w.expert_rows, w.hist, w.permute, stream);
-  index_pass(w.dest_keys, true, p.num_tokens, p.k, p.world, w.dest_rows, w.tok, w.permute, stream);
+  // A small call (decode) does it in one launch instead of about nine.
+  if (kernels::ep_small_index_fits(p)) {
+    kernels::ep_small_index(p, w.expert_rows, w.hist, w.dest_rows, w.tok, stream);
+  } else {
+    kernels::ep_destination_keys(p, w.dest_keys, stream);
+    index_pass(p.idx, p.idx_is_int64, p.num_tokens, p.k, p.num_experts, w.expert_rows, w.hist, w.permute, stream);
+    index_pass(w.dest_keys, true, p.num_tokens, p.k, p.world, w.dest_rows, w.tok, w.permute, stream);
+  }
   // 1-3. Counts, plan, tokens out, every source in.
   kernels::ep_exchange_counts(p, stream);
   if (counted != nullptr) MOE_CUDA_CHECK(cudaEventRecord(counted, stream));

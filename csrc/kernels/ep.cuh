@@ -9,8 +9,9 @@
 //
 // One dispatch, on every rank (W ranks, E experts, El = E / W local experts per rank):
 //   0. local index (the caller, with moe_ext::kernels::permute_route/permute_scatter on idx and
-//      on ep_destination_keys): each slot's position among this rank's slots of its expert, each
-//      token's position among the tokens this rank sends to a destination.
+//      on ep_destination_keys, or ep_small_index in one launch for a small call): each slot's
+//      position among this rank's slots of its expert, each token's position among the tokens
+//      this rank sends to a destination.
 //   1. ep_exchange_counts (one block): header + per-destination token counts + per-expert slot
 //      counts to every peer, wait for every peer's, check that the ranks agree, then the plan:
 //      where every slot of this rank lands on its expert's rank, and this rank's receive layout.
@@ -174,6 +175,14 @@ struct EpParams {
 
 // dest_keys[t, j] = the destination rank of slot j if it is token t's first slot there, else -1.
 void ep_destination_keys(const EpParams& p, int64_t* dest_keys, cudaStream_t stream);
+// The whole local index of a small dispatch (T * k <= kEpSmallIndexSlots) in one launch
+// (ep_index.cu): the expert_rows / hist and dest_rows / tok that ep_destination_keys and two
+// permute index passes give. ep_small_index_fits: whether it applies (MOE_EXT_EP_SMALL_INDEX=0
+// turns it off).
+constexpr int64_t kEpSmallIndexSlots = 2048;
+bool ep_small_index_fits(const EpParams& p);
+void ep_small_index(const EpParams& p, int64_t* expert_rows, int32_t* hist, int64_t* dest_rows, int32_t* tok,
+                    cudaStream_t stream);
 void ep_exchange_counts(const EpParams& p, cudaStream_t stream);
 // grad = false: dispatch (x rows; writes slot_rows and stage_rows). grad = true: x holds the
 // gradient rows and weights the routing weights; slot_rows and stage_rows are read.

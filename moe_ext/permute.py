@@ -13,7 +13,9 @@ def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None, x_scale=Non
     rows are zero). capacity: each expert keeps its first `capacity` slots in token order.
     sync: True sizes R exactly (on CUDA this reads one count back to the host); False uses the
     worst case (T*k + min(T*k, E)*(pad_to-1)) with zero rows past sum(tokens_per_expert).
-    Default: exact on CPU, worst case on CUDA (no host synchronisation).
+    Default: exact on CPU, worst case on CUDA (no host synchronisation). Ids outside
+    [-1, num_experts) raise a RuntimeError in exact mode; the worst-case mode on CUDA cannot look
+    at them without a sync and treats them as not routed.
     x_scale: optional [T, S] per-row scales (e.g. of fp8 e4m3 rows) that travel with their rows:
     then a fourth output [R, S] holds them in x_perm's layout (zero on padding rows).
     """

@@ -157,7 +157,8 @@ def test_permute_all_tokens_on_one_expert(seed, k, capacity):
 
 
 def test_permute_out_of_range_ids_are_dropped(seed):
-    """CPU raises for ids outside [-1, E); CUDA cannot check without a sync and treats them as -1."""
+    """Ids outside [-1, E): exact mode raises as the CPU op does (it reads the count back anyway);
+    the no-sync mode cannot check without a sync and treats them as -1."""
     T, H, k, E = 200, 16, 4, 8
     idx = _routing(T, k, E, dtype=torch.int64)
     bad = torch.rand(T, k) < 0.2
@@ -166,13 +167,18 @@ def test_permute_out_of_range_ids_are_dropped(seed):
     clean = idx.clone()
     clean[bad] = -1
     cap = 20
-    for exact in (True, False):
-        got = ops.permute(x, idx.cuda(), E, 4, cap, exact)
-        ref = ops.permute(x.cpu(), clean, E, 4, cap, exact)
-        for g, r, name in zip(got, ref, ("x_perm", "row_map", "tokens_per_expert")):
-            _assert_bits(g, r, name)
+    got = ops.permute(x, idx.cuda(), E, 4, cap, False)
+    ref = ops.permute(x.cpu(), clean, E, 4, cap, False)
+    for g, r, name in zip(got, ref, ("x_perm", "row_map", "tokens_per_expert")):
+        _assert_bits(g, r, name)
+    with pytest.raises(RuntimeError, match=r"idx holds \d+ expert id\(s\) outside \[-1, num_experts=8\)"):
+        ops.permute(x, idx.cuda(), E, 4, cap, True)
     with pytest.raises(RuntimeError, match="outside"):
         ops.permute(x.cpu(), idx, E, 4, cap, True)
+    # The count restarts at every call: clean ids pass again, with the CPU op's result.
+    got = ops.permute(x, clean.cuda(), E, 4, cap, True)
+    for g, r, name in zip(got, ops.permute(x.cpu(), clean, E, 4, cap, True), ("x_perm", "row_map", "tpe")):
+        _assert_bits(g, r, name)
 
 
 def test_permute_python_wrapper_defaults_to_no_sync(seed):

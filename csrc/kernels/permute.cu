@@ -128,7 +128,7 @@ __device__ __forceinline__ uint32_t expert_key(IdxT e, int64_t num_experts) {
 template <typename IdxT, bool kSmemHist>
 __global__ void __launch_bounds__(kIndexThreads)
     count_kernel(const IdxT* __restrict__ idx, int64_t num_slots, int64_t num_experts, int64_t tile,
-                 int64_t num_tiles, int64_t* __restrict__ counts) {
+                 int64_t num_tiles, int64_t* __restrict__ counts, int64_t* __restrict__ invalid_ids) {
   extern __shared__ int32_t s_hist[];
   const int64_t b = blockIdx.x;
   const int64_t begin = b * tile, end = min(begin + tile, num_slots);
@@ -140,7 +140,13 @@ __global__ void __launch_bounds__(kIndexThreads)
   // NOTE: the loop bound is uniform across the block, so every lane takes part in the match.
   for (int64_t s0 = begin; s0 < end; s0 += blockDim.x) {
     const int64_t s = s0 + threadIdx.x;
-    const uint32_t key = s < end ? expert_key(idx[s], num_experts) : static_cast<uint32_t>(num_experts);
+    const int64_t raw = s < end ? static_cast<int64_t>(idx[s]) : -1;
+    const uint32_t key = expert_key(raw, num_experts);
+    if (invalid_ids != nullptr) {  // exact mode: the caller reads this with the row count and raises
+      const unsigned bad = __ballot_sync(kFullMask, raw < -1 || raw >= num_experts);
+      if (bad != 0u && lane == 0)
+        atomicAdd(reinterpret_cast<unsigned long long*>(invalid_ids), static_cast<unsigned long long>(__popc(bad)));
+    }
     const unsigned peers = __match_any_sync(kFullMask, key);
     if (key < num_experts && lane == __ffs(peers) - 1) {
       const int n = __popc(peers);
@@ -421,15 +427,16 @@ void route_impl(const PermuteParams& p, cudaStream_t stream) {
   const int64_t num_slots = p.num_tokens * p.k, E = p.num_experts;
   const Tiling tiling = make_tiling(num_slots, E);
   const Workspace ws = carve(p.workspace, E, tiling.num_tiles);
+  if (p.invalid_ids != nullptr) MOE_CUDA_CHECK(cudaMemsetAsync(p.invalid_ids, 0, sizeof(int64_t), stream));
   if (tiling.num_tiles > 0) {
     const IdxT* idx = static_cast<const IdxT*>(p.idx);
     if (E <= kSmemHistExperts) {
       count_kernel<IdxT, true><<<static_cast<unsigned>(tiling.num_tiles), kIndexThreads, E * sizeof(int32_t), stream>>>(
-          idx, num_slots, E, tiling.tile, tiling.num_tiles, ws.counts);
+          idx, num_slots, E, tiling.tile, tiling.num_tiles, ws.counts, p.invalid_ids);
     } else {
       MOE_CUDA_CHECK(cudaMemsetAsync(ws.counts, 0, sizeof(int64_t) * E * tiling.num_tiles, stream));
       count_kernel<IdxT, false><<<static_cast<unsigned>(tiling.num_tiles), kIndexThreads, 0, stream>>>(
-          idx, num_slots, E, tiling.tile, tiling.num_tiles, ws.counts);
+          idx, num_slots, E, tiling.tile, tiling.num_tiles, ws.counts, p.invalid_ids);
     }
     MOE_CUDA_CHECK(cudaGetLastError());
   }

@@ -47,6 +47,8 @@ struct PermuteParams {
   int64_t* row_map = nullptr;            // [num_tokens, k]: the row of each slot, -1 if none
   int32_t* tokens_per_expert = nullptr;  // [num_experts]: padded segment sizes
   int64_t* total_rows = nullptr;         // [1] on the device, optional: sum of tokens_per_expert
+  int64_t* invalid_ids = nullptr;        // [1] on the device, optional: ids outside [-1, num_experts),
+                                         // counted by permute_route (which zeroes it first)
   void* workspace = nullptr;             // permute_workspace_bytes(num_tokens, k, num_experts)
 };
 

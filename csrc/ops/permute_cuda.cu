@@ -3,10 +3,11 @@
 // torch-free launchers of csrc/kernels/permute.cu.
 //
 // Differences from the CPU ops, all because a check of tensor values would need a host
-// synchronisation: expert ids outside [-1, num_experts) are treated as not routed (row -1)
-// instead of raising, and row_map entries outside [-1, rows) are skipped instead of raising.
-// permute with exact=False (the Python wrapper's default for CUDA tensors) never synchronises
-// and can be captured in a CUDA graph; exact=True reads the total row count back once.
+// synchronisation: with exact=False, expert ids outside [-1, num_experts) are treated as not
+// routed (row -1) instead of raising, and unpermute skips row_map entries outside [-1, rows)
+// instead of raising. permute with exact=False (the Python wrapper's default for CUDA tensors)
+// never synchronises and can be captured in a CUDA graph; exact=True reads the total row count
+// back once, and with it the number of invalid ids, and raises as the CPU op does.
 #include "kernels/api.cuh"
 #include "ops/checks.h"
 
@@ -47,7 +48,7 @@ std::tuple<Tensor, Tensor, Tensor> permute_cuda(const Tensor& x, const Tensor& i
   const auto opts = x.options();
   Tensor row_map = at::empty({T, k}, opts.dtype(at::kLong));
   Tensor tokens_per_expert = at::empty({E}, opts.dtype(at::kInt));
-  Tensor total = exact ? at::empty({1}, opts.dtype(at::kLong)) : Tensor();
+  Tensor total = exact ? at::empty({2}, opts.dtype(at::kLong)) : Tensor();  // rows, invalid ids
   Tensor workspace = at::empty({static_cast<int64_t>(kernels::permute_workspace_bytes(T, k, E))}, opts.dtype(at::kByte));
 
   kernels::PermuteParams p;
@@ -64,11 +65,19 @@ std::tuple<Tensor, Tensor, Tensor> permute_cuda(const Tensor& x, const Tensor& i
   p.row_map = row_map.data_ptr<int64_t>();
   p.tokens_per_expert = tokens_per_expert.data_ptr<int32_t>();
   p.total_rows = exact ? total.data_ptr<int64_t>() : nullptr;
+  p.invalid_ids = exact ? total.data_ptr<int64_t>() + 1 : nullptr;
   p.workspace = workspace.data_ptr();
   kernels::permute_route(p, stream);
 
-  // NOTE: exact mode's one device-to-host read; the worst case needs none.
-  const int64_t rows = exact ? total.item<int64_t>() : permute_max_rows(T, k, E, pad_to, capacity);
+  // NOTE: exact mode's one device-to-host read (16 bytes); the worst case needs none.
+  int64_t rows = permute_max_rows(T, k, E, pad_to, capacity);
+  if (exact) {
+    const Tensor host = total.cpu();
+    rows = host.data_ptr<int64_t>()[0];
+    const int64_t invalid = host.data_ptr<int64_t>()[1];
+    TORCH_CHECK(invalid == 0, "moe_ext.permute: idx holds ", invalid, " expert id(s) outside [-1, num_experts=", E,
+                ")");
+  }
   Tensor x_perm = at::empty({rows, H}, opts);
   p.x_perm = x_perm.data_ptr();
   p.out_rows = rows;

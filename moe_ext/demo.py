@@ -24,9 +24,11 @@ From Python: `run(args)` with W > 1 starts processes with the spawn method, whic
 caller's main module again in every child; a script calling it needs the usual
 `if __name__ == "__main__":` guard (the `moe-ext` command and `python -m moe_ext` are fine).
 
-CUDA: `--device cuda --world 1` trains on one GPU. W > 1 on CUDA needs the dispatch backends for
-CUDA tensors (ipc / nccl); until moe_ext.dispatch has them the demo says so and stops. When it
-has them, rank r uses GPU r if there are W GPUs, else all ranks share GPU 0.
+CUDA: `--device cuda --world 1` trains on one GPU. With W > 1, rank r uses GPU r if there are W
+GPUs, else all ranks share GPU 0; tokens move with the CUDA backends (ipc between GPUs with peer
+access or on one GPU, nccl otherwise). Ranks sharing one GPU should run under MPS (see
+../shared/GPU.md or bench/README.md): without it their kernels take turns in time slices, which
+is correct but slow.
 """
 import datetime
 import gc
@@ -513,10 +515,13 @@ def run(args):
         if world > 1:
             why = _cuda_multirank_problem(world)
             if why:
-                print(f"moe-ext demo: {world} EP ranks on CUDA need the ipc/nccl dispatch backends, not built yet "
-                      f"({why}).\nRun --device cuda --world 1, or --device cpu with --world {world} (gloo).",
-                      file=sys.stderr)
+                print(f"moe-ext demo: {world} EP ranks on CUDA need the ipc/nccl dispatch backends, which this "
+                      f"build lacks ({why}).\nRun --device cuda --world 1, or --device cpu with --world {world} "
+                      "(gloo).", file=sys.stderr)
                 return 2
+            if torch.cuda.device_count() < world and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+                print(f"moe-ext demo: note: {world} ranks share GPU 0 without MPS (CUDA_MPS_PIPE_DIRECTORY is not "
+                      "set): their kernels take turns in time slices, so this is correct but slow", file=sys.stderr)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -5,6 +5,7 @@ ranks (EP x DP) with load-based placement, and the weight moves that change the 
 The chunked EP pipeline (num_chunks) and the sync-free decode path (decode=True) are described
 in the MoE docstring.
 """
+import contextlib
 import math
 from typing import Optional
 
@@ -16,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from . import parallel as par
 from ._ops import ops, swiglu_backward
-from .dispatch import _BACKENDS, combine, dispatch, masked_rows
+from .dispatch import _BACKENDS, combine, communicator, dispatch, masked_rows
 from .gemm import grouped_gemm, grouped_gemm_masked
 from .permute import permute, unpermute
 from .routing import GatingStats, topk_gating, update_expert_bias
@@ -91,15 +92,45 @@ class _Done:
         return True
 
 
+@contextlib.contextmanager
+def _bounded_sms(layer, device):
+    """While the overlapped pipeline runs: the ipc communicator's kernels on at most
+    layer.comm_sms SMs, so that the expert GEMMs run beside them (restored afterwards)."""
+    comm = None
+    if layer.overlap and layer.comm_sms is not None and device.type == "cuda" and layer.backend in ("auto", "ipc"):
+        comm = communicator(layer.ep_group, device, backend=layer.backend)
+    if not hasattr(comm, "num_sms"):  # gloo / nccl: nothing to bound
+        yield
+        return
+    old, comm.num_sms = comm.num_sms, layer.comm_sms
+    try:
+        yield
+    finally:
+        comm.num_sms = old
+
+
 class _Pipeline(torch.autograd.Function):
     """out [T, H], tokens_per_slot [S] = the routed experts of `layer` over its num_chunks chunks
     (MoE._pipeline); differentiable w.r.t. x2, the routing weights w, w1 and w2."""
 
     @staticmethod
     def forward(ctx, x2, w, w1, w2, slots, layer):
-        n, T, overlap = layer.num_chunks, x2.shape[0], layer.overlap
+        n, T = layer.num_chunks, x2.shape[0]
         sizes = [(c + 1) * T // n - c * T // n for c in range(n)]
-        xs, ss, ws = x2.split(sizes), slots.split(sizes), w.split(sizes)
+        ss = slots.split(sizes)
+        with _bounded_sms(layer, x2.device):
+            chunks = _Pipeline._chunks(x2.split(sizes), ss, w.split(sizes), w1, w2, layer, w.requires_grad)
+        ctx.layer, ctx.sizes, ctx.chunks = layer, sizes, [c[:6] for c in chunks]
+        ctx.counts = layer._chunk_counts(ss)
+        ctx.save_for_backward(w, w1, w2)
+        tokens_per_slot = torch.stack([c[5] for c in chunks]).sum(0, dtype=torch.int32)
+        ctx.mark_non_differentiable(tokens_per_slot)
+        return torch.cat([c[6] for c in chunks]), tokens_per_slot
+
+    @staticmethod
+    def _chunks(xs, ss, ws, w1, w2, layer, keep_rows):
+        """Every chunk's dispatch -> experts -> combine: [(handle, recv_x, h, y, rows, tps, out)]."""
+        n, overlap = len(xs), layer.overlap
         started, chunks, works = {}, [], []
 
         def start(c):
@@ -114,7 +145,7 @@ class _Pipeline(torch.autograd.Function):
             handle.wait()
             h = ops.grouped_gemm(recv_x, w1, tps, False, "swiglu")
             y = ops.grouped_gemm(h, w2, tps, False, "none")
-            out, rows = handle.comm.combine(y, ws[c], handle.plan, handle.row_map, keep_rows=w.requires_grad,
+            out, rows = handle.comm.combine(y, ws[c], handle.plan, handle.row_map, keep_rows=keep_rows,
                                             async_op=overlap)  # NOTE: in flight during chunk c+1's GEMMs
             works.append(_work(handle.comm))
             chunks.append((handle, recv_x, h, y, rows, tps, out))
@@ -122,16 +153,16 @@ class _Pipeline(torch.autograd.Function):
                 start(c + 1)
         for work in works:
             work.wait()
-        ctx.layer, ctx.sizes, ctx.chunks = layer, sizes, [c[:6] for c in chunks]
-        ctx.counts = layer._chunk_counts(ss)
-        ctx.save_for_backward(w, w1, w2)
-        tokens_per_slot = torch.stack([c[5] for c in chunks]).sum(0, dtype=torch.int32)
-        ctx.mark_non_differentiable(tokens_per_slot)
-        return torch.cat([c[6] for c in chunks]), tokens_per_slot
+        return chunks
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, _grad_tps):
+        with _bounded_sms(ctx.layer, grad_out.device):
+            return _Pipeline._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         w, w1, w2 = ctx.saved_tensors
         layer, chunks, n = ctx.layer, ctx.chunks, len(ctx.chunks)
         need_x, need_w, need_w1, need_w2 = ctx.needs_input_grad[:4]
@@ -231,6 +262,8 @@ class MoE(nn.Module):
     every collective, forward and backward). overlap=True pipelines them: chunk c+1 is dispatched
     (async_op) before chunk c's expert GEMMs run, and chunk c's combine (async_op) is still in
     flight during chunk c+1's GEMMs; each handle is waited on just before its result is used.
+    While it overlaps, the ipc communicator's kernels run on at most comm_sms SMs (default 24;
+    None: the communicator's own setting), so that the GEMMs find SMs beside them.
     overlap=False runs the same chunks one after the other (dispatch, GEMMs, combine), each call
     synchronous. With num_chunks=1 (the default), or W = 1 where nothing travels, the layer does
     not chunk; overlap changes nothing then. Chunking does not change what is computed:
@@ -272,7 +305,7 @@ class MoE(nn.Module):
                  score="softmax", renormalize=True, num_groups=None, topk_groups=None, capacity_factor=None,
                  noise_std=0.0, expert_bias=False, routed_scaling_factor=1.0, shared_ffn_hidden=0,
                  shared_expert_gate=False, router_dtype=None, pad_to=1, backend="auto", load_decay=0.9,
-                 num_chunks=1, overlap=True, max_decode_tokens=None, device=None, dtype=None):
+                 num_chunks=1, overlap=True, comm_sms=24, max_decode_tokens=None, device=None, dtype=None):
         super().__init__()
         world, rank = _ep_world(ep_group)
         tp_world, tp_rank = _ep_world(tp_group)
@@ -291,6 +324,8 @@ class MoE(nn.Module):
         if num_chunks > 1 and tp_world > 1:
             raise ValueError("moe_ext.MoE: num_chunks > 1 is not supported with expert TP (tp_group of "
                              f"{tp_world} ranks)")
+        if comm_sms is not None and not (isinstance(comm_sms, int) and comm_sms >= 0):
+            raise ValueError(f"moe_ext.MoE: comm_sms must be None or an int >= 0, got {comm_sms!r}")
         if max_decode_tokens is not None and not (isinstance(max_decode_tokens, int) and max_decode_tokens >= 1):
             raise ValueError(f"moe_ext.MoE: max_decode_tokens must be None or an int >= 1, got {max_decode_tokens!r}")
         self.hidden, self.ffn_hidden, self.num_experts, self.k = hidden, ffn_hidden, num_experts, k
@@ -302,7 +337,7 @@ class MoE(nn.Module):
         self.noise_std, self.routed_scaling_factor = noise_std, routed_scaling_factor
         self.router_dtype, self.pad_to, self.backend = router_dtype, pad_to, backend
         self.load_decay = load_decay
-        self.num_chunks, self.overlap = num_chunks, overlap
+        self.num_chunks, self.overlap, self.comm_sms = num_chunks, overlap, comm_sms
         self.max_decode_tokens, self.decode = max_decode_tokens, False
 
         kw = dict(device=device, dtype=dtype)

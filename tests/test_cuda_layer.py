@@ -136,13 +136,17 @@ def _pipeline_world(rank, world, seed):
     x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
     gout = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
     results = {}
+    comm = moe_ext.communicator(device=torch.device("cuda", 0))
+    comm.num_sms = 0
     for n, overlap in ((1, True), (2, True), (3, False), (5, True)):
         layer.num_chunks, layer.overlap = n, overlap
+        layer.comm_sms = 8 if n == 5 else 24
         layer.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
         out = layer(xx)
         ((out * gout).sum() + 0.1 * layer.stats.aux_loss).backward()
         results[n] = [out.detach(), xx.grad] + [p.grad for p in layer.parameters()]
+        assert comm.num_sms == 0, "the pipeline must restore the communicator's num_sms"
     for n in (2, 3, 5):
         for i, (a, b) in enumerate(zip(results[n], results[1])):
             assert torch.equal(a, b), f"rank {rank}, num_chunks={n}: result {i} differs"

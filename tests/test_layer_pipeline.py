@@ -197,6 +197,9 @@ def test_bad_chunk_arguments():
         moe_ext.MoE(H, F, 4, 2, num_chunks=0)
     with pytest.raises(ValueError, match="max_decode_tokens must be None or an int >= 1"):
         moe_ext.MoE(H, F, 4, 2, max_decode_tokens=0)
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="comm_sms must be None or an int >= 0"):
+            moe_ext.MoE(H, F, 4, 2, comm_sms=bad)
 
 
 # ---- decode ----------------------------------------------------------------------------------------

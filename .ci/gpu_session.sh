@@ -93,7 +93,7 @@ start_mps() {
 
 say "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+dirty'), phases: ${phases[*]}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$SUMMARY"
-python -c "import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version() if torch.cuda.is_available() else None)" 2>&1 | tee -a "$SUMMARY"
+python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version() if torch.cuda.is_available() else None)' 2>&1 | tee -a "$SUMMARY"
 
 # The nvidia-cutlass wheel (headers only) travels in .whl/; the machine has no registry.
 if compgen -G ".whl/*.whl" >/dev/null; then

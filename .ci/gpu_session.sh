@@ -200,6 +200,7 @@ phase_bench() {
     run bench_gating_cpp 90 $B/bench_gating -J "$J/bench_gating.json"
     run bench_permute_cpp 120 $B/bench_permute -s 16384x7168x8 -J "$J/bench_permute.json"
     run bench_gemm_cpp 240 $B/bench_grouped_gemm -J "$J/bench_grouped_gemm.json"
+    run bench_wgrad_cpp 180 $B/bench_grouped_gemm -g 1 -l uniform -s 32768x8x4096x14336,32768x32x7168x4096,32768x32x2048x7168 -J "$J/bench_wgrad.json"
     run bench_ep_2 90 $B/bench_ep --ranks 2 -J "$J/bench_ep_2.json"
     run bench_ep_4 90 $B/bench_ep --ranks 4 -J "$J/bench_ep_4.json"
     run bench_ep_8 120 $B/bench_ep --ranks 8 -J "$J/bench_ep_8.json"

@@ -6,7 +6,13 @@
 // TFLOP/s counts useful FLOPs, 2 * M * K * N (rows past the groups and tile padding excluded);
 // %ceil is TFLOP/s / 764 (dense bf16 cuBLAS 8192^3 on the lent H100, ../shared/GPU.md). algbw
 // counts a + the weights of experts with rows + out, for memory-bound (decode) cases: compare it
-// with the 2950 GB/s copy ceiling. -g 1 adds a weight-gradient row per case (dW_e = a_e^T dy_e).
+// with the 2950 GB/s copy ceiling. -g 1 adds weight-gradient rows per case (dW_e = a_e^T dy_e, or
+// dy_e^T a_e with -t 1; FLOPs 2 * M * K * N'), one per kernel of -W (default portable,sm90: both
+// timed in the same run, through MOE_EXT_GROUPED_WGRAD_KERNEL; a kernel that cannot run here is
+// skipped with a '#' line saying why). The weight gradient's floors and predictions:
+//   32768 x 8 x 4096 x 14336   3.848e12 FLOPs   5037 us compute floor
+//   portable (mma.sync, ldmatrix.trans on both operands) ~250-330 TFLOP/s; sm90 first version (the
+//   forward's structure, wait<0> per stage, 128x128 tiles) ~430-550 TFLOP/s. Not measured yet.
 //
 // Floors on the H100 (764 TFLOP/s, 2.95 TB/s), bf16, no activation:
 //   shape                      FLOPs      compute floor   bytes      memory floor
@@ -35,6 +41,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <exception>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -86,6 +94,27 @@ T read_one(const T* p) {
 struct GemmOptions {
   bool trans_b = false, swiglu = false, masked = false, wgrad = false;
   int64_t samples = 512;
+  std::vector<std::string> wgrad_kernels = {"portable", "sm90"};  // MOE_EXT_GROUPED_WGRAD_KERNEL values
+};
+
+// Sets MOE_EXT_GROUPED_WGRAD_KERNEL for the life of the object, then restores what was there.
+class ScopedWgradKernel {
+ public:
+  explicit ScopedWgradKernel(const std::string& value) {
+    if (const char* old = std::getenv(kName)) had_ = true, old_ = old;
+    setenv(kName, value.c_str(), 1);
+  }
+  ~ScopedWgradKernel() {
+    if (had_) setenv(kName, old_.c_str(), 1);
+    else unsetenv(kName);
+  }
+  ScopedWgradKernel(const ScopedWgradKernel&) = delete;
+  ScopedWgradKernel& operator=(const ScopedWgradKernel&) = delete;
+
+ private:
+  static constexpr const char* kName = "MOE_EXT_GROUPED_WGRAD_KERNEL";
+  bool had_ = false;
+  std::string old_;
 };
 
 template <class T>
@@ -179,28 +208,41 @@ int run_case(moe_bench::Bench& bench, const Case& c, const GemmOptions& o) {
     w.k = K;
     w.n = n_out;
     w.trans_b = o.trans_b;
-    k::grouped_gemm_wgrad(w, bench.stream());
-    MOE_CUDA_CHECK(cudaStreamSynchronize(bench.stream()));
-    int64_t wwrong = -1;
-    if (bench.options().check) {
-      wwrong = 0;
-      for (int64_t s = 0; s < std::min<int64_t>(o.samples, 64); ++s) {
-        const int64_t e = static_cast<int64_t>(moe_bench::uniform_at(78, 3 * s, 0.f, 1.f) * E) % E;
-        const int64_t kk = static_cast<int64_t>(moe_bench::uniform_at(78, 3 * s + 1, 0.f, 1.f) * K) % K;
-        const int64_t n = static_cast<int64_t>(moe_bench::uniform_at(78, 3 * s + 2, 0.f, 1.f) * n_out) % n_out;
-        double want = 0;
-        for (int64_t r = begin[e]; r < begin[e] + counts[e]; ++r)
-          want += a_at(r, kk) * elem<T>(kSeedDy, r * n_out + n, -1.f, 1.f);
-        const int64_t idx = o.trans_b ? (e * n_out + n) * K + kk : (e * K + kk) * n_out + n;
-        const double got = moe_bench::to_double(read_one(dw.get() + idx));
-        const double atol = 1e-2 * std::max(1.0, std::sqrt(static_cast<double>(counts[e])));
-        wwrong += !(std::fabs(got - want) <= atol + rtol * std::fabs(want));
-      }
-    }
     const double wflops = 2.0 * M * K * n_out;
     const double wbytes = sizeof(T) * (static_cast<double>(M) * (K + n_out) + static_cast<double>(E) * K * n_out);
-    const moe_bench::Timing tw = bench.time([&] { k::grouped_gemm_wgrad(w, bench.stream()); });
-    bench.row(tag + " wgrad", tw, wbytes, wflops, wwrong);
+    for (const std::string& kernel : o.wgrad_kernels) {
+      const ScopedWgradKernel env(kernel);
+      const char* name = nullptr;
+      try {
+        name = k::grouped_gemm_wgrad_kernel_name(w);  // throws where a forced kernel cannot run
+      } catch (const std::exception& ex) {
+        std::printf("# %s wgrad %s: skipped: %s\n", tag.c_str(), kernel.c_str(), ex.what());
+        continue;
+      }
+      std::printf("# %s wgrad: kernel %s\n", tag.c_str(), name);
+      // Poisoned (0xFF: NaN) before the checked run, so that an element never written is wrong.
+      MOE_CUDA_CHECK(cudaMemsetAsync(dw.get(), 0xFF, dw.size() * sizeof(T), bench.stream()));
+      k::grouped_gemm_wgrad(w, bench.stream());
+      MOE_CUDA_CHECK(cudaStreamSynchronize(bench.stream()));
+      int64_t wwrong = -1;
+      if (bench.options().check) {
+        wwrong = 0;
+        for (int64_t s = 0; s < std::min<int64_t>(o.samples, 64); ++s) {
+          const int64_t e = static_cast<int64_t>(moe_bench::uniform_at(78, 3 * s, 0.f, 1.f) * E) % E;
+          const int64_t kk = static_cast<int64_t>(moe_bench::uniform_at(78, 3 * s + 1, 0.f, 1.f) * K) % K;
+          const int64_t n = static_cast<int64_t>(moe_bench::uniform_at(78, 3 * s + 2, 0.f, 1.f) * n_out) % n_out;
+          double want = 0;
+          for (int64_t r = begin[e]; r < begin[e] + counts[e]; ++r)
+            want += a_at(r, kk) * elem<T>(kSeedDy, r * n_out + n, -1.f, 1.f);
+          const int64_t idx = o.trans_b ? (e * n_out + n) * K + kk : (e * K + kk) * n_out + n;
+          const double got = moe_bench::to_double(read_one(dw.get() + idx));
+          const double atol = 1e-2 * std::max(1.0, std::sqrt(static_cast<double>(counts[e])));
+          wwrong += !(std::fabs(got - want) <= atol + rtol * std::fabs(want));
+        }
+      }
+      const moe_bench::Timing tw = bench.time([&] { k::grouped_gemm_wgrad(w, bench.stream()); });
+      bench.row(tag + " wgrad " + kernel, tw, wbytes, wflops, wwrong);
+    }
   }
   return 0;
 }
@@ -218,7 +260,10 @@ int main(int argc, char** argv) {
   cli.add_string("-a", "--activation", &activation, "none or swiglu (output N/2)");
   cli.add_bool("-t", "--trans_b", &trans_b, "b as [E, N, K] (nn.Linear weights) (0/1)");
   cli.add_bool("-m", "--masked", &masked, "masked layout a [E, max_rows, K], max_rows = the largest count (0/1)");
-  cli.add_bool("-g", "--wgrad", &wgrad, "also time the weight gradient, a row per case (0/1)");
+  std::string wgrad_kernels = "portable,sm90";
+  cli.add_bool("-g", "--wgrad", &wgrad, "also time the weight gradient, a row per case and kernel (0/1)");
+  cli.add_string("-W", "--wgrad_kernels", &wgrad_kernels,
+                 "weight-gradient kernels to time with -g 1, comma-separated: portable, sm90, auto");
   cli.add_int("-S", "--samples", &samples, "output elements checked per case");
   moe_bench::Options opts = cli.parse(argc, argv, 0, 0);
   return moe_bench::guarded_main([&] {
@@ -231,6 +276,14 @@ int main(int argc, char** argv) {
       shapes = {{32768, 8, 4096, 14336}, {32768, 32, 7168, 4096}, {32768, 32, 2048, 7168}, {512, 32, 7168, 4096}};
     GemmOptions o;
     o.trans_b = trans_b, o.swiglu = activation == "swiglu", o.masked = masked, o.wgrad = wgrad, o.samples = samples;
+    o.wgrad_kernels.clear();
+    for (size_t pos = 0; pos <= wgrad_kernels.size();) {
+      const size_t comma = std::min(wgrad_kernels.find(',', pos), wgrad_kernels.size());
+      const std::string name = wgrad_kernels.substr(pos, comma - pos);
+      if (name != "portable" && name != "sm90" && name != "auto") throw std::runtime_error("bad -W " + name);
+      o.wgrad_kernels.push_back(name);
+      pos = comma + 1;
+    }
     moe_bench::Bench bench(opts, cli, moe_bench::Ceiling::kBf16Matmul);
     for (const std::vector<int64_t>& s : shapes) {
       if (s.size() != 4) throw std::runtime_error("-s takes MxExKxN cases");

@@ -23,10 +23,22 @@ DTYPES = [torch.bfloat16, torch.float16]
 
 @pytest.fixture(params=["portable", "sm90"])
 def kernel(request, monkeypatch):
-    """Runs the test with each forward kernel (MOE_EXT_GROUPED_GEMM_KERNEL; read at every call)."""
+    """Runs the test with each forward kernel (MOE_EXT_GROUPED_GEMM_KERNEL; read at every call).
+    The weight gradient keeps its default (portable) here, so that a failure names one kernel; its
+    Hopper version is tested by the wgrad tests (wgrad_kernel)."""
     if request.param == "sm90" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernel needs an sm_90 device")
     monkeypatch.setenv("MOE_EXT_GROUPED_GEMM_KERNEL", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["portable", "sm90"])
+def wgrad_kernel(request, monkeypatch):
+    """Runs the test with each weight-gradient kernel (MOE_EXT_GROUPED_WGRAD_KERNEL; read at every
+    call; auto is the portable kernel until the Hopper one has been verified on a GPU)."""
+    if request.param == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper weight gradient needs an sm_90 device")
+    monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", request.param)
     return request.param
 
 
@@ -383,7 +395,7 @@ def _wgrad_torch(a, dy, counts, E, trans_b):
 @pytest.mark.parametrize("kind", ["random", "odd", "empty", "one", "zipf"])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_wgrad_matches_float64(seed, E, kind, trans_b, dtype):
+def test_wgrad_matches_float64(wgrad_kernel, seed, E, kind, trans_b, dtype):
     gen = torch.Generator().manual_seed(seed)
     K, N = 136, 72
     total = 2 * E + 1001 if kind != "odd" else E + 2 * 500
@@ -403,7 +415,7 @@ def test_wgrad_matches_float64(seed, E, kind, trans_b, dtype):
 
 
 @pytest.mark.parametrize("M,E,K,N", [(8192, 8, 1024, 2056), (4099, 64, 264, 1032), (33000, 2, 128, 128)])
-def test_wgrad_large(seed, M, E, K, N):
+def test_wgrad_large(wgrad_kernel, seed, M, E, K, N):
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
@@ -412,6 +424,61 @@ def test_wgrad_large(seed, M, E, K, N):
         dw = ops.grouped_gemm_wgrad(a, dy, counts.cuda(), E, trans_b)
         _assert_within_torch_error(dw, _wgrad_ref64(a, dy, counts, E, trans_b),
                                    {"torch.matmul": _wgrad_torch(a, dy, counts, E, trans_b)}, f"wgrad M={M}")
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes_format", ["counts_int32", "offsets_int64"])
+def test_wgrad_expert_boundaries_exact(wgrad_kernel, seed, trans_b, dtype, sizes_format):
+    """Row counts that are not multiples of the k-blocks (32 rows portable, 64 Hopper), experts
+    without rows first, last and between non-empty ones, and NaN rows past the groups (a worst-case
+    buffer). Inputs are small integers, so every partial sum is exact in float32 whatever the order:
+    the result must equal the float64 reference rounded once to dtype, bit for bit. One row leaking
+    in from a neighbouring expert, or a NaN from the tail, changes it; poisoned outputs (NaN) catch
+    elements never written."""
+    counts = torch.tensor([0, 1, 63, 0, 65, 127, 0, 64, 129, 31, 200, 0, 3, 0])
+    E, used = counts.numel(), int(counts.sum())
+    M = used + 61
+    K, N = 200, 136  # m and n tails: partial 128-tiles, a second 64-wide half past the end
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(-2, 3, (M, K), generator=gen).to(dtype)
+    dy = torch.randint(-2, 3, (M, N), generator=gen).to(dtype)
+    a[used:] = float("nan")
+    dy[used:] = float("nan")
+    if sizes_format == "counts_int32":
+        sizes = counts.to(torch.int32)
+    else:
+        sizes = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    want = _wgrad_ref64(a[:used], dy[:used], counts, E, trans_b).to(dtype)
+    _poison(((E, K, N), dtype))
+    dw = ops.grouped_gemm_wgrad(a.cuda(), dy.cuda(), sizes.cuda(), E, trans_b)
+    assert dw.shape == want.shape and dw.dtype == dtype
+    assert not torch.isnan(dw).any(), "an element was never written, or a NaN row leaked in"
+    got = dw.cpu()
+    for e in range(E):
+        assert torch.equal(got[e], want[e]), (
+            f"expert {e} ({int(counts[e])} rows): {(got[e] != want[e]).sum().item()} elements differ")
+
+
+def test_wgrad_kernel_override(seed, monkeypatch):
+    """A bad MOE_EXT_GROUPED_WGRAD_KERNEL is an error; sm90 where the Hopper weight gradient cannot
+    run (E > 1024; any problem on a GPU that is not sm_90) is an error; auto runs the portable
+    kernel for now (bitwise equal to it; change this when auto switches to the verified Hopper one)."""
+    E, M, K, N = 1500, 300, 16, 8
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    counts = _counts(M, E, "zipf", gen).cuda()
+    monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", "bogus")
+    with pytest.raises(RuntimeError, match="MOE_EXT_GROUPED_WGRAD_KERNEL must be auto, portable or sm90"):
+        ops.grouped_gemm_wgrad(a, dy, counts, E, False)
+    monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", "sm90")
+    with pytest.raises(RuntimeError, match="the Hopper weight gradient cannot run this problem"):
+        ops.grouped_gemm_wgrad(a, dy, counts, E, False)
+    monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", "portable")
+    portable = ops.grouped_gemm_wgrad(a[:, :16], dy, counts[:8].clone(), 8, True)
+    monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", "auto")
+    assert torch.equal(ops.grouped_gemm_wgrad(a[:, :16], dy, counts[:8].clone(), 8, True), portable)
 
 
 # ---- autograd ---------------------------------------------------------------------------------------------

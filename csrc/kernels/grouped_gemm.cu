@@ -7,7 +7,15 @@
 // layout, max_rows <= 128 in the masked one; empty 16-row fragments still issue mma, so small
 // experts waste less), else BM = 128. The environment variable MOE_EXT_GROUPED_GEMM_KERNEL =
 // auto | portable | sm90 overrides the choice (sm90 raises where it cannot run), so that both
-// kernels can be tested and timed on one Hopper GPU. The weight gradient is portable only.
+// kernels can be tested and timed on one Hopper GPU.
+//
+// Kernel choice for the weight gradient: MOE_EXT_GROUPED_WGRAD_KERNEL = auto | portable | sm90,
+// read at every call. auto is the portable kernel for now: the Hopper weight gradient
+// (grouped_gemm_sm90_wgrad_impl.cuh) has been compile-checked only, never run; auto switches to it
+// on sm_90 devices (with the same conditions as sm90 below) once a GPU run has verified it
+// (tests/test_cuda_grouped_gemm.py, the wgrad tests with the sm90 wgrad_kernel parameter).
+// sm90 forces it and raises where it cannot run (no sm_90 device, no sm_90a code in the build,
+// num_experts > 1024).
 #include "kernels/exception.cuh"
 #include "kernels/grouped_gemm.cuh"
 #include "kernels/grouped_gemm_internal.cuh"
@@ -159,6 +167,22 @@ void launch_fwd_typed(const GroupedGemmParams& p, cudaStream_t stream) {
   }
 }
 
+enum class WgradKernel { kSm90, kPortable };
+
+WgradKernel choose_wgrad_kernel(const GroupedGemmWgradParams& p) {
+  const char* env = std::getenv("MOE_EXT_GROUPED_WGRAD_KERNEL");
+  const std::string want = env == nullptr ? "auto" : env;
+  MOE_HOST_ASSERT(want.empty() || want == "auto" || want == "portable" || want == "sm90",
+                  "MOE_EXT_GROUPED_WGRAD_KERNEL must be auto, portable or sm90, got '" + want + "'");
+  // NOTE: auto keeps the portable kernel until a GPU run has verified the Hopper one (see the top).
+  if (want != "sm90") return WgradKernel::kPortable;
+  const bool fits = p.groups.num_experts <= gemm_detail::kSm90MaxExperts;
+  MOE_HOST_ASSERT(fits && gemm_detail::sm90_wgrad_available(),
+                  "MOE_EXT_GROUPED_WGRAD_KERNEL=sm90, but the Hopper weight gradient cannot run this problem: it "
+                  "needs an sm_90 device, an sm_90a build and num_experts <= 1024");
+  return WgradKernel::kSm90;
+}
+
 template <typename T>
 void launch_wgrad_typed(const GroupedGemmWgradParams& p, cudaStream_t stream) {
   WgradArgs<T> args;
@@ -169,6 +193,12 @@ void launch_wgrad_typed(const GroupedGemmWgradParams& p, cudaStream_t stream) {
   args.m = static_cast<int32_t>(p.trans_b ? p.n : p.k);
   args.n = static_cast<int32_t>(p.trans_b ? p.k : p.n);
   args.groups = device_groups(p.groups);
+  if (choose_wgrad_kernel(p) == WgradKernel::kSm90) {
+    const int64_t max_tiles = p.groups.num_experts * ceil_div(args.m, gemm_detail::kSm90WgradTileM) *
+                              ceil_div(args.n, gemm_detail::kSm90WgradTileN);
+    gemm_detail::launch_wgrad_sm90<T>(args, static_cast<int32_t>(total_rows(p.groups)), max_tiles, stream);
+    return;
+  }
   const int64_t max_tiles = p.groups.num_experts * ceil_div(args.m, 128) * ceil_div(args.n, gemm_detail::kBN);
   gemm_detail::launch_wgrad<T>(args, max_tiles, stream);
 }
@@ -227,6 +257,14 @@ const char* grouped_gemm_kernel_name(const GroupedGemmParams& p) {
     case Kernel::kSm90: return "sm90 (TMA + wgmma, 128x128 tiles)";
     case Kernel::kPortable64: return "portable (mma.sync, 64x128 tiles)";
     case Kernel::kPortable128: return "portable (mma.sync, 128x128 tiles)";
+  }
+  return "?";
+}
+
+const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmWgradParams& p) {
+  switch (choose_wgrad_kernel(p)) {
+    case WgradKernel::kSm90: return "sm90 (TMA + wgmma, 128x128 tiles, 64-row stages)";
+    case WgradKernel::kPortable: return "portable (mma.sync, 128x128 tiles, 32-row stages)";
   }
   return "?";
 }

@@ -67,8 +67,21 @@
 // Next steps, measured first: keep one wgmma batch in flight per consumer (wait<1>, release the
 // previous stage); 128 x 256 tiles (N = 256 atoms, 2 x 64-row consumers, setmaxnreg 240/40);
 // overlap a consumer's epilogue with its next tile (or ping-pong consumers on alternate tiles);
-// TMA multicast of B across a 2-CTA cluster for experts with many m-tiles; a Hopper weight
-// gradient (the k-grouped reduction over an expert's rows with TMA on both operands).
+// TMA multicast of B across a 2-CTA cluster for experts with many m-tiles.
+//
+// ---- The Hopper weight gradient (sm_90a; grouped_gemm_sm90_wgrad_impl.cuh) --------------------
+// NOT chosen automatically yet: it has been compile-checked only. MOE_EXT_GROUPED_WGRAD_KERNEL =
+// auto | portable | sm90 (read at every call): auto = portable until a GPU run has verified the
+// Hopper kernel (then auto will pick it on sm_90 devices with an sm_90a build and E <= 1024);
+// sm90 forces it and raises where it cannot run. Same CTA as the forward: a producer thread
+// issuing TMA boxes of 64 columns x 64 rows from one 2-D tensor map over x [rows, m] and one over
+// y [rows, n] ((x, y) = (a, grad_out), or (grad_out, a) with trans_b), both MN-major operands of
+// wgmma m64n128k16 (transposed shared-memory descriptors, CuTe's Layout_MN_SW128_Atom), a 4-stage
+// mbarrier ring, two consumer warpgroups, 128 x 128 output tiles walked expert-major by a
+// persistent CTA, 64 rows of the expert per stage starting at its first row. The last stage of
+// an expert runs into the next expert's rows (TMA zero-fills only outside the whole tensor): the
+// consumers zero those shared-memory rows of both operands (fence.proxy.async, a 256-thread
+// barrier) before the wgmma reads them. Experts without rows store zeros.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -132,6 +145,8 @@ void grouped_gemm_wgrad(const GroupedGemmWgradParams& p, cudaStream_t stream);
 
 // Which kernel grouped_gemm() runs for p on the current device (for benchmarks and logs).
 const char* grouped_gemm_kernel_name(const GroupedGemmParams& p);
+// ... and grouped_gemm_wgrad() (throws as grouped_gemm_wgrad does where a forced kernel cannot run).
+const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmWgradParams& p);
 
 // Host-side check of the requirements above: nullptr if the problem can run, else why not (the
 // launchers throw moe_ext::Error with the same text).

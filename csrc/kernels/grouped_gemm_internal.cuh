@@ -1,8 +1,10 @@
 // Internal declarations of the grouped GEMM: kernel arguments and the per-configuration
 // launchers of the portable kernel (grouped_gemm_sm80_impl.cuh, instantiated in
-// grouped_gemm_sm80_*.cu) and of the Hopper kernel (grouped_gemm_sm90_impl.cuh, instantiated in
-// grouped_gemm_sm90_*.cu), chosen by the public launchers in grouped_gemm.cu. Declarations only,
-// so that every configuration compiles once, in its own file. The design is in grouped_gemm.cuh.
+// grouped_gemm_sm80_*.cu), of the Hopper kernel (grouped_gemm_sm90_impl.cuh, instantiated in
+// grouped_gemm_sm90_{bf16,f16}_*.cu) and of the Hopper weight gradient
+// (grouped_gemm_sm90_wgrad_impl.cuh, instantiated in grouped_gemm_sm90_wgrad_*.cu), chosen by the
+// public launchers in grouped_gemm.cu. Declarations only, so that every configuration compiles
+// once, in its own file. The design is in grouped_gemm.cuh.
 #pragma once
 
 #include "kernels/grouped_gemm.cuh"
@@ -77,5 +79,15 @@ template <typename T, bool kTransB, bool kSwiglu>
 void launch_fwd_sm90(const FwdArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaStream_t stream);
 // Whether the Hopper kernel can run on the current device (sm_90 with sm_90a code in this build).
 bool sm90_available();
+
+// The Hopper weight gradient (sm_90a: TMA + wgmma on two MN-major operands, warp-specialised):
+// 128 x 128 output tiles of out[e] = x_e^T y_e, the same expert limit as the forward (its schedule
+// shares shared memory with 4 stages). rows_total: rows of x and y (M, or E * max_rows).
+constexpr int kSm90WgradTileM = 128;
+constexpr int kSm90WgradTileN = 128;
+template <typename T>
+void launch_wgrad_sm90(const WgradArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaStream_t stream);
+// Whether the Hopper weight gradient can run on the current device (sm_90 with sm_90a code).
+bool sm90_wgrad_available();
 
 }  // namespace moe_ext::kernels::gemm_detail

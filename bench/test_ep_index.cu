@@ -62,7 +62,11 @@ int64_t run_case(int64_t T, int64_t k, int64_t E, int64_t W, double unrouted, ui
   std::vector<int64_t> idx(T * k);
   for (auto& v : idx) {
     const double r = u(gen);
-    v = r < unrouted ? -1 : r < unrouted + 0.02 ? E + 5 : r < 0.5 ? hot(gen) : expert(gen);  // skewed, repeats
+    // NOTE: out-of-range ids on both sides (E + 5 and -3): anything outside [-1, E) is not routed.
+    v = r < unrouted ? -1
+        : r < unrouted + 0.01 ? E + 5
+        : r < unrouted + 0.02 ? -3
+        : r < 0.5 ? hot(gen) : expert(gen);  // skewed, repeats
   }
   const Index want = reference(idx, T, k, E, W);
 
@@ -113,7 +117,10 @@ int main() {
     struct Case { int64_t T, k, E, W; double unrouted; };
     const Case cases[] = {{0, 8, 256, 8, 0.1},  {1, 1, 2, 2, 0.0},    {128, 8, 256, 8, 0.05}, {128, 8, 256, 2, 0.0},
                           {7, 16, 60, 4, 0.2},  {256, 8, 1024, 64, 0.1}, {2048, 1, 8, 1, 0.0}, {341, 6, 384, 3, 0.3},
-                          {100, 2, 8, 8, 0.5},  {64, 32, 64, 16, 0.1}};
+                          {100, 2, 8, 8, 0.5},  {64, 32, 64, 16, 0.1},
+                          // NOTE: E + W = 10240 counters = 40 KiB, the most ep_small_index_fits allows: the
+                          // launch at the shared-memory bound and the multi-chunk (E > 1024) scan with its carry.
+                          {512, 4, 10176, 64, 0.1}};
     int64_t wrong = 0;
     uint32_t seed = 1;
     for (const Case& c : cases) {

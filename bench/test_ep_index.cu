@@ -3,12 +3,14 @@
 // several slots on one expert or one destination, T = 0, world 1 to 64, int32 and int64 ids.
 // Exit status 0 = pass (or no CUDA device: skipped), 1 = wrong elements, 2 = a CUDA error
 // (registered with CTest).
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
 
 #include "common.cuh"
 #include "kernels/ep.cuh"
+#include "kernels/permute.cuh"
 
 namespace mk = moe_ext::kernels;
 
@@ -96,8 +98,53 @@ int64_t run_case(int64_t T, int64_t k, int64_t E, int64_t W, double unrouted, ui
   std::vector<int64_t> er = expert_rows.to_host(), dr = dest_rows.to_host();
   er.resize(T * k);
   dr.resize(T * k);
-  const int64_t wrong = differ(er, want.expert_rows) + differ(dr, want.dest_rows) + differ(hist.to_host(), want.hist) +
-                        differ(tok.to_host(), want.tok);
+  int64_t wrong = differ(er, want.expert_rows) + differ(dr, want.dest_rows) + differ(hist.to_host(), want.hist) +
+                  differ(tok.to_host(), want.tok);
+
+  // The general path the ipc backend takes for larger calls (ep_ops.cu: destination keys, then a
+  // permute index pass over experts and one over destinations), on the same ids: it must give the
+  // same four outputs. ep_destination_keys checks communicator fields it never touches: dummies.
+  {
+    moe_bench::DeviceBuffer<int64_t> keys(n), g_er(n), g_dr(n);
+    moe_bench::DeviceBuffer<int32_t> g_hist(E), g_tok(W);
+    moe_bench::DeviceBuffer<char> ws(
+        std::max(mk::permute_workspace_bytes(T, k, E), mk::permute_workspace_bytes(T, k, W)));
+    static char dummy[64];
+    mk::EpParams q = p;
+    q.layout.sizes.world = W;
+    q.layout.sizes.max_experts = E;
+    q.layout.sizes.max_k = k;
+    q.layout.sizes.row_bytes = 16;
+    q.row_bytes = 16;
+    q.local = dummy;
+    q.peers = reinterpret_cast<char* const*>(dummy);
+    q.control = reinterpret_cast<mk::EpControl*>(dummy);
+    q.error = reinterpret_cast<mk::EpError*>(dummy);
+    q.scratch = reinterpret_cast<int64_t*>(dummy);
+    auto index_pass = [&](const void* ids, bool is64, int64_t keys_n, int64_t* row_map, int32_t* counts) {
+      mk::PermuteParams r;
+      r.idx = ids;
+      r.idx_is_int64 = is64;
+      r.num_tokens = T;
+      r.k = k;
+      r.num_experts = keys_n;
+      r.row_map = row_map;
+      r.tokens_per_expert = counts;
+      r.workspace = ws.get();
+      mk::permute_route(r, nullptr);
+      mk::permute_scatter(r, nullptr);
+    };
+    mk::ep_destination_keys(q, keys.get(), nullptr);
+    index_pass(d_idx.get(), sizeof(IdxT) == 8, E, g_er.get(), g_hist.get());
+    index_pass(keys.get(), true, W, g_dr.get(), g_tok.get());
+    MOE_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<int64_t> ger = g_er.to_host(), gdr = g_dr.to_host();
+    ger.resize(T * k);
+    gdr.resize(T * k);
+    if (T > 0)  // (with no tokens the general path launches nothing: its outputs stay unwritten)
+      wrong += differ(ger, er) + differ(gdr, dr) + differ(g_hist.to_host(), hist.to_host()) +
+               differ(g_tok.to_host(), tok.to_host());
+  }
   if (wrong)
     std::printf("FAILED: T=%lld k=%lld E=%lld W=%lld idx int%d: %lld wrong\n", static_cast<long long>(T),
                 static_cast<long long>(k), static_cast<long long>(E), static_cast<long long>(W),

@@ -596,7 +596,9 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
         if problem is not None:
             raise ValueError(f"moe_ext.dispatch: {problem}")
         if sync:
-            recv_x, row_map, tokens_per_expert = permute(x, idx, num_experts, pad_to=pad_to, capacity=capacity)
+            # NOTE: sync=True explicitly: permute's own default on CUDA is the worst-case size.
+            recv_x, row_map, tokens_per_expert = permute(x, idx, num_experts, pad_to=pad_to, capacity=capacity,
+                                                         sync=True)
         else:
             cap = max_rows if capacity is None else min(capacity, max_rows)
             flat, row_map, tokens_per_expert = permute(x, idx, num_experts, capacity=cap, sync=False)

@@ -647,4 +647,7 @@ def test_compile_fullgraph_cuda(kernel, seed):
     ga = torch.autograd.grad(got, (a, w1, w2), g)
     wa = torch.autograd.grad(want, (a, w1, w2), g)
     for x, y in zip(ga, wa):  # the compiled SwiGLU backward may round its elementwise math differently
-        torch.testing.assert_close(x, y)
+        # NOTE: (Triton's exp, FMA contraction): a 1-ulp bf16 difference in a few elements of the
+        # intermediate gradient moves GEMM sums that nearly cancel far past the default bf16 rtol, so
+        # the bound is on each gradient's scale (2^-7: one bf16 rounding).
+        torch.testing.assert_close(x, y, rtol=2 ** -7, atol=2 ** -7 * y.abs().max().item())

@@ -34,6 +34,7 @@
 
 #include "kernels/exception.cuh"
 #include "kernels/grouped_gemm_internal.cuh"
+#include "kernels/grouped_gemm_sm90_common.cuh"
 #include "kernels/grouped_gemm_schedule.cuh"
 
 #include <cuda_bf16.h>
@@ -55,6 +56,9 @@
 namespace moe_ext::kernels::gemm_sm90 {
 
 using namespace cute;
+using gemm_sm90_common::CuteElem;
+using gemm_sm90_common::pack2;
+using gemm_sm90_common::warpgroup_barrier;
 using gemm_detail::DeviceGroups;
 using gemm_detail::FwdArgs;
 using gemm_detail::Schedule;
@@ -85,16 +89,6 @@ struct SmemPlan {
 };
 static_assert(SmemPlan::kSchedule % 16 == 0, "schedule alignment");
 
-template <typename T>
-struct CuteElem;
-template <>
-struct CuteElem<__nv_bfloat16> {
-  using type = cutlass::bfloat16_t;
-};
-template <>
-struct CuteElem<__half> {
-  using type = cutlass::half_t;
-};
 
 template <typename E, bool kTransB>
 struct Config {
@@ -148,16 +142,6 @@ struct Params {
   int32_t rows_total;
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
 
 template <typename T>
 __device__ __forceinline__ float2 unpack2(uint32_t bits) {
@@ -174,10 +158,6 @@ __device__ __forceinline__ float2 unpack2(uint32_t bits) {
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
-// A barrier among the 128 threads of one consumer warpgroup (ids 1 and 2; 0 is __syncthreads).
-__device__ __forceinline__ void warpgroup_barrier(int consumer) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + consumer) : "memory");
-}
 
 // Where tile `tile` of the schedule lies (the same decode in the producer and the consumers).
 struct TileInfo {
@@ -440,29 +420,9 @@ void launch(const FwdArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaS
 
 // Whether this build has sm_90a code for the kernel and the current device runs it.
 inline bool available() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
-  const int device = gemm_detail::current_device();
-  if (device >= 0 && device < kMaxDevices) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v != 0) return v == 1;
-  }
-  int major = 0, minor = 0;
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  bool ok = major == 9 && minor == 0;
-  if (ok) {
-    // The code the driver loaded for this device is the real kernel only if it was built for
-    // sm_90a: every other build (sm_90 without `a`, or PTX of an older target JIT-compiled here)
-    // is the fallback body, which has static shared memory (the marker); the real one has none.
-    // cudaFuncGetAttributes is no stream operation: safe inside a CUDA-graph capture.
-    cudaFuncAttributes attr{};
-    ok = cudaFuncGetAttributes(&attr, grouped_gemm_sm90_kernel<__nv_bfloat16, false, false>) == cudaSuccess &&
-         attr.sharedSizeBytes == 0;
-    (void)cudaGetLastError();
-  }
-  if (device >= 0 && device < kMaxDevices) cache[device].store(ok ? 1 : 2, std::memory_order_relaxed);
-  return ok;
+  static std::atomic<int> cache[gemm_sm90_common::kMaxDevices] = {};
+  return gemm_sm90_common::runs_sm90a_body(
+      reinterpret_cast<const void*>(grouped_gemm_sm90_kernel<__nv_bfloat16, false, false>), cache);
 }
 
 }  // namespace moe_ext::kernels::gemm_sm90

@@ -66,6 +66,7 @@
 
 #include "kernels/exception.cuh"
 #include "kernels/grouped_gemm_internal.cuh"
+#include "kernels/grouped_gemm_sm90_common.cuh"
 #include "kernels/grouped_gemm_schedule.cuh"
 
 #include <cuda_bf16.h>
@@ -87,6 +88,9 @@
 namespace moe_ext::kernels::gemm_sm90_wgrad {
 
 using namespace cute;
+using gemm_sm90_common::CuteElem;
+using gemm_sm90_common::pack2;
+using gemm_sm90_common::warpgroup_barrier;
 using gemm_detail::Schedule;
 using gemm_detail::WgradArgs;
 
@@ -118,34 +122,8 @@ static_assert(SmemPlan::kFixedBytes + gemm_detail::schedule_bytes(static_cast<in
                   227 * 1024,
               "shared memory of one CTA at the largest expert count");
 
-// NOTE: these small helpers repeat those of grouped_gemm_sm90_impl.cuh on purpose: including that
-// header would instantiate the forward kernel (its available() names one) in these files too.
-template <typename T>
-struct CuteElem;
-template <>
-struct CuteElem<__nv_bfloat16> {
-  using type = cutlass::bfloat16_t;
-};
-template <>
-struct CuteElem<__half> {
-  using type = cutlass::half_t;
-};
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-}
 
-// A barrier among the 128 threads of one consumer warpgroup (ids 1 and 2; 0 is __syncthreads).
-__device__ __forceinline__ void warpgroup_barrier(int consumer) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + consumer) : "memory");
-}
 
 template <typename E>
 struct Config {
@@ -423,30 +401,11 @@ void launch(const WgradArgs<T>& args, int32_t rows_total, int64_t max_tiles, cud
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
-// Whether this build has sm_90a code for the kernel and the current device runs it (the same test
-// as the forward's gemm_sm90::available(), on this kernel).
+// Whether this build has sm_90a code for the kernel and the current device runs it.
 inline bool available() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
-  const int device = gemm_detail::current_device();
-  if (device >= 0 && device < kMaxDevices) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v != 0) return v == 1;
-  }
-  int major = 0, minor = 0;
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  bool ok = major == 9 && minor == 0;
-  if (ok) {
-    // The real kernel has no static shared memory; the fallback body (any build without sm_90a
-    // code for this device) has the marker.
-    cudaFuncAttributes attr{};
-    ok = cudaFuncGetAttributes(&attr, grouped_gemm_wgrad_sm90_kernel<__nv_bfloat16>) == cudaSuccess &&
-         attr.sharedSizeBytes == 0;
-    (void)cudaGetLastError();
-  }
-  if (device >= 0 && device < kMaxDevices) cache[device].store(ok ? 1 : 2, std::memory_order_relaxed);
-  return ok;
+  static std::atomic<int> cache[gemm_sm90_common::kMaxDevices] = {};
+  return gemm_sm90_common::runs_sm90a_body(
+      reinterpret_cast<const void*>(grouped_gemm_wgrad_sm90_kernel<__nv_bfloat16>), cache);
 }
 
 }  // namespace moe_ext::kernels::gemm_sm90_wgrad

@@ -1,0 +1,76 @@
+// Pieces shared by the two Hopper grouped GEMMs (grouped_gemm_sm90_impl.cuh, the forward and
+// dgrad; grouped_gemm_sm90_wgrad_impl.cuh, the weight gradient): element types for CuTe, the
+// 16-bit pair packing of the epilogues, the consumer warpgroup barrier, and the test whether the
+// device runs a kernel's sm_90a body. Kernel-free, so including it instantiates nothing.
+#pragma once
+
+#include "kernels/device_info.cuh"
+#include "kernels/exception.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cutlass/numeric_types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+namespace moe_ext::kernels::gemm_sm90_common {
+
+template <typename T>
+struct CuteElem;
+template <>
+struct CuteElem<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+template <>
+struct CuteElem<__half> {
+  using type = cutlass::half_t;
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// A barrier among the 128 threads of one consumer warpgroup (ids 1 and 2; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_barrier(int consumer) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + consumer) : "memory");
+}
+
+constexpr int kMaxDevices = 64;
+
+// Whether this build has sm_90a code for `kernel` and the current device runs it; `cache` holds
+// the answer per device (0 unknown, 1 yes, 2 no). The code the driver loaded for the device is
+// the real kernel only if it was built for sm_90a: every other build (sm_90 without `a`, or PTX
+// of an older target JIT-compiled here) is the fallback body, which has static shared memory (the
+// marker); the real one has none. cudaFuncGetAttributes is no stream operation: safe inside a
+// CUDA-graph capture.
+inline bool runs_sm90a_body(const void* kernel, std::atomic<int> (&cache)[kMaxDevices]) {
+  const int device = current_device();
+  if (device >= 0 && device < kMaxDevices) {
+    const int v = cache[device].load(std::memory_order_relaxed);
+    if (v != 0) return v == 1;
+  }
+  int major = 0, minor = 0;
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  MOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  bool ok = major == 9 && minor == 0;
+  if (ok) {
+    cudaFuncAttributes attr{};
+    ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.sharedSizeBytes == 0;
+    (void)cudaGetLastError();
+  }
+  if (device >= 0 && device < kMaxDevices) cache[device].store(ok ? 1 : 2, std::memory_order_relaxed);
+  return ok;
+}
+
+}  // namespace moe_ext::kernels::gemm_sm90_common

@@ -298,7 +298,7 @@ class IpcBackend:
         num_experts = opts.num_experts  # a multiple of the world size: dispatch() checked it
         # NOTE: the value checks of idx read it back to the host: only where the exact layout
         # synchronises anyway; the masked layout treats out-of-range ids as not routed.
-        problem = _input_problem(x, idx, w, num_experts) if opts.sync else _shape_problem(x, idx, w)
+        problem = _input_problem(x, idx, w, num_experts, values=opts.sync)
         if problem is None:
             problem = _ipc_problem(x, idx)
         scale = None
@@ -402,21 +402,6 @@ def _scale_rows(x_scale, x):
     for n in x_scale.shape[1:]:
         cols *= n
     return x_scale.reshape(x.shape[0], cols).float().contiguous(), None
-
-
-def _shape_problem(x, idx, w):
-    """The input checks that need no host synchronisation."""
-    if x.dim() != 2:
-        return f"x must be 2-D [num_tokens, hidden], got shape {tuple(x.shape)}"
-    if idx.dim() != 2 or idx.shape[0] != x.shape[0] or idx.shape[1] < 1:
-        return f"idx must be [num_tokens={x.shape[0]}, k >= 1], got shape {tuple(idx.shape)}"
-    if idx.dtype not in (torch.int32, torch.int64):
-        return f"idx must be int32 or int64, got {idx.dtype}"
-    if w.shape != idx.shape:
-        return f"w must have the shape of idx {tuple(idx.shape)}, got {tuple(w.shape)}"
-    if not (x.device == idx.device == w.device):
-        return f"x, idx and w must be on one device, got {x.device}, {idx.device}, {w.device}"
-    return None
 
 
 # ---- the communicators, one per (group, device) -----------------------------------------------------

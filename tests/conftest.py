@@ -22,3 +22,20 @@ def seed(request):
     torch.manual_seed(s)
     sys.stdout.write(f"[seed={s}] ")
     return s
+
+
+@pytest.fixture
+def group1(tmp_path):
+    """The default process group as a gloo world of one rank in this process (FileStore in
+    tmp_path); the cached nccl communicators are closed before it is destroyed."""
+    import torch.distributed as dist
+
+    from moe_ext import _nccl
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp_path, "store"), 1), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        _nccl.close_all()
+        dist.destroy_process_group()

@@ -84,17 +84,6 @@ def pipeline(case, dtype, seed, device, backend="auto", sync=True, async_op=Fals
 
 
 @pytest.fixture
-def group1(tmp_path):
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp_path, "store"), 1), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        _nccl.close_all()
-        dist.destroy_process_group()
-
-
-@pytest.fixture
 def force_nccl(monkeypatch):
     """dispatch() with the nccl backend even for a world of one; returns the backends it used."""
     used = []

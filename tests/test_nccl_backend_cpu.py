@@ -9,7 +9,6 @@ the messages of a timed-out or failed exchange. The real communicator is tested 
 tests/test_cuda_nccl.py.
 """
 import importlib
-import os
 import time
 
 import pytest
@@ -153,17 +152,6 @@ def test_nccl_protocol_over_gloo_matches_gloo_backend(world, seed):
 
 
 # ---- in this process: a world of one ---------------------------------------------------------------
-
-@pytest.fixture
-def group1(tmp_path):
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp_path, "store"), 1), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        _nccl.close_all()
-        dist.destroy_process_group()
-
 
 def test_world_of_one_matches_local(group1, seed):
     ranks, a, b = make_inputs(1, seed, torch.float32, 2, 4)

@@ -36,6 +36,19 @@ kernels::PermuteFloat permute_float(at::ScalarType t) {
   }
 }
 
+// The buffer's sizes from a call's (at least one token: an empty buffer has no layout).
+kernels::EpSizes ep_sizes(int64_t world, int64_t max_experts, int64_t max_k, int64_t max_tokens, int64_t row_bytes,
+                          int64_t scale_cols) {
+  kernels::EpSizes s;
+  s.world = world;
+  s.max_experts = max_experts;
+  s.max_k = max_k;
+  s.max_tokens = std::max<int64_t>(max_tokens, 1);
+  s.row_bytes = row_bytes;
+  s.scale_cols = scale_cols;
+  return s;
+}
+
 // The kernels move rows with 16-byte vector accesses (ep.cu warp_copy): a contiguous view whose
 // first element is not 16-byte aligned (a slice starting mid-row) would fault on the device with a
 // misaligned address, a sticky error that kills this rank's context while its peers wait for it.
@@ -64,13 +77,7 @@ class IpcComm : public torch::CustomClassHolder {
     TORCH_CHECK(row_bytes > 0 && row_bytes % 16 == 0, "moe_ext ipc backend: a row must be a positive multiple of "
                 "16 bytes (hidden * element size), got ", row_bytes);
     TORCH_CHECK(max_k >= 1 && max_k <= 32, "moe_ext ipc backend: k must be in [1, 32], got ", max_k);
-    kernels::EpSizes s;
-    s.world = world;
-    s.max_experts = max_experts;
-    s.max_k = max_k;
-    s.max_tokens = std::max<int64_t>(max_tokens, 1);
-    s.row_bytes = row_bytes;
-    s.scale_cols = scale_cols;
+    const kernels::EpSizes s = ep_sizes(world, max_experts, max_k, max_tokens, row_bytes, scale_cols);
     try {
       buf_ = std::make_unique<comm::SymmetricBuffer>(static_cast<int>(device), static_cast<int>(world),
                                                      static_cast<int>(rank), s);
@@ -305,14 +312,8 @@ class IpcComm : public torch::CustomClassHolder {
 
 int64_t ep_buffer_bytes(int64_t world, int64_t max_experts, int64_t max_k, int64_t max_tokens, int64_t row_bytes,
                         int64_t scale_cols) {
-  kernels::EpSizes s;
-  s.world = world;
-  s.max_experts = max_experts;
-  s.max_k = max_k;
-  s.max_tokens = std::max<int64_t>(max_tokens, 1);
-  s.row_bytes = row_bytes;
-  s.scale_cols = scale_cols;
-  return static_cast<int64_t>(kernels::ep_layout(s).total);
+  return static_cast<int64_t>(kernels::ep_layout(ep_sizes(world, max_experts, max_k, max_tokens, row_bytes,
+                                                           scale_cols)).total);
 }
 
 }  // namespace

@@ -28,6 +28,9 @@ _FIELDS = ("magic", "seq", "tokens", "row_bytes", "dtype", "num_experts", "k", "
            "world", "scale_cols", "bad_input")
 _PHASES = ("count", "barrier", "token", "combine")
 _TIMEOUT, _MISMATCH, _TOO_MANY = 1, 2, 3
+# The header's bad_input field says what kind of call a rank makes: a real one (0), an
+# announcement of invalid inputs (1, _announce_bad_input) or a growth request (2, _agree_to_grow).
+_REAL, _BAD_INPUT, _GROW = 0, 1, 2
 
 
 def require_cuda_build():
@@ -190,7 +193,24 @@ class IpcBackend:
             return
         if self._sizes is not None:  # grow every dimension to the larger of old and new
             want = tuple(max(w, h) for w, h in zip(want, self._sizes))
+            self._agree_to_grow()
         self._allocate(want)
+
+    def _agree_to_grow(self):
+        """Before growing (a collective on the host), an empty count exchange on the current buffers
+        marked as a growth request. Every rank that grows makes it, so they pass; a peer that instead
+        makes a real call (the ranks' sizes differ) or announces invalid inputs disagrees there, and
+        every rank raises at once rather than this one waiting in the allocation's collective until
+        the process group's timeout. One host synchronisation, only when the buffers grow."""
+        if self._c is None or self.broken is not None or torch.cuda.is_current_stream_capturing():
+            return  # (no buffers: the allocation is the first collective; capturing: _allocate refuses)
+        x0 = torch.zeros((0, 16), dtype=torch.uint8, device=self.device)
+        idx0 = torch.zeros((0, 1), dtype=torch.int64, device=self.device)
+        cur = self._enter([])
+        with torch.cuda.stream(self.stream):
+            self._c.dispatch(x0, idx0, None, self.world, 1, -1, -1, 0, _GROW)  # exact layout: reads the verdict
+        self._leave(cur, [], False)
+        self.check()
 
     def _allocate(self, sizes, problem=None):
         """(Re)allocates the buffers: a collective. Every rank takes part even when it cannot
@@ -254,8 +274,13 @@ class IpcBackend:
                    "made the matching dispatch/combine call, or it died")
         elif code == _MISMATCH:
             name = _FIELDS[field] if field < len(_FIELDS) else f"field {field}"
-            if name == "bad_input":
-                msg = f"{peer} passed invalid inputs (the error on that rank says what); every rank stops"
+            if name == "bad_input" and _BAD_INPUT in (value, mine):
+                who = peer if value == _BAD_INPUT else "this rank"
+                msg = f"{who} passed invalid inputs (the error on that rank says what); every rank stops"
+            elif name == "bad_input":
+                grower = peer if value == _GROW else "this rank"
+                msg = (f"{grower} had to grow the buffers for this call while {'this rank' if value == _GROW else peer} "
+                       "did not: the ranks' calls differ in max_tokens, hidden size, k, num_experts or fp8 scales")
             elif name == "seq":
                 msg = f"{peer} is at another dispatch/combine call than this rank (the ranks' calls went out of step)"
             else:
@@ -344,16 +369,15 @@ class IpcBackend:
 
     def _announce_bad_input(self, num_experts):
         """Takes part in the count exchange with bad_input set, so every peer fails too instead of
-        waiting (once the buffer exists; before that, dispatch takes part in its allocation).
-        NOTE: a peer that must grow its buffer for this call allocates (a collective) instead of
-        exchanging counts: it then waits until the process group's timeout."""
+        waiting (once the buffer exists; before that, dispatch takes part in its allocation). A peer
+        that must grow its buffer for this call learns it in its growth request (_agree_to_grow)."""
         if self._c is None or self.broken is not None:
             return
         x0 = torch.zeros((0, 16), dtype=torch.uint8, device=self.device)
         idx0 = torch.zeros((0, 1), dtype=torch.int64, device=self.device)
         cur = self._enter([])
         with torch.cuda.stream(self.stream):
-            self._c.dispatch(x0, idx0, None, self.world, 1, -1, -1, 0, 1)
+            self._c.dispatch(x0, idx0, None, self.world, 1, -1, -1, 0, _BAD_INPUT)
         self._leave(cur, [], False)
         self.broken = ("moe_ext ipc backend: this rank passed invalid inputs to dispatch (see the error raised then); "
                        "call moe_ext.communicator(group).close() on every rank to start over")

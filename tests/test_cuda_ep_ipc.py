@@ -252,6 +252,28 @@ def _mismatch(rank, world, seed):
     else:
         with pytest.raises(RuntimeError, match="could not take part in allocating the buffers.*outside"):
             moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    # A rank that must grow its buffers (a collective) first asks its peers on the current ones, so
+    # a peer making a call that fits, or announcing invalid inputs, makes every rank raise at once
+    # instead of leaving the grower in the allocation until the process group's timeout.
+    comm.reserve(64, 2 * 64, 2, 2 * world)
+    start = time.monotonic()
+    hidden = 64 if rank == 0 else 4096
+    E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, hidden, 2, 2, 20)
+    with pytest.raises(RuntimeError, match="had to grow the buffers"):
+        moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    comm.close()
+    E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64, 2, 2, 20)
+    moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    if rank == 0:
+        idx = idx.clone()
+        idx[0, 0] = -7
+        with pytest.raises(ValueError, match="outside"):
+            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", max_tokens=5000)
+    else:
+        with pytest.raises(RuntimeError, match="invalid inputs"):
+            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", max_tokens=5000)
+    assert time.monotonic() - start < 20, "a growth request waited instead of failing"
+    comm.close()
     # The same for a memory budget only one rank cannot meet.
     E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64, 2, 2, 20)
     comm.memory_budget = 1 if rank == 1 else None

@@ -58,7 +58,8 @@ enum EpHeader : int {
   kHdrMaxRows,
   kHdrWorld,
   kHdrScaleCols,
-  kHdrBadInput,  // 1: this rank's inputs are invalid (it says why itself); compared first
+  kHdrBadInput,  // the kind of call: 0 real, 1 this rank's inputs are invalid (it says why itself),
+                 // 2 a request to grow the buffers (moe_ext/_ipc.py); compared first
   kHdrLen = 16
 };
 
@@ -139,7 +140,8 @@ struct EpParams {
   int64_t row_bytes = 0;   // payload bytes per row, a multiple of 16, <= layout.sizes.row_bytes
   int64_t dtype_code = 0;  // anything identifying the payload's element type, compared across ranks
   int64_t scale_cols = 0;
-  int64_t bad_input = 0;   // 1: announce invalid inputs (num_tokens 0); every rank then fails
+  int64_t bad_input = 0;   // kHdrBadInput: 1 announces invalid inputs, 2 a growth request (num_tokens 0);
+                           // a peer making another kind of call fails, and so does every rank
 
   // This rank's tokens.
   const void* idx = nullptr;  // [T, k] int32 or int64 global expert ids, -1 = not routed

@@ -108,7 +108,8 @@ def main(argv=None):
     add_plan_arguments(plan_parser)
     args = parser.parse_args(argv)
     if args.command == "demo":
-        if not args.skip_check:
+        launched = demo._launched()
+        if not args.skip_check and (launched is None or launched[0] == 0):  # (under torchrun: rank 0 checks)
             rc = check(_check_arguments_defaults(device=args.device))
             if rc:
                 return rc

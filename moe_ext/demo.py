@@ -10,7 +10,9 @@ ranks), then a linear head after a final RMSNorm; MSE loss plus `--aux-coef` tim
 load-balancing aux loss and/or the auxiliary-loss-free bias update (`--balance`); Adam.
 
 Expert parallelism over W = `--world` ranks: W > 1 spawns W processes (gloo process group,
-rendezvous through a FileStore in a temporary directory); `--world 1` runs in this process. Every
+rendezvous through a FileStore in a temporary directory); `--world 1` runs in this process. Under
+torchrun (`torchrun --nproc-per-node W -m moe_ext demo`, or several nodes) every process is one
+rank instead: the process group comes from torchrun's environment and `--world` is ignored. Every
 rank draws its own shard of one global batch of W * `--tokens` tokens per step; the router, norms
 and head are replicated (their gradients are all-reduced), each rank holds E / W experts. The
 model starts from the same weights whatever W is (every global expert is initialised from one
@@ -25,7 +27,8 @@ caller's main module again in every child; a script calling it needs the usual
 `if __name__ == "__main__":` guard (the `moe-ext` command and `python -m moe_ext` are fine).
 
 CUDA: `--device cuda --world 1` trains on one GPU. With W > 1, rank r uses GPU r if there are W
-GPUs, else all ranks share GPU 0; tokens move with the CUDA backends (ipc between GPUs with peer
+GPUs (under torchrun: its LOCAL_RANK's GPU if the node has one per local rank), else all ranks
+share GPU 0; tokens move with the CUDA backends (ipc between GPUs with peer
 access or on one GPU, nccl otherwise). Ranks sharing one GPU should run under MPS (see
 ../shared/GPU.md or bench/README.md): without it their kernels take turns in time slices, which
 is correct but slow.
@@ -411,25 +414,48 @@ def _report(hist, cfg, device):
 
 # ---- processes ---------------------------------------------------------------------------------
 
-def _worker(rank, world, cfg, store_file, result_file, device_str):
-    """One spawned rank: process group, training, history to result_file (rank 0)."""
-    torch.set_num_threads(cfg["threads"])
+def _rank_device(device_str, local_rank, local_world):
+    """This rank's device: GPU local_rank when every local rank has one, else GPU 0 (shared)."""
     device = torch.device(device_str)
     if device.type == "cuda":
-        device = torch.device("cuda", rank if torch.cuda.device_count() >= world else 0)
+        device = torch.device("cuda", local_rank if torch.cuda.device_count() >= local_world else 0)
         torch.cuda.set_device(device)
+    return device
+
+
+def _train_in_group(rank, world, cfg, device, init=None):
+    """_train on one rank of a gloo process group made with `init` (init_process_group's rendezvous
+    arguments; None under torchrun, whose environment has them)."""
+    torch.set_num_threads(cfg["threads"])
+    # NOTE: gloo for the CPU side (statistics, bootstrap); a CUDA EP backend brings its own transport.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg["timeout"]), **(init or {}))
     try:
-        # NOTE: gloo for the CPU side (statistics, bootstrap); a CUDA EP backend brings its own transport.
-        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=cfg["timeout"]))
-        try:
-            hist = _train(rank, world, cfg, dist.group.WORLD, device)
-            # NOTE: nothing that holds the group (layers, autograd graphs) may outlive it: a gloo group
-            # destroyed at interpreter exit can abort the process. Free them, then agree to stop.
-            gc.collect()
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        hist = _train(rank, world, cfg, dist.group.WORLD, device)
+        # NOTE: nothing that holds the group (layers, autograd graphs) may outlive it: a gloo group
+        # destroyed at interpreter exit can abort the process. Free them, then agree to stop.
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return hist
+
+
+def _launched():
+    """(rank, world, local_rank, local_world) when torchrun (or another launcher setting its
+    environment variables) started this process as one rank of several, else None."""
+    env = os.environ
+    if "LOCAL_RANK" not in env or "RANK" not in env or int(env.get("WORLD_SIZE", "1")) < 2:
+        return None
+    world = int(env["WORLD_SIZE"])
+    return int(env["RANK"]), world, int(env["LOCAL_RANK"]), int(env.get("LOCAL_WORLD_SIZE", world))
+
+
+def _worker(rank, world, cfg, store_file, result_file, device_str):
+    """One spawned rank: process group, training, history to result_file (rank 0)."""
+    try:
+        device = _rank_device(device_str, rank, world)
+        hist = _train_in_group(rank, world, cfg, device,
+                               dict(init_method=f"file://{store_file}", rank=rank, world_size=world))
         if rank == 0:
             with open(result_file, "w") as f:
                 json.dump(hist, f)
@@ -492,12 +518,16 @@ def _cuda_multirank_problem(world):
 def run(args):
     """Runs the demo from parsed arguments; returns the exit status."""
     cfg = {k: v for k, v in vars(args).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    launched = _launched()
+    if launched:
+        cfg["world"] = launched[1]
     world = cfg["world"]
     problems = []
     if world < 1:
         problems.append(f"--world must be >= 1, got {world}")
     elif cfg["experts"] % world:
-        problems.append(f"--experts {cfg['experts']} must be a multiple of --world {world}")
+        what = f"the {world} ranks torchrun started" if launched else f"--world {world}"
+        problems.append(f"--experts {cfg['experts']} must be a multiple of {what}")
     if not 1 <= cfg["topk"] <= cfg["experts"]:
         problems.append(f"--topk must be in [1, --experts], got {cfg['topk']}")
     for name in ("steps", "tokens", "hidden", "ffn", "layers", "clusters"):
@@ -519,7 +549,8 @@ def run(args):
                       f"build lacks ({why}).\nRun --device cuda --world 1, or --device cpu with --world {world} "
                       "(gloo).", file=sys.stderr)
                 return 2
-            if torch.cuda.device_count() < world and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+            local_world = launched[3] if launched else world
+            if torch.cuda.device_count() < local_world and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
                 print(f"moe-ext demo: note: {world} ranks share GPU 0 without MPS (CUDA_MPS_PIPE_DIRECTORY is not "
                       "set): their kernels take turns in time slices, so this is correct but slow", file=sys.stderr)
     try:
@@ -527,8 +558,13 @@ def run(args):
     except AttributeError:
         cores = os.cpu_count() or 1
     if not cfg["threads"]:
-        cfg["threads"] = max(1, cores // world)
-    if world == 1:
+        cfg["threads"] = max(1, cores // (launched[3] if launched else world))
+    if launched:
+        rank, _, local_rank, local_world = launched
+        hist = _train_in_group(rank, world, cfg, _rank_device(cfg["device"], local_rank, local_world))
+        if rank != 0:
+            return 0  # rank 0 reports
+    elif world == 1:
         hist = _train(0, 1, cfg, None, device)
     else:
         hist = _spawn(cfg, world, device)

@@ -17,6 +17,12 @@ down_proj [E, H, F]:
 | DeepseekV3MoE          | sigmoid | renormalised iff norm_topk_prob,   | float32       | shared experts, group-limited|
 |                        |         | then * routed_scaling_factor       |               | selection, selection bias    |
 
+and transformers' copies of them (same code but for names): MiniMax (as Mixtral); Qwen3-Next
+(as Qwen2-MoE); Qwen3.5-MoE (as Qwen2-MoE, always renormalised); OLMoE, FlexOlmo, Mellum (as
+Qwen3-MoE); Qwen3-VL-MoE's text blocks (as Qwen3-MoE, always renormalised); DeepSeek-V3.2, dots.llm1,
+GLM-4.5 (Glm4Moe), GLM-4.7-Flash (Glm4MoeLite), GlmMoeDsa, Kimi-Linear, BailingHybrid, Solar-Open (as
+DeepSeek-V3). `SUPPORTED_BLOCKS` lists the class names.
+
 Known numerical differences, all of the order of the dtype's rounding: Qwen rounds the top-k
 weights to the model dtype before scaling the expert outputs, moe_ext keeps them in float32;
 DeepSeek-V3 divides by (sum + 1e-20), moe_ext by the plain sum (in float32 they differ only when
@@ -117,14 +123,14 @@ def _mixtral(block):
                    float(getattr(block, "jitter_noise", 0.0) or 0.0), False)
 
 
-def _qwen_moe(block):
+def _qwen_moe(block, always_renormalize=False):
     gate = block.gate
-    kwargs, gate_up, down, params = _base(block, gate, bool(gate.norm_topk_prob))
+    kwargs, gate_up, down, params = _base(block, gate, always_renormalize or bool(gate.norm_topk_prob))
     kwargs["router_dtype"] = _model_router_dtype(gate.weight)
     shared = _shared_mlp(block, "shared_expert")
     shared_gate = getattr(block, "shared_expert_gate", None) if shared is not None else None
     if shared_gate is not None and shared_gate.bias is not None:
-        raise ValueError("moe_ext.MoE.from_hf: Qwen2MoeSparseMoeBlock.shared_expert_gate has a bias; moe_ext's "
+        raise ValueError(f"moe_ext.MoE.from_hf: {type(block).__name__}.shared_expert_gate has a bias; moe_ext's "
                          "shared expert gate has none")
     if shared is not None:
         kwargs.update(shared_ffn_hidden=shared.gate_proj.out_features, shared_expert_gate=shared_gate is not None)
@@ -136,11 +142,12 @@ def _deepseek_v3(block):
     kwargs, gate_up, down, params = _base(block, gate, bool(gate.norm_topk_prob))
     E, k = kwargs["num_experts"], kwargs["k"]
     num_groups, topk_groups = int(gate.num_group), int(gate.topk_group)
+    name = type(block).__name__
     if num_groups < 1 or E % num_groups != 0 or not 1 <= topk_groups <= num_groups:
-        raise ValueError(f"moe_ext.MoE.from_hf: DeepseekV3MoE has n_group={num_groups}, topk_group={topk_groups} "
+        raise ValueError(f"moe_ext.MoE.from_hf: {name} has n_group={num_groups}, topk_group={topk_groups} "
                          f"for {E} experts")
     if k > topk_groups * (E // num_groups):
-        raise ValueError(f"moe_ext.MoE.from_hf: DeepseekV3MoE selects k={k} experts from only "
+        raise ValueError(f"moe_ext.MoE.from_hf: {name} selects k={k} experts from only "
                          f"topk_group * experts per group = {topk_groups * (E // num_groups)}")
     limited = topk_groups < num_groups  # keeping every group is plain top-k
     shared = _shared_mlp(block, "shared_experts")
@@ -152,12 +159,35 @@ def _deepseek_v3(block):
     return _Source(kwargs, gate.weight, gate_up, down, params, shared, None, gate.e_score_correction_bias, 0.0, True)
 
 
+def _qwen_moe_renormalized(block):
+    return _qwen_moe(block, always_renormalize=True)
+
+
 # Class name -> reader. Blocks are matched by their exact class name (a subclass may change forward).
+# The families beyond the first four are transformers' own copies of those blocks: their block,
+# router and experts code is the same but for names (checked against transformers 5.23), except
+# that the Qwen3.5-MoE and Qwen3-VL-MoE routers always renormalise (no norm_topk_prob), and some
+# DeepSeek-V3 copies keep their selection bias in float32. tests/test_hf.py checks each one.
 _READERS = {
     "MixtralSparseMoeBlock": _mixtral,
+    "MiniMaxSparseMoeBlock": _mixtral,
     "Qwen2MoeSparseMoeBlock": _qwen_moe,
+    "Qwen3NextSparseMoeBlock": _qwen_moe,
+    "Qwen3_5MoeSparseMoeBlock": _qwen_moe_renormalized,
     "Qwen3MoeSparseMoeBlock": _qwen_moe,
+    "Qwen3VLMoeTextSparseMoeBlock": _qwen_moe_renormalized,
+    "OlmoeSparseMoeBlock": _qwen_moe,
+    "FlexOlmoSparseMoeBlock": _qwen_moe,
+    "MellumSparseMoeBlock": _qwen_moe,
     "DeepseekV3MoE": _deepseek_v3,
+    "DeepseekV32MoE": _deepseek_v3,
+    "Dots1MoE": _deepseek_v3,
+    "Glm4MoeMoE": _deepseek_v3,
+    "Glm4MoeLiteMoE": _deepseek_v3,
+    "GlmMoeDsaMoE": _deepseek_v3,
+    "KimiLinearMoE": _deepseek_v3,
+    "BailingHybridMoE": _deepseek_v3,
+    "SolarOpenMoE": _deepseek_v3,
 }
 SUPPORTED_BLOCKS = tuple(_READERS)
 
@@ -188,8 +218,8 @@ def _copy(dst, src, requires_grad):
 def moe_from_hf(block, ep_group=None, tp_group=None, placement=None, **overrides):
     """A moe_ext.MoE computing what the transformers MoE `block` computes, with copies of its weights.
 
-    block: a MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock or DeepseekV3MoE
-    (transformers >= 5, fused experts). Every rank must pass the same block weights; each copies
+    block: a MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, DeepseekV3MoE or
+    one of their copies in SUPPORTED_BLOCKS (transformers >= 5, fused experts). Every rank must pass the same block weights; each copies
     only what its layer holds:
       ep_group: the layer's expert-parallel group; rank r of W holds global experts
         [r * E / W, (r + 1) * E / W) by default.

@@ -116,6 +116,64 @@ def test_block_equivalence(seed, kind, cfg, dtype):
     assert layer.stats.tokens_per_expert.sum().item() == 2 * 9 * K
 
 
+# transformers' copies of the four families: (model module, block class, config class, family,
+# whether the router always renormalises, config overrides).
+COPIES = [
+    ("minimax", "MiniMaxSparseMoeBlock", "MiniMaxConfig", "mixtral", True, {}),
+    ("qwen3_next", "Qwen3NextSparseMoeBlock", "Qwen3NextConfig", "qwen2", False, {}),
+    ("qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", "Qwen3_5MoeTextConfig", "qwen2", True, {}),
+    ("olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig", "qwen3", False, dict(intermediate_size=F_EXPERT)),
+    ("flex_olmo", "FlexOlmoSparseMoeBlock", "FlexOlmoConfig", "qwen3", False, dict(intermediate_size=F_EXPERT)),
+    ("mellum", "MellumSparseMoeBlock", "MellumConfig", "qwen3", False, {}),
+    ("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextConfig", "qwen3", True, {}),
+    ("deepseek_v32", "DeepseekV32MoE", "DeepseekV32Config", "deepseek", False, {}),
+    ("dots1", "Dots1MoE", "Dots1Config", "deepseek", False, {}),
+    ("glm4_moe", "Glm4MoeMoE", "Glm4MoeConfig", "deepseek", False, {}),
+    ("glm4_moe_lite", "Glm4MoeLiteMoE", "Glm4MoeLiteConfig", "deepseek", False, {}),
+    ("glm_moe_dsa", "GlmMoeDsaMoE", "GlmMoeDsaConfig", "deepseek", False, {}),
+    ("kimi_linear", "KimiLinearMoE", "KimiLinearConfig", "deepseek", False, {}),
+    ("bailing_hybrid", "BailingHybridMoE", "BailingHybridConfig", "deepseek", False, {}),
+    ("solar_open", "SolarOpenMoE", "SolarOpenConfig", "deepseek", False, {}),
+]
+
+
+def _copy_block(module, block_name, config_name, norm_topk_prob, dtype=torch.float32, **overrides):
+    """A tiny block of a copied family: the config class's defaults with the MoE sizes set (every
+    name the families use for them; unused ones are harmless)."""
+    import importlib
+
+    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    config = getattr(importlib.import_module(f"transformers.models.{module}.configuration_{module}"), config_name)()
+    sizes = dict(hidden_size=H, intermediate_size=48, moe_intermediate_size=F_EXPERT, num_experts_per_tok=K,
+                 shared_expert_intermediate_size=F_SHARED, n_shared_experts=1, n_group=4, topk_group=2,
+                 routed_scaling_factor=2.5, norm_topk_prob=norm_topk_prob, hidden_act="silu", router_jitter_noise=0.0)
+    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+        sizes[name] = E
+    sizes.update(overrides)
+    for key, value in sizes.items():
+        setattr(config, key, value)
+    config._experts_implementation = "eager"
+    return _randomize(getattr(mod, block_name)(config).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+@pytest.mark.parametrize("module,block_name,config_name,family,always,overrides", COPIES,
+                         ids=[c[0] for c in COPIES])
+def test_copied_families_equivalence(seed, module, block_name, config_name, family, always, overrides, norm, dtype):
+    if always and not norm:
+        pytest.skip("this router always renormalises")
+    block = _copy_block(module, block_name, config_name, norm, dtype, **overrides)
+    layer = moe_ext.MoE.from_hf(block)
+    assert layer.num_experts == E and layer.k == K and layer.routing["renormalize"] == norm
+    assert (layer.expert_bias is not None) == (family == "deepseek")
+    assert layer.routing["score"] == ("sigmoid" if family == "deepseek" else "softmax")
+    if family == "deepseek":
+        assert layer.routing["num_groups"] == 4 and layer.routing["topk_groups"] == 2
+    assert (layer.shared is not None) == (family in ("qwen2", "deepseek"))
+    _check_against_block(block, layer, torch.randn(2, 9, H, dtype=dtype), TOL[dtype])
+
+
 def test_weight_mapping_copies(seed):
     block = _block("deepseek")
     layer = moe_ext.MoE.from_hf(block)
@@ -210,6 +268,37 @@ def test_patch_model_logits_and_aux_loss(seed, kind):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, **tol)
     if before.aux_loss is not None:
+        torch.testing.assert_close(after.aux_loss, before.aux_loss, **tol)
+
+
+@pytest.mark.parametrize("which", ["olmoe", "glm4_moe"])
+def test_patch_model_of_copied_families(seed, which):
+    """Whole tiny models of two copied families: logits, loss, router logits and aux loss."""
+    common = dict(vocab_size=64, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, num_experts_per_tok=K, eos_token_id=None)
+    if which == "olmoe":
+        config, model_class = transformers.OlmoeConfig(intermediate_size=F_EXPERT, num_experts=E, **common), \
+            transformers.OlmoeForCausalLM
+    else:
+        config = transformers.Glm4MoeConfig(intermediate_size=48, moe_intermediate_size=F_EXPERT, n_routed_experts=E,
+                                            n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                            head_dim=8, **common)
+        model_class = transformers.Glm4MoeForCausalLM
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    for module in model.modules():
+        if type(module).__name__ in moe_ext.hf.SUPPORTED_BLOCKS:
+            _randomize(module)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        before = model(ids, labels=ids, output_router_logits=True)
+        assert moe_ext.hf.patch_model(model) == (2 if which == "olmoe" else 1)
+        after = model(ids, labels=ids, output_router_logits=True)
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(after.logits, before.logits, **tol)
+    torch.testing.assert_close(after.loss, before.loss, **tol)
+    if which == "olmoe":  # OLMoE adds transformers' load-balancing loss from the recorded router logits
         torch.testing.assert_close(after.aux_loss, before.aux_loss, **tol)
 
 

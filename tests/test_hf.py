@@ -376,6 +376,39 @@ def test_expert_parallel_world2():
     assert counts == [[7 * K] * len(EP_CASES), [10 * K] * len(EP_CASES)]
 
 
+def _generate(model, ids, new_tokens=6):
+    # NOTE: no end-of-sequence stop: under EP every rank must make the same number of forward calls
+    # (each is a collective), so generation must not stop early on one rank.
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+
+
+def test_generate_after_patching(seed):
+    """Greedy generation (prefill, then one token per forward with the KV cache) picks the same
+    tokens after patch_model."""
+    model = _model("mixtral")
+    ids = torch.randint(1, 64, (2, 5))
+    before = _generate(model, ids)
+    assert moe_ext.hf.patch_model(model) == 2
+    assert torch.equal(_generate(model, ids), before)
+
+
+def _generate_rank(rank, world):
+    model = _model("mixtral")  # the same weights on every rank
+    ids = torch.randint(1, 64, (1, 4 + 3 * rank), generator=torch.Generator().manual_seed(rank))
+    before = _generate(model, ids)
+    assert moe_ext.hf.patch_model(model, ep_group=dist.group.WORLD) == 2
+    after = _generate(model, ids)  # every decode step is a dispatch/combine between the ranks
+    assert torch.equal(after, before), (after, before)
+    return after.shape[1]
+
+
+def test_generate_expert_parallel_world2():
+    from dist_utils import run_world
+
+    assert run_world(_generate_rank, 2, seed=0, timeout_s=120) == [4 + 6, 7 + 6]
+
+
 # ---- hybrid layouts, gloo world 4: EP2 x TP2 and EP4 with replicated experts -------------------------
 
 # Experts 0 and 5 get a second copy (on ranks 1 and 3); every rank holds three slots, some empty.

@@ -22,7 +22,7 @@ import sys
 import torch
 from cuda_timer import CudaTimer
 
-import moe_ext
+import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
 
 ops = torch.ops.moe_ext
 

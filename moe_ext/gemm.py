@@ -1,6 +1,4 @@
 """Grouped expert GEMM."""
-import torch
-
 from . import _gemm_masked  # noqa: F401  (fake and autograd of grouped_gemm_masked)
 from ._ops import ops
 

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import moe_ext
 

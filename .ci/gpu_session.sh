@@ -214,6 +214,8 @@ phase_bench() {
   run bench_permute_py 120 python bench/permute_bench.py --json "$J/permute_py.json"
   run bench_gemm_py 240 python bench/grouped_gemm_bench.py --kernels portable,sm90 --json "$J/gemm_py.json"
   run bench_ep_py_8 120 python bench/ep_bench.py --ranks 8 --json "$J/ep_py_8.json"
+  run bench_ep_tp 150 python bench/ep_tp_bench.py --ep 2 --tp 2 --device cuda --tokens 4096 --hidden 4096 --ffn 2048 \
+    --experts 32 --k 4 --json "$J/ep_tp.json"
   run bench_cli 240 python -m moe_ext bench --device cuda --shape mixtral --json "$J/cli_mixtral.json"
   run demo_cuda_w2 180 python -m moe_ext demo --device cuda --world 2 --steps 100 --no-progress --png none --skip-check
 }

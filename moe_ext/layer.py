@@ -27,6 +27,24 @@ def _ep_world(group):
     return par.group_world(group)
 
 
+def _check_tp_dispatch(tp_dispatch, ep_world, ep_rank, tp_world, tp_rank):
+    """tp_dispatch="direct" dispatches over the default group: it must be the EP x TP ranks laid out
+    as make_groups does. Collective over the default group (every rank checks every rank's place,
+    so that all raise or none)."""
+    if tp_dispatch not in ("gather", "direct"):
+        raise ValueError(f"moe_ext.MoE: tp_dispatch must be 'gather' or 'direct', got {tp_dispatch!r}")
+    if tp_dispatch != "direct" or tp_world == 1:
+        return
+    places = None
+    if dist.is_initialized():
+        places = [None] * dist.get_world_size()
+        dist.all_gather_object(places, (ep_world, ep_rank, tp_world, tp_rank))
+    if places is None or any(p != (ep_world, g // tp_world, tp_world, g % tp_world) for g, p in enumerate(places)):
+        raise ValueError("moe_ext.MoE: tp_dispatch='direct' dispatches over the default process group, which must be "
+                         "the EP x TP ranks with global rank = ep_rank * tp + tp_rank (the groups of "
+                         "moe_ext.parallel.make_groups)")
+
+
 class SwiGLU(nn.Module):
     """A dense SwiGLU MLP (the shared experts): down(silu(gate(x)) * up(x))."""
 
@@ -227,10 +245,16 @@ class MoE(nn.Module):
     of E / W; `placement` says otherwise (below).
     tp_group: expert tensor parallelism (EP x TP). Every expert slot of this EP rank is split over
     the TP group: w1's gate and up halves by matching columns (F / tp of each), w2 by the same
-    rows. Each rank dispatches its own tokens within its EP group; the TP group then all-gathers
-    the rows its ranks received, each runs its shard on all of them, and the partial outputs are
-    summed back onto the receiving rank (all-to-all + float32 sum in TP-rank order) before
-    combine. `moe_ext.parallel.make_groups(ep, tp)` builds both groups (TP innermost).
+    rows. tp_dispatch="gather" (default): each rank dispatches its own tokens within its EP group;
+    the TP group then all-gathers the rows its ranks received, each runs its shard on all of them,
+    and the partial outputs are summed back onto the receiving rank (all-to-all + float32 sum in
+    TP-rank order) before combine. tp_dispatch="direct": one dispatch over the default group
+    sends each token to every TP shard of its experts, and combine sums the k * tp partial rows
+    (each rounded to the dtype). direct moves (tp - 1) x (slots - token/rank pairs) fewer rows
+    in all; gather keeps all but one dispatch and one combine of them inside the TP group (on
+    NVLink when TP is inside a node, where EP may cross the network): bench/ep_tp_bench.py.
+    `moe_ext.parallel.make_groups(ep, tp)` builds both groups (TP innermost; direct needs that
+    layout, and building a direct layer is collective over the default group, which checks it).
     placement: which EP ranks hold which experts, with replicas (EP x DP): None, an ExpertLayout,
     a moe_ext.placement.Placement, a [W, E] bool array, a dict {expert: [ranks]} or a list of
     per-rank expert lists. Each rank has S slots (its experts ascending; ranks with fewer experts
@@ -305,7 +329,8 @@ class MoE(nn.Module):
                  score="softmax", renormalize=True, num_groups=None, topk_groups=None, capacity_factor=None,
                  noise_std=0.0, expert_bias=False, routed_scaling_factor=1.0, shared_ffn_hidden=0,
                  shared_expert_gate=False, router_dtype=None, pad_to=1, backend="auto", load_decay=0.9,
-                 num_chunks=1, overlap=True, comm_sms=24, max_decode_tokens=None, device=None, dtype=None):
+                 num_chunks=1, overlap=True, comm_sms=24, max_decode_tokens=None, tp_dispatch="gather", device=None,
+                 dtype=None):
         super().__init__()
         world, rank = _ep_world(ep_group)
         tp_world, tp_rank = _ep_world(tp_group)
@@ -324,6 +349,7 @@ class MoE(nn.Module):
         if num_chunks > 1 and tp_world > 1:
             raise ValueError("moe_ext.MoE: num_chunks > 1 is not supported with expert TP (tp_group of "
                              f"{tp_world} ranks)")
+        _check_tp_dispatch(tp_dispatch, world, rank, tp_world, tp_rank)
         if comm_sms is not None and not (isinstance(comm_sms, int) and comm_sms >= 0):
             raise ValueError(f"moe_ext.MoE: comm_sms must be None or an int >= 0, got {comm_sms!r}")
         if max_decode_tokens is not None and not (isinstance(max_decode_tokens, int) and max_decode_tokens >= 1):
@@ -339,6 +365,7 @@ class MoE(nn.Module):
         self.load_decay = load_decay
         self.num_chunks, self.overlap, self.comm_sms = num_chunks, overlap, comm_sms
         self.max_decode_tokens, self.decode = max_decode_tokens, False
+        self.tp_dispatch = tp_dispatch
 
         kw = dict(device=device, dtype=dtype)
         self.router = nn.Linear(hidden, num_experts, bias=False, **kw)
@@ -436,6 +463,8 @@ class MoE(nn.Module):
         slots = self.physical_slots(idx)
         if decode:
             out, tokens_per_slot = self._decode(x2, slots, w)
+        elif self.tp_world > 1 and self.tp_dispatch == "direct":
+            out, tokens_per_slot = self._direct_tp(x2, slots, w)
         elif self.ep_world == 1:  # NOTE: never the default group's dispatch: this layer's experts are all here
             recv_x, row_map, tokens_per_slot = permute(x2, slots, self.layout.num_slots, pad_to=self.pad_to)
             y, tokens_per_slot = self._experts_here(recv_x, tokens_per_slot)
@@ -469,6 +498,19 @@ class MoE(nn.Module):
         if self.tp_world > 1:
             return par.tp_experts(recv_x, tokens_per_slot, self.experts, self.tp_rank, self.tp_group)
         return self.experts(recv_x, tokens_per_slot), tokens_per_slot
+
+    def _direct_tp(self, x2, slots, w):
+        """EP x TP with tp_dispatch="direct": one dispatch over every rank, each slot to each TP shard
+        of its expert (virtual expert (ep_rank * tp + tp_rank) * S + slot), this rank's shard on the
+        rows it received, and combine sums the k * tp partial rows of each token with the weights."""
+        S, tp = self.num_local_experts, self.tp_world
+        s = slots.long()[:, :, None]
+        u = torch.arange(tp, device=slots.device)
+        virtual = torch.where(s >= 0, ((s // S) * tp + u) * S + s % S, -1).flatten(1)
+        recv_x, tokens_per_slot, handle = dispatch(x2, virtual, w[:, :, None].expand(-1, -1, tp).flatten(1),
+                                                   self.layout.num_slots * tp, group=dist.group.WORLD,
+                                                   backend=self.backend, pad_to=self.pad_to)
+        return combine(self.experts(recv_x, tokens_per_slot), handle), tokens_per_slot
 
     def _dispatch(self, x2, slots, w, **kw):
         return dispatch(x2, slots, w, self.layout.num_slots, group=self.ep_group, backend=self.backend,
@@ -677,6 +719,7 @@ class MoE(nn.Module):
             raise ValueError(f"moe_ext.MoE: ffn_hidden={self.ffn_hidden} must be a multiple of the TP world size "
                              f"{tp_world}")
         self.ep_group, self.ep_world, self.ep_rank = ep_group, world, rank
+        _check_tp_dispatch(self.tp_dispatch, world, rank, tp_world, tp_rank)
         self.tp_group, self.tp_world, self.tp_rank = tp_group, tp_world, tp_rank
         self.ffn_local = self.ffn_hidden // tp_world
         self._set_layout(par.ExpertLayout.build(placement, self.num_experts, world), self.w1.device)
@@ -690,7 +733,7 @@ class MoE(nn.Module):
         text = (f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, k={self.k}, "
                 f"ep={self.ep_rank}/{self.ep_world}, local_experts={self.num_local_experts}")
         if self.tp_world > 1:
-            text += f", tp={self.tp_rank}/{self.tp_world}"
+            text += f", tp={self.tp_rank}/{self.tp_world}, tp_dispatch={self.tp_dispatch}"
         if not self.layout.is_identity:
             text += f", slots={self.local_experts}"
         if self.num_chunks > 1:

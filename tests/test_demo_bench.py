@@ -125,3 +125,22 @@ def test_bench_bad_arguments(capsys):
     assert "--topk" in capsys.readouterr().err
     assert bench.run(_args(bench, _TINY + ["--stages", "gating,nope"])) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_ep_tp_bench_runs_and_counts_rows(tmp_path):
+    """bench/ep_tp_bench.py on tiny sizes (4 gloo ranks): both EP x TP token paths agree (the script
+    checks it before timing) and its row counts obey gather - direct = (tp - 1)(R - D)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "ep_tp_bench.py"
+    out = tmp_path / "ep_tp.json"
+    subprocess.run([sys.executable, str(script), "--ep", "2", "--tp", "2", "--tokens", "40", "--hidden", "32",
+                    "--ffn", "32", "--experts", "8", "--k", "3", "--iters", "1", "--warmup", "0", "--json", str(out)],
+                   check=True, capture_output=True, timeout=180)
+    doc = json.loads(out.read_text())
+    (gd, gt, gc), (dd, dt, dc) = doc["rows"]["gather"], doc["rows"]["direct"]
+    D, R = gd, gc
+    assert dd == 2 * D and dc == 2 * R and dt == 0 and gt == 2 * R and D <= R <= 4 * 40 * 3
+    assert doc["ms"]["gather"] > 0 and doc["ms"]["direct"] > 0

@@ -76,9 +76,10 @@ def assert_near(actual, expected, what, tol=TOL):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
 
 
-def build(p, ep_group, tp_group=None, placement=None):
+def build(p, ep_group, tp_group=None, placement=None, **kw):
     num_experts = p["router"].shape[0]
-    layer = moe_ext.MoE(H, F, num_experts, K, ep_group, tp_group=tp_group, placement=placement, dtype=torch.float64)
+    layer = moe_ext.MoE(H, F, num_experts, K, ep_group, tp_group=tp_group, placement=placement, dtype=torch.float64,
+                        **kw)
     with torch.no_grad():
         layer.router.weight.copy_(p["router"])
     layer.load_experts(p["w1"], p["w2"])
@@ -178,6 +179,15 @@ def _ep_tp(rank, world, seed, report):
     assert torch.equal(w1, p["w1"]) and torch.equal(w2, p["w2"]), "expert_weights does not reassemble the shards"
     out = check_step(layer, p, rank, "EP2xTP2")
     assert int(layer.tokens_per_slot.sum()) > 0
+
+    # tp_dispatch="direct": one dispatch over all 4 ranks to every shard; the same function.
+    direct = build(p, ep_group, tp_group, tp_dispatch="direct")
+    assert_near(check_step(direct, p, rank, "EP2xTP2 direct"), out, "direct vs gather")
+    assert torch.equal(direct.tokens_per_slot, layer.tokens_per_slot)
+    with pytest.raises(ValueError, match="tp_dispatch must be"):
+        moe_ext.MoE(H, F, 4, K, ep_group, tp_group=tp_group, tp_dispatch="scatter")
+    with pytest.raises(ValueError, match="make_groups"):  # TP outermost: not the layout direct dispatches over
+        moe_ext.MoE(H, F, 4, K, tp_group, tp_group=ep_group, tp_dispatch="direct")
 
     # An unsplit layer cut into its EP x TP part in place (what from_hf(tp_group=...) does).
     full = moe_ext.MoE(H, F, 4, K, dtype=torch.float64)

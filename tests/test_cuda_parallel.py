@@ -47,9 +47,9 @@ def _truth(p, dtype):
     return out.detach().double(), x.grad.double()
 
 
-def _run(p, rank, ep_group, tp_group=None, placement=None):
+def _run(p, rank, ep_group, tp_group=None, placement=None, **kw):
     dev = torch.device("cuda", torch.cuda.current_device())
-    layer = moe_ext.MoE(H, F, E, K, ep_group, tp_group=tp_group, placement=placement, device=dev, dtype=BF)
+    layer = moe_ext.MoE(H, F, E, K, ep_group, tp_group=tp_group, placement=placement, device=dev, dtype=BF, **kw)
     with torch.no_grad():
         layer.router.weight.copy_(p["router"])
     layer.load_experts(p["w1"].to(dev), p["w2"].to(dev))
@@ -92,6 +92,10 @@ def _hybrid(rank, world, seed):
             o, gx, layer = _run(p, rank, ep_group, tp_group)
             assert layer.w1.shape == (E // 2, H, F) and layer.w2.shape == (E // 2, F // 2, H)
             label = "EP2xTP2"
+            # The other token path: one dispatch over the 4 ranks to every shard (k * tp slots per token).
+            od, gxd, _ = _run(p, rank, ep_group, tp_group, tp_dispatch="direct")
+            _check("EP2xTP2 direct: out", od, rows, o64, obf, base_out)
+            _check("EP2xTP2 direct: grad x", gxd, rows, g64, gbf, base_gx)
         else:
             placement = [[0, 1, 2], [0, 3, 4], [1, 5, 6], [7]]  # the hot experts 0 and 1 twice each
             o, gx, layer = _run(p, rank, dist.group.WORLD, placement=placement)

@@ -53,7 +53,7 @@ def _run(p, rank, ep_group, tp_group=None, placement=None, **kw):
     with torch.no_grad():
         layer.router.weight.copy_(p["router"])
     layer.load_experts(p["w1"].to(dev), p["w2"].to(dev))
-    x = p["xs"][rank].to(dev).requires_grad_()
+    x = p["xs"][rank].to(dev).clone().requires_grad_()  # NOTE: a fresh leaf per run (also on a CPU dry run)
     out = layer(x)
     (out.float() * p["gs"][rank].to(dev)).sum().backward()
     layer.sync_replica_grads()

@@ -20,7 +20,7 @@ down_proj [E, H, F]:
 and transformers' copies of them (same code but for names): MiniMax (as Mixtral); Qwen3-Next
 (as Qwen2-MoE); Qwen3.5-MoE (as Qwen2-MoE, always renormalised); OLMoE, FlexOlmo, Mellum (as
 Qwen3-MoE); Qwen3-VL-MoE's text blocks (as Qwen3-MoE, always renormalised); DeepSeek-V3.2, dots.llm1,
-GLM-4.5 (Glm4Moe), GLM-4.7-Flash (Glm4MoeLite), GlmMoeDsa, Kimi-Linear, BailingHybrid, Solar-Open (as
+GLM-4.5 (Glm4Moe), Glm4MoeLite, GlmMoeDsa, Kimi-Linear, BailingHybrid, Solar-Open (as
 DeepSeek-V3). `SUPPORTED_BLOCKS` lists the class names.
 
 Known numerical differences, all of the order of the dtype's rounding: Qwen rounds the top-k

@@ -718,8 +718,8 @@ class MoE(nn.Module):
         if self.ffn_hidden % tp_world != 0:
             raise ValueError(f"moe_ext.MoE: ffn_hidden={self.ffn_hidden} must be a multiple of the TP world size "
                              f"{tp_world}")
-        self.ep_group, self.ep_world, self.ep_rank = ep_group, world, rank
         _check_tp_dispatch(self.tp_dispatch, world, rank, tp_world, tp_rank)
+        self.ep_group, self.ep_world, self.ep_rank = ep_group, world, rank
         self.tp_group, self.tp_world, self.tp_rank = tp_group, tp_world, tp_rank
         self.ffn_local = self.ffn_hidden // tp_world
         self._set_layout(par.ExpertLayout.build(placement, self.num_experts, world), self.w1.device)

@@ -416,22 +416,6 @@ __global__ void gather_rows_kernel(const char* __restrict__ y, const int64_t* __
   }
 }
 
-// An index pass (no rows): row_map = each slot's position in the key-major, token-order layout
-// of `keys`; counts = slots per key.
-kernels::PermuteParams index_params(const void* keys, bool keys_int64, int64_t num_tokens, int64_t k,
-                                    int64_t num_keys, int64_t* row_map, int32_t* counts, void* workspace) {
-  kernels::PermuteParams q;
-  q.idx = keys;
-  q.idx_is_int64 = keys_int64;
-  q.num_tokens = num_tokens;
-  q.k = k;
-  q.num_experts = num_keys;
-  q.row_map = row_map;
-  q.tokens_per_expert = counts;
-  q.workspace = workspace;
-  return q;
-}
-
 // Grows b to at least n elements (contents not kept). The routing of a case is fixed, so the
 // sizing run grows every buffer once and the timed runs never allocate.
 template <class T>
@@ -922,7 +906,7 @@ class RankRunner {
     q.idx_is_int64 = false;
     // route before the count exchange (the counts), scatter with the rows after it (their number)
     kernels::PermuteParams by_dest =
-        index_params(dest_keys.get(), true, T, k, W, dest_rows.get(), tok_to.get(), ws_send.get());
+        kernels::permute_index_params(dest_keys.get(), true, T, k, W, dest_rows.get(), tok_to.get(), ws_send.get());
 
     auto dispatch = [&] {
       // Sender: each token's destinations and each slot's owner; an index pass over the owners
@@ -934,7 +918,8 @@ class RankRunner {
         MOE_CUDA_CHECK(cudaGetLastError());
       }
       kernels::PermuteParams by_owner =
-          index_params(owner_keys.get(), true, T, k, W, combine_map.get(), slots_to.get(), ws_send.get());
+          kernels::permute_index_params(owner_keys.get(), true, T, k, W, combine_map.get(), slots_to.get(),
+                                        ws_send.get());
       kernels::permute_route(by_owner, stream_);
       kernels::permute_scatter(by_owner, stream_);
       kernels::permute_route(by_dest, stream_);
@@ -981,7 +966,8 @@ class RankRunner {
       // 3. Receiver: the arrived tokens, in (source rank, source token) order, permuted by their
       // local expert ids into recv_x; then each arrived slot's place in the combine's send order.
       kernels::PermuteParams by_expert =
-          index_params(staged_ids.get(), false, arrived_tok, k, El, recv_map.get(), tpe.get(), ws_recv.get());
+          kernels::permute_index_params(staged_ids.get(), false, arrived_tok, k, El, recv_map.get(), tpe.get(),
+                                        ws_recv.get());
       by_expert.x = staged_x.get();
       by_expert.row_bytes = rb;
       by_expert.x_row_stride = rb;
@@ -994,8 +980,8 @@ class RankRunner {
             staged_ids.get(), arrived_tok * k, arrived_keys.get());
         MOE_CUDA_CHECK(cudaGetLastError());
       }
-      kernels::PermuteParams by_arrival = index_params(arrived_keys.get(), false, arrived_tok, k, 1, back_pos.get(),
-                                                       arrived_count.get(), ws_recv.get());
+      kernels::PermuteParams by_arrival = kernels::permute_index_params(
+          arrived_keys.get(), false, arrived_tok, k, 1, back_pos.get(), arrived_count.get(), ws_recv.get());
       kernels::permute_route(by_arrival, stream_);
       kernels::permute_scatter(by_arrival, stream_);
     };

@@ -122,15 +122,7 @@ int64_t run_case(int64_t T, int64_t k, int64_t E, int64_t W, double unrouted, ui
     q.error = reinterpret_cast<mk::EpError*>(dummy);
     q.scratch = reinterpret_cast<int64_t*>(dummy);
     auto index_pass = [&](const void* ids, bool is64, int64_t keys_n, int64_t* row_map, int32_t* counts) {
-      mk::PermuteParams r;
-      r.idx = ids;
-      r.idx_is_int64 = is64;
-      r.num_tokens = T;
-      r.k = k;
-      r.num_experts = keys_n;
-      r.row_map = row_map;
-      r.tokens_per_expert = counts;
-      r.workspace = ws.get();
+      const mk::PermuteParams r = mk::permute_index_params(ids, is64, T, k, keys_n, row_map, counts, ws.get());
       mk::permute_route(r, nullptr);
       mk::permute_scatter(r, nullptr);
     };

@@ -40,15 +40,8 @@ DispatchWorkspace carve(void* base, int64_t T, int64_t k, int64_t E, int64_t W) 
 // Index only (row_bytes 0): row_map = each slot's row in the key-major order of its keys.
 void index_pass(const void* idx, bool idx_int64, int64_t T, int64_t k, int64_t keys, int64_t* row_map,
                 int32_t* counts, void* workspace, cudaStream_t stream) {
-  kernels::PermuteParams q;
-  q.idx = idx;
-  q.idx_is_int64 = idx_int64;
-  q.num_tokens = T;
-  q.k = k;
-  q.num_experts = keys;
-  q.row_map = row_map;
-  q.tokens_per_expert = counts;
-  q.workspace = workspace;
+  const kernels::PermuteParams q =
+      kernels::permute_index_params(idx, idx_int64, T, k, keys, row_map, counts, workspace);
   kernels::permute_route(q, stream);
   kernels::permute_scatter(q, stream);
 }

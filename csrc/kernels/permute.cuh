@@ -52,6 +52,22 @@ struct PermuteParams {
   void* workspace = nullptr;             // permute_workspace_bytes(num_tokens, k, num_experts)
 };
 
+// An index-only pass (no rows): row_map = each slot's position in the key-major, token-order
+// layout of `keys` [num_tokens, k]; counts = slots per key.
+inline PermuteParams permute_index_params(const void* keys, bool keys_int64, int64_t num_tokens, int64_t k,
+                                          int64_t num_keys, int64_t* row_map, int32_t* counts, void* workspace) {
+  PermuteParams q;
+  q.idx = keys;
+  q.idx_is_int64 = keys_int64;
+  q.num_tokens = num_tokens;
+  q.k = k;
+  q.num_experts = num_keys;
+  q.row_map = row_map;
+  q.tokens_per_expert = counts;
+  q.workspace = workspace;
+  return q;
+}
+
 size_t permute_workspace_bytes(int64_t num_tokens, int64_t k, int64_t num_experts);
 void permute_route(const PermuteParams& p, cudaStream_t stream);
 void permute_scatter(const PermuteParams& p, cudaStream_t stream);

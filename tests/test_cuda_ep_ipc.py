@@ -221,6 +221,19 @@ def test_ipc_missing_peer_times_out(seed):
     assert took[0] < 10.0
 
 
+def _rank0_bad_ids(rank, dev, x, idx, w, E, bad_id, peer_error, **kw):
+    """Rank 0 passes expert id bad_id (its own ValueError); every other rank must raise a
+    RuntimeError matching peer_error instead of waiting for it."""
+    if rank == 0:
+        idx = idx.clone()
+        idx[0, 0] = bad_id
+        with pytest.raises(ValueError, match="outside"):
+            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", **kw)
+    else:
+        with pytest.raises(RuntimeError, match=peer_error):
+            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", **kw)
+
+
 def _mismatch(rank, world, seed):
     dev = _device(rank)
     torch.cuda.set_device(dev)
@@ -234,23 +247,11 @@ def _mismatch(rank, world, seed):
     # A rank with bad inputs raises ValueError; the others learn it in the count exchange.
     E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64, 2, 2, 20)
     moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
-    if rank == 0:
-        idx = idx.clone()
-        idx[0, 0] = E + 3
-        with pytest.raises(ValueError, match="outside"):
-            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
-    else:
-        with pytest.raises(RuntimeError, match="invalid inputs"):
-            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    _rank0_bad_ids(rank, dev, x, idx, w, E, E + 3, "invalid inputs")
     # Before any buffer exists, the bad rank takes part in allocating them (a collective), so the
     # others raise too instead of waiting for it until the process group's timeout.
     comm.close()
-    if rank == 0:
-        with pytest.raises(ValueError, match="outside"):
-            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
-    else:
-        with pytest.raises(RuntimeError, match="could not take part in allocating the buffers.*outside"):
-            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    _rank0_bad_ids(rank, dev, x, idx, w, E, E + 3, "could not take part in allocating the buffers.*outside")
     # A rank that must grow its buffers (a collective) first asks its peers on the current ones, so
     # a peer making a call that fits, or announcing invalid inputs, makes every rank raise at once
     # instead of leaving the grower in the allocation until the process group's timeout.
@@ -263,14 +264,7 @@ def _mismatch(rank, world, seed):
     comm.close()
     E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64, 2, 2, 20)
     moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
-    if rank == 0:
-        idx = idx.clone()
-        idx[0, 0] = -7
-        with pytest.raises(ValueError, match="outside"):
-            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", max_tokens=5000)
-    else:
-        with pytest.raises(RuntimeError, match="invalid inputs"):
-            moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", max_tokens=5000)
+    _rank0_bad_ids(rank, dev, x, idx, w, E, -7, "invalid inputs", max_tokens=5000)  # the peer must grow
     assert time.monotonic() - start < 20, "a growth request waited instead of failing"
     comm.close()
     # The same for a memory budget only one rank cannot meet.

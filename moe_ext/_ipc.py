@@ -204,13 +204,17 @@ class IpcBackend:
         the process group's timeout. One host synchronisation, only when the buffers grow."""
         if self._c is None or self.broken is not None or torch.cuda.is_current_stream_capturing():
             return  # (no buffers: the allocation is the first collective; capturing: _allocate refuses)
+        self._empty_exchange(_GROW)  # exact layout: the host reads the verdict
+        self.check()
+
+    def _empty_exchange(self, kind):
+        """A dispatch without tokens whose header announces `kind` (_BAD_INPUT or _GROW) to the peers."""
         x0 = torch.zeros((0, 16), dtype=torch.uint8, device=self.device)
         idx0 = torch.zeros((0, 1), dtype=torch.int64, device=self.device)
         cur = self._enter([])
         with torch.cuda.stream(self.stream):
-            self._c.dispatch(x0, idx0, None, self.world, 1, -1, -1, 0, _GROW)  # exact layout: reads the verdict
+            self._c.dispatch(x0, idx0, None, self.world, 1, -1, -1, 0, kind)
         self._leave(cur, [], False)
-        self.check()
 
     def _allocate(self, sizes, problem=None):
         """(Re)allocates the buffers: a collective. Every rank takes part even when it cannot
@@ -373,12 +377,7 @@ class IpcBackend:
         that must grow its buffer for this call learns it in its growth request (_agree_to_grow)."""
         if self._c is None or self.broken is not None:
             return
-        x0 = torch.zeros((0, 16), dtype=torch.uint8, device=self.device)
-        idx0 = torch.zeros((0, 1), dtype=torch.int64, device=self.device)
-        cur = self._enter([])
-        with torch.cuda.stream(self.stream):
-            self._c.dispatch(x0, idx0, None, self.world, 1, -1, -1, 0, _BAD_INPUT)
-        self._leave(cur, [], False)
+        self._empty_exchange(_BAD_INPUT)
         self.broken = ("moe_ext ipc backend: this rank passed invalid inputs to dispatch (see the error raised then); "
                        "call moe_ext.communicator(group).close() on every rank to start over")
 

@@ -81,12 +81,9 @@ def _pairs(idx, E, ep):
 
 def _direct(x, idx, w, w1, w2, E, ep, tp):
     import moe_ext
+    from moe_ext.parallel import direct_tp_slots
 
-    El = E // ep
-    u = torch.arange(tp, device=idx.device)
-    e = idx.long()[:, :, None]
-    virtual = torch.where(e >= 0, ((e // El) * tp + u) * El + e % El, -1).reshape(idx.shape[0], -1)
-    wv = w[:, :, None].expand(-1, -1, tp).reshape(w.shape[0], -1)
+    virtual, wv = direct_tp_slots(idx, w, E // ep, tp)
     recv, tpe, handle = moe_ext.dispatch(x, virtual, wv, E * tp, group=dist.group.WORLD)
     return moe_ext.combine(_experts(w1, w2)(recv, tpe), handle), int(recv.shape[0])
 

@@ -503,13 +503,9 @@ class MoE(nn.Module):
         """EP x TP with tp_dispatch="direct": one dispatch over every rank, each slot to each TP shard
         of its expert (virtual expert (ep_rank * tp + tp_rank) * S + slot), this rank's shard on the
         rows it received, and combine sums the k * tp partial rows of each token with the weights."""
-        S, tp = self.num_local_experts, self.tp_world
-        s = slots.long()[:, :, None]
-        u = torch.arange(tp, device=slots.device)
-        virtual = torch.where(s >= 0, ((s // S) * tp + u) * S + s % S, -1).flatten(1)
-        recv_x, tokens_per_slot, handle = dispatch(x2, virtual, w[:, :, None].expand(-1, -1, tp).flatten(1),
-                                                   self.layout.num_slots * tp, group=dist.group.WORLD,
-                                                   backend=self.backend, pad_to=self.pad_to)
+        virtual, wv = par.direct_tp_slots(slots, w, self.num_local_experts, self.tp_world)
+        recv_x, tokens_per_slot, handle = dispatch(x2, virtual, wv, self.layout.num_slots * self.tp_world,
+                                                   group=dist.group.WORLD, backend=self.backend, pad_to=self.pad_to)
         return combine(self.experts(recv_x, tokens_per_slot), handle), tokens_per_slot
 
     def _dispatch(self, x2, slots, w, **kw):

@@ -353,6 +353,18 @@ def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group):
     return _ReduceScatterRows.apply(y_all, sizes, tp_rank, tp_group), tpe_all
 
 
+def direct_tp_slots(slots, w, slots_per_rank, tp):
+    """EP x TP's direct dispatch: each slot s [T, k] (EP rank s // S, its slot s % S there) becomes
+    tp slots, one per TP shard, on the virtual experts (ep_rank * tp + tp_rank) * S + s % S of a
+    dispatch over the make_groups world (global rank ep_rank * tp + tp_rank); -1 stays -1. Returns
+    (virtual slots [T, k * tp] int64, their weights [T, k * tp], each slot's weight repeated)."""
+    S = slots_per_rank
+    s = slots.long()[:, :, None]
+    u = torch.arange(tp, device=slots.device)
+    virtual = torch.where(s >= 0, ((s // S) * tp + u) * S + s % S, -1).flatten(1)
+    return virtual, w[:, :, None].expand(-1, -1, tp).flatten(1)
+
+
 # ---- replicas: gradient sums and moving weights ------------------------------------------------
 
 def _row_bytes(t):

@@ -14,6 +14,7 @@ which and why. At the end the script checks that the replicated weights are stil
 every rank.
 """
 import argparse
+import gc
 import os
 import time
 
@@ -52,6 +53,20 @@ def main():
     # NOTE: gloo is enough for the bootstrap (the ipc and nccl backends bring their own transport)
     # and works for ranks sharing one GPU, which an nccl process group refuses.
     dist.init_process_group("gloo")
+    try:
+        train(args, device)
+        # NOTE: a gloo worker thread that frees a finished collective's tensors after the interpreter
+        # began to exit aborts the process ("terminate called without an active exception"), and
+        # once torch.optim has loaded torch._dynamo the group outlives destroy_process_group. So:
+        # everything of the training is freed (train returned; gc for cycles), then a barrier, whose
+        # wait lets the workers finish, before the group is destroyed.
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args, device):
     rank, world = dist.get_rank(), dist.get_world_size()
     if world % args.tp or args.experts % (world // args.tp):
         raise SystemExit(f"--tp {args.tp} must divide the {world} ranks, and --experts {args.experts} be a multiple "
@@ -107,9 +122,6 @@ def main():
     if rank == 0:
         print(f"ok: replicated weights and expert bias identical on all {world} ranks after {args.steps} steps",
               flush=True)
-    del layer, opt
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -214,6 +214,14 @@ def test_exact_ties_and_group_ties():
     assert idx[0].tolist() == list(range(8))
 
 
+def test_tiny_scores_keep_their_order():
+    # Experts ~90 below the row max have softmax scores near 2^-126: a flush to zero would tie
+    # them (lowest index wins) where the CPU still tells them apart.
+    logits = torch.tensor([[0.0, -100.0, -95.0, -90.0], [0.0, -90.0, -101.0, -99.5]])
+    _, idx, _ = compare(logits, 3, against_reference=False)
+    assert idx.tolist() == [[0, 3, 2], [0, 1, 3]]
+
+
 def test_nan_and_inf_match_cpu(seed):
     for score in ("softmax", "sigmoid"):
         logits = draw_logits(64, 32, 4, score=score)

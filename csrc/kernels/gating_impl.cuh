@@ -328,9 +328,10 @@ struct Math<float> {
   __device__ __forceinline__ static float mul(float a, float b) { return __fmul_rn(a, b); }
   __device__ __forceinline__ static float div(float a, float b) { return __fdiv_rn(a, b); }
   __device__ __forceinline__ static float rcp(float a) { return __frcp_rn(a); }
-  // ex2.approx(a * log2 e): about 2 ulp plus |a| * 6e-8 relative, so within 2e-7 for the scores
-  // that can be chosen (a = l - max in [-3, 0] for a top expert); results below 2^-126 become 0.
-  __device__ __forceinline__ static float exp(float a) { return __expf(a); }
+  // NOTE: expf, not __expf: the fast one flushes results below 2^-126 to 0 (and loses |a| * 6e-8
+  // relative), so experts ~88 below the row max would tie on the GPU and be told apart on the CPU
+  // (logits [0, -100, -95, -90], k=3). A few more instructions per score; the pass is memory-bound.
+  __device__ __forceinline__ static float exp(float a) { return expf(a); }
   __device__ __forceinline__ static float log(float a) { return logf(a); }
   __device__ __forceinline__ static float max(float a, float b) { return fmaxf(a, b); }
 };

@@ -37,6 +37,8 @@ using gemm_detail::FwdArgs;
 using gemm_detail::WgradArgs;
 
 constexpr int64_t kInt32Limit = int64_t{1} << 31;
+// The persistent loops step `tile += gridDim.x` in int: the tile count keeps a grid's headroom.
+constexpr int64_t kTileLimit = kInt32Limit - (int64_t{1} << 20);
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -221,8 +223,8 @@ const char* grouped_gemm_unsupported(const GroupedGemmParams& p) {
   }
   for (const int bm : {64, 128}) {
     const int64_t cols = p.activation == GemmActivation::kSwiglu ? gemm_detail::kBN / 2 : gemm_detail::kBN;
-    if (max_m_tiles(p.groups, bm) * ceil_div(n_out_of(p), cols) >= kInt32Limit)
-      return "grouped_gemm: too many tiles (> 2^31)";
+    if (max_m_tiles(p.groups, bm) * ceil_div(n_out_of(p), cols) >= kTileLimit)
+      return "grouped_gemm: too many tiles (>= 2^31 - 2^20)";
   }
   return nullptr;
 }
@@ -236,8 +238,8 @@ const char* grouped_gemm_wgrad_unsupported(const GroupedGemmWgradParams& p) {
   if (!aligned16(p.a) || !aligned16(p.grad_out) || !aligned16(p.grad_b))
     return "grouped_gemm_wgrad: a, grad_out and grad_b must be 16-byte aligned";
   if (p.k > 0 && p.n > 0 && p.grad_b == nullptr) return "grouped_gemm_wgrad: grad_b is null";
-  if (p.groups.num_experts * ceil_div(p.k, 128) * ceil_div(p.n, 128) >= kInt32Limit)
-    return "grouped_gemm_wgrad: too many tiles (> 2^31)";
+  if (p.groups.num_experts * ceil_div(p.k, 128) * ceil_div(p.n, 128) >= kTileLimit)
+    return "grouped_gemm_wgrad: too many tiles (>= 2^31 - 2^20)";
   return nullptr;
 }
 

@@ -17,7 +17,8 @@
 
 namespace moe_ext::kernels::gemm_detail {
 
-__host__ __device__ constexpr int ceil_div_i(int a, int b) { return (a + b - 1) / b; }
+// NOTE: not (a + b - 1) / b, which overflows for a row count near the 2^31 the host allows.
+__host__ __device__ constexpr int ceil_div_i(int a, int b) { return a / b + (a % b != 0); }
 
 // m-tiles per raster band of the tile order.
 constexpr int kScheduleBandM = 16;

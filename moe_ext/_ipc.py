@@ -361,14 +361,15 @@ class IpcBackend:
             grown = list(self._sizes)
             grown[3] = max(int(value), (grown[3] * 3 + 1) // 2)
             self._allocate(tuple(grown))
-        self._leave(cur, [recv_x, recv_scale, tpe, *plan], opts.async_op)
+        with torch.cuda.stream(self.stream):  # NOTE: the dispatch's kernels write slot_rows on this stream
+            slot_rows = plan[1]
+            row_map = torch.where(slot_rows >= 0,
+                                  torch.arange(slot_rows.numel(), device=slot_rows.device).view_as(slot_rows),
+                                  torch.full_like(slot_rows, -1))
+        self._leave(cur, [recv_x, recv_scale, tpe, row_map, *plan], opts.async_op)
         if opts.sync:
             self.check()
         ipc_plan = _IpcPlan(idx, plan, call + [plan[3].shape[0]], recv_scale if scale is not None else None)
-        slot_rows = plan[1]
-        row_map = torch.where(slot_rows >= 0,
-                              torch.arange(slot_rows.numel(), device=slot_rows.device).view_as(slot_rows),
-                              torch.full_like(slot_rows, -1))
         return recv_x, tpe, ipc_plan, row_map
 
     def _announce_bad_input(self, num_experts):

@@ -573,8 +573,10 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     sync: True (exact): recv_x is [R, H], R read back to the host once (training).
     False (no-sync, decode): recv_x is the masked layout [E / W, max_rows, H] with
     max_rows = masked_rows(W, max_tokens, capacity, pad_to), tokens_per_expert the valid rows of
-    each expert (on the device, unpadded); no host synchronisation with the ipc backend, so the
-    call can be captured in a CUDA graph. max_tokens: the most tokens any rank passes, the same
+    each expert (on the device, unpadded); the rows past them are unspecified with the ipc
+    backend (never written: zeroing E / W * max_rows rows would cost more than the decode
+    dispatch; grouped_gemm_masked and combine never read them; gloo leaves zeros there). No
+    host synchronisation with the ipc backend, so the call can be captured in a CUDA graph. max_tokens: the most tokens any rank passes, the same
     on every rank (needed for sync=False; sizes the ipc buffers otherwise).
     async_op: the tokens may still be moving when dispatch returns; handle.wait() makes the
     current stream wait for them (the gloo backend and a world of one are already complete).

@@ -4,7 +4,8 @@ Every spawned rank runs each case twice over the same gloo group: with CPU tenso
 backend, the reference) and with CUDA tensors (ipc). recv_x, tokens_per_expert, out and the
 gradients of x and y must be bit-identical (the CUDA unpermute rounds exactly like the CPU op);
 the weights' gradient (a float64-accumulated dot) within float32 rounding. Outputs are never
-pre-zeroed by the tests: the kernels must write every row.
+pre-zeroed by the tests: the kernels must write every row (in the masked layout: every row
+below each expert's count; the rows past it are left unwritten, see _valid_rows).
 Skipped without CUDA or without the CUDA build of moe_ext.
 """
 import time
@@ -65,6 +66,8 @@ def _run(x, idx, w, gout, E, backend, **kw):
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
     recv, tpe, h = moe_ext.dispatch(x, idx, w, E, backend=backend, **kw)
+    if kw.get("async_op"):
+        h.wait()
     # NOTE: not detached: x's gradient flows back through it (dispatch's backward, a combine)
     y = (recv.float() * 1.5 - 0.25).to(recv.dtype)  # an "expert"
     y.retain_grad()
@@ -73,8 +76,19 @@ def _run(x, idx, w, gout, E, backend, **kw):
     return [t.detach().cpu() for t in (recv, tpe, out, x.grad, w.grad, y.grad)]
 
 
-def _compare(ref, got, what):
+def _valid_rows(recv, tpe):
+    """The masked layout's rows below each expert's count, [sum(tpe), H]: the rows past it are
+    not written by the ipc backend (zeroing E_local * max_rows rows would cost more than the
+    decode dispatch itself), and the masked grouped GEMM and combine never read them."""
+    keep = torch.arange(recv.shape[1])[None, :] < tpe.long()[:, None]
+    return recv[keep]
+
+
+def _compare(ref, got, what, masked=False):
     names = ("recv_x", "tokens_per_expert", "out", "grad_x", "grad_w", "grad_y")
+    if masked:
+        assert ref[0].shape == got[0].shape and torch.equal(ref[1], got[1]), f"{what}: recv_x / tokens_per_expert"
+        ref, got = [_valid_rows(ref[0], ref[1])] + list(ref[1:]), [_valid_rows(got[0], got[1])] + list(got[1:])
     for name, a, b in zip(names, ref, got):
         assert a.shape == b.shape, f"{what}: {name} shape {tuple(b.shape)} != {tuple(a.shape)}"
         if name == "grad_w":
@@ -97,13 +111,18 @@ def _world_cases(rank, world, seed):
             ref = _run(x, idx, w, gout, E, "gloo", capacity=cap, sync=False, max_tokens=mt)
             got = _run(x.to(dev), idx.to(dev), w.to(dev), gout.to(dev), E, "ipc", capacity=cap, sync=False,
                        max_tokens=mt)
-            _compare(ref, got, what + " masked")
+            _compare(ref, got, what + " masked", masked=True)
             # async: the same results once waited for
-            E2, x2, idx2, w2, _ = _inputs(world, rank, seed + 99 + i, dtype, hidden, k, epr, max_t)
+            E2, x2, idx2, w2, gout2 = _inputs(world, rank, seed + 99 + i, dtype, hidden, k, epr, max_t)
             recv_a, _, h = moe_ext.dispatch(x2.to(dev), idx2.to(dev), w2.to(dev), E2, backend="ipc", async_op=True)
             h.wait()
             recv_s, _, _ = moe_ext.dispatch(x2, idx2, w2, E2, backend="gloo")
             assert torch.equal(recv_a.cpu(), recv_s), what + " async"
+            # an async dispatch, then combine and the backward (the weights' gradient reads the
+            # handle's row_map, made on the communicator's stream)
+            ref = _run(x2, idx2, w2, gout2, E2, "gloo")
+            got = _run(x2.to(dev), idx2.to(dev), w2.to(dev), gout2.to(dev), E2, "ipc", async_op=True)
+            _compare(ref, got, what + " async combine and backward")
     comm = moe_ext.communicator(device=dev)
     assert comm.nbytes > 0
     line = moe_ext.describe(device=dev)

@@ -169,7 +169,10 @@ class IpcComm : public torch::CustomClassHolder {
     const auto iopt = x.options().dtype(at::kLong);
     Tensor scratch = at::empty({kernels::ep_scratch_len(W, num_experts)}, iopt);
     Tensor slot_rows = at::empty({T, k}, iopt), stage_rows = at::empty({T, k}, iopt);
-    Tensor tpe = at::empty({El}, x.options().dtype(at::kInt));
+    // NOTE: zeros, not empty: if the count exchange fails (a peer times out) the kernels stop
+    // before writing the counts, and a no-sync caller runs its expert GEMMs before the error is
+    // seen at the next call; zero counts make those compute nothing instead of reading garbage.
+    Tensor tpe = at::zeros({El}, x.options().dtype(at::kInt));
     Tensor workspace = at::empty(
         {static_cast<int64_t>(comm::ep_dispatch_workspace_bytes(T, k, num_experts, W))}, x.options().dtype(at::kByte));
     p.scratch = scratch.data_ptr<int64_t>();
@@ -194,11 +197,13 @@ class IpcComm : public torch::CustomClassHolder {
     }
     Tensor recv_x = at::empty({rows, x.size(1)}, x.options());
     Tensor back_map = at::empty({rows}, iopt);
-    Tensor recv_scale = p.x_scale ? at::empty({rows, p.scale_cols}, x.options().dtype(at::kFloat)) : Tensor();
+    // NOTE: x_scale.has_value(), not p.x_scale: a rank with T = 0 has a null scale pointer but
+    // still receives its peers' rows and their scales.
+    Tensor recv_scale = x_scale.has_value() ? at::empty({rows, p.scale_cols}, x.options().dtype(at::kFloat)) : Tensor();
     p.recv_x = recv_x.data_ptr();
     p.recv_rows = rows;
     p.back_map = back_map.data_ptr<int64_t>();
-    p.recv_scale = p.x_scale ? recv_scale.data_ptr<float>() : nullptr;
+    p.recv_scale = x_scale.has_value() ? recv_scale.data_ptr<float>() : nullptr;
     comm::ep_dispatch_finish(p, stream);
     if (masked) recv_x = recv_x.view({El, max_rows, x.size(1)});
     return {recv_x, recv_scale.defined() ? recv_scale : at::empty({0}, x.options().dtype(at::kFloat)), tpe, scratch,

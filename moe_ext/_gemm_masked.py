@@ -5,11 +5,11 @@ CUDA). Imported by moe_ext.gemm, which holds the public wrapper.
 """
 import torch
 
-from ._ops import _gemm_setup, ops, swiglu_backward
+from ._ops import _acc_dtype, _gemm_setup, check_gemm_epilogue_fake, gemm_epilogue_backward, ops
 
 
 @torch.library.register_fake("moe_ext::grouped_gemm_masked")
-def _grouped_gemm_masked_fake(a, b, valid_rows, trans_b, activation):
+def _grouped_gemm_masked_fake(a, b, valid_rows, trans_b, activation, bias=None, row_scale=None):
     op = "moe_ext.grouped_gemm_masked"
     torch._check(a.dim() == 3 and b.dim() == 3, lambda: f"{op}: a must be [E, max_rows, K], b [E, K, N]")
     torch._check(a.dtype == b.dtype, lambda: f"{op}: b must have the dtype of a")
@@ -20,6 +20,7 @@ def _grouped_gemm_masked_fake(a, b, valid_rows, trans_b, activation):
                  lambda: f"{op}: valid_rows must be [E]")
     torch._check(a.device == b.device and a.device == valid_rows.device,
                  lambda: f"{op}: a, b and valid_rows must be on one device")
+    check_gemm_epilogue_fake(op, a, b, trans_b, bias, row_scale, a.shape[:2])
     n = b.shape[1] if trans_b else b.shape[2]
     if activation == "swiglu":
         n = n // 2
@@ -33,25 +34,26 @@ def _row_mask(valid_rows, max_rows):
 
 
 def _masked_backward(ctx, g):
-    a, b, valid_rows = ctx.saved_tensors
-    trans_b, activation = ctx.args
+    a, b, valid_rows, bias, row_scale = ctx.saved_tensors
+    trans_b = ctx.trans_b
     E, R, K = a.shape
     mask = _row_mask(valid_rows, R)
     # NOTE: rows past valid_rows are outputs fixed at zero: their gradient is dropped, and a's rows
     # there (often uninitialised in worst-case buffers) must not reach grad_b, not even as 0 * NaN.
     g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
-    if activation == "swiglu":
-        h = ops.grouped_gemm_masked(a, b, valid_rows, trans_b, "none")
-        g = swiglu_backward(g.reshape(E * R, -1), h.reshape(E * R, -1)).view(E, R, -1)
-    g = g.contiguous()
-    grad_a = grad_b = None
+    g, grad_scale = gemm_epilogue_backward(
+        g, lambda act, scale: ops.grouped_gemm_masked(a, b, valid_rows, trans_b, act, bias, scale), ctx.activation,
+        row_scale, row_scale is not None and ctx.needs_input_grad[6], a.dtype)
+    grad_a = grad_b = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_a = ops.grouped_gemm_masked(g, b, valid_rows, not trans_b, "none")
     if ctx.needs_input_grad[1]:
         a_valid = torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device)).reshape(E * R, K)
         rows = torch.full((E,), R, dtype=torch.int64, device=a.device)
         grad_b = ops.grouped_gemm_wgrad(a_valid, g.reshape(E * R, -1), rows, E, trans_b)
-    return grad_a, grad_b, None, None, None
+    if bias is not None and ctx.needs_input_grad[5]:
+        grad_bias = g.to(_acc_dtype(a.dtype)).sum(1).to(bias.dtype)  # rows past valid_rows are zero in g
+    return grad_a, grad_b, None, None, None, grad_bias, grad_scale
 
 
 torch.library.register_autograd("moe_ext::grouped_gemm_masked", _masked_backward, setup_context=_gemm_setup)  # same inputs as grouped_gemm's

@@ -90,14 +90,28 @@ def _unpermute_backward_fake(grad_out, y, row_map, weights):
     return y.new_empty(y.shape), grad_w
 
 
+def check_gemm_epilogue_fake(op, a, b, trans_b, bias, row_scale, rows):
+    """The fake side of checks.h's check_gemm_epilogue: bias [E, N] in a's dtype, row_scale `rows`."""
+    n = b.shape[1] if trans_b else b.shape[2]
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (b.shape[0], n), lambda: f"{op}: bias must be [E, N] (N before the activation)")
+        torch._check(bias.dtype == a.dtype, lambda: f"{op}: bias must have the dtype of a")
+        _same_device(f"{op}: bias", bias, "a", a)
+    if row_scale is not None:
+        torch._check(tuple(row_scale.shape) == tuple(rows), lambda: f"{op}: row_scale must have one value per output row")
+        torch._check(row_scale.is_floating_point(), lambda: f"{op}: row_scale must be a float tensor")
+        _same_device(f"{op}: row_scale", row_scale, "a", a)
+
+
 @torch.library.register_fake("moe_ext::grouped_gemm")
-def _grouped_gemm_fake(a, b, sizes, trans_b, activation):
+def _grouped_gemm_fake(a, b, sizes, trans_b, activation, bias=None, row_scale=None):
     torch._check(a.dim() == 2 and b.dim() == 3, lambda: "moe_ext.grouped_gemm: a must be [M, K], b [E, K, N]")
     torch._check(a.dtype == b.dtype, lambda: "moe_ext.grouped_gemm: b must have the dtype of a")
     torch._check((b.shape[2] if trans_b else b.shape[1]) == a.shape[1],
                  lambda: "moe_ext.grouped_gemm: the K of b must equal the K of a")
     _same_device("moe_ext.grouped_gemm: b", b, "a", a)
     _same_device("moe_ext.grouped_gemm: tokens_per_expert", sizes, "a", a)
+    check_gemm_epilogue_fake("moe_ext.grouped_gemm", a, b, trans_b, bias, row_scale, (a.shape[0],))
     n = b.shape[1] if trans_b else b.shape[2]
     if activation == "swiglu":
         n = n // 2
@@ -163,9 +177,13 @@ def _unpermute_backward(ctx, g_out):
 torch.library.register_autograd("moe_ext::unpermute", _unpermute_backward, setup_context=_unpermute_setup)
 
 
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def swiglu_backward(grad, h):
     """d/dh of silu(h[:, :n]) * h[:, n:], in float32 (float64 for float64)."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(h.dtype)
     n = h.shape[1] // 2
     gate, up, g = h[:, :n].to(acc), h[:, n:].to(acc), grad.to(acc)
     sig = torch.sigmoid(gate)
@@ -174,20 +192,51 @@ def swiglu_backward(grad, h):
     return torch.cat([d_gate, g * silu], dim=1).to(h.dtype)
 
 
+def gemm_epilogue_backward(g, forward, activation, row_scale, scale_grad, a_dtype):
+    """Undoes the epilogue y = row_scale * act(h + bias) for a grouped GEMM's backward.
+
+    g: the gradient of y (rows in the leading dimensions, columns last). forward(activation,
+    row_scale) reruns the GEMM on the same inputs and bias. Returns dL/dh in a's dtype, contiguous,
+    and dL/drow_scale (None unless scale_grad)."""
+    acc = _acc_dtype(a_dtype)
+    h = forward("none", None) if activation == "swiglu" or scale_grad else None
+    grad_scale = None
+    if row_scale is not None:
+        if scale_grad:
+            if activation == "swiglu":  # NOTE: from the rounded h, as swiglu_backward below
+                n = h.shape[-1] // 2
+                y = torch.nn.functional.silu(h.narrow(-1, 0, n).to(acc)) * h.narrow(-1, n, n).to(acc)
+            else:
+                y = h.to(acc)
+            grad_scale = (g.to(acc) * y).sum(-1).to(row_scale.dtype)
+        g = g.to(acc) * row_scale.to(acc).unsqueeze(-1)
+    if activation == "swiglu":
+        shape = g.shape
+        g = swiglu_backward(g.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1])).view(*shape[:-1], -1)
+    return g.to(a_dtype).contiguous(), grad_scale
+
+
 def _gemm_setup(ctx, inputs, output):
-    a, b, sizes, trans_b, activation = inputs
-    ctx.args = (trans_b, activation)
-    ctx.save_for_backward(a, b, sizes)
+    a, b, sizes, trans_b, activation, bias, row_scale = inputs
+    ctx.trans_b, ctx.activation = trans_b, activation
+    ctx.save_for_backward(a, b, sizes, bias, row_scale)
 
 
 def _gemm_backward(ctx, g):
-    a, b, sizes = ctx.saved_tensors
-    trans_b, activation = ctx.args
-    if activation == "swiglu":
-        g = swiglu_backward(g, ops.grouped_gemm(a, b, sizes, trans_b, "none"))
-    grad_a = ops.grouped_gemm(g.contiguous(), b, sizes, not trans_b, "none") if ctx.needs_input_grad[0] else None
-    grad_b = ops.grouped_gemm_wgrad(a, g.contiguous(), sizes, b.shape[0], trans_b) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b, None, None, None
+    a, b, sizes, bias, row_scale = ctx.saved_tensors
+    trans_b, E = ctx.trans_b, b.shape[0]
+    g, grad_scale = gemm_epilogue_backward(
+        g, lambda act, scale: ops.grouped_gemm(a, b, sizes, trans_b, act, bias, scale), ctx.activation, row_scale,
+        row_scale is not None and ctx.needs_input_grad[6], a.dtype)
+    grad_a = ops.grouped_gemm(g, b, sizes, not trans_b, "none") if ctx.needs_input_grad[0] else None
+    grad_b = ops.grouped_gemm_wgrad(a, g, sizes, E, trans_b) if ctx.needs_input_grad[1] else None
+    grad_bias = None
+    if bias is not None and ctx.needs_input_grad[5]:
+        # NOTE: each expert's column sums of g, as a k-grouped GEMM with columns of ones: no host
+        # sync for the row offsets, and the same summation order every run (index_add would use
+        # atomics on CUDA). 8 columns: the kernel's 16-byte rows.
+        grad_bias = ops.grouped_gemm_wgrad(g.new_ones((g.shape[0], 8)), g, sizes, E, False)[:, 0].contiguous()
+    return grad_a, grad_b, None, None, None, grad_bias, grad_scale
 
 
 torch.library.register_autograd("moe_ext::grouped_gemm", _gemm_backward, setup_context=_gemm_setup)

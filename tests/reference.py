@@ -100,8 +100,9 @@ def unpermute(y, row_map, weights=None):
     return out
 
 
-def grouped_gemm(a, b, sizes, trans_b=False, activation=None):
-    """Per-expert float64 matmul over row segments; rows past the last segment give zeros."""
+def grouped_gemm(a, b, sizes, trans_b=False, activation=None, bias=None, row_scale=None):
+    """Per-expert float64 matmul over row segments, + bias[e] before the activation, * row_scale
+    after it; rows past the last segment give zeros."""
     sizes = [int(v) for v in sizes]
     if len(sizes) == b.shape[0] + 1:
         sizes = [sizes[i + 1] - sizes[i] for i in range(b.shape[0])]
@@ -112,8 +113,12 @@ def grouped_gemm(a, b, sizes, trans_b=False, activation=None):
     for e, m in enumerate(sizes):
         be = b[e].double().t() if trans_b else b[e].double()
         h = a[start:start + m].double() @ be
+        if bias is not None:
+            h = h + bias[e].double()
         if activation == "swiglu":
             h = torch.nn.functional.silu(h[:, :n_out]) * h[:, n_out:]
+        if row_scale is not None:
+            h = h * row_scale[start:start + m].double().unsqueeze(1)
         out[start:start + m] = h
         start += m
     return out

@@ -568,6 +568,93 @@ def test_masked_autograd_matches_cpu(kernel, seed):
     _assert_within_torch_error(gb, rb, {"CPU op": cb}, "masked grad b")
 
 
+# ---- fused epilogue: bias before the activation, row scale after it ---------------------------------
+
+def _epilogue_inputs(E, N, rows, epilogue, dtype, gen):
+    bias = (torch.randn(E, N, generator=gen) * 0.5).to(dtype).cuda() if epilogue != "scale" else None
+    scale = (torch.rand(rows, generator=gen) + 0.25).cuda() if epilogue != "bias" else None
+    return bias, scale
+
+
+@pytest.mark.parametrize("E,kind", [(8, "random"), (32, "empty"), (128, "zipf")])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+@pytest.mark.parametrize("epilogue", ["bias", "scale", "both"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_epilogue_matches_float64(kernel, seed, E, kind, trans_b, activation, epilogue, dtype):
+    """The kernels' epilogue against the float64 reference, no worse than twice the error of the
+    CPU op in the same dtype (which also runs it on the fp32 accumulator and rounds once)."""
+    gen = torch.Generator().manual_seed(seed)
+    K, N = 72, (272 if activation == "swiglu" else 136)
+    total = 2 * E + 1001
+    M = total + 3
+    a = torch.randn(M, K, device="cuda").to(dtype)
+    b = _weights(E, K, N, trans_b, dtype)
+    counts = _counts(total, E, kind, gen)
+    bias, scale = _epilogue_inputs(E, N, M, epilogue, dtype, gen)
+    ref = _ref64(a, b, counts, trans_b, activation, bias, scale)
+    _poison(((M, N // 2 if activation == "swiglu" else N), dtype))
+    y = moe_ext.grouped_gemm(a, b, counts.cuda(), trans_b=trans_b, activation=activation, bias=bias, row_scale=scale)
+    assert not torch.isnan(y).any(), "an output element was never written"
+    assert (y[total:] == 0).all(), "rows past the last group must be zero"
+    cpu = moe_ext.grouped_gemm(a.cpu(), b.cpu(), counts, trans_b=trans_b, activation=activation,
+                               bias=None if bias is None else bias.cpu(), row_scale=None if scale is None else scale.cpu())
+    _assert_within_torch_error(y, ref, {"CPU op": cpu}, f"E={E} {kind} trans_b={trans_b} {activation} {epilogue}")
+
+
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_epilogue_autograd_matches_cpu(kernel, seed, activation, dtype):
+    """Gradients of a, b, bias and row_scale on CUDA against float64 CPU autograd, within twice the
+    CPU op's error in the same dtype."""
+    M, E, K, N = 700, 8, 128, 256
+    gen = torch.Generator().manual_seed(seed)
+    counts = _counts(M - 4, E, "empty", gen)
+    a0 = torch.randn(M, K, generator=gen).to(dtype)
+    b0 = _weights(E, K, N, False, dtype, device="cpu")
+    bias0 = (torch.randn(E, N, generator=gen) * 0.5).to(dtype)
+    scale0 = torch.rand(M, generator=gen) + 0.25
+    g0 = torch.randn(M, N // 2 if activation == "swiglu" else N, generator=gen).to(dtype)
+
+    def grads(*t):
+        a, b, bias, scale, g, c = [x.clone() for x in t]
+        leaves = [x.requires_grad_() for x in (a, b, bias, scale)]
+        moe_ext.grouped_gemm(a, b, c, activation=activation, bias=bias, row_scale=scale).backward(g)
+        return [x.grad for x in leaves]
+
+    got = grads(a0.cuda(), b0.cuda(), bias0.cuda(), scale0.cuda(), g0.cuda(), counts.cuda())
+    ref = grads(a0.double(), b0.double(), bias0.double(), scale0.double(), g0.double(), counts)
+    cpu = grads(a0, b0, bias0, scale0, g0, counts)
+    for name, x, r, c in zip(("a", "b", "bias", "row_scale"), got, ref, cpu):
+        assert torch.isfinite(x).all(), name
+        _assert_within_torch_error(x, r, {"CPU op": c}, f"grad {name}", atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_masked_epilogue_matches_cpu(kernel, seed, activation):
+    E, R, K, N = 8, 37, 72, 272
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(E, R, K, generator=gen).bfloat16().cuda()
+    valid = torch.randint(0, R + 1, (E,), generator=gen)
+    valid[1] = 0
+    for e in range(E):
+        a[e, int(valid[e]):] = float("nan")
+    b = _weights(E, K, N, False, torch.bfloat16)
+    bias, scale = _epilogue_inputs(E, N, E * R, "both", torch.bfloat16, gen)
+    scale = scale.view(E, R)
+    _poison(((E, R, N // 2 if activation == "swiglu" else N), torch.bfloat16))
+    y = grouped_gemm_masked(a, b, valid.cuda(), activation=activation, bias=bias, row_scale=scale)
+    assert not torch.isnan(y).any()
+    for e in range(E):
+        assert (y[e, int(valid[e]):] == 0).all()
+    keep = torch.arange(R)[None, :] < valid[:, None]
+    packed = torch.nan_to_num(a.cpu())[keep]
+    ref = _ref64(packed, b, valid, False, activation, bias, scale.cpu()[keep])
+    cpu = moe_ext.grouped_gemm(packed, b.cpu(), valid, activation=activation, bias=bias.cpu(),
+                               row_scale=scale.cpu()[keep])
+    _assert_within_torch_error(y.cpu()[keep], ref, {"CPU op (bf16)": cpu}, "masked epilogue")
+
+
 # ---- CUDA graphs: nothing reads the counts on the host ------------------------------------------------
 
 def test_cuda_graph_capture_and_replay_with_new_counts(kernel, seed):

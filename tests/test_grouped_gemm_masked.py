@@ -10,7 +10,7 @@ from moe_ext.gemm import grouped_gemm, grouped_gemm_masked
 ops = torch.ops.moe_ext
 
 
-def _reference(a, b, valid, trans_b=False, activation=None):
+def _reference(a, b, valid, trans_b=False, activation=None, bias=None, row_scale=None):
     """float64 loop over experts, written without moe_ext."""
     E, R, _ = a.shape
     outs = []
@@ -19,9 +19,13 @@ def _reference(a, b, valid, trans_b=False, activation=None):
         h = torch.zeros(R, w.shape[1], dtype=torch.float64)
         v = int(valid[e])
         h[:v] = a[e, :v].double() @ w
+        if bias is not None:
+            h[:v] += bias[e].double()
         if activation == "swiglu":
             n = h.shape[1] // 2
             h = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
+        if row_scale is not None:
+            h = h * row_scale[e].double().unsqueeze(1)
         outs.append(h)
     return torch.stack(outs)
 
@@ -148,14 +152,45 @@ def test_grad_ignores_rows_past_valid(seed, activation):
     torch.testing.assert_close(a.grad[2], a2.grad[2])
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_epilogue_matches_reference_and_contiguous(seed, trans_b, activation):
+    E, R, K, N = 4, 6, 8, 10
+    a = torch.randn(E, R, K, dtype=torch.float64)
+    a[0, 3:] = float("nan")  # rows past valid_rows never reach the output, scaled or not
+    b = _weights(E, K, N, trans_b, torch.float64)
+    valid = torch.tensor([3, 0, 6, 2])
+    bias, scale = torch.randn(E, N, dtype=torch.float64), torch.rand(E, R, dtype=torch.float64) + 0.5
+    y = grouped_gemm_masked(a, b, valid, trans_b=trans_b, activation=activation, bias=bias, row_scale=scale)
+    torch.testing.assert_close(y, _reference(torch.nan_to_num(a), b, valid, trans_b, activation, bias, scale))
+    keep = torch.arange(R)[None, :] < valid[:, None]
+    flat = grouped_gemm(a[keep], b, valid, trans_b=trans_b, activation=activation, bias=bias, row_scale=scale[keep])
+    assert torch.equal(y[keep], flat)
+
+
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_gradcheck_epilogue(seed, activation):
+    E, R, K, N = 3, 4, 5, 6
+    a = torch.randn(E, R, K, dtype=torch.float64, requires_grad=True)
+    b = _weights(E, K, N, False, torch.float64).requires_grad_()
+    bias = torch.randn(E, N, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(E, R, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([2, 0, 4])
+    assert gradcheck(lambda *t: grouped_gemm_masked(t[0], t[1], valid, activation=activation, bias=t[2],
+                                                    row_scale=t[3]), (a, b, bias, scale))
+
+
 def _samples():
     torch.manual_seed(0)
     a = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, 8, 6, dtype=torch.float64, requires_grad=True)
     bt = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
     valid = torch.tensor([3, 0, 4])
+    bias = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(3, 4, dtype=torch.float64, requires_grad=True)
     return [(a, b, valid, False, "none"), (a, bt, valid.int(), True, "swiglu"),
-            (torch.randn(3, 4, 8).bfloat16(), torch.randn(3, 8, 6).bfloat16(), valid, False, "none")]
+            (torch.randn(3, 4, 8).bfloat16(), torch.randn(3, 8, 6).bfloat16(), valid, False, "none"),
+            (a, b, valid, False, "swiglu", bias, scale), (a, bt, valid, True, "none", None, torch.rand(3, 4))]
 
 
 def test_opcheck():

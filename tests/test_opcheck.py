@@ -42,9 +42,13 @@ def _gemm_samples():
     b = torch.randn(3, 8, 6, dtype=torch.float64, requires_grad=True)
     bt = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
     counts = torch.tensor([7, 0, 13])
+    bias = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(20, dtype=torch.float64, requires_grad=True)
     return [(a, b, counts, False, "none"), (a, bt, counts, True, "swiglu"),
             (a, b, torch.tensor([0, 7, 7, 20], dtype=torch.int32), False, "swiglu"),
-            (torch.randn(20, 8).bfloat16(), torch.randn(3, 8, 6).bfloat16(), counts, False, "none")]
+            (torch.randn(20, 8).bfloat16(), torch.randn(3, 8, 6).bfloat16(), counts, False, "none"),
+            (a, b, counts, False, "swiglu", bias, scale), (a, bt, counts, True, "none", bias, None),
+            (a, b, counts, False, "none", None, torch.rand(20))]
 
 
 SAMPLES = {

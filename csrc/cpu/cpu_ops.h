@@ -40,8 +40,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
                                                       const at::Tensor& row_map,
                                                       const c10::optional<at::Tensor>& weights);
 
+// bias [E, N] is added before the activation, row_scale [M] multiplies each output row after it.
 at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& group_sizes, bool trans_b,
-                        const std::string& activation);
+                        const std::string& activation, const c10::optional<at::Tensor>& bias = c10::nullopt,
+                        const c10::optional<at::Tensor>& row_scale = c10::nullopt);
 
 at::Tensor grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& grad_out, const at::Tensor& group_sizes,
                               int64_t num_experts, bool trans_b);

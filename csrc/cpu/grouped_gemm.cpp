@@ -1,5 +1,6 @@
 // Grouped GEMM through ATen: every expert's rows times its own weight, fp32 accumulation for
-// 16-bit inputs, optional SwiGLU on the fp32 accumulator; and the k-grouped weight gradient.
+// 16-bit inputs, the epilogue (bias, SwiGLU, row scale) on the fp32 accumulator and one rounding,
+// as the CUDA kernels do; and the k-grouped weight gradient.
 // The CPU op, and the CUDA path for float32/float64 (one cuBLAS matmul per expert, group sizes
 // read back to the host): csrc/ops/grouped_gemm_cuda.cu sends bf16/fp16 to the grouped kernels.
 #include "cpu/cpu_ops.h"
@@ -41,7 +42,8 @@ at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 }  // namespace
 
 at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& group_sizes, bool trans_b,
-                        const std::string& activation) {
+                        const std::string& activation, const c10::optional<at::Tensor>& bias,
+                        const c10::optional<at::Tensor>& row_scale) {
   const char* op = "moe_ext.grouped_gemm";
   const Activation act = parse_activation(activation);
   const int64_t M = a.size(0), E = b.size(0);
@@ -56,7 +58,9 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
     const at::Tensor a_e = a.narrow(0, off[e], rows).to(acc);
     const at::Tensor b_e = trans_b ? b[e].t().to(acc) : b[e].to(acc);
     at::Tensor h = at::mm(a_e, b_e);
+    if (bias.has_value()) h.add_((*bias)[e].to(acc));
     if (act == Activation::kSwiglu) h = at::silu(h.narrow(1, 0, n_out)) * h.narrow(1, n_out, n_out);
+    if (row_scale.has_value()) h.mul_(row_scale->narrow(0, off[e], rows).to(acc).unsqueeze(1));
     out.narrow(0, off[e], rows).copy_(h);
   }
   if (off[E] < M) out.narrow(0, off[E], M - off[E]).zero_();

@@ -224,8 +224,32 @@ inline void check_group_sizes(const char* op, const at::Tensor& sizes, int64_t n
 }
 
 // grouped_gemm(a[M,K], b[E,K,N] or trans_b b[E,N,K]) -> [M,N] (or [M,N/2] with swiglu).
+// The optional epilogue inputs of grouped_gemm / grouped_gemm_masked: bias [E, N] in the dtype of
+// a (N: b's output width before the activation), added before it; row_scale, one float per output
+// row (shape `rows`: [M], or [E, max_rows] for the masked layout), multiplied after it.
+inline void check_gemm_epilogue(const char* op, const at::Tensor& a, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& row_scale, int64_t num_experts, int64_t n,
+                                at::IntArrayRef rows) {
+  if (bias.has_value()) {
+    const at::Tensor& t = *bias;
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == num_experts && t.size(1) == n, op, ": bias must be [E=", num_experts,
+                ", N=", n, "] (N before the activation), got shape ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == a.scalar_type(), op, ": bias must have the dtype of a (", a.scalar_type(),
+                "), got ", t.scalar_type());
+    check_same_device(a, "a", t, "bias");
+  }
+  if (row_scale.has_value()) {
+    const at::Tensor& t = *row_scale;
+    TORCH_CHECK(t.sizes() == rows, op, ": row_scale must have one value per output row, shape ", rows, ", got ",
+                t.sizes());
+    TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": row_scale must be a float tensor, got ", t.scalar_type());
+    check_same_device(a, "a", t, "row_scale");
+  }
+}
+
 inline void check_grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sizes, bool trans_b,
-                               Activation act) {
+                               Activation act, const c10::optional<at::Tensor>& bias = c10::nullopt,
+                               const c10::optional<at::Tensor>& row_scale = c10::nullopt) {
   const char* op = "moe_ext.grouped_gemm";
   TORCH_CHECK(a.dim() == 2, op, ": a must be 2-D [M, K], got ", a.dim(), "-D");
   TORCH_CHECK(b.dim() == 3, op, ": b must be 3-D [E, K, N] (or [E, N, K] with trans_b), got ", b.dim(), "-D");
@@ -246,6 +270,7 @@ inline void check_grouped_gemm(const at::Tensor& a, const at::Tensor& b, const a
     const int64_t n = trans_b ? b.size(1) : b.size(2);
     TORCH_CHECK(n % 2 == 0, op, ": activation='swiglu' needs an even N (gate and up halves), got N=", n);
   }
+  check_gemm_epilogue(op, a, bias, row_scale, b.size(0), trans_b ? b.size(1) : b.size(2), {a.size(0)});
 }
 
 inline void check_grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& sizes,

@@ -10,6 +10,7 @@
 // decreasing offsets count as 0 rows, offsets[0] is taken as 0, rows past M are dropped,
 // valid_rows is clamped to [0, max_rows]); see csrc/kernels/grouped_gemm.cuh.
 // The kernel needs 16-byte rows: K and N (N/2 with SwiGLU) multiples of 8; an error says so.
+// The epilogue inputs (bias, row_scale) go to the kernel as it reads them (see epilogue_inputs).
 #include "cpu/cpu_ops.h"
 #include "kernels/api.cuh"
 #include "ops/checks.h"
@@ -69,9 +70,26 @@ kernels::GemmGroups contiguous_groups(const Tensor& sizes, int64_t num_experts, 
   return g;
 }
 
+using OptTensor = c10::optional<Tensor>;
+
+// The epilogue inputs as the kernel reads them: bias contiguous and 16-byte aligned in the
+// element type, row_scale contiguous float32. Kept alive by the caller until the launch.
+struct Epilogue {
+  Tensor bias, row_scale;
+};
+
+Epilogue epilogue_inputs(const OptTensor& bias, const OptTensor& row_scale) {
+  Epilogue ep;
+  if (bias.has_value()) ep.bias = aligned16(bias->contiguous());
+  if (row_scale.has_value()) ep.row_scale = row_scale->to(at::kFloat).contiguous();
+  return ep;
+}
+
 void run_forward(kernels::GroupedGemmParams& p, const Tensor& a, const Tensor& b, const Tensor& out, bool trans_b,
-                 Activation act, int64_t k, int64_t n) {
+                 Activation act, int64_t k, int64_t n, const Epilogue& ep) {
   p.dtype = gemm_float(a.scalar_type());
+  p.bias = ep.bias.defined() ? ep.bias.data_ptr() : nullptr;
+  p.row_scale = ep.row_scale.defined() ? ep.row_scale.data_ptr<float>() : nullptr;
   p.a = a.data_ptr();
   p.b = b.data_ptr();
   p.out = out.data_ptr();
@@ -83,13 +101,14 @@ void run_forward(kernels::GroupedGemmParams& p, const Tensor& a, const Tensor& b
 }
 
 Tensor grouped_gemm_cuda(const Tensor& a_in, const Tensor& b_in, const Tensor& sizes_in, bool trans_b,
-                         c10::string_view activation) {
+                         c10::string_view activation, const OptTensor& bias, const OptTensor& row_scale) {
   const char* op = "moe_ext.grouped_gemm";
   const std::string act_name(activation);
   const Activation act = parse_activation(act_name);
-  check_grouped_gemm(a_in, b_in, sizes_in, trans_b, act);
+  check_grouped_gemm(a_in, b_in, sizes_in, trans_b, act, bias, row_scale);
   TORCH_CHECK(a_in.is_cuda(), op, ": a must be a CUDA tensor here, got ", a_in.device());
-  if (!kernel_dtype(a_in.scalar_type())) return cpu::grouped_gemm(a_in, b_in, sizes_in, trans_b, act_name);
+  if (!kernel_dtype(a_in.scalar_type()))
+    return cpu::grouped_gemm(a_in, b_in, sizes_in, trans_b, act_name, bias, row_scale);
 
   const int64_t M = a_in.size(0), K = a_in.size(1), E = b_in.size(0);
   const int64_t N = trans_b ? b_in.size(1) : b_in.size(2);
@@ -97,10 +116,11 @@ Tensor grouped_gemm_cuda(const Tensor& a_in, const Tensor& b_in, const Tensor& s
   check_kernel_limits(op, E, M, K, "a.size(1)", N, trans_b ? "b.size(1)" : "b.size(2)", act);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const Tensor a = aligned16(a_in), b = aligned16(b_in), sizes = sizes_in.contiguous();
+  const Epilogue ep = epilogue_inputs(bias, row_scale);
   Tensor out = at::empty({M, n_out}, a.options());
   kernels::GroupedGemmParams p;
   p.groups = contiguous_groups(sizes, E, M);
-  run_forward(p, a, b, out, trans_b, act, K, N);
+  run_forward(p, a, b, out, trans_b, act, K, N, ep);
   return out;
 }
 
@@ -131,13 +151,14 @@ Tensor grouped_gemm_wgrad_cuda(const Tensor& a_in, const Tensor& grad_out_in, co
 }
 
 Tensor grouped_gemm_masked_cuda(const Tensor& a_in, const Tensor& b_in, const Tensor& valid_in, bool trans_b,
-                                c10::string_view activation) {
+                                c10::string_view activation, const OptTensor& bias, const OptTensor& row_scale) {
   const char* op = "moe_ext.grouped_gemm_masked";
   const std::string act_name(activation);
   const Activation act = parse_activation(act_name);
-  check_grouped_gemm_masked(a_in, b_in, valid_in, trans_b, act);
+  check_grouped_gemm_masked(a_in, b_in, valid_in, trans_b, act, bias, row_scale);
   TORCH_CHECK(a_in.is_cuda(), op, ": a must be a CUDA tensor here, got ", a_in.device());
-  if (!kernel_dtype(a_in.scalar_type())) return grouped_gemm_masked_aten(a_in, b_in, valid_in, trans_b, act_name);
+  if (!kernel_dtype(a_in.scalar_type()))
+    return grouped_gemm_masked_aten(a_in, b_in, valid_in, trans_b, act_name, bias, row_scale);
 
   const int64_t E = a_in.size(0), R = a_in.size(1), K = a_in.size(2);
   const int64_t N = trans_b ? b_in.size(1) : b_in.size(2);
@@ -145,6 +166,7 @@ Tensor grouped_gemm_masked_cuda(const Tensor& a_in, const Tensor& b_in, const Te
   check_kernel_limits(op, E, E * R, K, "a.size(2)", N, trans_b ? "b.size(1)" : "b.size(2)", act);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const Tensor a = aligned16(a_in), b = aligned16(b_in), valid = valid_in.contiguous();
+  const Epilogue ep = epilogue_inputs(bias, row_scale);
   Tensor out = at::empty({E, R, n_out}, a.options());
   kernels::GroupedGemmParams p;
   p.groups.layout = kernels::GemmLayout::kMasked;
@@ -152,7 +174,7 @@ Tensor grouped_gemm_masked_cuda(const Tensor& a_in, const Tensor& b_in, const Te
   p.groups.sizes_int64 = valid.scalar_type() == at::kLong;
   p.groups.num_experts = E;
   p.groups.rows = R;
-  run_forward(p, a, b, out, trans_b, act, K, N);
+  run_forward(p, a, b, out, trans_b, act, K, N, ep);
   return out;
 }
 

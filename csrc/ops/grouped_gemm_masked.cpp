@@ -10,7 +10,8 @@
 namespace moe_ext {
 
 void check_grouped_gemm_masked(const at::Tensor& a, const at::Tensor& b, const at::Tensor& valid_rows, bool trans_b,
-                               Activation act) {
+                               Activation act, const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& row_scale) {
   const char* op = "moe_ext.grouped_gemm_masked";
   TORCH_CHECK(a.dim() == 3, op, ": a must be 3-D [E, max_rows, K], got ", a.dim(), "-D");
   TORCH_CHECK(b.dim() == 3, op, ": b must be 3-D [E, K, N] (or [E, N, K] with trans_b), got ", b.dim(), "-D");
@@ -35,10 +36,13 @@ void check_grouped_gemm_masked(const at::Tensor& a, const at::Tensor& b, const a
     const int64_t n = trans_b ? b.size(1) : b.size(2);
     TORCH_CHECK(n % 2 == 0, op, ": activation='swiglu' needs an even N (gate and up halves), got N=", n);
   }
+  check_gemm_epilogue(op, a, bias, row_scale, b.size(0), trans_b ? b.size(1) : b.size(2), {a.size(0), a.size(1)});
 }
 
 at::Tensor grouped_gemm_masked_aten(const at::Tensor& a, const at::Tensor& b, const at::Tensor& valid_rows,
-                                    bool trans_b, const std::string& activation) {
+                                    bool trans_b, const std::string& activation,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& row_scale) {
   const char* op = "moe_ext.grouped_gemm_masked";
   const Activation act = parse_activation(activation);
   const int64_t E = a.size(0), R = a.size(1);
@@ -54,7 +58,9 @@ at::Tensor grouped_gemm_masked_aten(const at::Tensor& a, const at::Tensor& b, co
     const at::Tensor a_e = a[e].narrow(0, 0, v[e]).to(acc);
     const at::Tensor b_e = trans_b ? b[e].t().to(acc) : b[e].to(acc);
     at::Tensor h = at::mm(a_e, b_e);
+    if (bias.has_value()) h.add_((*bias)[e].to(acc));
     if (act == Activation::kSwiglu) h = at::silu(h.narrow(1, 0, n_out)) * h.narrow(1, n_out, n_out);
+    if (row_scale.has_value()) h.mul_((*row_scale)[e].narrow(0, 0, v[e]).to(acc).unsqueeze(1));
     out[e].narrow(0, 0, v[e]).copy_(h);
   }
   return out;
@@ -63,16 +69,19 @@ at::Tensor grouped_gemm_masked_aten(const at::Tensor& a, const at::Tensor& b, co
 namespace {
 
 at::Tensor grouped_gemm_masked_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& valid_rows,
-                                   bool trans_b, c10::string_view activation) {
+                                   bool trans_b, c10::string_view activation, const c10::optional<at::Tensor>& bias,
+                                   const c10::optional<at::Tensor>& row_scale) {
   const std::string act(activation);
-  check_grouped_gemm_masked(a, b, valid_rows, trans_b, parse_activation(act));
-  return grouped_gemm_masked_aten(a, b, valid_rows, trans_b, act);
+  check_grouped_gemm_masked(a, b, valid_rows, trans_b, parse_activation(act), bias, row_scale);
+  return grouped_gemm_masked_aten(a, b, valid_rows, trans_b, act, bias, row_scale);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moe_ext, m) {
-  m.def("grouped_gemm_masked(Tensor a, Tensor b, Tensor valid_rows, bool trans_b, str activation) -> Tensor");
+  m.def(
+      "grouped_gemm_masked(Tensor a, Tensor b, Tensor valid_rows, bool trans_b, str activation, Tensor? bias=None, "
+      "Tensor? row_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_ext, CPU, m) { m.impl("grouped_gemm_masked", &grouped_gemm_masked_cpu); }

@@ -56,10 +56,10 @@ std::tuple<Tensor, Tensor> unpermute_backward_cpu(const Tensor& grad_out, const 
 }
 
 Tensor grouped_gemm_aten(const Tensor& a, const Tensor& b, const Tensor& sizes, bool trans_b,
-                        c10::string_view activation) {
+                        c10::string_view activation, const OptTensor& bias, const OptTensor& row_scale) {
   const std::string act(activation);
-  check_grouped_gemm(a, b, sizes, trans_b, parse_activation(act));
-  return cpu::grouped_gemm(a, b, sizes, trans_b, act);
+  check_grouped_gemm(a, b, sizes, trans_b, parse_activation(act), bias, row_scale);
+  return cpu::grouped_gemm(a, b, sizes, trans_b, act, bias, row_scale);
 }
 
 Tensor grouped_gemm_wgrad_aten(const Tensor& a, const Tensor& grad_out, const Tensor& sizes, int64_t num_experts,
@@ -93,7 +93,9 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def(
       "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_map, Tensor? weights) -> "
       "(Tensor grad_y, Tensor grad_weights)");
-  m.def("grouped_gemm(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b, str activation) -> Tensor");
+  m.def(
+      "grouped_gemm(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b, str activation, Tensor? bias=None, "
+      "Tensor? row_scale=None) -> Tensor");
   m.def(
       "grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor tokens_per_expert, int num_experts, bool trans_b) "
       "-> Tensor");

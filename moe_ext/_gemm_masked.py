@@ -50,7 +50,7 @@ def _masked_backward(ctx, g):
     if ctx.needs_input_grad[1]:
         a_valid = torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device)).reshape(E * R, K)
         rows = torch.full((E,), R, dtype=torch.int64, device=a.device)
-        grad_b = ops.grouped_gemm_wgrad(a_valid, g.reshape(E * R, -1), rows, E, trans_b)
+        grad_b = ops.grouped_gemm_wgrad(a_valid, g.reshape(E * R, g.shape[-1]), rows, E, trans_b)
     if bias is not None and ctx.needs_input_grad[5]:
         grad_bias = g.to(_acc_dtype(a.dtype)).sum(1).to(bias.dtype)  # rows past valid_rows are zero in g
     return grad_a, grad_b, None, None, None, grad_bias, grad_scale

@@ -30,7 +30,9 @@ rank). Mismatched inputs (hidden size, dtypes, num_experts, k, ...)
 are caught by the header exchange as with gloo, naming each rank's value.
 """
 import atexit
+import os
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,7 @@ from .dispatch import _AllToAllBackend
 
 DEFAULT_TIMEOUT_S = 60.0
 _UNIQUE_ID_BYTES = 128
+_NO_ID = b"moe_ext:failed:"  # what rank 0 broadcasts instead of a unique id when it cannot make one
 # NcclComm.state(): 0 new, 1 ready, 2 closed, 3 aborted after a timeout, 4 aborted after an error
 _READY, _CLOSED, _TIMED_OUT, _FAILED = 1, 2, 3, 4
 
@@ -91,13 +94,30 @@ class NcclBackend(_AllToAllBackend):
     def _connect(self):
         """Creates the NCCL communicator: unique id from rank 0 of the group, through the group, then
         every rank joins (bounded by the timeout)."""
-        c = _comm_class()(self.device.index, self.world, self.rank, self._timeout)
-        uid = c.unique_id() if self.rank == 0 else torch.zeros(_UNIQUE_ID_BYTES, dtype=torch.uint8)
-        box = [bytes(uid.tolist())]
+        # NOTE: a rank that fails here still takes part in the broadcast (rank 0 sends the error
+        # instead of the id), so its peers raise at once instead of waiting in the broadcast for
+        # the ProcessGroup's timeout; a failure elsewhere ends in init, bounded by our timeout.
+        if os.environ.get("NCCL_COMM_BLOCKING") == "1":
+            warnings.warn("moe_ext nccl backend: NCCL_COMM_BLOCKING=1 makes NCCL's init and its grouped sends block "
+                          "without a bound, so a missing peer can hang them instead of failing after the timeout; "
+                          "unset it to keep moe_ext's timeouts", RuntimeWarning, stacklevel=3)
+        c, failure = None, None
+        try:
+            c = _comm_class()(self.device.index, self.world, self.rank, self._timeout)
+            box = [bytes(c.unique_id().tolist()) if self.rank == 0 else bytes(_UNIQUE_ID_BYTES)]
+        except RuntimeError as e:
+            failure, box = e, [_NO_ID + str(e).encode()]
         # NOTE: broadcast_object_list picks the group's device (the CPU for gloo, the current CUDA
         # device for an NCCL-only group): make that ours.
         with torch.cuda.device(self.device):
             dist.broadcast_object_list(box, src=self.ranks[0], group=self.group)
+        if failure is not None:
+            raise failure
+        if box[0].startswith(_NO_ID):
+            raise RuntimeError(
+                f"moe_ext nccl backend: global rank {self.ranks[0]} (rank 0 of the group with global ranks "
+                f"{self.ranks}) could not create the NCCL communicator, so no rank can join it. Its error: "
+                f"{box[0][len(_NO_ID):].decode(errors='replace')}")
         self._tag = bytes(box[0][:16]).hex()
         try:
             c.init(torch.tensor(list(box[0]), dtype=torch.uint8))
@@ -197,20 +217,23 @@ class NcclBackend(_AllToAllBackend):
 
     def _missing_ranks(self):
         """After a timed-out exchange: the global ranks that never reached it, found through the
-        default ProcessGroup's store (None when there is no store). Every rank that gave up writes a
-        key naming the exchange, then waits up to half the timeout (at most 10 s) for the others'."""
+        default ProcessGroup's store (None when there is no store). Every rank that gives up writes
+        the number of the exchange it gave up in, then waits up to half the timeout (at most 10 s)
+        for the others'. A rank counts as present once its number is at least ours: one that had no
+        rows to swap with the missing rank completes this exchange and gives up in a later one."""
         try:
             store = dist.distributed_c10d._get_default_store()
         except Exception:  # noqa: BLE001  (no default group, or a torch without the helper)
             return None
-        prefix = f"moe_ext/nccl/{self._tag}/{self._exchanges}/"
+        prefix = f"moe_ext/nccl/{self._tag}/gave-up-in/"
         me = self.ranks[self.rank]
         try:
-            store.set(prefix + str(me), "1")
+            store.set(prefix + str(me), str(self._exchanges))
             pending = [r for r in self.ranks if r != me]
             deadline = time.monotonic() + min(0.5 * self._timeout, 10.0)
             while True:
-                pending = [r for r in pending if not store.check([prefix + str(r)])]
+                pending = [r for r in pending if not (store.check([prefix + str(r)])
+                                                      and int(store.get(prefix + str(r))) >= self._exchanges)]
                 if not pending or time.monotonic() >= deadline:
                     return pending
                 time.sleep(0.05)

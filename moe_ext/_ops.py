@@ -212,7 +212,7 @@ def gemm_epilogue_backward(g, forward, activation, row_scale, scale_grad, a_dtyp
         g = g.to(acc) * row_scale.to(acc).unsqueeze(-1)
     if activation == "swiglu":
         shape = g.shape
-        g = swiglu_backward(g.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1])).view(*shape[:-1], -1)
+        g = swiglu_backward(g.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1])).view(*shape[:-1], h.shape[-1])
     return g.to(a_dtype).contiguous(), grad_scale
 
 

@@ -180,6 +180,18 @@ def test_gradcheck_epilogue(seed, activation):
                                                     row_scale=t[3]), (a, b, bias, scale))
 
 
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_backward_of_empty_shapes(activation):
+    b = torch.randn(2, 8, 6, requires_grad=True)
+    for a in (torch.randn(2, 0, 8, requires_grad=True), torch.randn(2, 3, 8, requires_grad=True)):
+        grouped_gemm_masked(a, b, torch.tensor([0, 0]), activation=activation, bias=torch.zeros(2, 6),
+                            row_scale=torch.ones(a.shape[:2])).sum().backward()
+        assert a.grad.shape == a.shape and (a.grad == 0).all()
+    a = torch.randn(0, 8, requires_grad=True)
+    grouped_gemm(a, b, torch.tensor([0, 0]), activation=activation, row_scale=torch.ones(0)).sum().backward()
+    assert a.grad.shape == (0, 8) and (b.grad == 0).all()
+
+
 def _samples():
     torch.manual_seed(0)
     a = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)

@@ -8,6 +8,7 @@ device) keep the protocol exactly. In this process: the cache per (group, device
 the messages of a timed-out or failed exchange. The real communicator is tested on a GPU in
 tests/test_cuda_nccl.py.
 """
+import contextlib
 import importlib
 import time
 
@@ -238,6 +239,68 @@ def test_timeout_names_the_missing_rank():
         assert f"did not complete within 2 s on global rank {r}" in msg, msg
         assert "global rank 1 never reached this exchange" in msg, msg
         assert took < 5, took  # the 1 s watch of the store, not a hang
+
+
+def test_missing_ranks_counts_a_rank_that_gave_up_later(group1):
+    # NOTE: NCCL skips the peers a rank swaps no rows with, so a rank can complete the exchange the
+    # missing one never reached and give up in a later one: it is present, not missing.
+    b = CpuNccl(group1, 1, 0, "cpu")
+    b.ranks, b._tag, b._timeout = [0, 1, 2, 3], "t", 0.4  # as rank 0 of 4 (only the store is used)
+    store = dist.distributed_c10d._get_default_store()
+    store.set("moe_ext/nccl/t/gave-up-in/2", "8")  # gave up in a later exchange
+    store.set("moe_ext/nccl/t/gave-up-in/3", "6")  # gave up in an earlier one: it never reached ours
+    b._exchanges = 7
+    t0 = time.monotonic()
+    assert b._missing_ranks() == [1, 3]
+    assert 0.15 < time.monotonic() - t0 < 5  # waited half the timeout for the others
+    store.set("moe_ext/nccl/t/gave-up-in/1", "7")
+    assert b._missing_ranks() == [3]
+
+
+def test_warns_when_nccl_blocks(group1, monkeypatch):
+    monkeypatch.setenv("NCCL_COMM_BLOCKING", "1")
+    monkeypatch.setattr(_nccl, "_comm_class", lambda: _CommThatFailsOnRank0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    with pytest.warns(RuntimeWarning, match="NCCL_COMM_BLOCKING=1"), pytest.raises(RuntimeError, match="interface"):
+        NcclBackend(group1, 1, 0, "cuda:0")
+
+
+class _CommThatFailsOnRank0:
+    """Stands in for torch.classes.moe_ext.NcclComm: rank 0 cannot make a communicator (say, no
+    usable network interface); the others could, but must not be left waiting for its id."""
+
+    def __init__(self, device, world, rank, timeout):
+        if rank == 0:
+            raise RuntimeError("NCCL: no usable network interface")
+
+    def unique_id(self):
+        raise AssertionError("only rank 0 asks for the id")
+
+    def init(self, uid):
+        raise AssertionError("no rank may join after rank 0 failed")
+
+
+def _rank0_cannot_create(rank, world):
+    # NOTE: this spawned process only; no GPU here, so no device to switch to either
+    _nccl._comm_class = lambda: _CommThatFailsOnRank0
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    t0 = time.monotonic()
+    try:
+        NcclBackend(dist.group.WORLD, world, rank, "cuda:0", timeout=30)
+    except RuntimeError as e:
+        return str(e), time.monotonic() - t0
+    return None
+
+
+def test_rank0_failure_reaches_every_rank_at_once():
+    # NOTE: the ProcessGroup's timeout is 60 s: a rank left waiting in the id broadcast would fail
+    # the time limit below (and the world's).
+    results = run_world(_rank0_cannot_create, 3, timeout_s=50, pg_timeout_s=60)
+    assert "no usable network interface" in results[0][0]
+    for r in (1, 2):
+        msg, took = results[r]
+        assert "global rank 0 (rank 0 of the group with global ranks [0, 1, 2]) could not create" in msg, msg
+        assert "no usable network interface" in msg and took < 20, (msg, took)
 
 
 def _communicator_errors(rank, world):

@@ -115,7 +115,7 @@ void NcclComm::init(const NcclUniqueId& id) {
     const std::string msg = describe(r, comm_);
     abort();
     state_ = NcclState::kFailed;
-    throw Error(__FILE__, __LINE__, "ncclCommInitRankConfig (rank " + std::to_string(rank_) + " of " +
+    throw Error(__FILE__, __LINE__, "ncclCommInitRankConfig (group rank " + std::to_string(rank_) + " of " +
                                         std::to_string(world_) + " on cuda:" + std::to_string(device_) + "): " + msg);
   }
   state_ = NcclState::kReady;
@@ -132,9 +132,9 @@ void NcclComm::require_ready(const char* what) const {
 }
 
 std::string NcclComm::timeout_message(const char* what) const {
-  return std::string("NCCL ") + what + " did not complete within " + seconds_text(timeout_s_) + " s on rank " +
+  return std::string("NCCL ") + what + " did not complete within " + seconds_text(timeout_s_) + " s on group rank " +
          std::to_string(rank_) + " of " + std::to_string(world_) +
-         ": one or more of the other ranks did not make the matching call, or died (NCCL cannot tell which); "
+         ": one or more of the other ranks did not make the matching call, or died (NCCL itself cannot tell which); "
          "the communicator was aborted";
 }
 
@@ -150,7 +150,7 @@ void NcclComm::check_async(const char* what) {
   if (r != ncclSuccess) fail(NcclState::kFailed, std::string("NCCL ") + what + ": ncclCommGetAsyncError: " +
                                                      describe(r, comm_));
   if (state != ncclSuccess && state != ncclInProgress)
-    fail(NcclState::kFailed, std::string("NCCL ") + what + " failed on rank " + std::to_string(rank_) + " of " +
+    fail(NcclState::kFailed, std::string("NCCL ") + what + " failed on group rank " + std::to_string(rank_) + " of " +
                                  std::to_string(world_) + ": " + describe(state, comm_));
 }
 
@@ -163,7 +163,7 @@ void NcclComm::settle(const char* what) {
                                                        describe(r, comm_));
     if (state == ncclSuccess) return;
     if (state != ncclInProgress)
-      fail(NcclState::kFailed, std::string("NCCL ") + what + " failed on rank " + std::to_string(rank_) + " of " +
+      fail(NcclState::kFailed, std::string("NCCL ") + what + " failed on group rank " + std::to_string(rank_) + " of " +
                                    std::to_string(world_) + ": " + describe(state, comm_));
     if (Clock::now() > deadline) fail(NcclState::kTimedOut, timeout_message(what));
     pause(polls);
@@ -196,12 +196,12 @@ void NcclComm::alltoallv(const void* send, const int64_t* send_bytes, const int6
   }
   const ncclResult_t end = ncclGroupEnd();  // NOTE: always closes the group, even after a failed send/recv
   if (r != ncclSuccess && r != ncclInProgress)
-    fail(NcclState::kFailed, "NCCL send/recv in alltoallv on rank " + std::to_string(rank_) + ": " +
+    fail(NcclState::kFailed, "NCCL send/recv in alltoallv on group rank " + std::to_string(rank_) + ": " +
                                  describe(r, comm_));
   if (end == ncclInProgress) {
     settle("alltoallv (enqueue)");
   } else if (end != ncclSuccess) {
-    fail(NcclState::kFailed, "ncclGroupEnd in alltoallv on rank " + std::to_string(rank_) + ": " +
+    fail(NcclState::kFailed, "ncclGroupEnd in alltoallv on group rank " + std::to_string(rank_) + ": " +
                                  describe(end, comm_));
   }
 }

@@ -207,8 +207,10 @@ class NcclBackend(_AllToAllBackend):
             return RuntimeError(
                 f"moe_ext.{op}: the {stage} exchange (nccl backend) did not complete within {self._timeout:g} s on "
                 f"global rank {me} of the group with global ranks {self.ranks}: {who}. The communicator was "
-                "aborted; the next dispatch makes a new one on every rank (set the wait with "
-                f"moe_ext.communicator(group, backend='nccl').timeout){extra}. Cause: {err}")
+                "aborted on this rank, and the next dispatch makes a new one; a rank that did not time out still "
+                "holds the old one, so before going on every rank must either see this error or call "
+                "moe_ext.communicator(group, backend='nccl').close(abort=True) (set the wait with its .timeout)"
+                f"{extra}. Cause: {err}")
         return RuntimeError(
             f"moe_ext.{op}: the {stage} exchange (nccl backend) failed on global rank {me} of the group with global "
             f"ranks {self.ranks}{extra}. Every rank of the group must make the same dispatch/combine calls. "

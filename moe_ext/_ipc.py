@@ -221,10 +221,14 @@ class IpcBackend:
         allocate (`problem`: its invalid inputs; or a buffer over its memory budget), so that all
         raise together instead of the others waiting for it until the process group's timeout."""
         world, experts, k, max_tokens, row_bytes, scale_cols = sizes
+        # NOTE: before anything is closed, and whatever self.captured says (the first capture has
+        # not set it yet): allocating is a host collective, which a capture cannot contain. Every
+        # rank captures the same calls, so all raise here together.
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("moe_ext ipc backend: a call inside CUDA graph capture needs larger buffers; run "
+                               "it once eagerly first with the same sizes (max_tokens, hidden, k), or reserve() "
+                               "enough, so that the buffers exist")
         if self.captured and self._c is not None:
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("moe_ext ipc backend: a call inside CUDA graph capture needs larger buffers; run "
-                                   "it once eagerly first (or reserve() enough) so that the buffers exist")
             # NOTE: a CUDA graph holds pointers into the current buffers (and their peers'): they stay
             # mapped, with their own operation counter, until close(); every rank retires its own at the
             # same call (growth is collective), so replays keep working on the old ones.

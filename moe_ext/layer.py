@@ -388,10 +388,13 @@ class MoE(nn.Module):
     def _apply(self, fn, recurse=True):
         # NOTE: the expert bias moves in rate-sized steps (1e-3): it stays float32 when the layer is
         # cast (.bfloat16(), .to(dtype)), as topk_gating requires; only its device follows.
+        # The running load (a plain float64 attribute, not state to save) follows the device too, so
+        # that expert_load() and a first forward inside graph capture find it where the layer is.
         bias = self.expert_bias
         super()._apply(fn, recurse)
         if bias is not None and self.expert_bias.dtype != bias.dtype:
             self.expert_bias = bias.to(self.expert_bias.device)
+        self._load_ema = self._load_ema.to(self.router.weight.device)
         return self
 
     def _set_layout(self, layout, device=None):

@@ -9,27 +9,36 @@
 #             (setup.py build_ext --inplace, MAX_JOBS=16), unless moe_ext/_C.srchash says the .so
 #             there was built from these very sources (a warm machine, or a carried .so). The
 #             stripped .so comes back as $OUT/_C.so.part-* with $OUT/_C.srchash, to be carried.
-#   cmake_bg  start the CMake build (kernel library, bench_*, test_*) in the background; it
-#             overlaps the GPU-bound tests. sanitize and bench wait for it, then run ctest.
+#   cmake     the CMake build (kernel library, bench_*, test_*) and ctest, in the foreground.
+#   cmake_bg  the same build started in the background (it competes for the CPU with what runs
+#             meanwhile: not before timings); sanitize and bench wait for it, then run ctest.
+#             NOTE: what a call leaves running is killed when the call returns, so a build is
+#             only useful to the phases of the same call.
 #   test      every tests/test_cuda_*.py, each under its own timeout, cheapest first; the grouped
-#             GEMM once per kernel (portable, sm90) so that a hang of one costs only its own limit;
-#             the layer and ipc tests on the portable GEMM (a Hopper GEMM bug must not mask theirs).
+#             GEMM once per kernel (portable; sm90 forward; sm90 weight gradient) so that a hang of
+#             one costs only its own limit; the layer and ipc tests on the portable GEMM (a Hopper
+#             GEMM bug must not mask theirs). MOE_EXT_TESTS="test_ep_ipc test_layer" runs only
+#             the steps named (the names printed in summary.txt).
+#   bench_py  the Python benchmarks (need only the extension): moe-ext bench, bench/*.py, demo.
+#   bench     the C++ benchmarks (need the cmake build), ep under MPS.
 #   sanitize  compute-sanitizer memcheck/racecheck over small cases (C++ benchmarks, which check
 #             their results, and a few pytest cases).
-#   bench     every benchmark (C++ tables and Python, JSON into the logs), ep under MPS.
 #   quick     a smoke test: one family of small cases per stage, stopping at the first failure.
 #
 # A 30-minute session, in calls of at most 10 minutes, carrying .whl (and the .so once built):
-#   1. build cmake_bg quick test      the build, then as many tests as fit
-#   2. build test                     (the .so carried) the rest of the tests; fix, repeat
-#   3. build cmake_bg sanitize bench  the numbers for bench/RESULTS.md
+#   1. build quick test               the build, then as many tests as fit
+#   2. build test                     (the .so carried; MOE_EXT_TESTS= the steps not yet run)
+#   3. build bench_py cmake bench     the numbers for bench/RESULTS.md
+#   4. build cmake sanitize           if device time is left
 # MPS (GPU.md) is started at the beginning and stopped at the end: the ipc tests and bench_ep run
 # 2, 4 and 8 ranks on the one GPU, which without MPS take turns in time slices.
 #
 # Output: a one-line verdict per step on stdout (the device reply keeps only the last 12,000
 # characters), and every log in $OUT/logs.tgz (with $OUT/summary.txt). Environment:
 # MOE_EXT_DEADLINE_S (seconds from the start after which nothing new starts; 560),
-# MOE_EXT_PYTEST_ARGS (extra pytest arguments, e.g. "-k small").
+# MOE_EXT_TESTS (the test steps to run; default all), MOE_EXT_TEST_TIMEOUT_S (per pytest case,
+# where pytest-timeout is installed; 150), MOE_EXT_PYTEST_ARGS (extra pytest arguments, no -k:
+# the steps set their own).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -84,6 +93,14 @@ finish() {
 }
 trap finish EXIT
 
+stop_mps() {  # before single-process timings: MPS would sit between them and the GPU
+  [[ -n "${MPS_STARTED:-}" ]] || return 0
+  echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
+  MPS_STARTED=
+  sleep 1
+  say "MPS stopped"
+}
+
 start_mps() {
   [[ -n "${MPS_STARTED:-}" ]] && return
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
@@ -110,21 +127,22 @@ so_fresh() {
 
 phase_build() {
   if so_fresh; then
-    say "build: moe_ext/_C*.so matches the sources (moe_ext/_C.srchash), not rebuilt"
+    say "build: moe_ext/_C*.so matches the sources (moe_ext/_C.srchash), not rebuilt (nor returned)"
   else
     rm -f moe_ext/_C.srchash
     run build 540 python setup.py build_ext --inplace || return 1
     src_hash >moe_ext/_C.srchash
+    # Bring the .so back at once (a failed import check below must not lose a 9-minute build):
+    # stripped, in pieces under the 16 MiB limit of a returned file, for the next call to carry:
+    # cat _C.so.part-* > moe_ext/<name>; cp _C.srchash moe_ext/.
+    local so
+    so=$(ls moe_ext/_C*.so | head -n 1)
+    strip --strip-unneeded -o /tmp/_C.so "$so" 2>/dev/null || cp "$so" /tmp/_C.so
+    split -b 15M -d /tmp/_C.so "$OUT/_C.so.part-"
+    cp moe_ext/_C.srchash "$OUT/_C.srchash"
+    say "build: $(basename "$so"), $(du -h /tmp/_C.so | cut -f1) stripped, in \$OUT/_C.so.part-* (+ _C.srchash)"
   fi
   run import 60 python -c "import torch, moe_ext; assert torch.cuda.is_available(); x = torch.randn(4, 8, device='cuda'); print(moe_ext.__file__, moe_ext.topk_gating(x, 2)[0].cpu())" || return 1
-  # Bring the .so back (stripped, in pieces under the 16 MiB limit of a returned file) so the next
-  # call can carry it: cat _C.so.part-* > moe_ext/<name>; cp _C.srchash moe_ext/.
-  local so
-  so=$(ls moe_ext/_C*.so | head -n 1)
-  strip --strip-unneeded -o /tmp/_C.so "$so" 2>/dev/null || cp "$so" /tmp/_C.so
-  split -b 15M -d /tmp/_C.so "$OUT/_C.so.part-"
-  cp moe_ext/_C.srchash "$OUT/_C.srchash"
-  say "build: $(basename "$so"), $(du -h /tmp/_C.so | cut -f1) stripped, in \$OUT/_C.so.part-* (+ _C.srchash)"
 }
 
 # The CMake build (bench_*, test_*) compiles the kernels again; started in the background it
@@ -153,10 +171,25 @@ phase_cmake() {
   run ctest 240 ctest --test-dir build/cmake --output-on-failure --timeout 120
 }
 
+# Per-case time limit where pytest-timeout is installed: a stuck case then fails alone and the
+# file's summary is still printed (a step killed by `timeout` prints none; -v at least names each
+# case as it finishes). A kernel that never returns blocks the signal: the step's limit ends it.
+PYTEST_LIMIT=()
+python -c "import pytest_timeout" 2>/dev/null &&
+  PYTEST_LIMIT=(--timeout="${MOE_EXT_TEST_TIMEOUT_S:-150}" --timeout-method=signal)
+read -ra PYTEST_EXTRA <<<"${MOE_EXT_PYTEST_ARGS:-}"
+
+want() {  # step name: is it among MOE_EXT_TESTS (all when unset)?
+  [[ -z "${MOE_EXT_TESTS:-}" ]] && return 0
+  [[ " $MOE_EXT_TESTS " == *" $1 "* ]]
+}
+
 pytest_file() {  # name timeout file [pytest args...]: one test file, every failure listed
   local name=$1 limit=$2 file=$3
   shift 3
-  run "$name" "$limit" python -m pytest -q -rfE --tb=short --maxfail=40 -p no:cacheprovider ${MOE_EXT_PYTEST_ARGS:-} "$file" "$@"
+  want "$name" || return 0
+  run "$name" "$limit" python -m pytest -v -rfE --tb=short --maxfail=40 -p no:cacheprovider "${PYTEST_LIMIT[@]}" \
+    "${PYTEST_EXTRA[@]}" "$file" "$@"
 }
 
 phase_test() {
@@ -166,8 +199,8 @@ phase_test() {
   # The kernel is a parameter of the GEMM tests' ids: run each kernel on its own, so a hang of
   # the Hopper kernel (mbarrier phases) costs only its own time limit.
   pytest_file test_gemm_portable 240 tests/test_cuda_grouped_gemm.py -k "not sm90"
-  pytest_file test_gemm_sm90 180 tests/test_cuda_grouped_gemm.py -k "sm90"
-  pytest_file test_gemm_masked 120 tests/test_grouped_gemm_masked.py
+  pytest_file test_gemm_sm90 150 tests/test_cuda_grouped_gemm.py -k "sm90 and not wgrad"
+  pytest_file test_wgrad_sm90 120 tests/test_cuda_grouped_gemm.py -k "sm90 and wgrad"
   # Layer and ipc tests on the portable GEMM: a Hopper GEMM bug must not mask theirs.
   MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc 300 tests/test_cuda_ep_ipc.py
   pytest_file test_nccl 120 tests/test_cuda_nccl.py
@@ -187,20 +220,24 @@ phase_sanitize() {
     run san_gating_race 120 "${cs[@]}" --tool racecheck $B/bench_gating -s 1000x60x6 -n 1 -w 0 -L 0
     run san_gemm_cpp 180 "${cs[@]}" --tool memcheck $B/test_grouped_gemm
   fi
-  run san_permute_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_permute.py -k "narrow_rows and (40-0 or 8-0)"
-  run san_gating_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_gating.py -k "every_option_combination and sigmoid-True"
-  run san_gemm_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_grouped_gemm.py -k "forward_matches_float64 and dtype0-swiglu and (odd or empty)"
+  # Test ids: narrow_rows H-T-k-E; every_option_combination score-renorm-bias-groups-cf-noise-seq_len;
+  # forward_matches_float64 ...dtype-activation-trans_b-kind-E. A few non-empty cases each.
+  run san_permute_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_permute.py -k "narrow_rows and (40-4097-8-256 or 8-3-2-8)"
+  run san_gating_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_gating.py -k "every_option_combination and (softmax-True-True-True-1.25-True-512 or sigmoid-False-False-False-None-False-None)"
+  run san_gemm_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_grouped_gemm.py -k "forward_matches_float64 and portable and dtype0-swiglu-False-odd and not 128 and not 256"
+  run san_gemm_sm90_py 180 "${cs[@]}" --tool memcheck python -m pytest -q -x -p no:cacheprovider tests/test_cuda_grouped_gemm.py -k "forward_matches_float64 and sm90 and dtype0-swiglu-False-odd and not 128 and not 256"
 }
 
 phase_bench() {
   wait_cmake
-  start_mps
+  stop_mps
   local B=build/cmake J=$LOGS
   if [[ -x $B/bench_gating ]]; then
-    run bench_gating_cpp 90 $B/bench_gating -J "$J/bench_gating.json"
-    run bench_permute_cpp 120 $B/bench_permute -s 16384x7168x8 -J "$J/bench_permute.json"
     run bench_gemm_cpp 240 $B/bench_grouped_gemm -J "$J/bench_grouped_gemm.json"
+    run bench_gating_cpp 90 $B/bench_gating -d fp32 -J "$J/bench_gating.json"  # fp32 logits: the issue's baseline
+    run bench_permute_cpp 120 $B/bench_permute -s 16384x7168x8 -J "$J/bench_permute.json"
     run bench_wgrad_cpp 180 $B/bench_grouped_gemm -g 1 -l uniform -s 32768x8x4096x14336,32768x32x7168x4096,32768x32x2048x7168 -J "$J/bench_wgrad.json"
+    start_mps
     run bench_ep_2 90 $B/bench_ep --ranks 2 -J "$J/bench_ep_2.json"
     run bench_ep_4 90 $B/bench_ep --ranks 4 -J "$J/bench_ep_4.json"
     run bench_ep_8 120 $B/bench_ep --ranks 8 -J "$J/bench_ep_8.json"
@@ -210,13 +247,21 @@ phase_bench() {
   else
     say "bench: no build/cmake executables (run the cmake phase first); C++ benchmarks skipped"
   fi
+}
+
+phase_bench_py() {
+  # Single-process benchmarks first, without MPS (it would sit between them and the GPU); the
+  # whole-pipeline table first: it is the one figure of every stage against its torch baseline.
+  stop_mps
+  local J=$LOGS
+  run bench_cli 240 python -m moe_ext bench --device cuda --shape mixtral --json "$J/cli_mixtral.json"
+  run bench_gemm_py 240 python bench/grouped_gemm_bench.py --kernels portable,sm90 --json "$J/gemm_py.json"
   run bench_gating_py 120 python bench/gating_bench.py --json "$J/gating_py.json"
   run bench_permute_py 120 python bench/permute_bench.py --json "$J/permute_py.json"
-  run bench_gemm_py 240 python bench/grouped_gemm_bench.py --kernels portable,sm90 --json "$J/gemm_py.json"
+  start_mps
   run bench_ep_py_8 120 python bench/ep_bench.py --ranks 8 --json "$J/ep_py_8.json"
   run bench_ep_tp 150 python bench/ep_tp_bench.py --ep 2 --tp 2 --device cuda --tokens 4096 --hidden 4096 --ffn 2048 \
     --experts 32 --k 4 --json "$J/ep_tp.json"
-  run bench_cli 240 python -m moe_ext bench --device cuda --shape mixtral --json "$J/cli_mixtral.json"
   run demo_cuda_w2 180 python -m moe_ext demo --device cuda --world 2 --steps 100 --no-progress --png none --skip-check
 }
 

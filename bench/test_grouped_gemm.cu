@@ -9,6 +9,7 @@
 // (registered with CTest).
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -260,27 +261,44 @@ int main() {
       }
     }
     unsetenv("MOE_EXT_GROUPED_GEMM_KERNEL");
-    for (const Case& c : wgrad) {
-      const int64_t w = c.fp16 ? run_wgrad<__half>(c) : run_wgrad<__nv_bfloat16>(c);
-      std::printf("%-9s %-44s %s (%lld wrong)\n", "wgrad", c.name.c_str(), w ? "FAIL" : "ok",
-                  static_cast<long long>(w));
-      wrong += w;
+    // The weight gradient once per kernel too (the Hopper one also on the masked layout, whose
+    // rows past each count run into the next expert's).
+    for (const char* kernel : kernels) {
+      setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", kernel, 1);
+      for (const Case& c : wgrad) {
+        const int64_t w = c.fp16 ? run_wgrad<__half>(c) : run_wgrad<__nv_bfloat16>(c);
+        std::printf("%-9s %-44s %s (%lld wrong)\n", kernel, c.name.c_str(), w ? "FAIL" : "ok",
+                    static_cast<long long>(w));
+        wrong += w;
+      }
     }
-    // The requirement checks: misaligned K, N, swiglu N, and too many experts are refused.
+    unsetenv("MOE_EXT_GROUPED_WGRAD_KERNEL");
+    // The requirement checks: a valid problem passes, then misaligned K, N, swiglu N, and too many
+    // experts are refused, each for its own reason (the pointers are valid, so "null" cannot be it).
+    alignas(16) static char dummy[16];
     k::GroupedGemmParams bad;
     bad.groups.sizes = &bad;  // any non-null pointer: never read
     bad.groups.num_experts = 2;
     bad.groups.rows = 4;
-    bad.k = 12;
+    bad.a = bad.b = dummy;
+    bad.out = dummy;
+    bad.k = 16;
     bad.n = 16;
-    int refused = k::grouped_gemm_unsupported(bad) != nullptr;
+    const bool valid_passes = k::grouped_gemm_unsupported(bad) == nullptr;
+    auto refused_for = [&](const char* why) {
+      const char* msg = k::grouped_gemm_unsupported(bad);
+      return msg != nullptr && std::strstr(msg, why) != nullptr;
+    };
+    bad.k = 12;
+    int refused = refused_for("K must be a multiple of 8");
     bad.k = 16, bad.n = 12;
-    refused += k::grouped_gemm_unsupported(bad) != nullptr;
+    refused += refused_for("N must be a multiple of 8");
     bad.n = 24, bad.activation = k::GemmActivation::kSwiglu;
-    refused += k::grouped_gemm_unsupported(bad) != nullptr;
+    refused += refused_for("with SwiGLU, N must be a multiple of 16");
     bad.n = 32, bad.groups.num_experts = k::kGroupedGemmMaxExperts + 1;
-    refused += k::grouped_gemm_unsupported(bad) != nullptr;
-    std::printf("%-9s %-44s %s\n", "checks", "unsupported problems refused", refused == 4 ? "ok" : "FAIL");
-    return wrong == 0 && refused == 4 ? 0 : 1;
+    refused += refused_for("num_experts must be in");
+    const bool checks_ok = valid_passes && refused == 4;
+    std::printf("%-9s %-44s %s\n", "checks", "valid accepted, unsupported refused", checks_ok ? "ok" : "FAIL");
+    return wrong == 0 && checks_ok ? 0 : 1;
   });
 }

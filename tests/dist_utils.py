@@ -6,8 +6,9 @@ fn(rank, world_size, *args) runs in each spawned process with the default proces
 initialised (gloo, rendezvous through a FileStore in a fresh temporary directory), the global
 RNG seeded with seed + rank and one intra-op thread. It returns a small picklable value (no
 tensors); run_world returns them in rank order. A rank that raises or dies fails the call with
-its traceback; a world that has not finished after `timeout_s` is killed and fails the call, so
-a hang can never hang the test suite. fn must be a module-level function (spawn pickles it).
+its traceback (the ranks still running FAILURE_GRACE_S later are killed); a world that has not
+finished after `timeout_s` is killed and fails the call, so a hang can never hang the test suite.
+fn must be a module-level function (spawn pickles it).
 """
 import datetime
 import os
@@ -36,6 +37,9 @@ def _child(rank, world_size, store_file, seed, pg_timeout_s, fn, args, results):
         results.put((rank, False, traceback.format_exc()))
 
 
+FAILURE_GRACE_S = 15.0  # how long the other ranks may still report after one failed
+
+
 def run_world(fn, world_size, *args, seed=0, timeout_s=90.0, pg_timeout_s=30.0):
     """fn(rank, world_size, *args) on world_size spawned gloo ranks; returns the per-rank results.
 
@@ -51,9 +55,14 @@ def run_world(fn, world_size, *args, seed=0, timeout_s=90.0, pg_timeout_s=30.0):
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
-    done, failures = {}, {}
+    done, failures, grace = {}, {}, False
     try:
         while len(done) + len(failures) < world_size:
+            if failures and not grace:
+                # NOTE: the others are often left waiting for the failed rank (a collective, an ipc
+                # flag) until their own timeouts: give them a moment to report, then kill them, so
+                # the failure is reported now rather than at the world's (or the caller's) limit.
+                grace, deadline = True, min(deadline, time.monotonic() + FAILURE_GRACE_S)
             try:
                 rank, ok, value = results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
@@ -63,6 +72,10 @@ def run_world(fn, world_size, *args, seed=0, timeout_s=90.0, pg_timeout_s=30.0):
                     failures[r] = f"rank {r} exited with code {procs[r].exitcode} without a result"
                 if time.monotonic() >= deadline:
                     missing = [r for r in range(world_size) if r not in done and r not in failures]
+                    if failures:
+                        raise AssertionError(
+                            "\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items()))
+                            + f"\n--- ranks {missing} had not finished {FAILURE_GRACE_S:.0f} s later (killed)") from None
                     raise AssertionError(f"world of {world_size} ranks did not finish within {timeout_s:.0f} s; "
                                          f"ranks still running: {missing}") from None
                 continue

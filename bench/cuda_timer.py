@@ -17,11 +17,15 @@ class CudaTimer:
         l2 = getattr(props, "L2_cache_size", 0) or (50 << 20)
         self.flush_buf = torch.empty(2 * l2, dtype=torch.uint8, device="cuda") if flush else None
 
-    def _measure(self, run):
+    def _measure(self, run, host=False):
+        """host: the host waits for the flush before timing, so the launch overhead of run() is
+        inside the events (else the host enqueues run() while the GPU still flushes)."""
         events = []
         for i in range(self.iters):
             if self.flush_buf is not None:
                 self.flush_buf.fill_(i & 0xFF)
+            if host:
+                torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()
@@ -36,7 +40,7 @@ class CudaTimer:
         for _ in range(self.warmup):
             fn()
         torch.cuda.synchronize()
-        return self._measure(fn)
+        return self._measure(fn, host=True)
 
     def graph(self, fn):
         """fn() captured once in a CUDA graph and replayed: GPU time only."""

@@ -21,11 +21,15 @@ So direct moves (tp - 1)(R - D) rows fewer in all (tokens with several experts o
 are expanded before the TP all-gather), while gather keeps all but D + R of its rows inside the
 TP group: NVLink when TP is inside a node, where EP may cross the network. Printed: the median
 forward + backward time of each (slowest rank) and the rows summed over the ranks.
+NOTE on CUDA: the groups here are gloo (ranks sharing one GPU cannot form an NCCL group), so
+gather's all-gather and reduce-scatter stage CUDA rows through the host while direct moves them
+with ipc: such a figure compares transports as much as row counts; say so wherever it is quoted.
 """
 import argparse
 import datetime
 import json
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -167,10 +171,19 @@ def main(argv=None):
         procs = [ctx.Process(target=_rank, args=(r, args, os.path.join(tmp, "store"), results)) for r in range(W)]
         for p in procs:
             p.start()
-        got = [results.get(timeout=600) for _ in range(W)]
+        # NOTE: poll, so that a rank that died ends the run now, not at the time limit
+        got, deadline = [], time.monotonic() + 600
+        while len(got) < W and time.monotonic() < deadline:
+            try:
+                got.append(results.get(timeout=2))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
         for p in procs:
-            p.join()
-    if any(p.exitcode for p in procs):
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if len(got) < W or any(p.exitcode for p in procs):
         sys.exit(f"ep_tp_bench: a rank failed (exit codes {[p.exitcode for p in procs]})")
     slowest = {name: max(t[name] for _, t, _ in got) for name in ("gather", "direct")}
     rows = {name: [sum(m[name][i] for _, _, m in got) for i in range(3)] for name in ("gather", "direct")}

@@ -68,6 +68,10 @@ def add_arguments(parser):
     parser.add_argument("--stages", default="all", help=f"comma-separated subset of: {', '.join(STAGES)}")
     parser.add_argument("--threads", type=int, default=0, help="CPU: intra-op threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ceil-gbps", type=float, default=CEIL_GBPS,
+                        help="memory ceiling for the fraction column (default: GPU.md's H100 copy bandwidth)")
+    parser.add_argument("--ceil-tflops", type=float, default=CEIL_TFLOPS,
+                        help="matmul ceiling for the fraction column (default: GPU.md's H100 dense bf16)")
     parser.add_argument("--no-flush", action="store_true", help="CUDA: keep L2 warm between timed calls")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the table and the run's metadata here")
     parser.add_argument("--png", default=None, metavar="PATH", help="bar charts of the table (needs matplotlib)")
@@ -105,6 +109,9 @@ class _Timer:
                 if cuda:
                     if self.flush_buf is not None:
                         self.flush_buf.fill_(i & 0xFF)
+                    # NOTE: the host waits for the flush, so each call's launch overhead is timed too
+                    # (else it hides behind the flush); eager calls, as a user makes them.
+                    torch.cuda.synchronize(self.device)
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
                     fn()
@@ -189,13 +196,16 @@ def torch_moe_layer(x, router_weight, w1, w2, k):
     logits = F.linear(x.to(acc), router_weight.to(acc))
     w, idx = torch_gating(logits, k)
     out = torch.zeros(T, x.shape[1], dtype=acc, device=x.device)
+    # NOTE: unbind once: w1[e] in the loop would make each backward build a zero tensor of the
+    # whole [E, H, 2F] weight per expert (select_backward), inflating the baseline's time.
+    w1s, w2s = w1.unbind(0), w2.unbind(0)
     for e in range(E):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        h = x[tok] @ w1[e]
-        y = (F.silu(h[:, :F_]) * h[:, F_:]) @ w2[e]
-        out = out.index_add(0, tok, y.to(acc) * w[tok, slot].unsqueeze(1))
+        h = x[tok] @ w1s[e]
+        y = (F.silu(h[:, :F_]) * h[:, F_:]) @ w2s[e]
+        out.index_add_(0, tok, y.to(acc) * w[tok, slot].unsqueeze(1))  # in place: no [T, H] copy per expert
     return out.to(x.dtype)
 
 
@@ -227,7 +237,7 @@ class _Bench:
         ours_ms, base_ms = self.timer.pair(ours, base)
         tol = 0.0 if exact else (tol if tol is not None else _TOL[self.dtype])
         rate = work / (ours_ms * 1e-3) / (1e9 if unit == "GB/s" else 1e12)
-        ceil = CEIL_GBPS if unit == "GB/s" else CEIL_TFLOPS
+        ceil = self.cfg["ceil_gbps"] if unit == "GB/s" else self.cfg["ceil_tflops"]
         return dict(stage=stage, shape=shape, ours_ms=ours_ms, base_ms=base_ms,
                     speedup=(base_ms / ours_ms) if base_ms else None, work=work, unit=unit, rate=rate,
                     frac_ceil=(rate / ceil) if self.device.type == "cuda" else None,
@@ -443,7 +453,8 @@ def _plot(rows, meta, path):
     ax_s.set_ylabel("speedup over baseline\n(baseline / ours)")
     if on_cuda:
         ax_c.bar(list(xs), [100 * r["frac_ceil"] for r in rows], 0.5, color="tab:purple")
-        ax_c.set_ylabel("% of H100 ceiling\n(2.95 TB/s, 764 TFLOP/s)")
+        c = meta["ceilings"]
+        ax_c.set_ylabel(f"% of ceiling\n({c['gbps'] / 1e3:g} TB/s, {c['tflops']:g} TFLOP/s)")
     else:
         ax_c.text(0.5, 0.5, "fraction of the roofline: n/a on the CPU (the ceilings are the H100's)",
                   ha="center", va="center", transform=ax_c.transAxes)
@@ -463,6 +474,8 @@ def _resolve(args):
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
+    if device.type == "cuda" and device.index is None:  # NOTE: set_device needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     cfg = dict(_SHAPES[args.shape]["cuda" if device.type == "cuda" else "cpu"])
     for name in cfg:
         if getattr(args, name) is not None:
@@ -473,6 +486,10 @@ def _resolve(args):
     if cfg["topk"] > cfg["experts"]:
         raise ValueError(f"--topk {cfg['topk']} must be <= --experts {cfg['experts']}")
     cfg["seed"] = args.seed
+    ceil = (getattr(args, "ceil_gbps", CEIL_GBPS), getattr(args, "ceil_tflops", CEIL_TFLOPS))
+    if not (ceil[0] > 0 and ceil[1] > 0):
+        raise ValueError(f"--ceil-gbps and --ceil-tflops must be > 0, got {ceil[0]} and {ceil[1]}")
+    cfg["ceil_gbps"], cfg["ceil_tflops"] = ceil
     dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     return cfg, device, dtype
 
@@ -514,7 +531,9 @@ def run(args):
                            f"E={cfg['experts']} k={cfg['topk']}",
                 config=cfg, iters=iters, warmup=warmup, l2_flush=on_cuda and not args.no_flush,
                 timing="median of CUDA events" if on_cuda else "median of perf_counter",
-                ceilings=dict(gbps=CEIL_GBPS, tflops=CEIL_TFLOPS, source="GPU.md, H100"),
+                ceilings=dict(gbps=args.ceil_gbps, tflops=args.ceil_tflops,
+                              source="GPU.md, H100" if (args.ceil_gbps, args.ceil_tflops) == (CEIL_GBPS, CEIL_TFLOPS)
+                              else "--ceil-gbps / --ceil-tflops"),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     where = meta["device_name"]
     if not on_cuda:
@@ -552,7 +571,10 @@ def run(args):
         progress.close()
     rows = [r for r in rows if r["stage"].split(" (")[0] in wanted or "FAILED" in r.get("skipped", "")]
     print(format_table(rows))
-    if not on_cuda:
+    if on_cuda:
+        print(f"# %ceil: of {args.ceil_gbps / 1e3:g} TB/s (GB/s rows) or {args.ceil_tflops:g} TFLOP/s (TFLOP/s rows): "
+              f"{meta['ceilings']['source']}")
+    else:
         print("# %ceil: n/a on the CPU (the ceilings, 2.95 TB/s and 764 TFLOP/s, are the H100's in GPU.md)")
     print("# dispatch/combine at world 1 (no communication); multi-rank rows come with the GPU backends (ipc/nccl)")
     wrong = [r["stage"] for r in rows if "skipped" not in r and not r["ok"]]

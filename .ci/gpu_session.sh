@@ -17,7 +17,7 @@
 #   test      every tests/test_cuda_*.py, each under its own timeout, cheapest first; the grouped
 #             GEMM once per kernel (portable; sm90 forward; sm90 weight gradient) so that a hang of
 #             one costs only its own limit; the layer and ipc tests on the portable GEMM (a Hopper
-#             GEMM bug must not mask theirs). MOE_EXT_TESTS="test_ep_ipc test_layer" runs only
+#             GEMM bug must not mask theirs). MOE_EXT_TESTS="test_ep_ipc_worlds test_layer" runs only
 #             the steps named (the names printed in summary.txt).
 #   bench_py  the Python benchmarks (need only the extension): moe-ext bench, bench/*.py, demo.
 #   bench     the C++ benchmarks (need the cmake build), ep under MPS.
@@ -174,9 +174,10 @@ phase_cmake() {
 # Per-case time limit where pytest-timeout is installed: a stuck case then fails alone and the
 # file's summary is still printed (a step killed by `timeout` prints none; -v at least names each
 # case as it finishes). A kernel that never returns blocks the signal: the step's limit ends it.
-PYTEST_LIMIT=()
-python -c "import pytest_timeout" 2>/dev/null &&
-  PYTEST_LIMIT=(--timeout="${MOE_EXT_TEST_TIMEOUT_S:-150}" --timeout-method=signal)
+# CASE_TIMEOUT=S before a pytest_file call sets it for that step: the multi-rank files need more
+# than their worlds' own limits (run_world), so that those report which rank hung first.
+HAVE_PYTEST_TIMEOUT=
+python -c "import pytest_timeout" 2>/dev/null && HAVE_PYTEST_TIMEOUT=1
 read -ra PYTEST_EXTRA <<<"${MOE_EXT_PYTEST_ARGS:-}"
 
 want() {  # step name: is it among MOE_EXT_TESTS (all when unset)?
@@ -188,24 +189,33 @@ pytest_file() {  # name timeout file [pytest args...]: one test file, every fail
   local name=$1 limit=$2 file=$3
   shift 3
   want "$name" || return 0
-  run "$name" "$limit" python -m pytest -v -rfE --tb=short --maxfail=40 -p no:cacheprovider "${PYTEST_LIMIT[@]}" \
+  local case_limit=()
+  [[ -n $HAVE_PYTEST_TIMEOUT ]] &&
+    case_limit=(--timeout="${CASE_TIMEOUT:-${MOE_EXT_TEST_TIMEOUT_S:-150}}" --timeout-method=signal)
+  run "$name" "$limit" python -m pytest -v -rfE --tb=short --maxfail=40 -p no:cacheprovider "${case_limit[@]}" \
     "${PYTEST_EXTRA[@]}" "$file" "$@"
 }
 
 phase_test() {
-  start_mps
-  pytest_file test_permute 240 tests/test_cuda_permute.py
-  pytest_file test_gating 240 tests/test_cuda_gating.py
+  # Single-process files first, without MPS (NCCL under MPS is untried here; none of them needs it).
+  stop_mps
+  pytest_file test_permute 360 tests/test_cuda_permute.py
+  pytest_file test_gating 360 tests/test_cuda_gating.py
   # The kernel is a parameter of the GEMM tests' ids: run each kernel on its own, so a hang of
   # the Hopper kernel (mbarrier phases) costs only its own time limit.
   pytest_file test_gemm_portable 240 tests/test_cuda_grouped_gemm.py -k "not sm90"
   pytest_file test_gemm_sm90 150 tests/test_cuda_grouped_gemm.py -k "sm90 and not wgrad"
   pytest_file test_wgrad_sm90 120 tests/test_cuda_grouped_gemm.py -k "sm90 and wgrad"
-  # Layer and ipc tests on the portable GEMM: a Hopper GEMM bug must not mask theirs.
-  MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc 300 tests/test_cuda_ep_ipc.py
   pytest_file test_nccl 120 tests/test_cuda_nccl.py
-  MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_layer 240 tests/test_cuda_layer.py
-  MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_parallel 180 tests/test_cuda_parallel.py
+  # Ranks sharing the GPU: MPS. Layer and ipc tests on the portable GEMM (a Hopper GEMM bug must
+  # not mask theirs); a case limit past their worlds' own (run_world names the rank that hung).
+  start_mps
+  CASE_TIMEOUT=260 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc_worlds 360 tests/test_cuda_ep_ipc.py \
+    -k "test_ipc_matches_gloo"
+  CASE_TIMEOUT=170 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc 300 tests/test_cuda_ep_ipc.py \
+    -k "not test_ipc_matches_gloo"
+  CASE_TIMEOUT=170 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_layer 240 tests/test_cuda_layer.py
+  CASE_TIMEOUT=220 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_parallel 240 tests/test_cuda_parallel.py
 }
 
 phase_sanitize() {
@@ -266,12 +276,14 @@ phase_bench_py() {
 }
 
 phase_quick() {
-  start_mps
+  stop_mps
   pytest_file quick_permute 60 tests/test_cuda_permute.py -x -k "narrow_rows"
   pytest_file quick_gating 60 tests/test_cuda_gating.py -x -k "every_option_combination"
   pytest_file quick_gemm_portable 60 tests/test_cuda_grouped_gemm.py -x -k "forward_matches_float64 and portable"
   pytest_file quick_gemm_sm90 60 tests/test_cuda_grouped_gemm.py -x -k "forward_matches_float64 and sm90"
-  MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file quick_ep 120 tests/test_cuda_ep_ipc.py -x -k "matches_gloo"
+  start_mps
+  CASE_TIMEOUT=260 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file quick_ep 120 tests/test_cuda_ep_ipc.py -x \
+    -k "matches_gloo"
 }
 
 for p in "${phases[@]}"; do

@@ -131,7 +131,7 @@ def _world_cases(rank, world, seed):
 
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_ipc_matches_gloo(world, seed):
-    lines = run_world(_world_cases, world, seed, timeout_s=600, pg_timeout_s=120)
+    lines = run_world(_world_cases, world, seed, timeout_s=240, pg_timeout_s=120)
     assert all(line.startswith("auto -> ipc") for line in lines), lines
 
 
@@ -150,7 +150,7 @@ def _fp8(rank, world, seed):
 
 
 def test_ipc_fp8_rows_with_scales(seed):
-    run_world(_fp8, 2, seed, timeout_s=300)
+    run_world(_fp8, 2, seed, timeout_s=150)
 
 
 def _graph(rank, world, seed):
@@ -216,7 +216,7 @@ def _graph(rank, world, seed):
 
 
 def test_ipc_cuda_graph_dispatch_gemm_combine(seed):
-    run_world(_graph, 2, seed, timeout_s=300)
+    run_world(_graph, 2, seed, timeout_s=150)
 
 
 def _timeout(rank, world, seed):
@@ -296,7 +296,7 @@ def _mismatch(rank, world, seed):
 
 
 def test_ipc_mismatch_and_bad_input_raise_everywhere(seed):
-    run_world(_mismatch, 2, seed, timeout_s=300)
+    run_world(_mismatch, 2, seed, timeout_s=150)
 
 
 def _grow(rank, world, seed):
@@ -319,5 +319,5 @@ def _grow(rank, world, seed):
 
 
 def test_ipc_buffers_grow_and_respect_budget(seed):
-    sizes = run_world(_grow, 2, seed, timeout_s=300)
+    sizes = run_world(_grow, 2, seed, timeout_s=150)
     assert sizes[0][1] > sizes[0][0]

@@ -5,7 +5,7 @@ logits; backward against the CPU op; determinism, CUDA graphs, poisoned outputs,
 Integer outputs are compared exactly. Inputs are drawn so that no row holds a near-tie: two
 different experts (or groups) whose float64 selection keys lie closer than 1e-5 of the row's
 scale at a place the selection depends on. Such a pair has no implementation-independent order
-in float32 (the kernels' exp is ex2.approx, the CPU's glibc expf: they differ in the last bits);
+in float32 (the kernels' exp is CUDA's expf, the CPU's glibc expf: they may differ in the last bits);
 rows with one are redrawn (a few per 65537). Exact ties (equal inputs) are kept: every
 implementation gives them to the lower index.
 """

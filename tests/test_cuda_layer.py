@@ -125,7 +125,7 @@ def _graph_world(rank, world, seed):
 
 
 def test_decode_cuda_graph_ipc_world_of_two(seed):
-    assert all(run_world(_graph_world, 2, seed, seed=seed, timeout_s=300))
+    assert all(run_world(_graph_world, 2, seed, seed=seed, timeout_s=150))
 
 
 def _pipeline_world(rank, world, seed):
@@ -154,4 +154,4 @@ def _pipeline_world(rank, world, seed):
 
 
 def test_chunked_pipeline_ipc_world_of_two(seed):
-    assert all(run_world(_pipeline_world, 2, seed, seed=seed, timeout_s=300))
+    assert all(run_world(_pipeline_world, 2, seed, seed=seed, timeout_s=150))

@@ -115,5 +115,5 @@ def _hybrid(rank, world, seed):
 
 
 def test_hybrid_layouts_bfloat16_match_ep(seed):
-    results = run_world(_hybrid, 4, seed, seed=seed, timeout_s=300)
+    results = run_world(_hybrid, 4, seed, seed=seed, timeout_s=200)
     assert all(r == {"tp": True, "replicas": True} for r in results)

@@ -2,8 +2,8 @@
 
 Integer outputs and every row that is only moved or summed in the CPU op's order are compared
 bit for bit (x_perm, row_map, tokens_per_expert, unpermute's output, grad_y). The weights'
-gradient is a reduction whose order differs (CPU: float64 in column order; CUDA: float32 per
-16-byte vector, then float64 across a warp), so it is compared with a tolerance.
+gradient is a reduction whose order differs (CPU: float64 in column order; CUDA: float64 per
+lane, then across a warp), so it is compared with a tolerance.
 Outputs are allocated by the ops, so "poisoned" outputs are poisoned through the caching
 allocator: blocks of the outputs' sizes are filled with a pattern and freed just before the call.
 """

@@ -1,5 +1,7 @@
 """Expert-major token layout (permute) and its inverse with the weighted sum (unpermute)."""
 
+import torch
+
 from ._ops import ops
 
 
@@ -30,9 +32,17 @@ def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None, x_scale=Non
         return out
     if x_scale.dim() != 2 or x_scale.shape[0] != x.shape[0]:
         raise ValueError(f"moe_ext.permute: x_scale must be [num_tokens={x.shape[0]}, S], got {tuple(x_scale.shape)}")
-    # NOTE: the layout is a deterministic function of (idx, num_experts, pad_to, capacity), so a
-    # second permute of the scales puts every scale on its row's position.
-    return (*out, ops.permute(x_scale, idx, num_experts, pad_to, cap, exact)[0])
+    if x_scale.device != x.device:
+        raise ValueError(f"moe_ext.permute: x_scale must be on x's device {x.device}, got {x_scale.device}")
+    # NOTE: each scale is copied to its row through row_map (slots without a row go to a spare
+    # row, dropped): two small kernels, no second routing pass and no second host read of the
+    # row count. Rows nothing lands on (padding, the worst-case tail) stay zero.
+    x_perm, row_map = out[0], out[1]
+    R, k = x_perm.shape[0], idx.shape[1]
+    rows = torch.where(row_map >= 0, row_map, R).reshape(-1)
+    s_perm = x_scale.new_zeros((R + 1, x_scale.shape[1]))
+    s_perm.index_copy_(0, rows, x_scale.repeat_interleave(k, dim=0))
+    return (*out, s_perm[:R])
 
 
 def unpermute(y_perm, row_map, weights=None):

@@ -181,6 +181,23 @@ def test_permute_out_of_range_ids_are_dropped(seed):
         _assert_bits(g, r, name)
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_permute_rows_with_scales(seed, sync):
+    """fp8 (or bf16) rows with per-row scales: the scales land on their rows' positions, bit for
+    bit as on the CPU, zero elsewhere (padding and the no-sync worst-case tail)."""
+    T, H, k, E = 1000, 64, 4, 16
+    x = _rows(T, H, FP8 if FP8 is not None else torch.bfloat16)
+    idx = _routing(T, k, E)
+    scale = torch.rand(T, 2) + 0.5
+    _poison([x.numel() * x.element_size() * k * 2, T * k * 2 * 4 * 2], 0x7F)
+    got = moe_ext.permute(x.cuda(), idx.cuda(), E, pad_to=16, capacity=200, sync=sync, x_scale=scale.cuda())
+    want = moe_ext.permute(x, idx, E, pad_to=16, capacity=200, sync=True, x_scale=scale)
+    rows = int(want[2].sum())
+    assert torch.equal(got[1].cpu(), want[1])
+    _assert_bits(got[0].cpu()[:rows], want[0], "x_perm")
+    assert torch.equal(got[3].cpu()[:rows], want[3]) and (got[3].cpu()[rows:] == 0).all()
+
+
 def test_permute_python_wrapper_defaults_to_no_sync(seed):
     T, H, k, E, pad_to = 100, 8, 2, 4, 16
     x, idx = _rows(T, H, torch.float32, "cuda"), _routing(T, k, E).cuda()

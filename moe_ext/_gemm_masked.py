@@ -41,6 +41,9 @@ def _masked_backward(ctx, g):
     # NOTE: rows past valid_rows are outputs fixed at zero: their gradient is dropped, and a's rows
     # there (often uninitialised in worst-case buffers) must not reach grad_b, not even as 0 * NaN.
     g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    if row_scale is not None:  # NOTE: likewise its rows there (a NaN would survive 0 * NaN into grad_b)
+        row_scale = torch.where(mask.squeeze(-1), row_scale, torch.zeros((), dtype=row_scale.dtype,
+                                                                          device=row_scale.device))
     g, grad_scale = gemm_epilogue_backward(
         g, lambda act, scale: ops.grouped_gemm_masked(a, b, valid_rows, trans_b, act, bias, scale), ctx.activation,
         row_scale, row_scale is not None and ctx.needs_input_grad[6], a.dtype)

@@ -169,6 +169,24 @@ def test_epilogue_matches_reference_and_contiguous(seed, trans_b, activation):
 
 
 @pytest.mark.parametrize("activation", [None, "swiglu"])
+def test_epilogue_grad_ignores_rows_past_valid(seed, activation):
+    """NaN in the unused rows of a and of row_scale must not reach any gradient."""
+    E, R, K, N = 3, 5, 8, 6
+    valid = torch.tensor([2, 0, 5])
+    a = torch.randn(E, R, K, dtype=torch.float64)
+    scale = torch.rand(E, R, dtype=torch.float64) + 0.5
+    a[0, 2:], a[1], scale[0, 2:], scale[1] = float("nan"), float("nan"), float("nan"), float("nan")
+    a.requires_grad_()
+    scale.requires_grad_()
+    b = _weights(E, K, N, False, torch.float64).requires_grad_()
+    bias = torch.randn(E, N, dtype=torch.float64, requires_grad=True)
+    grouped_gemm_masked(a, b, valid, activation=activation, bias=bias, row_scale=scale).square().sum().backward()
+    for name, t in (("a", a), ("b", b), ("bias", bias), ("row_scale", scale)):
+        assert torch.isfinite(t.grad).all(), name
+    assert (scale.grad[0, 2:] == 0).all() and (scale.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("activation", [None, "swiglu"])
 def test_gradcheck_epilogue(seed, activation):
     E, R, K, N = 3, 4, 5, 6
     a = torch.randn(E, R, K, dtype=torch.float64, requires_grad=True)

@@ -223,7 +223,6 @@ inline void check_group_sizes(const char* op, const at::Tensor& sizes, int64_t n
               " offsets, got ", sizes.size(0));
 }
 
-// grouped_gemm(a[M,K], b[E,K,N] or trans_b b[E,N,K]) -> [M,N] (or [M,N/2] with swiglu).
 // The optional epilogue inputs of grouped_gemm / grouped_gemm_masked: bias [E, N] in the dtype of
 // a (N: b's output width before the activation), added before it; row_scale, one float per output
 // row (shape `rows`: [M], or [E, max_rows] for the masked layout), multiplied after it.
@@ -247,6 +246,7 @@ inline void check_gemm_epilogue(const char* op, const at::Tensor& a, const c10::
   }
 }
 
+// grouped_gemm(a[M,K], b[E,K,N] or trans_b b[E,N,K]) -> [M,N] (or [M,N/2] with swiglu).
 inline void check_grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& sizes, bool trans_b,
                                Activation act, const c10::optional<at::Tensor>& bias = c10::nullopt,
                                const c10::optional<at::Tensor>& row_scale = c10::nullopt) {

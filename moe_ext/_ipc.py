@@ -326,7 +326,7 @@ class IpcBackend:
             self.last_work = None
 
     def dispatch(self, x, idx, w, opts):
-        from .dispatch import _dtype_code, _input_problem
+        from .dispatch import _dtype_code, _input_problem, _scale_rows
 
         num_experts = opts.num_experts  # a multiple of the world size: dispatch() checked it
         # NOTE: the value checks of idx read it back to the host: only where the exact layout
@@ -414,22 +414,6 @@ def _ipc_problem(x, idx):
     if idx.shape[1] > 32:
         return f"idx has k={idx.shape[1]} slots per token; the ipc backend takes at most 32"
     return None
-
-
-def _scale_rows(x_scale, x):
-    """(x_scale as [T, S] float32 contiguous, None) or (None, what is wrong). [T] is [T, 1].
-
-    NOTE: S comes from x_scale's own shape, never reshape(T, -1): with T = 0 (a rank without
-    tokens) that is ambiguous and raises on that rank alone, while its peers wait for it in the
-    count exchange; every rank must also announce the same S there."""
-    if x_scale.dim() < 1 or x_scale.shape[0] != x.shape[0]:
-        return None, f"x_scale must be [num_tokens={x.shape[0]}] or [num_tokens, S], got shape {tuple(x_scale.shape)}"
-    if x_scale.device != x.device:
-        return None, f"x_scale must be on x's device {x.device}, got {x_scale.device}"
-    cols = 1
-    for n in x_scale.shape[1:]:
-        cols *= n
-    return x_scale.reshape(x.shape[0], cols).float().contiguous(), None
 
 
 # ---- the communicators, one per (group, device) -----------------------------------------------------

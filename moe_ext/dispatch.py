@@ -49,7 +49,7 @@ from .permute import permute, unpermute
 _BACKENDS = ("auto", "ipc", "nccl", "gloo")
 _MAGIC = 0x6D6F6565  # "moee": marks a header row that really came from moe_ext.dispatch
 _HEADER = ("magic", "tokens", "hidden", "dtype", "weights_dtype", "num_experts", "k", "pad_to", "capacity",
-           "requires_grad", "bad_input")
+           "requires_grad", "scale_cols", "bad_input")
 _COL = {name: i for i, name in enumerate(_HEADER)}
 
 
@@ -193,6 +193,7 @@ class _Plan:
     back_rows: torch.Tensor  # [M_send] int64: rows of y sent back by combine, ordered by (source, token, slot)
     back_send_splits: List[int]  # rows combine sends back to each source
     back_recv_splits: List[int]  # rows combine gets back from each destination
+    recv_x_scale: Optional[torch.Tensor] = None  # x_scale's rows in recv_x's layout (x_scale= given)
 
 
 @dataclass
@@ -212,7 +213,7 @@ class DispatchHandle:
     dtype: Optional[torch.dtype] = None
     num_rows: int = 0  # rows of recv_x, i.e. of the y combine expects (E_local * max_rows if masked)
     max_rows: Optional[int] = None  # rows per expert of the masked layout (sync=False), else None
-    recv_x_scale: Optional[torch.Tensor] = None  # the fp8 rows' scales, next to recv_x (ipc, x_scale=)
+    recv_x_scale: Optional[torch.Tensor] = None  # x_scale's rows [num_rows, S], next to recv_x (x_scale= given)
     async_op: bool = False
     plan: Optional[object] = None
     comm: Optional[object] = field(default=None, repr=False)  # the backend object (W > 1)
@@ -263,6 +264,22 @@ def _input_problem(x, idx, w, num_experts, values=True):
         return (f"idx holds expert ids in [{int(idx.min())}, {int(idx.max())}], outside [-1, "
                 f"num_experts={num_experts})")
     return None
+
+
+def _scale_rows(x_scale, x):
+    """(x_scale as [T, S] float32 contiguous, None) or (None, what is wrong). [T] is [T, 1].
+
+    NOTE: S comes from x_scale's own shape, never reshape(T, -1): with T = 0 (a rank without
+    tokens) that is ambiguous and raises on that rank alone, while its peers wait for it in the
+    count exchange; every rank must also announce the same S there."""
+    if x_scale.dim() < 1 or x_scale.shape[0] != x.shape[0]:
+        return None, f"x_scale must be [num_tokens={x.shape[0]}] or [num_tokens, S], got shape {tuple(x_scale.shape)}"
+    if x_scale.device != x.device:
+        return None, f"x_scale must be on x's device {x.device}, got {x_scale.device}"
+    cols = 1
+    for n in x_scale.shape[1:]:
+        cols *= n
+    return x_scale.reshape(x.shape[0], cols).float().contiguous(), None
 
 
 def _dtype_code(dtype):
@@ -364,22 +381,31 @@ class _AllToAllBackend:
     def dispatch(self, x, idx, w, opts):
         """-> recv_x, tokens_per_expert, plan, row_map; the masked layout when opts.sync is False."""
         if opts.sync:
-            return self._dispatch(x, idx, w, opts.num_experts, opts.pad_to, opts.capacity, opts.requires_grad)
+            return self._dispatch(x, idx, w, opts.num_experts, opts.pad_to, opts.capacity, opts.requires_grad,
+                                  opts.x_scale)
         cap = opts.max_rows if opts.capacity is None else min(opts.capacity, opts.max_rows)
-        flat, kept, plan, row_map = self._dispatch(x, idx, w, opts.num_experts, 1, cap, opts.requires_grad)
+        flat, kept, plan, row_map = self._dispatch(x, idx, w, opts.num_experts, 1, cap, opts.requires_grad,
+                                                   opts.x_scale)
         recv_x, where = _to_masked(flat, kept, opts.max_rows)
         plan.back_rows = where.index_select(0, plan.back_rows)
         plan.recv_row_map = _remap_rows(plan.recv_row_map, where)
+        if plan.recv_x_scale is not None:
+            s = plan.recv_x_scale
+            plan.recv_x_scale = _to_masked(s, kept, opts.max_rows)[0].reshape(-1, s.shape[1])
         return recv_x, kept, plan, row_map
 
-    def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad):
+    def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad, x_scale=None):
         world = self.world
         problem = _input_problem(x, idx, w, num_experts)
+        scale = None
+        if problem is None and x_scale is not None:
+            scale, problem = _scale_rows(x_scale, x)
         k = idx.shape[1] if idx.dim() == 2 else 0
         hidden = x.shape[1] if x.dim() == 2 else 0
+        scale_cols = 0 if scale is None else scale.shape[1]
         row = torch.tensor([_MAGIC, 0, hidden, _dtype_code(x.dtype), _dtype_code(w.dtype), num_experts, k, pad_to,
-                            -1 if capacity is None else capacity, int(requires_grad), int(problem is not None)],
-                           dtype=torch.int64).repeat(world, 1)
+                            -1 if capacity is None else capacity, int(requires_grad), scale_cols,
+                            int(problem is not None)], dtype=torch.int64).repeat(world, 1)
         if problem is not None:
             self._exchange_header(row, problem)  # tells the peers, then raises
 
@@ -403,9 +429,12 @@ class _AllToAllBackend:
         row[:, _COL["tokens"]] = send_splits
         recv_splits = self._exchange_header(row)[:, _COL["tokens"]].tolist()
         send_splits = send_splits.tolist()
-        recv_tok, recv_experts = self._exchange([x[send_tokens], send_experts], send_splits, recv_splits, "token")
-        recv_x, recv_row_map, tokens_per_expert = permute(recv_tok, recv_experts, num_experts // world,
-                                                          pad_to=pad_to, capacity=capacity, sync=True)
+        # NOTE: the scales (x_scale=) travel in the same exchange, as more bytes of each row.
+        parts = [x[send_tokens], send_experts] + ([scale[send_tokens]] if scale is not None else [])
+        recv_tok, recv_experts, *recv_scale = self._exchange(parts, send_splits, recv_splits, "token")
+        recv_x, recv_row_map, tokens_per_expert, *recv_x_scale = permute(
+            recv_tok, recv_experts, num_experts // world, pad_to=pad_to, capacity=capacity, sync=True,
+            x_scale=recv_scale[0] if recv_scale else None)
 
         # Slots that arrived here, by (source, token, slot); which were kept (capacity drops the rest).
         source = torch.repeat_interleave(torch.arange(world, device=dev),
@@ -433,7 +462,8 @@ class _AllToAllBackend:
             send_tokens=send_tokens, send_splits=send_splits, recv_splits=recv_splits, recv_row_map=recv_row_map,
             back_rows=flat_recv_map[flat_recv_map >= 0],
             back_send_splits=torch.bincount(arrived_source[arrived_kept], minlength=world).tolist(),
-            back_recv_splits=torch.bincount(flat_dest[kept_slots], minlength=world).tolist())
+            back_recv_splits=torch.bincount(flat_dest[kept_slots], minlength=world).tolist(),
+            recv_x_scale=recv_x_scale[0] if recv_x_scale else None)
         return recv_x, tokens_per_expert, plan, row_map.view(num_tokens, k)
 
     def combine_rows(self, y, plan, stage="combine"):
@@ -552,9 +582,6 @@ def _check_modes(sync, max_tokens, x_scale, name, x):
                              f"max_tokens={max_tokens}")
         if x.dim() >= 1 and x.shape[0] > max_tokens:
             raise ValueError(f"moe_ext.dispatch: x has {x.shape[0]} tokens, more than max_tokens={max_tokens}")
-    if x_scale is not None and name != "ipc":
-        raise ValueError("moe_ext.dispatch: x_scale (fp8 rows with per-token scales) needs the 'ipc' backend "
-                         f"(CUDA tensors over W > 1 ranks); this call uses {name!r}")
 
 
 def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False, pad_to=1, capacity=None,
@@ -580,8 +607,8 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     on every rank (needed for sync=False; sizes the ipc buffers otherwise).
     async_op: the tokens may still be moving when dispatch returns; handle.wait() makes the
     current stream wait for them (the gloo backend and a world of one are already complete).
-    x_scale: [T] or [T, S] float32 per-token scales of fp8 rows (ipc only), delivered in
-    handle.recv_x_scale next to recv_x.
+    x_scale: [T] or [T, S] per-token scales (e.g. of fp8 rows; any backend), delivered as float32
+    in handle.recv_x_scale [rows of recv_x, S], each next to its row (zero on padding rows).
     Returns recv_x in x's dtype (expert-major; inside an expert by (source rank, source token);
     padding rows zero), tokens_per_expert [E / W] int32 (padded segment sizes; valid rows when
     sync=False) and the handle for combine. Differentiable w.r.t. x (and w, through combine).
@@ -596,19 +623,25 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     max_rows = masked_rows(world, max_tokens, capacity, pad_to) if not sync else None
     if name == "local":
         problem = _input_problem(x, idx, w, num_experts)
+        scale = None
+        if problem is None and x_scale is not None:
+            scale, problem = _scale_rows(x_scale, x)
         if problem is not None:
             raise ValueError(f"moe_ext.dispatch: {problem}")
         if sync:
             # NOTE: sync=True explicitly: permute's own default on CUDA is the worst-case size.
-            recv_x, row_map, tokens_per_expert = permute(x, idx, num_experts, pad_to=pad_to, capacity=capacity,
-                                                         sync=True)
+            recv_x, row_map, tokens_per_expert, *s = permute(x, idx, num_experts, pad_to=pad_to, capacity=capacity,
+                                                             sync=True, x_scale=scale)
         else:
             cap = max_rows if capacity is None else min(capacity, max_rows)
-            flat, row_map, tokens_per_expert = permute(x, idx, num_experts, capacity=cap, sync=False)
+            flat, row_map, tokens_per_expert, *s = permute(x, idx, num_experts, capacity=cap, sync=False,
+                                                           x_scale=scale)
             recv_x, where = _to_masked(flat, tokens_per_expert, max_rows)
             row_map = _remap_rows(row_map, where)
+            s = [_to_masked(s[0], tokens_per_expert, max_rows)[0].reshape(-1, s[0].shape[1])] if s else s
         handle = DispatchHandle(row_map, w, x.shape[0], world, group, name, hidden=x.shape[1], dtype=x.dtype,
-                                num_rows=recv_x.reshape(-1, x.shape[1]).shape[0], max_rows=max_rows)
+                                num_rows=recv_x.reshape(-1, x.shape[1]).shape[0], max_rows=max_rows,
+                                recv_x_scale=s[0] if s else None)
         return recv_x, tokens_per_expert, handle
     expert_placement(num_experts, world)  # E divisible by W: checked before any communication
     handle = DispatchHandle(None, w, x.shape[0] if x.dim() else 0, world, group, name,

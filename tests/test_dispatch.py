@@ -251,6 +251,46 @@ def test_dispatch_combine_world(world, seed):
     print(f"world {world}: {time.monotonic() - start:.1f} s")
 
 
+def _scales_world(rank, world, seed):
+    """x_scale over gloo: every received row's scale is the scale its token was sent with, in the
+    exact layout (padding rows zero) and the masked one; ranks disagreeing on S all raise."""
+    g = torch.Generator().manual_seed(seed * 31 + rank)
+    T, k, E = [5, 0, 9, 4][rank], 2, 2 * world
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k).long()
+    w, scale = torch.rand(T, k, generator=g), torch.rand(T, 3, generator=g) + 0.5  # real scales are never 0
+    x = torch.randn(T, HIDDEN, generator=g)
+    x[:, 0] = rank * 1000 + torch.arange(T)  # each row names its source: rank * 1000 + token
+    scales, routes = [None] * world, [None] * world
+    dist.all_gather_object(scales, scale)
+    dist.all_gather_object(routes, idx)
+    mine = sum(int(((i >= rank * 2) & (i < rank * 2 + 2)).sum()) for i in routes)  # slots for my 2 experts
+    for kw in (dict(pad_to=4), dict(sync=False, max_tokens=9)):
+        recv, tpe, h = moe_ext.dispatch(x, idx, w, E, x_scale=scale, **kw)
+        rows, s = recv.reshape(-1, HIDDEN), h.recv_x_scale
+        assert s.dtype == torch.float32 and s.shape == (rows.shape[0], 3), (kw, s.shape)
+        valid = torch.ones(rows.shape[0], dtype=torch.bool)
+        if "max_tokens" in kw:  # masked: the rows below each expert's count
+            valid = (torch.arange(recv.shape[1])[None, :] < tpe.long()[:, None]).reshape(-1)
+        real = 0
+        for r in valid.nonzero().squeeze(1).tolist():
+            if (s[r] == 0).all():  # a padding row: zero in both
+                assert (rows[r] == 0).all(), (kw, r)
+                continue
+            src, tok = divmod(int(rows[r, 0]), 1000)
+            assert torch.equal(s[r], scales[src][tok]), (kw, r, src, tok)
+            real += 1
+        assert real == mine, (kw, real, mine)
+    # Ranks disagreeing on S raise together (the count exchange compares it).
+    with pytest.raises(ValueError, match="disagree on scale_cols"):
+        moe_ext.dispatch(x, idx, w, E, x_scale=scale if rank else scale[:, :2])
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_x_scale_travels_with_its_rows(world, seed):
+    assert all(run_world(_scales_world, world, seed, seed=seed, timeout_s=120))
+
+
 def _missing_peer(rank, world, pg_timeout_s, done_dir):
     """The last rank never calls dispatch; it waits until the others have failed, then leaves."""
     if rank == world - 1:

@@ -91,8 +91,11 @@ def test_masked_needs_max_tokens():
         moe_ext.dispatch(x, idx, w, 2, sync=False)
     with pytest.raises(ValueError, match="more than max_tokens"):
         moe_ext.dispatch(x, idx, w, 2, sync=False, max_tokens=2)
-    with pytest.raises(ValueError, match="x_scale"):
-        moe_ext.dispatch(x, idx, w, 2, x_scale=torch.ones(3))
+    with pytest.raises(ValueError, match="x_scale must be"):
+        moe_ext.dispatch(x, idx, w, 2, x_scale=torch.ones(4))
+    recv, tpe, h = moe_ext.dispatch(x, idx, w, 2, sync=False, max_tokens=4, x_scale=torch.arange(3.0) + 1)
+    assert h.recv_x_scale.shape == (8, 1) and h.recv_x_scale[:3, 0].tolist() == [1.0, 2.0, 3.0]
+    assert (h.recv_x_scale[3:] == 0).all()
     recv, tpe, h = moe_ext.dispatch(x, idx, w, 2, sync=False, max_tokens=4)
     assert recv.shape == (2, 4, 8) and tpe.tolist() == [3, 0]
     with pytest.raises(ValueError, match="y must be"):

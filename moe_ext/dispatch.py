@@ -608,7 +608,8 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     async_op: the tokens may still be moving when dispatch returns; handle.wait() makes the
     current stream wait for them (the gloo backend and a world of one are already complete).
     x_scale: [T] or [T, S] per-token scales (e.g. of fp8 rows; any backend), delivered as float32
-    in handle.recv_x_scale [rows of recv_x, S], each next to its row (zero on padding rows).
+    in handle.recv_x_scale [rows of recv_x, S], each next to its row (zero on padding rows; in
+    the masked layout, rows past each expert's count are as unspecified as recv_x's).
     Returns recv_x in x's dtype (expert-major; inside an expert by (source rank, source token);
     padding rows zero), tokens_per_expert [E / W] int32 (padded segment sizes; valid rows when
     sync=False) and the handle for combine. Differentiable w.r.t. x (and w, through combine).

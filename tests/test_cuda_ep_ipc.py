@@ -320,3 +320,27 @@ def _grow(rank, world, seed):
 def test_ipc_buffers_grow_and_respect_budget(seed):
     sizes = run_world(_grow, 2, seed, timeout_s=150)
     assert sizes[0][1] > sizes[0][0]
+
+
+def _capture_needs_growth(rank, world, seed):
+    """A capture whose call needs larger buffers raises on every rank (growing is a host
+    collective), before the current buffers are touched; eager calls then work and grow."""
+    dev = _device(rank)
+    torch.cuda.set_device(dev)
+    E, x, idx, w, gout = _inputs(world, rank, seed, torch.bfloat16, 128, 2, 2, 20)
+    xd, idxd, wd = x.to(dev), idx.to(dev), w.to(dev)
+    moe_ext.dispatch(xd, idxd, wd, E, backend="ipc", sync=False, max_tokens=20)  # the buffers exist
+    before = moe_ext.communicator(device=dev).nbytes
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="inside CUDA graph capture needs larger buffers"):
+        with torch.cuda.graph(graph):
+            moe_ext.dispatch(xd, idxd, wd, E, backend="ipc", sync=False, max_tokens=2000)  # > the 256 first sized
+    assert moe_ext.communicator(device=dev).nbytes == before
+    ref = _run(x, idx, w, gout, E, "gloo", sync=False, max_tokens=2000)
+    got = _run(xd, idxd, wd, gout.to(dev), E, "ipc", sync=False, max_tokens=2000)
+    _compare(ref, got, "after a refused capture", masked=True)
+    return moe_ext.communicator(device=dev).nbytes > before
+
+
+def test_ipc_capture_refuses_to_grow(seed):
+    assert all(run_world(_capture_needs_growth, 2, seed, timeout_s=150))

@@ -94,10 +94,11 @@ def _rank(rank, args, store, results):
     if not args.no_check:
         recv, tpe, h = moe_ext.dispatch(xd, idxd, wd, E, backend=args.backend, **kw)
         ref, _, hr = moe_ext.dispatch(x, idx, w, E, backend="gloo", **kw)
+        got_rows, ref_rows = recv.cpu(), ref
         if args.masked:  # NOTE: the rows past each expert's count are unwritten by ipc: compare the rest
             keep = torch.arange(ref.shape[1])[None, :] < tpe.cpu().long()[:, None]
-            recv, ref = recv.cpu()[keep], ref[keep]
-        wrong += int((recv.cpu() != ref).reshape(-1, args.hidden).any(1).sum())
+            got_rows, ref_rows = got_rows[keep], ref_rows[keep]
+        wrong += int((got_rows != ref_rows).reshape(-1, args.hidden).any(1).sum())
         out = moe_ext.combine(recv, h)
         out_ref = moe_ext.combine(ref, hr)
         wrong += int((out.cpu() != out_ref).any(1).sum())

@@ -99,7 +99,8 @@ def check_gemm_epilogue_fake(op, a, b, trans_b, bias, row_scale, rows):
         _same_device(f"{op}: bias", bias, "a", a)
     if row_scale is not None:
         torch._check(tuple(row_scale.shape) == tuple(rows), lambda: f"{op}: row_scale must have one value per output row")
-        torch._check(row_scale.is_floating_point(), lambda: f"{op}: row_scale must be a float tensor")
+        torch._check(row_scale.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                     lambda: f"{op}: row_scale must be a float tensor")
         _same_device(f"{op}: row_scale", row_scale, "a", a)
 
 
@@ -212,7 +213,7 @@ def gemm_epilogue_backward(g, forward, activation, row_scale, scale_grad, a_dtyp
         g = g.to(acc) * row_scale.to(acc).unsqueeze(-1)
     if activation == "swiglu":
         shape = g.shape
-        g = swiglu_backward(g.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1])).view(*shape[:-1], h.shape[-1])
+        g = swiglu_backward(g.flatten(0, -2), h.flatten(0, -2)).view(*shape[:-1], h.shape[-1])  # any size, 0 too
     return g.to(a_dtype).contiguous(), grad_scale
 
 

@@ -73,9 +73,9 @@ def run_world(fn, world_size, *args, seed=0, timeout_s=90.0, pg_timeout_s=30.0):
                 if time.monotonic() >= deadline:
                     missing = [r for r in range(world_size) if r not in done and r not in failures]
                     if failures:
+                        late = f"\n--- ranks {missing} had not finished by then (killed)" if missing else ""
                         raise AssertionError(
-                            "\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items()))
-                            + f"\n--- ranks {missing} had not finished {FAILURE_GRACE_S:.0f} s later (killed)") from None
+                            "\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())) + late) from None
                     raise AssertionError(f"world of {world_size} ranks did not finish within {timeout_s:.0f} s; "
                                          f"ranks still running: {missing}") from None
                 continue

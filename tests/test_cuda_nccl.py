@@ -219,7 +219,7 @@ def _two_ranks(rank, world, seed):
 
 @two_gpus
 def test_two_ranks_match_gloo(seed):
-    assert run_world(_two_ranks, 2, seed, seed=seed, timeout_s=300) == [True, True]
+    assert run_world(_two_ranks, 2, seed, seed=seed, timeout_s=150) == [True, True]
 
 
 def _missing_peer(rank, world, done_dir):

@@ -19,15 +19,12 @@ Results are checked against the gloo backend on CPU before timing (--no-check sk
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 
 CEIL_BPS = 2.95e12
 
@@ -152,25 +149,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("ep_bench: no CUDA device; skipped")
         return 0
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    tmp = tempfile.mkdtemp(prefix="moe_ext_ep_bench_")
-    procs = [ctx.Process(target=_rank, args=(r, args, os.path.join(tmp, "store"), results)) for r in range(args.ranks)]
-    for p in procs:
-        p.start()
-    got = {}
-    deadline = time.monotonic() + 600
-    while len(got) < args.ranks and time.monotonic() < deadline:
-        try:
-            r, v = results.get(timeout=5)
-            got[r] = v
-        except Exception:  # noqa: BLE001
-            if any(p.exitcode not in (None, 0) for p in procs):
-                break
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
+    got = dict(run_ranks(_rank, args, args.ranks, poll_s=5)[0])
     if len(got) < args.ranks:
         print(f"ep_bench: only {len(got)} of {args.ranks} ranks reported", file=sys.stderr)
         return 1

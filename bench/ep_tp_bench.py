@@ -29,15 +29,13 @@ import argparse
 import datetime
 import json
 import os
-import queue
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawn_ranks import run_ranks
 
 
 def parse_args(argv=None):
@@ -165,26 +163,9 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         print("ep_tp_bench: no CUDA device; nothing to do")
         return 0
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, args, os.path.join(tmp, "store"), results)) for r in range(W)]
-        for p in procs:
-            p.start()
-        # NOTE: poll, so that a rank that died ends the run now, not at the time limit
-        got, deadline = [], time.monotonic() + 600
-        while len(got) < W and time.monotonic() < deadline:
-            try:
-                got.append(results.get(timeout=2))
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    if len(got) < W or any(p.exitcode for p in procs):
-        sys.exit(f"ep_tp_bench: a rank failed (exit codes {[p.exitcode for p in procs]})")
+    got, exitcodes = run_ranks(_rank, args, W)
+    if len(got) < W or any(exitcodes):
+        sys.exit(f"ep_tp_bench: a rank failed (exit codes {exitcodes})")
     slowest = {name: max(t[name] for _, t, _ in got) for name in ("gather", "direct")}
     rows = {name: [sum(m[name][i] for _, _, m in got) for i in range(3)] for name in ("gather", "direct")}
     print(f"# EP {args.ep} x TP {args.tp} on {args.device}: T={args.tokens}/rank H={args.hidden} F={args.ffn} "

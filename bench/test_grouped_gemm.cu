@@ -251,28 +251,25 @@ int main() {
     MOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     std::vector<const char*> kernels = {"portable"};
     if (major == 9 && minor == 0) kernels.push_back("sm90");
-    for (const char* kernel : kernels) {
-      setenv("MOE_EXT_GROUPED_GEMM_KERNEL", kernel, 1);
-      for (const Case& c : fwd) {
-        const int64_t w = c.fp16 ? run_forward<__half>(c) : run_forward<__nv_bfloat16>(c);
-        std::printf("%-9s %-44s %s (%lld wrong)\n", kernel, c.name.c_str(), w ? "FAIL" : "ok",
-                    static_cast<long long>(w));
-        wrong += w;
+    // Every case once per kernel, chosen through its environment variable.
+    auto run_each = [&](const char* env, const std::vector<Case>& cases, auto run) {
+      for (const char* kernel : kernels) {
+        setenv(env, kernel, 1);
+        for (const Case& c : cases) {
+          const int64_t w = run(c);
+          std::printf("%-9s %-44s %s (%lld wrong)\n", kernel, c.name.c_str(), w ? "FAIL" : "ok",
+                      static_cast<long long>(w));
+          wrong += w;
+        }
       }
-    }
-    unsetenv("MOE_EXT_GROUPED_GEMM_KERNEL");
-    // The weight gradient once per kernel too (the Hopper one also on the masked layout, whose
-    // rows past each count run into the next expert's).
-    for (const char* kernel : kernels) {
-      setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", kernel, 1);
-      for (const Case& c : wgrad) {
-        const int64_t w = c.fp16 ? run_wgrad<__half>(c) : run_wgrad<__nv_bfloat16>(c);
-        std::printf("%-9s %-44s %s (%lld wrong)\n", kernel, c.name.c_str(), w ? "FAIL" : "ok",
-                    static_cast<long long>(w));
-        wrong += w;
-      }
-    }
-    unsetenv("MOE_EXT_GROUPED_WGRAD_KERNEL");
+      unsetenv(env);
+    };
+    run_each("MOE_EXT_GROUPED_GEMM_KERNEL", fwd,
+             [](const Case& c) { return c.fp16 ? run_forward<__half>(c) : run_forward<__nv_bfloat16>(c); });
+    // The weight gradient too (the Hopper one also on the masked layout, whose rows past each
+    // count run into the next expert's).
+    run_each("MOE_EXT_GROUPED_WGRAD_KERNEL", wgrad,
+             [](const Case& c) { return c.fp16 ? run_wgrad<__half>(c) : run_wgrad<__nv_bfloat16>(c); });
     // The requirement checks: a valid problem passes, then misaligned K, N, swiglu N, and too many
     // experts are refused, each for its own reason (the pointers are valid, so "null" cannot be it).
     alignas(16) static char dummy[16];

@@ -252,15 +252,19 @@ def _rank0_bad_ids(rank, dev, x, idx, w, E, bad_id, peer_error, **kw):
             moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc", **kw)
 
 
+def _peers_other_hidden(rank, world, seed, dev, hidden, error):
+    """Rank 0 dispatches rows of 64 columns, its peers of `hidden`: every rank raises `error`."""
+    E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64 if rank == 0 else hidden, 2, 2, 20)
+    with pytest.raises(RuntimeError, match=error):
+        moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+
+
 def _mismatch(rank, world, seed):
     dev = _device(rank)
     torch.cuda.set_device(dev)
     comm = moe_ext.communicator(device=dev)
     comm.reserve(64, 2 * 128, 2, 4)
-    hidden = 64 if rank == 0 else 128
-    E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, hidden, 2, 2, 20)
-    with pytest.raises(RuntimeError, match="disagree on row_bytes"):
-        moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    _peers_other_hidden(rank, world, seed, dev, 128, "disagree on row_bytes")
     comm.close()
     # A rank with bad inputs raises ValueError; the others learn it in the count exchange.
     E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64, 2, 2, 20)
@@ -275,10 +279,7 @@ def _mismatch(rank, world, seed):
     # instead of leaving the grower in the allocation until the process group's timeout.
     comm.reserve(64, 2 * 64, 2, 2 * world)
     start = time.monotonic()
-    hidden = 64 if rank == 0 else 4096
-    E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, hidden, 2, 2, 20)
-    with pytest.raises(RuntimeError, match="had to grow the buffers"):
-        moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")
+    _peers_other_hidden(rank, world, seed, dev, 4096, "had to grow the buffers")
     comm.close()
     E, x, idx, w, _ = _inputs(world, 0, seed, torch.bfloat16, 64, 2, 2, 20)
     moe_ext.dispatch(x.to(dev), idx.to(dev), w.to(dev), E, backend="ipc")

@@ -155,10 +155,16 @@ class _Pipeline(torch.autograd.Function):
             if c < n:
                 started[c] = layer._dispatch(xs[c], ss[c], ws[c], async_op=overlap)
 
-        start(0)
+        # NOTE: overlapped, every chunk's dispatch is queued before any GEMM. An exact-layout dispatch
+        # reads its received row count back to the host, and the communication stream runs in call
+        # order: a dispatch queued after chunk c-1's GEMMs and combine would hold the host until both
+        # had finished, leaving the GPU without queued GEMMs meanwhile. Queued first, the count
+        # exchanges wait only for the routing; the communication stream then moves chunks 1..n-1
+        # while chunk 0's GEMMs run, and each combine follows its chunk's GEMMs. recv_x of every
+        # chunk is kept for the backward anyway, so this holds no extra memory.
+        for c in range(n if overlap else 1):
+            start(c)
         for c in range(n):
-            if overlap:
-                start(c + 1)  # NOTE: chunk c+1's tokens travel while chunk c's GEMMs run
             recv_x, tps, handle = started.pop(c)
             handle.wait()
             h = ops.grouped_gemm(recv_x, w1, tps, False, "swiglu")
@@ -283,9 +289,10 @@ class MoE(nn.Module):
     Chunked EP pipeline (num_chunks, overlap; EP world W > 1, no expert TP): routing runs once on
     the whole batch, then the tokens are split into num_chunks contiguous chunks (the same number
     on every rank; chunks may be empty, e.g. T < num_chunks or T = 0, and still take part in
-    every collective, forward and backward). overlap=True pipelines them: chunk c+1 is dispatched
-    (async_op) before chunk c's expert GEMMs run, and chunk c's combine (async_op) is still in
-    flight during chunk c+1's GEMMs; each handle is waited on just before its result is used.
+    every collective, forward and backward). overlap=True pipelines them: every chunk is dispatched
+    (async_op) before the first expert GEMM is queued, so chunks 1..n-1 travel while chunk 0's
+    GEMMs run, and chunk c's combine (async_op) is still in flight during chunk c+1's GEMMs; each
+    handle is waited on just before its result is used.
     While it overlaps, the ipc communicator's kernels run on at most comm_sms SMs (default 24;
     None: the communicator's own setting), so that the GEMMs find SMs beside them.
     overlap=False runs the same chunks one after the other (dispatch, GEMMs, combine), each call

@@ -110,12 +110,19 @@ def _check_chunks(rank, world, seed, counts, group, layer_kw, dtype, three_d, x_
     return want
 
 
-def _check_backward_order(rank, world, seed, counts, group):
-    """Backward issues every chunk's gradient scatter (last chunk first) before any x gradient goes
-    home, and both asynchronously with overlap=True: what lets the communication overlap the expert
-    backward on CUDA (each call orders the communication stream after all compute queued before it)."""
+def _check_call_order(rank, world, seed, counts, group):
+    """With overlap=True, forward queues every chunk's dispatch before the first combine, and
+    backward every chunk's gradient scatter (last chunk first) before any x gradient goes home,
+    all asynchronously: what lets the communication overlap the expert GEMMs on CUDA (each call
+    orders the communication stream after all compute queued before it, and an exact-layout
+    dispatch holds the host until its count exchange is through). overlap=False: one chunk after
+    the other, synchronously."""
     backend = importlib.import_module("moe_ext.dispatch")._AllToAllBackend  # (moe_ext.dispatch: the function)
-    real_scatter, real_combine, log = backend.scatter_grad, backend.combine, []
+    real_dispatch, real_scatter, real_combine, log = backend.dispatch, backend.scatter_grad, backend.combine, []
+
+    def dispatch(self, x, idx, w, opts):
+        log.append(("dispatch", x.shape[0], opts.async_op))
+        return real_dispatch(self, x, idx, w, opts)
 
     def scatter_grad(self, g, w, y, plan, async_op=False):
         log.append(("scatter", g.shape[0], async_op))
@@ -125,7 +132,7 @@ def _check_backward_order(rank, world, seed, counts, group):
         log.append((stage, row_map.shape[0], async_op))
         return real_combine(self, y, w, plan, row_map, keep_rows, stage, async_op)
 
-    backend.scatter_grad, backend.combine = scatter_grad, combine
+    backend.dispatch, backend.scatter_grad, backend.combine = dispatch, scatter_grad, combine
     try:
         layer = _layer(group, seed, torch.float64, pad_to=4)
         x, gout = _inputs(seed, counts, torch.float64)[rank]
@@ -134,10 +141,14 @@ def _check_backward_order(rank, world, seed, counts, group):
             _step(layer, x, gout, 3, overlap)
             T = x.shape[0]
             sizes = [(c + 1) * T // 3 - c * T // 3 for c in range(3)]
-            assert log == ([("combine", n, overlap) for n in sizes] + [("scatter", n, overlap) for n in sizes[::-1]]
+            if overlap:
+                forward = [("dispatch", n, True) for n in sizes] + [("combine", n, True) for n in sizes]
+            else:
+                forward = [call for n in sizes for call in (("dispatch", n, False), ("combine", n, False))]
+            assert log == (forward + [("scatter", n, overlap) for n in sizes[::-1]]
                            + [("dispatch-backward", n, overlap) for n in sizes[::-1]]), log
     finally:
-        backend.scatter_grad, backend.combine = real_scatter, real_combine
+        backend.dispatch, backend.scatter_grad, backend.combine = real_dispatch, real_scatter, real_combine
 
 
 def _check_against_reference(rank, world, seed, counts, group):
@@ -168,7 +179,7 @@ def _pipeline_world(rank, world, seed, counts):
         _check_chunks(rank, world, seed + i, counts, group, kw, dtype, three_d)
     kw, dtype, three_d = CONFIGS[0]  # x without a gradient: no dispatch backward, the weights' still exact
     _check_chunks(rank, world, seed, counts, group, kw, dtype, three_d, x_grad=False)
-    _check_backward_order(rank, world, seed, counts, group)
+    _check_call_order(rank, world, seed, counts, group)
     _check_against_reference(rank, world, seed, counts, group)
     _check_rounding_only(rank, world, seed, counts, group)
     if world == 4:  # replicated experts: replicas are chosen on the whole batch, before chunking

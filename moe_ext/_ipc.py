@@ -266,7 +266,11 @@ class IpcBackend:
         self._c, self._sizes, self.broken = c, tuple(sizes), None
 
     def check(self):
-        """Raises the first error the kernels recorded (a timeout, ranks that disagree)."""
+        """Raises the first error the kernels recorded (a timeout, ranks that disagree), as far as
+        the kernels have run: it reads host-mapped memory and does not synchronise. Every call
+        checks on entry; a CUDA graph replay cannot, so after a replay whose work has completed
+        (e.g. once its output was read) call this to learn of a failed exchange, whose combine
+        output is NaN."""
         if self.broken is not None:
             raise RuntimeError(self.broken)
         for c in ([self._c] if self._c is not None else []) + self._retired:  # (retired: graph replays)
@@ -429,6 +433,12 @@ def ipc_backend(group, world, rank, device):
     if comm is None:
         comm = _COMMS[key] = IpcBackend(group, world, rank, device)
     return comm
+
+
+def has_buffers(group, device):
+    """Whether the ipc communicator of (group, device) exists and holds its buffers (no collective)."""
+    comm = _COMMS.get((_group_key(group), torch.device(device).index))
+    return comm is not None and comm._c is not None
 
 
 def communicator(group=None, device=None):

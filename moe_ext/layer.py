@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import _ipc
 from . import parallel as par
 from ._ops import ops, swiglu_backward
 from .dispatch import _BACKENDS, combine, communicator, dispatch, masked_rows
@@ -328,8 +329,20 @@ class MoE(nn.Module):
     expert_load average are device-side updates and stay on; nothing is skipped. Not chunked.
     Limits: no expert TP (its all-gather reads counts back); on CUDA only bf16/fp16 expert weights are capturable (the float32/float64
     masked GEMM reads valid_rows back to the host); W > 1 needs the ipc backend to be capturable
-    (run one eager forward first: creating its buffers is a collective). The output equals the
-    normal forward's (bit-identical with pad_to=1 on the CPU).
+    (run one eager forward first: creating its buffers is a collective; capturing without them, or
+    with float32 weights, raises a ValueError). The output equals the normal forward's
+    (bit-identical with pad_to=1 on the CPU). Replaying a captured decode forward:
+    - a failed exchange (a peer that never replays, or died) cannot raise inside the replay: the
+      kernels give up after the communicator's timeout and that replay's output is NaN; after
+      reading it, `moe_ext.communicator(ep_group).check()` raises the error naming the rank;
+    - replay on the stream the graph was captured on, or one ordered after every earlier
+      dispatch/combine (wait for async handles first): the replay and eager calls share the
+      communicator's operation counter;
+    - `layer.stats` and `tokens_per_slot` are the tensors of the last Python forward: keep the
+      ones right after the capture (the graph's own, which every replay refreshes); `load` and
+      `expert_load()` are updated in place and follow every replay;
+    - `update_expert_bias`, `load_experts` and `apply_placement` (with the same slots per rank and
+      replica counts) write in place, so replays use the new values.
     """
 
     def __init__(self, hidden, ffn_hidden, num_experts, k, ep_group=None, tp_group=None, *, placement=None,
@@ -408,9 +421,14 @@ class MoE(nn.Module):
         self.layout = layout
         self.num_local_experts = layout.slots_per_rank
         device = device if device is not None else (self.w1.device if hasattr(self, "w1") else None)
-        # NOTE: non-persistent buffers, so .to(device) moves the replica tables with the layer.
-        self.register_buffer("replica_counts", layout.replica_counts.to(device), persistent=False)
-        self.register_buffer("replica_slots", layout.replica_slots.to(device), persistent=False)
+        # NOTE: non-persistent buffers, so .to(device) moves the replica tables with the layer. Same
+        # shape: copied in place, since a captured decode graph keeps reading the old memory.
+        for name, table in (("replica_counts", layout.replica_counts), ("replica_slots", layout.replica_slots)):
+            table, old = table.to(device), getattr(self, name, None)
+            if old is not None and (old.shape, old.dtype, old.device) == (table.shape, table.dtype, table.device):
+                old.copy_(table)
+            else:
+                self.register_buffer(name, table, persistent=False)
 
     @property
     def first_local_expert(self):
@@ -467,7 +485,7 @@ class MoE(nn.Module):
         decode = self.decode if decode is None else decode
         x2 = x.reshape(-1, self.hidden)
         if decode:
-            self._check_decode(x2.shape[0])
+            self._check_decode(x2)
         seq_len = shape[-2] if x.dim() == 3 and shape[-2] > 0 else None
         w, idx, stats = self.route(x2, seq_len)
         slots = self.physical_slots(idx)
@@ -542,7 +560,8 @@ class MoE(nn.Module):
         dist.all_to_all_single(recv, send.to(device), group=self.ep_group)
         return recv.cpu()
 
-    def _check_decode(self, num_tokens):
+    def _check_decode(self, x2):
+        num_tokens = x2.shape[0]
         if self.max_decode_tokens is None:
             raise ValueError("moe_ext.MoE: decode needs max_decode_tokens (the most tokens any rank passes) set at "
                              "construction")
@@ -551,6 +570,15 @@ class MoE(nn.Module):
                              f"{self.max_decode_tokens}")
         if self.tp_world > 1:
             raise ValueError("moe_ext.MoE: decode is not supported with expert TP")
+        if x2.is_cuda and torch.cuda.is_current_stream_capturing():  # NOTE: clear errors, not a failed capture
+            if self.w1.dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"moe_ext.MoE: capturing decode in a CUDA graph needs bfloat16 or float16 expert "
+                                 f"weights (the {self.w1.dtype} masked GEMM reads its row counts back to the host)")
+            if self.ep_world > 1 and not _ipc.has_buffers(self.ep_group, x2.device):
+                raise ValueError("moe_ext.MoE: capturing decode in a CUDA graph over W > 1 ranks needs the ipc "
+                                 "backend with its buffers: run one eager decode forward first (choosing the backend "
+                                 "and allocating the buffers are collectives); with backend='auto' the ranks must "
+                                 "have peer access (moe_ext.describe(group) says which backend auto picks)")
 
     def _decode(self, x2, slots, w):
         """The sync-free path: masked layout [S, max_rows, H], masked grouped GEMMs, combine.
@@ -640,7 +668,10 @@ class MoE(nn.Module):
         One all-to-all of weight rows over the EP group (per TP rank, shards move with their TP
         index): a new slot copies the rank's own old replica of its expert if there is one, else
         the expert's lowest-rank replica, bit for bit. w1 and w2 stay the same Parameter objects
-        (their shape follows the new slots per rank); their .grad is dropped. optimizer: its state
+        (their shape follows the new slots per rank); their .grad is dropped. While the slots per
+        rank and the most replicas of any expert stay the same, the weights and the replica tables
+        are rewritten in place, so a captured decode graph keeps working with the new placement;
+        otherwise they are reallocated (capture such graphs again). optimizer: its state
         tensors shaped like w1 / w2 (momentum, Adam moments) move with the weights. Collective over
         the EP and TP groups; every rank must pass the same placement (checked). Returns self.
         """
@@ -658,7 +689,10 @@ class MoE(nn.Module):
         moved = par.move_slots(tensors, old, new, self.ep_rank, self.ep_group)
         for (p, key), t in zip(owners, moved):
             if key is None:
-                p.data = t
+                if p.shape == t.shape:
+                    p.data.copy_(t)  # NOTE: in place: a captured decode graph keeps the weights' addresses
+                else:
+                    p.data = t
                 p.grad = None
             else:
                 optimizer.state[p][key] = t

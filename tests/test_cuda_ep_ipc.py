@@ -218,6 +218,47 @@ def test_ipc_cuda_graph_dispatch_gemm_combine(seed):
     run_world(_graph, 2, seed, timeout_s=150)
 
 
+def _replay_failure(rank, world, seed):
+    """A replayed graph cannot raise: when a peer skips the replay, this rank's kernels give up
+    after the timeout captured with them, the combine output is NaN (never the last replay's
+    rows), and comm.check() then raises naming the missing rank."""
+    dev = _device(rank)
+    torch.cuda.set_device(dev)
+    E, x, idx, w, _ = _inputs(world, rank, seed, torch.bfloat16, 64, 2, 2, 12, min_t=12)
+    x, idx, w = x.to(dev), idx.to(dev), w.to(dev)
+
+    def layer():
+        recv, tpe, h = moe_ext.dispatch(x, idx, w, E, backend="ipc", sync=False, max_tokens=12)
+        return moe_ext.combine(recv * 2, h)
+
+    layer()  # buffers exist (a collective)
+    comm = moe_ext.communicator(device=dev)
+    comm.timeout = 3.0  # NOTE: before the capture: the kernels' arguments hold it
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer()
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    assert torch.isfinite(out).all()
+    good = out.clone()
+    if rank == 1:
+        time.sleep(10)  # alive (its buffer mapped) but never replays again
+        del graph
+        return None
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    assert torch.isnan(out).all(), "a failed replay must give NaN, not the last good rows"
+    assert not torch.equal(out, good)
+    with pytest.raises(RuntimeError, match="timed out after 3 s .* global rank 1"):
+        comm.check()
+    del graph
+    return True
+
+
+def test_ipc_failed_replay_gives_nan_and_check_raises(seed):
+    assert run_world(_replay_failure, 2, seed, timeout_s=120)[0]
+
+
 def _timeout(rank, world, seed):
     dev = _device(rank)
     torch.cuda.set_device(dev)

@@ -104,10 +104,31 @@ def test_decode_cuda_graph_world_of_one(seed):
     layer = _layer(torch.bfloat16, seed=seed, max_decode_tokens=16, shared_ffn_hidden=32).eval()
     static_x = torch.zeros(12, H, device="cuda", dtype=torch.bfloat16)
     graph, static_out = _capture(layer, static_x)
-    load = layer.load.clone()
+    static_stats = layer.stats  # NOTE: the graph's own tensors: every replay refreshes them
     inputs = [torch.randn(12, H, device="cuda").to(torch.bfloat16) for _ in range(3)]
+    # A bare replay (no eager forward in between) updates the load counters in place.
+    static_x.copy_(inputs[0])
+    load, ema = layer.load.clone(), layer._load_ema.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert int(static_stats.tokens_per_expert.sum()) == 12 * K
+    assert torch.equal(layer.load - load, static_stats.tokens_per_expert.to(load.device, load.dtype))
+    assert not torch.equal(layer._load_ema, ema), "a replay must update the running load average"
     _replay_and_compare(layer, graph, static_x, static_out, inputs)
-    assert int(layer.load.sum()) > int(load.sum())  # the replays updated the load too
+
+
+@torch.no_grad()
+def test_decode_capture_refuses_float32(seed):
+    """float32 expert weights: the masked GEMM reads counts back to the host, so capturing the
+    decode forward raises a ValueError that says so (not a failed capture)."""
+    layer = _layer(torch.float32, seed=seed, max_decode_tokens=16).eval()
+    static_x = torch.randn(5, H, device="cuda")
+    eager = layer(static_x, decode=True)  # eager decode works in float32
+    torch.testing.assert_close(eager, layer(static_x), rtol=1e-5, atol=1e-5)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        with torch.cuda.graph(graph):
+            layer(static_x, decode=True)
 
 
 def _graph_world(rank, world, seed):

@@ -97,6 +97,7 @@ void ep_combine(const kernels::EpParams& p, kernels::PermuteFloat dtype, const i
   u.num_tokens = p.num_tokens;
   u.k = p.k;
   u.hidden = p.row_bytes / elt;
+  u.poison_if = &p.control->status;  // NOTE: a failed exchange gives NaN, also in a CUDA graph replay
   kernels::unpermute(u, stream);
 }
 

@@ -386,6 +386,12 @@ __global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bo
         }
       }
     }
+  } else if (!grad) {
+    // NOTE: a failed op still overwrites the plan, with "no row": a CUDA graph replays into the same
+    // memory, and a stale plan from the last good replay would make combine sum old expert rows.
+    const int64_t slots = p.num_tokens * p.k, threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < slots; s += threads)
+      p.slot_rows[s] = -1;
   }
   signal_when_done(p, kEpData, seq);
 }
@@ -404,9 +410,24 @@ __global__ void __launch_bounds__(kCountThreads) wait_kernel(EpParams p, int pha
     if (!wait_flag(p, phase, s, seq, start)) record_error(p, kEpTimeout, s, 0, phase, 0, 0, seq);
 }
 
+// Every byte of [base, base + bytes) set to 0xFF (NaN in every float payload dtype); bytes a
+// multiple of 16 and base 16-byte aligned (payload rows are).
+__device__ void poison_rows(void* base, int64_t bytes) {
+  uint4* v = static_cast<uint4*>(base);
+  const uint4 ones = make_uint4(~0u, ~0u, ~0u, ~0u);
+  const int64_t n = bytes / 16, threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += threads) v[i] = ones;
+}
+
 // One warp per staged token: copied into the recv rows of each of its slots here.
 __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
-  if (failed(p)) return;
+  if (failed(p)) {
+    // NOTE: exact layout: recv_x is fresh memory; all-ones bytes are NaN in every payload dtype
+    // (fp32, fp16, bf16, fp8), so a failed exchange never hands out plausible rows. (Masked: its
+    // counts are zero, nothing reads the rows.)
+    if (p.max_rows < 0) poison_rows(p.recv_x, p.recv_rows * p.row_bytes);
+    return;
+  }
   const EpLayout& L = p.layout;
   const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -449,7 +470,10 @@ __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) expand_grad_kernel(EpParams p, T* __restrict__ grad_y) {
-  if (failed(p)) return;
+  if (failed(p)) {  // NOTE: NaN rather than the zeroed rows: a failed exchange must not look like a zero gradient
+    poison_rows(grad_y, p.recv_rows * p.row_bytes);
+    return;
+  }
   const EpLayout& L = p.layout;
   const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;

@@ -550,11 +550,13 @@ __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
     unpermute_kernel(const T* __restrict__ y, int64_t y_rows, int64_t y_row_stride,
                      const int64_t* __restrict__ row_map,
                      const typename std::conditional<std::is_same<T, double>::value, double, float>::type* __restrict__ w,
-                     T* __restrict__ out, int64_t num_tokens, int64_t k, int64_t hidden) {
+                     T* __restrict__ out, int64_t num_tokens, int64_t k, int64_t hidden, const int* poison_if) {
   using Acc = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
   const int64_t num_vecs = hidden / kVec;
+  const bool poison = poison_if != nullptr && *reinterpret_cast<const volatile int*>(poison_if) != 0;
+  const Acc nan = static_cast<Acc>(__int_as_float(0x7fc00000));
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize; t < num_tokens;
        t += warps) {
     int64_t rows[kSlotChunk];
@@ -583,7 +585,7 @@ __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
       }
       Pack<T, kVec> o;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) o.v[e] = cast_out<T>(acc[e]);
+      for (int e = 0; e < kVec; ++e) o.v[e] = cast_out<T>(poison ? nan : acc[e]);
       store_pack<T, kVec>(out_row + v * kVec, o);
     }
   }
@@ -681,7 +683,7 @@ void unpermute_impl(const UnpermuteParams& p, cudaStream_t stream) {
   const unsigned grid = row_grid(p.num_tokens);
 #define MOE_UNPERMUTE_LAUNCH(VEC, W, H)                                                                      \
   unpermute_kernel<T, VEC, W, H><<<grid, kRowThreads, 0, stream>>>(y, p.y_rows, p.y_row_stride, p.row_map, w, \
-                                                                   out, p.num_tokens, p.k, p.hidden)
+                                                                   out, p.num_tokens, p.k, p.hidden, p.poison_if)
   if (wide) {
     if (weights) {
       if (hoist) MOE_UNPERMUTE_LAUNCH(kWide, true, true);

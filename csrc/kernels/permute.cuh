@@ -90,6 +90,9 @@ struct UnpermuteParams {
   int64_t num_tokens = 0;
   int64_t k = 0;
   int64_t hidden = 0;
+  // Null, or a device int that is nonzero when y is void (the ipc combine's status word after a
+  // failed exchange): then every element of out is NaN, so no caller gets a plausible wrong sum.
+  const int* poison_if = nullptr;
 };
 
 void unpermute(const UnpermuteParams& p, cudaStream_t stream);

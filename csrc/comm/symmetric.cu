@@ -2,6 +2,7 @@
 #include "comm/symmetric.cuh"
 #include "kernels/exception.cuh"
 
+#include <atomic>
 #include <cstring>
 
 namespace moe_ext::comm {
@@ -139,7 +140,14 @@ kernels::EpParams SymmetricBuffer::params() const {
 
 kernels::EpError SymmetricBuffer::error() const {
   kernels::EpError e{};
-  if (error_host_ != nullptr) std::memcpy(&e, const_cast<const kernels::EpError*>(error_host_), sizeof(e));
+  if (error_host_ == nullptr) return e;
+  // NOTE: the device writes the fields, fences, then the code: read the code first, the rest after
+  // it (a plain memcpy may read the fields before a code that is being published).
+  const int code = *reinterpret_cast<volatile const int32_t*>(&error_host_->code);
+  if (code == 0) return e;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  std::memcpy(&e, const_cast<const kernels::EpError*>(error_host_), sizeof(e));
+  e.code = code;
   return e;
 }
 

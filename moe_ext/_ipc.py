@@ -303,6 +303,19 @@ class IpcBackend:
                 "call moe_ext.communicator(group).close() on every rank to start over.")
 
     # ---- the three movements -------------------------------------------------------------------
+    def _run(self, op, *args):
+        """op(*args), one of the communicator's calls. If it raises (out of memory for an output,
+        after the kernels of the exchange may already be queued), this rank is out of step with its
+        peers: every later call raises at once, and the peers time out naming this rank."""
+        try:
+            return op(*args)
+        except Exception as e:
+            self.broken = (f"moe_ext ipc backend (global rank {self.ranks[self.rank]}): a dispatch/combine call failed "
+                           f"on this rank ({str(e).splitlines()[0] if str(e) else type(e).__name__}), so the ranks' "
+                           "calls are out of step. The communicator is now unusable: call "
+                           "moe_ext.communicator(group).close() on every rank to start over.")
+            raise
+
     def _enter(self, tensors):
         """Orders the communication stream after the caller's; returns the caller's stream."""
         self.check()
@@ -360,8 +373,8 @@ class IpcBackend:
         for attempt in range(2):
             cur = self._enter([x, idx, scale])
             with torch.cuda.stream(self.stream):
-                recv_x, recv_scale, tpe, *plan = self._c.dispatch(x, idx, scale, num_experts, opts.pad_to, capacity,
-                                                                   max_rows, call[-1], 0)
+                recv_x, recv_scale, tpe, *plan = self._run(self._c.dispatch, x, idx, scale, num_experts, opts.pad_to,
+                                                            capacity, max_rows, call[-1], 0)
             code, _, _, _, value, _, _ = self._c.error() if opts.sync else (0,) * 7
             if code != _TOO_MANY or attempt == 1:
                 break
@@ -393,7 +406,7 @@ class IpcBackend:
     def combine(self, y, w, plan, row_map, keep_rows=False, stage="combine", async_op=False):
         cur = self._enter([y, w])
         with torch.cuda.stream(self.stream):
-            out, rows, _ = self._c.combine(y, plan.idx, w, plan.tensors, plan.call, bool(keep_rows))
+            out, rows, _ = self._run(self._c.combine, y, plan.idx, w, plan.tensors, plan.call, bool(keep_rows))
         self._leave(cur, [out, rows], async_op)
         return out, (rows if keep_rows else None)
 
@@ -401,7 +414,7 @@ class IpcBackend:
         g = g.to(y.dtype)
         cur = self._enter([g, w])
         with torch.cuda.stream(self.stream):
-            grad_y = self._c.combine_grad(g, plan.idx, w.detach(), plan.tensors, plan.call)
+            grad_y = self._run(self._c.combine_grad, g, plan.idx, w.detach(), plan.tensors, plan.call)
         self._leave(cur, [grad_y], async_op)
         return grad_y
 

@@ -118,6 +118,29 @@ def test_decode_cuda_graph_world_of_one(seed):
 
 
 @torch.no_grad()
+def test_decode_cuda_graph_routing_options(seed):
+    """The decode forward captured with the routing options on (sigmoid, groups, expert bias,
+    capacity, padding, scaling, a gated shared expert; float16, [B, S, H] input), replayed with
+    new inputs; a changed expert_bias reroutes the replays (the graph reads the live buffer)."""
+    layer = _layer(torch.float16, seed=seed, max_decode_tokens=16, score="sigmoid", num_groups=4, topk_groups=2,
+                   expert_bias=True, capacity_factor=1.5, pad_to=8, routed_scaling_factor=2.0, shared_ffn_hidden=32,
+                   shared_expert_gate=True).eval()
+    static_x = torch.zeros(2, 6, H, device="cuda", dtype=torch.float16)
+    graph, static_out = _capture(layer, static_x)
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(2, 6, H, generator=g).to("cuda", torch.float16) for _ in range(3)]
+    _replay_and_compare(layer, graph, static_x, static_out, inputs)
+    static_x.copy_(inputs[0])
+    graph.replay()
+    before = static_out.clone()
+    layer.expert_bias.copy_(torch.linspace(-1, 1, E, device="cuda"))  # NOTE: sigmoid scores are in (0, 1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(static_out, before), "the replay ignored the new expert_bias"
+    _replay_and_compare(layer, graph, static_x, static_out, inputs[:1])
+
+
+@torch.no_grad()
 def test_decode_capture_refuses_float32(seed):
     """float32 expert weights: the masked GEMM reads counts back to the host, so capturing the
     decode forward raises a ValueError that says so (not a failed capture)."""

@@ -345,6 +345,7 @@ class IpcBackend:
     def dispatch(self, x, idx, w, opts):
         from .dispatch import _dtype_code, _input_problem, _scale_rows
 
+        self.check()  # NOTE: before reserve(): a broken communicator must not reach a growth collective
         num_experts = opts.num_experts  # a multiple of the world size: dispatch() checked it
         # NOTE: the value checks of idx read it back to the host: only where the exact layout
         # synchronises anyway; the masked layout treats out-of-range ids as not routed.

@@ -156,20 +156,22 @@ class _Pipeline(torch.autograd.Function):
             if c < n:
                 started[c] = layer._dispatch(xs[c], ss[c], ws[c], async_op=overlap)
 
-        # NOTE: overlapped, every chunk's dispatch is queued before any GEMM. An exact-layout dispatch
-        # reads its received row count back to the host, and the communication stream runs in call
-        # order: a dispatch queued after chunk c-1's GEMMs and combine would hold the host until both
-        # had finished, leaving the GPU without queued GEMMs meanwhile. Queued first, the count
-        # exchanges wait only for the routing; the communication stream then moves chunks 1..n-1
-        # while chunk 0's GEMMs run, and each combine follows its chunk's GEMMs. recv_x of every
-        # chunk is kept for the backward anyway, so this holds no extra memory.
-        for c in range(n if overlap else 1):
-            start(c)
+        # NOTE: an exact-layout dispatch holds the host until its count exchange is through, and the
+        # communication stream runs in call order, so it waits for everything queued there before
+        # it. Overlapped, a GEMM is queued ahead of every such wait: chunks 0 and 1 are dispatched
+        # first, and dispatch c+1 goes after chunk c's GEMMs but before chunk c's combine (order
+        # D0 D1 G0 C0 G1 D2 C1 G2 D3 C2 ...): while the host waits for D(c+1) behind C(c-1), the
+        # GPU runs G(c); queued after C(c), it would wait for G(c) with nothing behind it.
+        start(0)
+        if overlap:
+            start(1)
         for c in range(n):
             recv_x, tps, handle = started.pop(c)
             handle.wait()
             h = ops.grouped_gemm(recv_x, w1, tps, False, "swiglu")
             y = ops.grouped_gemm(h, w2, tps, False, "none")
+            if overlap and c >= 1:
+                start(c + 1)
             out, rows = handle.comm.combine(y, ws[c], handle.plan, handle.row_map, keep_rows=keep_rows,
                                             async_op=overlap)  # NOTE: in flight during chunk c+1's GEMMs
             works.append(_work(handle.comm))
@@ -290,10 +292,11 @@ class MoE(nn.Module):
     Chunked EP pipeline (num_chunks, overlap; EP world W > 1, no expert TP): routing runs once on
     the whole batch, then the tokens are split into num_chunks contiguous chunks (the same number
     on every rank; chunks may be empty, e.g. T < num_chunks or T = 0, and still take part in
-    every collective, forward and backward). overlap=True pipelines them: every chunk is dispatched
-    (async_op) before the first expert GEMM is queued, so chunks 1..n-1 travel while chunk 0's
-    GEMMs run, and chunk c's combine (async_op) is still in flight during chunk c+1's GEMMs; each
-    handle is waited on just before its result is used.
+    every collective, forward and backward). overlap=True pipelines them: chunk c+1 is dispatched
+    (async_op) while chunk c's expert GEMMs run (queued after them, before chunk c's combine, so
+    that a GEMM is always queued while the host waits for a dispatch's row count), and chunk c's
+    combine (async_op) is still in flight during chunk c+1's GEMMs; each handle is waited on just
+    before its result is used.
     While it overlaps, the ipc communicator's kernels run on at most comm_sms SMs (default 24;
     None: the communicator's own setting), so that the GEMMs find SMs beside them.
     overlap=False runs the same chunks one after the other (dispatch, GEMMs, combine), each call
@@ -421,13 +424,18 @@ class MoE(nn.Module):
         self.layout = layout
         self.num_local_experts = layout.slots_per_rank
         device = device if device is not None else (self.w1.device if hasattr(self, "w1") else None)
-        # NOTE: non-persistent buffers, so .to(device) moves the replica tables with the layer. Same
-        # shape: copied in place, since a captured decode graph keeps reading the old memory.
-        for name, table in (("replica_counts", layout.replica_counts), ("replica_slots", layout.replica_slots)):
-            table, old = table.to(device), getattr(self, name, None)
-            if old is not None and (old.shape, old.dtype, old.device) == (table.shape, table.dtype, table.device):
-                old.copy_(table)
-            else:
+        # NOTE: non-persistent buffers, so .to(device) moves the replica tables with the layer. Copies
+        # (never the layout's own tensors, which other layers may share). Both tables of the same
+        # shapes as before: rewritten in place, since a captured decode graph keeps reading them.
+        tables = {"replica_counts": layout.replica_counts.to(device, copy=True),
+                  "replica_slots": layout.replica_slots.to(device, copy=True)}
+        olds = {name: getattr(self, name, None) for name in tables}
+        if all(o is not None and (o.shape, o.dtype, o.device) == (t.shape, t.dtype, t.device)
+               for o, t in zip(olds.values(), tables.values())):
+            for name, table in tables.items():
+                olds[name].copy_(table)
+        else:
+            for name, table in tables.items():
                 self.register_buffer(name, table, persistent=False)
 
     @property
@@ -467,7 +475,9 @@ class MoE(nn.Module):
 
     def physical_slots(self, idx):
         """Logical expert ids [T, k] -> physical slot ids (rank * S + slot) [T, k], one replica each."""
-        if self.layout.is_identity:
+        # NOTE: a captured graph always looks the replicas up, so that apply_placement can change the
+        # placement under it (the identity layout's tables give the same slots).
+        if self.layout.is_identity and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
             return idx
         return par.route_to_replicas(idx, self.replica_counts, self.replica_slots, self.ep_rank)
 
@@ -574,7 +584,8 @@ class MoE(nn.Module):
             if self.w1.dtype not in (torch.bfloat16, torch.float16):
                 raise ValueError(f"moe_ext.MoE: capturing decode in a CUDA graph needs bfloat16 or float16 expert "
                                  f"weights (the {self.w1.dtype} masked GEMM reads its row counts back to the host)")
-            if self.ep_world > 1 and not _ipc.has_buffers(self.ep_group, x2.device):
+            if self.ep_world > 1 and (self.backend not in ("auto", "ipc")
+                                      or not _ipc.has_buffers(self.ep_group, x2.device)):
                 raise ValueError("moe_ext.MoE: capturing decode in a CUDA graph over W > 1 ranks needs the ipc "
                                  "backend with its buffers: run one eager decode forward first (choosing the backend "
                                  "and allocating the buffers are collectives); with backend='auto' the ranks must "
@@ -690,7 +701,7 @@ class MoE(nn.Module):
         for (p, key), t in zip(owners, moved):
             if key is None:
                 if p.shape == t.shape:
-                    p.data.copy_(t)  # NOTE: in place: a captured decode graph keeps the weights' addresses
+                    p.copy_(t)  # NOTE: in place (a captured decode graph keeps the addresses); bumps the version
                 else:
                     p.data = t
                 p.grad = None

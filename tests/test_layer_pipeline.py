@@ -111,7 +111,7 @@ def _check_chunks(rank, world, seed, counts, group, layer_kw, dtype, three_d, x_
 
 
 def _check_call_order(rank, world, seed, counts, group):
-    """With overlap=True, forward queues every chunk's dispatch before the first combine, and
+    """With overlap=True, forward queues chunk c+1's dispatch before chunk c's combine, and
     backward every chunk's gradient scatter (last chunk first) before any x gradient goes home,
     all asynchronously: what lets the communication overlap the expert GEMMs on CUDA (each call
     orders the communication stream after all compute queued before it, and an exact-layout
@@ -141,8 +141,9 @@ def _check_call_order(rank, world, seed, counts, group):
             _step(layer, x, gout, 3, overlap)
             T = x.shape[0]
             sizes = [(c + 1) * T // 3 - c * T // 3 for c in range(3)]
-            if overlap:
-                forward = [("dispatch", n, True) for n in sizes] + [("combine", n, True) for n in sizes]
+            if overlap:  # D0 D1 C0 D2 C1 C2 (the GEMMs, not logged, go before each combine)
+                forward = [("dispatch", sizes[0], True), ("dispatch", sizes[1], True), ("combine", sizes[0], True),
+                           ("dispatch", sizes[2], True), ("combine", sizes[1], True), ("combine", sizes[2], True)]
             else:
                 forward = [call for n in sizes for call in (("dispatch", n, False), ("combine", n, False))]
             assert log == (forward + [("scatter", n, overlap) for n in sizes[::-1]]

@@ -396,20 +396,6 @@ __global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bo
   signal_when_done(p, kEpData, seq);
 }
 
-__global__ void __launch_bounds__(kCountThreads) wait_kernel(EpParams p, int phase, bool signal, bool new_op) {
-  __shared__ uint64_t s_seq;
-  const uint64_t start = global_ns();
-  if (threadIdx.x == 0) s_seq = new_op ? ++p.control->seq : p.control->seq;
-  __syncthreads();
-  const uint64_t seq = s_seq;
-  if (failed(p)) return;
-  if (signal)
-    for (int d = threadIdx.x; d < p.world; d += blockDim.x)
-      store_release_sys(flag_ptr(p.peers[d], p.layout, phase, p.rank), seq);
-  for (int s = threadIdx.x; s < p.world; s += blockDim.x)
-    if (!wait_flag(p, phase, s, seq, start)) record_error(p, kEpTimeout, s, 0, phase, 0, 0, seq);
-}
-
 // Every byte of [base, base + bytes) set to 0xFF (NaN in every float payload dtype); bytes a
 // multiple of 16 and base 16-byte aligned (payload rows are).
 __device__ void poison_rows(void* base, int64_t bytes) {
@@ -419,13 +405,33 @@ __device__ void poison_rows(void* base, int64_t bytes) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += threads) v[i] = ones;
 }
 
+__global__ void __launch_bounds__(kCountThreads) wait_kernel(EpParams p, int phase, bool signal, bool new_op) {
+  __shared__ uint64_t s_seq;
+  const uint64_t start = global_ns();
+  if (threadIdx.x == 0) s_seq = new_op ? ++p.control->seq : p.control->seq;
+  __syncthreads();
+  const uint64_t seq = s_seq;
+  if (!failed(p)) {
+    if (signal)
+      for (int d = threadIdx.x; d < p.world; d += blockDim.x)
+        store_release_sys(flag_ptr(p.peers[d], p.layout, phase, p.rank), seq);
+    for (int s = threadIdx.x; s < p.world; s += blockDim.x)
+      if (!wait_flag(p, phase, s, seq, start)) record_error(p, kEpTimeout, s, 0, phase, 0, 0, seq);
+  }
+  if (phase != kEpBack) return;
+  __syncthreads();
+  // NOTE: combine's keep_rows copies these rows for the weights' gradient: after a failure they
+  // must be NaN, not the rows of an earlier combine.
+  if (failed(p)) poison_rows(p.local + p.layout.back, p.num_tokens * p.k * p.layout.sizes.row_bytes);
+}
+
 // One warp per staged token: copied into the recv rows of each of its slots here.
 __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
   if (failed(p)) {
-    // NOTE: exact layout: recv_x is fresh memory; all-ones bytes are NaN in every payload dtype
-    // (fp32, fp16, bf16, fp8), so a failed exchange never hands out plausible rows. (Masked: its
-    // counts are zero, nothing reads the rows.)
-    if (p.max_rows < 0) poison_rows(p.recv_x, p.recv_rows * p.row_bytes);
+    // NOTE: all-ones bytes are NaN in every payload dtype (fp32, fp16, bf16, fp8), so a failed
+    // exchange never hands out plausible rows (in the masked layout too: a failure in the data
+    // phase leaves real counts in tokens_per_expert).
+    poison_rows(p.recv_x, p.recv_rows * p.row_bytes);
     return;
   }
   const EpLayout& L = p.layout;

@@ -386,12 +386,6 @@ __global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bo
         }
       }
     }
-  } else if (!grad) {
-    // NOTE: a failed op still overwrites the plan, with "no row": a CUDA graph replays into the same
-    // memory, and a stale plan from the last good replay would make combine sum old expert rows.
-    const int64_t slots = p.num_tokens * p.k, threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s < slots; s += threads)
-      p.slot_rows[s] = -1;
   }
   signal_when_done(p, kEpData, seq);
 }

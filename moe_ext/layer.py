@@ -425,18 +425,18 @@ class MoE(nn.Module):
         self.num_local_experts = layout.slots_per_rank
         device = device if device is not None else (self.w1.device if hasattr(self, "w1") else None)
         # NOTE: non-persistent buffers, so .to(device) moves the replica tables with the layer. Copies
-        # (never the layout's own tensors, which other layers may share). Both tables of the same
-        # shapes as before: rewritten in place, since a captured decode graph keeps reading them.
-        tables = {"replica_counts": layout.replica_counts.to(device, copy=True),
-                  "replica_slots": layout.replica_slots.to(device, copy=True)}
-        olds = {name: getattr(self, name, None) for name in tables}
-        if all(o is not None and (o.shape, o.dtype, o.device) == (t.shape, t.dtype, t.device)
-               for o, t in zip(olds.values(), tables.values())):
-            for name, table in tables.items():
-                olds[name].copy_(table)
+        # (never the layout's own tensors, which other layers may share). replica_counts is always
+        # [E] int64, so only replica_slots [E, most replicas] can change shape; while it does not, both
+        # are rewritten in place, since a captured decode graph keeps reading them.
+        counts = layout.replica_counts.to(device, copy=True)
+        slots = layout.replica_slots.to(device, copy=True)
+        old = getattr(self, "replica_slots", None)
+        if old is not None and (old.shape, old.device) == (slots.shape, slots.device):
+            self.replica_counts.copy_(counts)
+            old.copy_(slots)
         else:
-            for name, table in tables.items():
-                self.register_buffer(name, table, persistent=False)
+            self.register_buffer("replica_counts", counts, persistent=False)
+            self.register_buffer("replica_slots", slots, persistent=False)
 
     @property
     def first_local_expert(self):

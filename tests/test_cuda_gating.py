@@ -24,6 +24,7 @@ ops = torch.ops.moe_ext
 DEV = "cuda"
 FLOAT_TOL = dict(rtol=1e-5, atol=1e-7)
 F64_TOL = dict(rtol=1e-10, atol=1e-12)
+_DRAW = DEV if torch.cuda.is_available() else "cpu"  # draw_logits also serves the emulation tests
 
 
 # ---- inputs without near-ties ---------------------------------------------------------------------
@@ -78,7 +79,7 @@ def draw_logits(T, E, k, score="softmax", dtype=torch.float32, scale=2.0, noise=
         sums = [_kernel_logits(logits, noise)] + ([logits.double() + noise.double()] if noise is not None else [])
         bad = torch.zeros(T, dtype=torch.bool)
         for l in sums:
-            bad |= ambiguous_rows(l.to(DEV), k, score, None if expert_bias is None else expert_bias.to(DEV),
+            bad |= ambiguous_rows(l.to(_DRAW), k, score, None if expert_bias is None else expert_bias.to(_DRAW),
                                   num_groups, topk_groups or 0, tol).cpu()
         if not bad.any():
             return logits

@@ -1,0 +1,115 @@
+"""Builds the CPU emulation of the SIMT kernels (tests/emu/emu_cuda.h) into a shared library.
+
+The kernel sources are copied from csrc/kernels with two mechanical rewrites a C++ compiler
+needs: `kernel<<<grid, block, smem, stream>>>(args)` becomes
+`::emu::launch(kernel, ::emu::Cfg(grid, block, smem, stream))(args)`, and
+`extern __shared__ T name[];` becomes a pointer to the launch's dynamic shared memory. Nothing
+else changes: the library runs the kernels' own code.
+
+    python tests/emu/build.py OUT_DIR     # prints the library's path
+"""
+import concurrent.futures
+import fcntl
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+KERNELS = ROOT / "csrc" / "kernels"
+# The kernel files the emulation runs: the SIMT stages (no tensor-core or TMA code).
+SOURCES = ["gating.cu", "gating_f32.cu", "gating_f64.cu", "gating_f16.cu", "gating_bf16.cu", "permute.cu"]
+RUNTIME = [HERE / "emu_runtime.cpp", HERE / "emu_api.cpp"]
+
+_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:][\w:\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def _callee_start(text, end):
+    """Start of the kernel expression that ends at `end` (just before `<<<`)."""
+    i = end
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    if text[i - 1] == ">":  # template arguments
+        depth = 0
+        while True:
+            i -= 1
+            c = text[i]
+            if c == ">":
+                depth += 1
+            elif c == "<":
+                depth -= 1
+                if depth == 0:
+                    break
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
+        i -= 1
+    return i
+
+
+def rewrite(text):
+    text = _SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", text)
+    out = []
+    pos = 0
+    while True:
+        a = text.find("<<<", pos)
+        if a < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        b = text.find(">>>", a)
+        start = _callee_start(text, a)
+        out.append(text[pos:start])
+        out.append("::emu::launch(" + text[start:a].strip() + ", ::emu::Cfg(" + text[a + 3:b] + "))")
+        pos = b + 3
+
+
+def build(out_dir, jobs=None):
+    """Builds (once per source state) and returns the library's path; concurrent callers wait."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(out_dir, jobs)
+
+
+def _build(out_dir, jobs):
+    src_dir = out_dir / "src" / "kernels"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    inputs = sorted(KERNELS.glob("*")) + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cuh")) + RUNTIME + \
+        [HERE / "include" / "cuda" / "functional", Path(__file__)]
+    digest = hashlib.sha256()
+    for f in inputs:
+        digest.update(f.name.encode() + f.read_bytes())
+    lib = out_dir / f"libmoe_emu_{digest.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    for f in KERNELS.iterdir():
+        if f.suffix in (".cu", ".cuh"):
+            (src_dir / f.name).write_text(rewrite(f.read_text()))
+    cxx = os.environ.get("CXX", "g++")
+    flags = ["-std=c++20", "-O2", "-g0", "-fPIC", "-ffp-contract=off", "-Wno-unknown-pragmas", "-Wno-attributes",
+             "-I", str(HERE / "include"), "-I", str(HERE), "-I", str(out_dir / "src"),
+             "-include", str(HERE / "emu_cuda.h")]
+    units = [src_dir / s for s in SOURCES] + RUNTIME
+    objs = [out_dir / (u.stem + ("_k" if u.suffix == ".cu" else "") + ".o") for u in units]
+
+    def compile_one(u, o):
+        lang = ["-x", "c++"] if u.suffix == ".cu" else []
+        r = subprocess.run([cxx, *flags, "-c", *lang, str(u), "-o", str(o)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"emu build: {u.name} failed:\n{r.stderr[-6000:]}")
+
+    with concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 2) as ex:
+        for f in [ex.submit(compile_one, u, o) for u, o in zip(units, objs)]:
+            f.result()
+    tmp = lib.with_suffix(".tmp")
+    r = subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objs)], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"emu build: link failed:\n{r.stderr[-6000:]}")
+    tmp.replace(lib)
+    return lib
+
+
+if __name__ == "__main__":
+    print(build(sys.argv[1] if len(sys.argv) > 1 else ROOT / "build" / "emu"))

@@ -1,0 +1,207 @@
+"""The CUDA SIMT kernels (gating, permute / unpermute) run on the CPU emulation (emu_cuda.h), with
+the torch ops' signatures: the CPU tests compare them with the CPU ops, as the GPU tests do on a
+device. Each call allocates its outputs the way the op adapters (csrc/ops/*_cuda.cu) do, poisons
+them, and surrounds each with guard bytes that must be intact afterwards (a write out of bounds
+is an error). The launchers' own code (grids, workspace, kernel choice) runs unchanged.
+"""
+import ctypes
+import math
+import os
+import tempfile
+
+import torch
+
+from . import build as _build
+
+_lib = None
+_GUARD = 64  # bytes on each side of every output
+
+
+class EmuError(RuntimeError):
+    pass
+
+
+def lib():
+    global _lib
+    if _lib is None:
+        out = os.environ.get("MOE_EXT_EMU_DIR") or os.path.join(tempfile.gettempdir(), f"moe_ext_emu_{os.getuid()}")
+        path = _build.build(out)
+        L = ctypes.CDLL(str(path))
+        L.emu_last_error.restype = ctypes.c_char_p
+        for name in ("emu_gating_forward_workspace", "emu_gating_backward_workspace", "emu_permute_workspace",
+                     "emu_unpermute_backward_workspace"):
+            getattr(L, name).restype = ctypes.c_size_t
+        _lib = L
+    return _lib
+
+
+def set_device(sms=132, smem_optin=227 * 1024):
+    lib().emu_set_device(sms, smem_optin)
+
+
+def _i64(v):
+    return ctypes.c_int64(int(v))
+
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def _call(name, *args):
+    L = lib()
+    if getattr(L, name)(*args) != 0:
+        raise EmuError(L.emu_last_error().decode())
+
+
+class _Outputs:
+    """Poisoned outputs with guard bytes around each."""
+
+    def __init__(self):
+        self._bufs = []
+
+    def new(self, shape, dtype, poison=None):
+        n = math.prod(shape)
+        esize = torch.empty(0, dtype=dtype).element_size()
+        raw = torch.empty(2 * _GUARD + n * esize, dtype=torch.uint8)
+        raw[:_GUARD] = 0x5A
+        raw[_GUARD + n * esize:] = 0x5A
+        t = raw[_GUARD:_GUARD + n * esize].view(dtype).view(shape)
+        if poison is not None:
+            t.fill_(poison)
+        elif dtype.is_floating_point:
+            t.fill_(float("nan"))
+        else:
+            t.fill_(-777 if dtype != torch.uint8 else 0xEE)
+        self._bufs.append((raw, n * esize))
+        return t
+
+    def check(self):
+        for raw, nbytes in self._bufs:
+            if (raw[:_GUARD] != 0x5A).any() or (raw[_GUARD + nbytes:] != 0x5A).any():
+                raise EmuError("a kernel wrote outside its output")
+
+
+_GATING_FLOAT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gating_capacity(capacity_factor, T, k, E):
+    """checks.h gating_capacity (0: none)."""
+    if not capacity_factor > 0:
+        return 0
+    return max(1, math.ceil(capacity_factor * T * k / E - 1e-9))
+
+
+def topk_gating(logits, k, score="softmax", renormalize=True, expert_bias=None, num_groups=0, topk_groups=0,
+                capacity_factor=0.0, noise=None, seq_len=0):
+    logits = logits.contiguous()
+    T, E = logits.shape
+    acc = _acc(logits.dtype)
+    noise = noise.to(acc).contiguous() if noise is not None else None
+    bias = expert_bias.to(acc).contiguous() if expert_bias is not None else None
+    o = _Outputs()
+    weights, idx, pos = o.new((T, k), acc), o.new((T, k), torch.int32), o.new((T, k), torch.int32)
+    tpe = o.new((E,), torch.int32)
+    aux, seq, z = o.new((), acc), o.new((), acc), o.new((), acc)
+    dt = _GATING_FLOAT[logits.dtype]
+    ws = o.new((lib().emu_gating_forward_workspace(dt, _i64(T), _i64(E), _i64(k), _i64(num_groups),
+                                                   _i64(topk_groups), _i64(seq_len)),), torch.uint8)
+    cap = min(gating_capacity(capacity_factor, T, k, E), T * k)
+    _call("emu_gating_forward", dt, int(score == "sigmoid"), _p(logits), _p(noise), _p(bias), _i64(T), _i64(E),
+          _i64(k), int(renormalize), _i64(num_groups), _i64(topk_groups), _i64(seq_len), _i64(cap), _p(weights),
+          _p(idx), _p(pos), _p(tpe), _p(aux), _p(seq), _p(z), _p(ws))
+    o.check()
+    return weights, idx, pos, tpe, aux, seq, z
+
+
+def topk_gating_backward(grad_weights, grad_aux, grad_seq_aux, grad_z, logits, noise, idx, score="softmax",
+                         renormalize=True, expert_bias=None, num_groups=0, topk_groups=0, seq_len=0):
+    logits = logits.contiguous()
+    T, E = logits.shape
+    k = idx.shape[1]
+    acc = _acc(logits.dtype)
+    noise = noise.to(acc).contiguous() if noise is not None else None
+    bias = expert_bias.to(acc).contiguous() if expert_bias is not None else None
+    gw = grad_weights.to(acc).contiguous()
+    kept = idx.to(torch.int32).contiguous()
+    g = [torch.as_tensor(v, dtype=acc).reshape(()).contiguous() for v in (grad_aux, grad_seq_aux, grad_z)]
+    o = _Outputs()
+    grad = o.new((T, E), logits.dtype)
+    if T == 0:
+        return grad
+    dt = _GATING_FLOAT[logits.dtype]
+    ws = o.new((lib().emu_gating_backward_workspace(dt, _i64(T), _i64(E), _i64(k), _i64(num_groups),
+                                                    _i64(topk_groups), _i64(seq_len)),), torch.uint8)
+    _call("emu_gating_backward", dt, int(score == "sigmoid"), _p(logits), _p(noise), _p(bias), _i64(T), _i64(E),
+          _i64(k), int(renormalize), _i64(num_groups), _i64(topk_groups), _i64(seq_len), _p(gw), _p(g[0]),
+          _p(g[1]), _p(g[2]), _p(kept), _p(grad), _p(ws))
+    o.check()
+    return grad
+
+
+def update_expert_bias_(expert_bias, tokens_per_expert, rate):
+    load = tokens_per_expert.to(torch.int64).contiguous()
+    _call("emu_update_expert_bias", _p(expert_bias), _p(load), _i64(expert_bias.numel()), ctypes.c_float(rate))
+    return expert_bias
+
+
+def permute_max_rows(T, k, E, pad_to, capacity):
+    n = T * k
+    if capacity >= 0 and capacity * E < n:
+        n = capacity * E
+    return n + min(n, E) * (pad_to - 1)
+
+
+def permute(x, idx, num_experts, pad_to=1, capacity=-1, exact=True):
+    """Returns (x_perm, row_map, tokens_per_expert, total_rows, invalid_ids)."""
+    T, H = x.shape
+    k = idx.shape[1]
+    idx = idx.contiguous()
+    o = _Outputs()
+    row_map = o.new((T, k), torch.int64)
+    tpe = o.new((num_experts,), torch.int32)
+    total = o.new((2,), torch.int64)
+    ws = o.new((lib().emu_permute_workspace(_i64(T), _i64(k), _i64(num_experts)),), torch.uint8)
+    args = (_p(idx), int(idx.dtype == torch.int64), _i64(T), _i64(k), _i64(num_experts), _i64(pad_to), _i64(capacity))
+    tot_p = ctypes.c_void_p(total.data_ptr())
+    inv_p = ctypes.c_void_p(total.data_ptr() + 8)
+    _call("emu_permute_route", *args, _p(row_map), _p(tpe), tot_p, inv_p, _p(ws))
+    rows = int(total[0]) if exact else permute_max_rows(T, k, num_experts, pad_to, capacity)
+    x_perm = o.new((rows, H), x.dtype)
+    es = x.element_size()
+    _call("emu_permute_scatter", *args, _p(x), _i64(H * es), _i64(x.stride(0) * es), _p(x_perm), _i64(rows),
+          _p(row_map), _p(tpe), _p(ws))
+    o.check()
+    return x_perm, row_map, tpe, int(total[0]), int(total[1])
+
+
+def unpermute(y, row_map, weights=None, poison_if=None):
+    T, k = row_map.shape
+    H = y.shape[1]
+    w = weights.to(_acc(y.dtype)).contiguous() if weights is not None else None
+    o = _Outputs()
+    out = o.new((T, H), y.dtype)
+    flag = torch.tensor([int(poison_if)], dtype=torch.int32) if poison_if is not None else None
+    _call("emu_unpermute", _GATING_FLOAT[y.dtype], _p(y), _i64(y.shape[0]), _i64(y.stride(0)),
+          _p(row_map.contiguous()), _p(w), _p(out), _i64(T), _i64(k), _i64(H), _p(flag))
+    o.check()
+    return out
+
+
+def unpermute_backward(grad_out, y, row_map, weights=None):
+    T, k = row_map.shape
+    R, H = y.shape
+    w = weights.to(_acc(y.dtype)).contiguous() if weights is not None else None
+    o = _Outputs()
+    grad_y = o.new((R, H), y.dtype)
+    gw64 = o.new((T, k), torch.float64) if weights is not None else None
+    ws = o.new((lib().emu_unpermute_backward_workspace(_i64(R)),), torch.uint8)
+    _call("emu_unpermute_backward", _GATING_FLOAT[y.dtype], _p(grad_out.contiguous()), _p(y), _i64(R),
+          _i64(y.stride(0)), _p(row_map.contiguous()), _p(w), _p(grad_y), _p(gw64), _p(ws), _i64(T), _i64(k),
+          _i64(H))
+    o.check()
+    gw = gw64.to(weights.dtype) if weights is not None else torch.empty(0, dtype=y.dtype)
+    return grad_y, gw

@@ -1,0 +1,290 @@
+// The fiber scheduler behind tests/emu/emu_cuda.h (see there). x86-64 Linux only: a fiber switch
+// saves the callee-saved registers and swaps stacks (a few instructions, no system call), since a
+// kernel's warp intrinsics switch fibers thousands of times per block.
+#include "emu_cuda.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .globl emu_switch
+  .type emu_switch, @function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch, .-emu_switch
+)");
+
+namespace emu {
+
+int sm_count = 132;
+int smem_optin = 227 * 1024;
+int device = 0;
+Dim cur;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+enum class State { kReady, kBlockBarrier, kWarpOp, kDone };
+
+struct WarpSlot {
+  unsigned char vals[32][16];
+  unsigned mask;
+};
+
+struct Fiber {
+  void* sp = nullptr;
+  char* stack = nullptr;
+  State state = State::kReady;
+  uint3 tid{};
+  int lane = 0, warp = 0;
+  uint64_t warp_seq = 0;  // warp ops this lane has entered
+  unsigned warp_mask = 0;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<std::vector<WarpSlot>> slots;  // [warp][seq % kSlots]
+  const std::function<void()>* body = nullptr;
+  void* scheduler_sp = nullptr;
+  Fiber* running = nullptr;
+  std::vector<unsigned char> smem;
+  std::string error;
+  std::mt19937_64 rng{12345};
+};
+constexpr int kSlots = 4;
+Block g;  // one launch at a time (tests call from one thread)
+
+void trampoline() {
+  Fiber* f = g.running;
+  try {
+    (*g.body)();
+  } catch (const std::exception& e) {
+    if (g.error.empty()) g.error = e.what();
+  } catch (...) {
+    if (g.error.empty()) g.error = "unknown exception in a kernel";
+  }
+  f->state = State::kDone;
+  emu_switch(&f->sp, g.scheduler_sp);
+  std::abort();  // a finished fiber is never resumed
+}
+
+char* new_stack() {
+  void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("emu: cannot map a fiber stack");
+  mprotect(p, 4096, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+  return static_cast<char*>(p);
+}
+
+std::vector<char*> g_stacks;  // mapped once, reused by every launch (fibers come and go)
+
+void init_fiber(Fiber& f, size_t index) {
+  while (g_stacks.size() <= index) g_stacks.push_back(new_stack());
+  f.stack = g_stacks[index];
+  auto top = reinterpret_cast<uintptr_t>(f.stack + kStackBytes) & ~uintptr_t{15};
+  auto* s = reinterpret_cast<uint64_t*>(top);
+  s[-1] = 0;                                          // fake return address of trampoline
+  s[-2] = reinterpret_cast<uint64_t>(&trampoline);    // emu_switch's ret lands here
+  for (int i = 3; i <= 8; ++i) s[-i] = 0;             // rbp rbx r12 r13 r14 r15
+  uint32_t csr[2];
+  asm volatile("stmxcsr %0" : "=m"(csr[0]));
+  asm volatile("fnstcw %0" : "=m"(csr[1]));
+  std::memcpy(&s[-9], csr, 8);
+  f.sp = &s[-9];
+  f.state = State::kReady;
+  f.warp_seq = 0;
+}
+
+void yield_to_scheduler() {
+  Fiber* f = g.running;
+  emu_switch(&f->sp, g.scheduler_sp);
+  if (!g.error.empty()) throw Fault("aborted");  // never resumed after an error; kept for safety
+}
+
+std::string describe(const Fiber& f) {
+  const char* what = f.state == State::kBlockBarrier ? "__syncthreads"
+                     : f.state == State::kWarpOp     ? "a warp-synchronous op"
+                     : f.state == State::kDone       ? "exit"
+                                                     : "running";
+  return "thread (" + std::to_string(f.tid.x) + "," + std::to_string(f.tid.y) + "," + std::to_string(f.tid.z) +
+         ") at " + what;
+}
+
+// Releases the barriers every live participant has reached; false when nothing can move.
+bool release() {
+  bool moved = false;
+  const int n = static_cast<int>(g.fibers.size());
+  // Block barrier: every thread that has not exited waits there.
+  bool any_wait = false, all_wait = true;
+  for (auto& f : g.fibers) {
+    if (f.state == State::kDone) continue;
+    if (f.state == State::kBlockBarrier) any_wait = true;
+    else all_wait = false;
+  }
+  if (any_wait && all_wait) {
+    for (auto& f : g.fibers)
+      if (f.state == State::kBlockBarrier) f.state = State::kReady;
+    moved = true;
+  }
+  // Warp ops: every lane of the mask waits in the same op (same per-lane sequence number).
+  const int warps = (n + 31) / 32;
+  for (int w = 0; w < warps; ++w) {
+    Fiber* lanes = &g.fibers[w * 32];
+    const int nl = std::min(32, n - w * 32);
+    for (int l = 0; l < nl; ++l) {
+      Fiber& f = lanes[l];
+      if (f.state != State::kWarpOp) continue;
+      bool ok = true;
+      for (int m = 0; m < 32 && ok; ++m) {
+        if (!(f.warp_mask >> m & 1u)) continue;
+        if (m >= nl) ok = false;
+        else if (lanes[m].state != State::kWarpOp || lanes[m].warp_seq != f.warp_seq) ok = false;
+      }
+      if (!ok) continue;
+      for (int m = 0; m < 32; ++m)
+        if (f.warp_mask >> m & 1u) lanes[m].state = State::kReady;
+      moved = true;
+    }
+  }
+  return moved;
+}
+
+void run_block() {
+  const int n = static_cast<int>(g.fibers.size());
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  int finished = 0;
+  while (finished < n) {
+    std::shuffle(order.begin(), order.end(), g.rng);
+    bool ran = false;
+    for (int i : order) {
+      Fiber& f = g.fibers[i];
+      if (f.state != State::kReady) continue;
+      g.running = &f;
+      cur.tid = f.tid;
+      emu_switch(&g.scheduler_sp, f.sp);
+      g.running = nullptr;
+      ran = true;
+      if (!g.error.empty()) return;
+      if (f.state == State::kDone) ++finished;
+    }
+    if (finished == n) break;
+    if (!release() && !ran) {
+      std::string msg = "deadlock: no thread can proceed in block (" + std::to_string(cur.bid.x) + "," +
+                        std::to_string(cur.bid.y) + "):";
+      int shown = 0;
+      for (auto& f : g.fibers)
+        if (f.state != State::kDone && shown++ < 6) msg += " " + describe(f) + ";";
+      // A lane that exited while the others wait on a full-mask warp op is the usual cause.
+      for (auto& f : g.fibers)
+        if (f.state == State::kWarpOp) {
+          for (int m = 0; m < 32; ++m)
+            if ((f.warp_mask >> m & 1u) && (f.warp * 32 + m >= n || g.fibers[f.warp * 32 + m].state == State::kDone)) {
+              msg += " lane " + std::to_string(m) + " of warp " + std::to_string(f.warp) +
+                     " is in the mask but has exited or does not exist;";
+              break;
+            }
+          break;
+        }
+      g.error = msg;
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+[[noreturn]] void fail(const std::string& msg) { throw Fault(msg); }
+
+void* dynamic_smem() { return g.smem.data(); }
+
+int lane_id() { return g.running ? g.running->lane : 0; }
+
+void sync_block() {
+  if (!g.running) fail("__syncthreads outside a kernel");
+  g.running->state = State::kBlockBarrier;
+  yield_to_scheduler();
+}
+
+unsigned warp_exchange(unsigned mask, const void* mine, size_t bytes, unsigned char (*all)[16]) {
+  Fiber* f = g.running;
+  if (!f) fail("warp op outside a kernel");
+  if (!(mask >> f->lane & 1u)) fail("warp op: the calling lane is not in its own mask");
+  WarpSlot& s = g.slots[f->warp][f->warp_seq % kSlots];
+  if (bytes) std::memcpy(s.vals[f->lane], mine, bytes);
+  f->warp_mask = mask;
+  f->state = State::kWarpOp;
+  yield_to_scheduler();
+  // Every lane of the mask posted before any was released; the slot is not reused until
+  // kSlots ops later, which no lane reaches before all have read this one.
+  std::memcpy(all, s.vals, sizeof(s.vals));
+  ++f->warp_seq;
+  return mask;
+}
+
+void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  if (threads == 0 || threads > 1024) fail("launch: block of " + std::to_string(threads) + " threads");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) fail("launch: empty grid");
+  if (grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) fail("launch: grid too large");
+  if (smem > static_cast<size_t>(smem_optin)) fail("launch: too much dynamic shared memory");
+  if (g.running) fail("launch from device code");
+  static const char* seed = std::getenv("EMU_SEED");
+  if (seed) g.rng.seed(std::strtoull(seed, nullptr, 10));
+  g.body = &body;
+  g.error.clear();
+  g.fibers.resize(threads);
+  g.slots.assign((threads + 31) / 32, std::vector<WarpSlot>(kSlots));
+  cur.bdim = {block.x, block.y, block.z};
+  cur.gdim = {grid.x, grid.y, grid.z};
+  std::vector<uint64_t> blocks(uint64_t{grid.x} * grid.y * grid.z);
+  for (uint64_t i = 0; i < blocks.size(); ++i) blocks[i] = i;
+  std::shuffle(blocks.begin(), blocks.end(), g.rng);
+  for (uint64_t b : blocks) {
+    cur.bid = {static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                    static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
+    // Shared memory starts as garbage, as on the GPU.
+    g.smem.assign(smem + 16, 0xA5);
+    for (uint64_t t = 0; t < threads; ++t) {
+      Fiber& f = g.fibers[t];
+      init_fiber(f, t);
+      f.tid = {static_cast<unsigned>(t % block.x), static_cast<unsigned>(t / block.x % block.y),
+               static_cast<unsigned>(t / (uint64_t{block.x} * block.y))};
+      f.lane = static_cast<int>(t % 32);
+      f.warp = static_cast<int>(t / 32);
+    }
+    run_block();
+    if (!g.error.empty()) {
+      const std::string msg = g.error;
+      g.error.clear();
+      throw Fault("emulated kernel failed in block " + std::to_string(b) + ": " + msg);
+    }
+  }
+}
+
+}  // namespace emu

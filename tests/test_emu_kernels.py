@@ -1,0 +1,376 @@
+"""The CUDA gating and permute / unpermute kernels, run without a GPU on the CPU emulation
+(tests/emu): the kernels' own code and launchers, against the CPU ops and the float64 reference.
+
+What this checks that the nvcc compile check cannot: the kernels' indexing and arithmetic, their
+launch configurations, that every __syncthreads / warp-synchronous op is reached by every thread
+or lane it names (a miss is reported as a deadlock), that results do not depend on the order in
+which blocks and threads run (the emulation shuffles both on every launch; determinism tests run
+each input twice), and that no kernel writes outside its outputs (guard bytes). What it cannot:
+speed, the memory model, tensor-core kernels (the grouped GEMMs) and communication (ep.cu); those
+wait for the GPU suites (tests/test_cuda_*.py).
+"""
+import itertools
+import math
+import platform
+
+import pytest
+import torch
+
+import reference as ref
+
+pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or platform.system() != "Linux",
+                                reason="the kernel emulation runs on x86-64 Linux")
+
+ops = torch.ops.moe_ext
+FLOAT_TOL = dict(rtol=1e-5, atol=1e-7)
+F64_TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from emu import emu as e
+    e.lib()
+    yield e
+    e.set_device()
+
+
+@pytest.fixture
+def small_gpu(emu):
+    """A GPU with 3 SMs and 99 KiB of shared memory per block (sm_86's opt-in limit)."""
+    emu.set_device(sms=3, smem_optin=99 * 1024)
+    yield
+    emu.set_device()
+
+
+# ---- gating ------------------------------------------------------------------------------------------
+
+def _draw(*a, **kw):
+    from test_cuda_gating import draw_logits
+    return draw_logits(*a, **kw)
+
+
+def _gating_args(opts):
+    return dict(score=opts.get("score", "softmax"), renormalize=opts.get("renormalize", True),
+                expert_bias=opts.get("expert_bias"), num_groups=opts.get("num_groups") or 0,
+                topk_groups=opts.get("topk_groups") or 0, capacity_factor=opts.get("capacity_factor") or 0.0,
+                noise=opts.get("noise"), seq_len=opts.get("seq_len") or 0)
+
+
+def compare_gating(emu, logits, k, against_reference=True, **opts):
+    a = _gating_args(opts)
+    w, idx, pos, tpe, aux, seq, z = emu.topk_gating(logits, k, **a)
+    cw, cidx, cpos, ctpe, caux, cseq, cz = ops.topk_gating(logits, k, a["score"], a["renormalize"], a["expert_bias"],
+                                                           a["num_groups"], a["topk_groups"], a["capacity_factor"],
+                                                           a["noise"], a["seq_len"])
+    f64 = logits.dtype == torch.float64
+    tol = F64_TOL if f64 else FLOAT_TOL
+    assert torch.equal(idx, cidx)
+    assert torch.equal(pos, cpos)
+    assert torch.equal(tpe, ctpe)
+    torch.testing.assert_close(w, cw, **tol)
+    for name, x, y in (("aux_loss", aux, caux), ("seq_aux_loss", seq, cseq), ("z_loss", z, cz)):
+        torch.testing.assert_close(x, y, **tol, msg=name)
+    if against_reference:
+        r = ref.gating(logits, k, **opts)
+        assert torch.equal(idx.long(), r["idx"])
+        assert torch.equal(pos.long(), r["positions"])
+        assert torch.equal(tpe.long(), r["tokens_per_expert"])
+        rtol = F64_TOL if f64 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w.double(), r["weights"], **rtol)
+    return w, idx, pos, tpe, (aux, seq, z)
+
+
+COMBOS = list(itertools.product(["softmax", "sigmoid"], [True, False], [False, True], [False, True],
+                                [None, 0.5, 1.25], [False, True], [None, 128]))
+
+
+@pytest.mark.parametrize("score,renorm,bias,groups,cf,noise,seq_len", COMBOS, ids=lambda v: str(v))
+def test_gating_every_option_combination(emu, seed, score, renorm, bias, groups, cf, noise, seq_len):
+    T, E, k = 384, 64, 6
+    opts = dict(score=score, renormalize=renorm, capacity_factor=cf, seq_len=seq_len)
+    if bias:
+        opts["expert_bias"] = torch.randn(E) * 0.05
+    if groups:
+        opts.update(num_groups=8, topk_groups=3)
+    if noise:
+        opts["noise"] = torch.randn(T, E) * 0.5
+    compare_gating(emu, _draw(T, E, k, **opts), k, against_reference=False, **opts)
+
+
+@pytest.mark.parametrize("T", [0, 1, 7, 1100])
+@pytest.mark.parametrize("k", [1, 2, 4, 6, 8])
+@pytest.mark.parametrize("E", [8, 60, 64, 128, 256, 384])
+@pytest.mark.parametrize("optset", ["plain", "full"])
+def test_gating_shapes(emu, seed, optset, E, k, T):
+    from test_cuda_gating import _full_options
+    opts = {} if optset == "plain" else _full_options(T, E, k)
+    if opts and T == 1100:
+        opts["seq_len"] = 275
+    compare_gating(emu, _draw(T, E, k, **opts), k, against_reference=T < 1100, **opts)
+
+
+@pytest.mark.parametrize("E,k,groups", [(1, 1, None), (2, 1, None), (2, 2, None), (2, 1, (2, 1)), (3, 2, None),
+                                        (33, 5, (3, 2)), (1000, 16, (8, 3)), (1024, 32, (32, 4)), (1024, 8, (4, 1)),
+                                        (517, 9, None)])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_gating_other_sizes(emu, seed, E, k, groups, score):
+    T = 201
+    opts = dict(score=score, capacity_factor=1.0, seq_len=67, expert_bias=torch.randn(E) * 0.01)
+    if groups:
+        opts.update(num_groups=groups[0], topk_groups=groups[1])
+    compare_gating(emu, _draw(T, E, k, **opts), k, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.float32])
+@pytest.mark.parametrize("E,k", [(256, 8), (60, 6), (1024, 4)])
+def test_gating_logits_dtypes(emu, seed, dtype, E, k):
+    from test_cuda_gating import _full_options
+    T = 300
+    opts = _full_options(T, E, k)
+    opts["seq_len"] = 100
+    if dtype == torch.float64:
+        opts["noise"] = opts["noise"].double()
+        opts["expert_bias"] = opts["expert_bias"].double()
+    compare_gating(emu, _draw(T, E, k, dtype=dtype, **opts), k, **opts)
+
+
+def test_gating_small_gpu(emu, small_gpu, seed):
+    # Fewer warps per block where the shared-memory budget is short (E=1024 float64), few SMs.
+    for dtype, E, k in ((torch.float64, 1024, 8), (torch.float32, 1024, 32), (torch.bfloat16, 384, 6)):
+        opts = dict(score="sigmoid", capacity_factor=1.1, seq_len=40, num_groups=8, topk_groups=3,
+                    expert_bias=torch.randn(E, dtype=torch.float64 if dtype == torch.float64 else torch.float32) * 0.01)
+        compare_gating(emu, _draw(120, E, k, dtype=dtype, **opts), k, **opts)
+
+
+def test_gating_ties_nan_inf(emu):
+    _, idx, *_ = compare_gating(emu, torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]]), 2)
+    assert idx.tolist() == [[1, 2], [0, 1]]
+    _, idx, *_ = compare_gating(emu, torch.zeros(3, 64), 8, num_groups=8, topk_groups=4, score="sigmoid")
+    assert idx[0].tolist() == list(range(8))
+    logits = torch.randn(40, 32)
+    logits[3, 5] = float("nan")
+    logits[7, :] = float("nan")
+    logits[9, 2] = float("inf")
+    logits[11, :] = -float("inf")
+    for score in ("softmax", "sigmoid"):
+        w, idx, pos, tpe, aux, seq, z = emu.topk_gating(logits, 4, score=score, capacity_factor=1.0)
+        c = ops.topk_gating(logits, 4, score, True, None, 0, 0, 1.0, None, 0)
+        assert torch.equal(idx, c[1]) and torch.equal(pos, c[2]) and torch.equal(tpe, c[3])
+        torch.testing.assert_close(w, c[0], equal_nan=True, **FLOAT_TOL)
+        torch.testing.assert_close(z, c[6], equal_nan=True)
+
+
+def test_gating_all_tokens_one_expert(emu, seed):
+    T, E, k = 1500, 16, 2
+    logits = _draw(T, E, k)
+    logits[:, 3] += 30
+    _, idx, pos, tpe, _ = compare_gating(emu, logits, k, capacity_factor=1.0, against_reference=False)
+    cap = math.ceil(T * k / E)
+    assert tpe[3].item() == cap
+    assert (idx[cap:, 0] == -1).all() and pos[:cap, 0].tolist() == list(range(cap))
+
+
+def test_gating_deterministic(emu, seed):
+    # Every launch runs its blocks and threads in a new random order.
+    T, E, k = 700, 256, 8
+    opts = dict(score="sigmoid", capacity_factor=0.9, seq_len=350, num_groups=8, topk_groups=4,
+                expert_bias=torch.randn(E) * 0.02, noise=torch.randn(T, E) * 0.2)
+    logits = _draw(T, E, k, **opts)
+    a = emu.topk_gating(logits, k, **_gating_args(opts))
+    b = emu.topk_gating(logits, k, **_gating_args(opts))
+    for x, y in zip(a, b):
+        assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+    gw = torch.randn(T, k)
+    args = _gating_args(opts)
+    del args["capacity_factor"], args["noise"]
+    g1 = emu.topk_gating_backward(gw, 0.3, 0.2, 0.1, logits, opts["noise"], a[1], **args)
+    g2 = emu.topk_gating_backward(gw, 0.3, 0.2, 0.1, logits, opts["noise"], a[1], **args)
+    assert torch.equal(g1, g2)
+
+
+BACKWARD_OPTS = [
+    dict(),
+    dict(capacity_factor=0.75),
+    dict(num_groups=4, topk_groups=2, expert_bias="rand"),
+    dict(seq_len=64, noise="rand"),
+    dict(capacity_factor=0.9, num_groups=4, topk_groups=3, expert_bias="rand", seq_len=128, noise="rand"),
+]
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("opts", BACKWARD_OPTS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("dtype,E,k", [(torch.float32, 256, 8), (torch.float32, 60, 6), (torch.float64, 60, 6),
+                                       (torch.bfloat16, 64, 2), (torch.float16, 1024, 16)])
+def test_gating_backward_matches_cpu(emu, seed, score, renorm, opts, dtype, E, k):
+    T = 256
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    opts = dict(opts)
+    if opts.get("expert_bias") == "rand":
+        opts["expert_bias"] = torch.randn(E, dtype=acc) * 0.05
+    if opts.get("noise") == "rand":
+        opts["noise"] = torch.randn(T, E, dtype=acc) * 0.3
+    opts.update(score=score, renormalize=renorm)
+    logits = _draw(T, E, k, dtype=dtype, **opts)
+    args = _gating_args(opts)
+    c = ops.topk_gating(logits, k, args["score"], args["renormalize"], args["expert_bias"], args["num_groups"],
+                        args["topk_groups"], args["capacity_factor"], args["noise"], args["seq_len"])
+    idx = c[1]
+    gw = torch.randn(T, k, dtype=acc)
+    coefs = [torch.tensor(v, dtype=acc) for v in (0.3, 0.7, 0.1)]
+    del args["capacity_factor"]
+    noise = args.pop("noise")
+    g = emu.topk_gating_backward(gw, *coefs, logits, noise, idx, **args)
+    cg = ops.topk_gating_backward(gw, *coefs, logits, noise, idx, args["score"], args["renormalize"],
+                                  args["expert_bias"], args["num_groups"], args["topk_groups"], args["seq_len"])
+    tol = F64_TOL if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    if dtype in (torch.bfloat16, torch.float16):
+        tol = dict(rtol=1e-2, atol=1e-3)  # the gradient is rounded to the logits' type
+    torch.testing.assert_close(g, cg, **tol)
+
+
+def test_update_expert_bias(emu, seed):
+    E = 300
+    bias = torch.randn(E)
+    load = torch.randint(0, 50, (E,))
+    load[7] = int(load.float().mean().round())
+    expect = bias.clone()
+    ops.update_expert_bias_(expect, load, 0.01)
+    got = emu.update_expert_bias_(bias.clone(), load, 0.01)
+    assert torch.equal(got, expect)
+
+
+# ---- permute / unpermute -----------------------------------------------------------------------------
+
+def _route(T, k, E, dtype=torch.int64, unrouted=0.1, skew=False):
+    if skew:
+        idx = torch.zeros(T, k, dtype=torch.int64)
+        idx[:, 1:] = torch.randint(0, E, (T, k - 1))
+        idx = torch.where(torch.rand(T, k) < 0.7, torch.zeros_like(idx), idx)
+    else:
+        idx = torch.stack([torch.randperm(E)[:k] if k <= E else torch.randint(0, E, (k,)) for _ in range(T)]) \
+            if T else torch.empty(0, k, dtype=torch.int64)
+    if T and unrouted:
+        idx[torch.rand(T, k) < unrouted] = -1
+    return idx.to(dtype)
+
+
+def _rows(T, H, dtype):
+    if dtype == torch.uint8:  # e.g. float8 rows: moved as bytes
+        return torch.randint(0, 256, (T, H), dtype=torch.uint8)
+    return torch.randn(T, H, dtype=torch.float32).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.float64])
+@pytest.mark.parametrize("T", [0, 1, 3, 1100])
+@pytest.mark.parametrize("H", [8, 40, 136])
+@pytest.mark.parametrize("k,E", [(1, 1), (2, 8), (8, 256), (3, 5)])
+def test_permute_matches_cpu(emu, seed, dtype, T, H, k, E):
+    for pad_to, capacity, idx_dtype, skew in ((1, -1, torch.int64, False), (16, -1, torch.int32, True),
+                                             (128, max(1, T * k // (2 * E)), torch.int64, True)):
+        idx = _route(T, k, E, idx_dtype, skew=skew and E > 1)
+        x = _rows(T, H, dtype)
+        xp, rm, tpe, total, invalid = emu.permute(x, idx, E, pad_to, capacity, exact=True)
+        cx, crm, ctpe = ops.permute(x, idx, E, pad_to, capacity, True)
+        assert torch.equal(rm, crm) and torch.equal(tpe, ctpe)
+        assert total == cx.shape[0] and invalid == 0
+        assert torch.equal(xp.view(torch.uint8), cx.view(torch.uint8))
+        # The worst-case (no-sync) size: the same rows, then zeros.
+        xw, rmw, tpew, _, _ = emu.permute(x, idx, E, pad_to, capacity, exact=False)
+        assert torch.equal(rmw, crm) and torch.equal(tpew, ctpe)
+        assert torch.equal(xw[:total].view(torch.uint8), cx.view(torch.uint8))
+        assert (xw[total:].view(torch.uint8) == 0).all()
+
+
+def test_permute_strided_rows_and_invalid_ids(emu, seed):
+    T, H, k, E = 500, 48, 4, 32
+    big = torch.randn(T, 2 * H).bfloat16()
+    x = big[:, 8:8 + H]  # rows 2H apart, 16-byte aligned start
+    idx = _route(T, k, E)
+    xp, rm, tpe, total, invalid = emu.permute(x, idx, E, 8, -1)
+    cx, crm, ctpe = ops.permute(x.contiguous(), idx, E, 8, -1, True)
+    assert torch.equal(xp.view(torch.int16), cx.view(torch.int16)) and torch.equal(rm, crm)
+    x = big[:, 1:1 + H]  # 2-byte aligned: the narrowest access
+    xp, rm, *_ = emu.permute(x, idx, E, 8, -1)
+    cx, crm, _ = ops.permute(x.contiguous(), idx, E, 8, -1, True)
+    assert torch.equal(xp.view(torch.int16), cx.view(torch.int16))
+    # Ids outside [-1, E) count nowhere, get row -1, and are counted.
+    bad = idx.clone()
+    bad[0, 0], bad[5, 2], bad[9, 1] = E, -5, 10 ** 6
+    xp, rm, tpe, total, invalid = emu.permute(torch.randn(T, H), bad, E, 1, -1)
+    assert invalid == 3 and rm[0, 0] == -1 and rm[5, 2] == -1 and rm[9, 1] == -1
+    ok = bad.clone()
+    ok[0, 0] = ok[5, 2] = ok[9, 1] = -1
+    _, crm, ctpe = ops.permute(torch.randn(T, H), ok, E, 1, -1, True)
+    assert torch.equal(rm, crm) and torch.equal(tpe, ctpe)
+
+
+@pytest.mark.parametrize("sms", [1, 3, 132])
+def test_permute_many_tiles_and_experts(emu, seed, sms):
+    # Tiles of several 1024-slot chunks (few SMs), experts past the shared-memory histogram.
+    emu.set_device(sms=sms)
+    try:
+        for T, k, E in ((5000, 8, 64), (300, 2, 13000), (4097, 1, 1)):
+            idx = _route(T, k, E, skew=E > 1)
+            x = torch.randn(T, 16)
+            xp, rm, tpe, total, _ = emu.permute(x, idx, E, 4, -1)
+            cx, crm, ctpe = ops.permute(x, idx, E, 4, -1, True)
+            assert torch.equal(rm, crm) and torch.equal(tpe, ctpe) and torch.equal(xp, cx)
+            cap = max(1, T * k // E)
+            xp, rm, tpe, total, _ = emu.permute(x, idx, E, 1, cap)
+            cx, crm, ctpe = ops.permute(x, idx, E, 1, cap, True)
+            assert torch.equal(rm, crm) and torch.equal(tpe, ctpe) and torch.equal(xp, cx)
+    finally:
+        emu.set_device()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("H", [8, 40, 1000, 2056])
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_unpermute_matches_cpu(emu, seed, dtype, H, k, weighted):
+    T, E = 67, 16
+    idx = _route(T, k, E)
+    _, row_map, _ = ops.permute(torch.randn(T, 8), idx, E, 4, -1, True)
+    R = int(row_map.max()) + 1 if T else 0
+    y = _rows(R + 3, H, dtype)
+    w = torch.rand(T, k, dtype=torch.float64 if dtype == torch.float64 else torch.float32) if weighted else None
+    out = emu.unpermute(y, row_map, w)
+    assert torch.equal(out, ops.unpermute(y, row_map, w))
+    g = _rows(T, H, dtype)
+    gy, gw = emu.unpermute_backward(g, y, row_map, w)
+    cgy, cgw = ops.unpermute_backward(g, y, row_map, w)
+    assert torch.equal(gy, cgy)
+    if weighted:
+        torch.testing.assert_close(gw, cgw, rtol=1e-6, atol=1e-6)
+
+
+def test_unpermute_strided_empty_and_poison(emu, seed):
+    T, H, k = 50, 64, 2
+    row_map = torch.full((T, k), -1, dtype=torch.int64)
+    row_map.view(-1)[torch.randperm(T * k)[:30]] = torch.randperm(40)[:30]  # each row at most once
+    big = torch.randn(40, 3 * H)
+    y = big[:, :H]  # rows 3H apart
+    w = torch.rand(T, k)
+    assert torch.equal(emu.unpermute(y, row_map, w), ops.unpermute(y.contiguous(), row_map, w))
+    g = torch.randn(T, H)
+    gy, gw = emu.unpermute_backward(g, y, row_map, w)
+    cgy, cgw = ops.unpermute_backward(g, y.contiguous(), row_map, w)
+    assert torch.equal(gy, cgy)
+    torch.testing.assert_close(gw, cgw, rtol=1e-6, atol=1e-6)
+    out = emu.unpermute(y, row_map, w, poison_if=1)
+    assert out.isnan().all()
+    assert torch.equal(emu.unpermute(y, row_map, w, poison_if=0), ops.unpermute(y.contiguous(), row_map, w))
+    # Zero tokens, zero rows.
+    assert emu.unpermute(torch.randn(0, H), torch.empty(0, k, dtype=torch.int64), None).shape == (0, H)
+    gy, _ = emu.unpermute_backward(torch.randn(T, H), torch.randn(0, H), torch.full((T, k), -1), w)
+    assert gy.shape == (0, H)
+
+
+def test_permute_deterministic(emu, seed):
+    T, k, E = 3000, 8, 64
+    idx = _route(T, k, E, skew=True)
+    x = torch.randn(T, 24)
+    a = emu.permute(x, idx, E, 16, 200)
+    b = emu.permute(x, idx, E, 16, 200)
+    assert all(torch.equal(p, q) if isinstance(p, torch.Tensor) else p == q for p, q in zip(a, b))

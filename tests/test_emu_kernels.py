@@ -374,3 +374,197 @@ def test_permute_deterministic(emu, seed):
     a = emu.permute(x, idx, E, 16, 200)
     b = emu.permute(x, idx, E, 16, 200)
     assert all(torch.equal(p, q) if isinstance(p, torch.Tensor) else p == q for p, q in zip(a, b))
+
+
+# ---- the ipc backend (ep.cu, ep_index.cu, comm/ep_ops.cu) over emulated ranks -------------------
+
+def _ep_world(emu, xs, idxs, num_experts, scale_cols=0, max_tokens=None):
+    k = idxs[0].shape[1]
+    maxT = max_tokens or max(1, max(x.shape[0] for x in xs))
+    return emu.EpWorld(len(xs), num_experts, k, maxT, xs[0].shape[1] * xs[0].element_size(), scale_cols)
+
+
+def _single_process(xs, idxs, ws, gs, num_experts, pad_to, capacity, fn):
+    """permute -> fn -> unpermute (and its backward) on every rank's tokens in one process."""
+    X, IDX, W = torch.cat(xs), torch.cat([i.long() for i in idxs]), torch.cat(ws)
+    x_perm, row_map, tpe = ops.permute(X, IDX, num_experts, pad_to, -1 if capacity is None else capacity, True)
+    y = fn(x_perm, tpe, 0)
+    out = ops.unpermute(y, row_map, W)
+    grad_y, _ = ops.unpermute_backward(torch.cat(gs), y, row_map, W)
+    return x_perm, tpe, y, out, grad_y
+
+
+def _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, num_experts, pad_to=1, capacity=None, num_blocks=0):
+    from test_dispatch import experts
+    epr = num_experts // world
+    fn = lambda x, t, first: experts(x, t, first, a, b)  # noqa: E731
+    x_perm, tpe_all, y_all, out_all, grad_y_all = _single_process(xs, idxs, ws, gs, num_experts, pad_to, capacity, fn)
+    bounds = [0] + torch.cumsum(tpe_all.long(), 0).tolist()
+    ep = _ep_world(emu, xs, idxs, num_experts)
+    try:
+        res = ep.dispatch(xs, idxs, num_experts, pad_to=pad_to, capacity=capacity, num_blocks=num_blocks)
+        ys = []
+        for r, d in enumerate(res):
+            assert d["exc"] == "" and d["error"]["code"] == 0, (r, d["exc"], d["error"])
+            rows = slice(bounds[r * epr], bounds[(r + 1) * epr])
+            assert torch.equal(d["tpe"], tpe_all[r * epr:(r + 1) * epr])
+            assert torch.equal(d["recv_x"], x_perm[rows]), f"rank {r}: recv_x"
+            ys.append(fn(d["recv_x"], d["tpe"], r * epr))
+        cres = ep.combine(ys, ws, keep_rows=True, num_blocks=num_blocks)
+        gres = ep.combine_grad(gs, ws, num_blocks=num_blocks)
+        t0 = 0
+        for r in range(world):
+            T = xs[r].shape[0]
+            assert cres[r]["exc"] == "" and cres[r]["error"]["code"] == 0, cres[r]
+            assert torch.equal(cres[r]["out"], out_all[t0:t0 + T]), f"rank {r}: combine out"
+            rows = slice(bounds[r * epr], bounds[(r + 1) * epr])
+            assert torch.equal(gres[r]["grad_y"], grad_y_all[rows]), f"rank {r}: combine grad"
+            # keep_rows: each kept slot's expert row came back (for the weights' gradient).
+            slot_rows = res[r]["slot_rows"]
+            kept = (slot_rows >= 0).view(-1)
+            back = cres[r]["rows"][kept]
+            owner = idxs[r].long().view(-1)[kept] // epr
+            for i, (o, row) in enumerate(zip(owner.tolist(), slot_rows.view(-1)[kept].tolist())):
+                assert torch.equal(back[i], ys[o][row]), f"rank {r}: back row {i}"
+            t0 += T
+    finally:
+        ep.close()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ep_ipc_dispatch_combine(emu, seed, world):
+    from test_dispatch import cases, make_inputs
+    for i, case in enumerate(cases(world)):
+        ranks, a, b = make_inputs(case, world, seed + i)
+        dt = torch.float32 if case.dtype == torch.float64 else case.dtype
+        xs = [r[0].to(dt) for r in ranks]
+        idxs = [r[1] for r in ranks]
+        ws = [r[2].float() for r in ranks]
+        gs = [r[3].to(dt) for r in ranks]
+        _check_ep_case(emu, world, xs, idxs, ws, gs, a.to(dt), b.to(dt), world * case.experts_per_rank,
+                       case.pad_to, case.capacity, num_blocks=(0, 1, 3)[i % 3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ep_ipc_large_calls(emu, seed, dtype):
+    # More slots than the one-block local index takes (T * k > 2048), skewed routing, H = 136.
+    world, E, k, H = 2, 16, 4, 136
+    Ts = [700, 515]
+    xs = [torch.randn(T, H).to(dtype) for T in Ts]
+    idxs = []
+    for T in Ts:
+        idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+        idx[torch.rand(T) < 0.5, 0] = 3
+        idx[torch.rand(T, k) < 0.1] = -1
+        idxs.append(idx)
+    ws = [torch.rand(T, k) for T in Ts]
+    gs = [torch.randn(T, H).to(dtype) for T in Ts]
+    a, b = (1 + torch.rand(E, H)).to(dtype), torch.randn(E, H).to(dtype)
+    _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, E, pad_to=8, capacity=300)
+
+
+def test_ep_ipc_masked_and_repeated(emu, seed):
+    # The no-sync layout ([El, max_rows] rows, valid counts on the device), three operations in a
+    # row on the same buffers (the count rows alternate with the operation number).
+    from moe_ext.dispatch import masked_rows
+    world, E, k, H, maxT = 3, 6, 2, 8, 40
+    ep = emu.EpWorld(world, E, k, maxT, H * 4)
+    try:
+        for it in range(3):
+            Ts = [int(t) for t in torch.randint(0, maxT + 1, (world,))]
+            Ts[it % world] = 0
+            xs = [torch.randn(T, H) for T in Ts]
+            idxs = [torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.long)
+                    for T in Ts]
+            ws = [torch.rand(T, k) for T in Ts]
+            cap = (None, 5, 30)[it]
+            max_rows = masked_rows(world, maxT, cap)
+            res = ep.dispatch(xs, idxs, E, capacity=cap, max_rows=max_rows)
+            X, IDX = torch.cat(xs), torch.cat([i.long() for i in idxs])
+            x_perm, row_map, tpe = ops.permute(X, IDX, E, 1, -1 if cap is None else cap, True)
+            kept = tpe.clamp(max=max_rows)
+            starts = [0] + torch.cumsum(tpe.long(), 0).tolist()
+            ys = []
+            for r, d in enumerate(res):
+                assert d["error"]["code"] == 0 and d["exc"] == ""
+                recv = d["recv_x"].view(E // world, max_rows, H)
+                for el in range(E // world):
+                    e = r * (E // world) + el
+                    assert d["tpe"][el] == kept[e]
+                    assert torch.equal(recv[el, :kept[e]], x_perm[starts[e]:starts[e] + kept[e]])
+                ys.append(d["recv_x"] * 2 + 1)
+            cres = ep.combine(ys, ws)
+            # The same rows through the exact layout in one process.
+            Y = torch.zeros_like(x_perm)
+            for e in range(E):
+                Y[starts[e]:starts[e] + kept[e]] = x_perm[starts[e]:starts[e] + kept[e]] * 2 + 1
+            drop = torch.zeros_like(row_map, dtype=torch.bool)
+            for e in range(E):
+                drop |= (row_map >= starts[e] + kept[e]) & (row_map < starts[e + 1])
+            out = ops.unpermute(Y, row_map.masked_fill(drop, -1), torch.cat(ws))
+            t0 = 0
+            for r in range(world):
+                assert torch.equal(cres[r]["out"], out[t0:t0 + Ts[r]]), (it, r)
+                t0 += Ts[r]
+    finally:
+        ep.close()
+
+
+def test_ep_ipc_scales_travel_with_rows(emu, seed):
+    world, E, k, H = 2, 4, 2, 16
+    Ts = [9, 5]
+    xs = [torch.randint(0, 256, (T, H), dtype=torch.uint8) for T in Ts]  # float8 rows, as bytes
+    idxs = [torch.stack([torch.randperm(E)[:k] for _ in range(T)]) for T in Ts]
+    scales = [torch.rand(T, 3) for T in Ts]
+    ep = emu.EpWorld(world, E, k, 9, H, scale_cols=3)
+    try:
+        res = ep.dispatch(xs, idxs, E, x_scales=scales)
+        X, IDX, S = torch.cat(xs), torch.cat(idxs), torch.cat(scales)
+        x_perm, row_map, tpe = ops.permute(X, IDX, E, 1, -1, True)
+        s_perm, _, _ = ops.permute(S, IDX, E, 1, -1, True)
+        bounds = [0] + torch.cumsum(tpe.long(), 0).tolist()
+        for r, d in enumerate(res):
+            rows = slice(bounds[r * 2], bounds[r * 2 + 2])
+            assert torch.equal(d["recv_x"], x_perm[rows]) and torch.equal(d["recv_scale"], s_perm[rows])
+    finally:
+        ep.close()
+
+
+def test_ep_ipc_failures_name_the_rank(emu, seed):
+    world, E, k, H = 3, 6, 2, 8
+    Ts = [4, 6, 5]
+    xs = [torch.randn(T, H) for T in Ts]
+    idxs = [torch.stack([torch.randperm(E)[:k] for _ in range(T)]) for T in Ts]
+    # A rank that never comes: the others time out naming it, within the timeout.
+    ep = emu.EpWorld(world, E, k, 8, H * 4)
+    try:
+        import time
+        t = time.time()
+        res = ep.dispatch(xs, idxs, E, participate=[1, 1, 0], timeout_s=0.3)
+        assert time.time() - t < 10
+        for r in (0, 1):
+            assert res[r]["error"]["code"] == 1 and res[r]["error"]["rank"] == 2, res[r]
+            assert res[r]["recv_x"].shape[0] == 0
+        # The communicator stays broken: combine's output is NaN, never a plausible sum.
+        cres = ep.combine([res[0]["recv_x"], res[1]["recv_x"], None], [torch.rand(T, k) for T in Ts],
+                          participate=[1, 1, 0], timeout_s=0.3)
+        assert cres[0]["out"].isnan().all() and cres[1]["out"].isnan().all()
+    finally:
+        ep.close()
+    # Ranks that disagree (rank 1's rows are of another dtype): every rank reports a mismatch.
+    ep = emu.EpWorld(world, E, k, 8, H * 4)
+    try:
+        res = ep.dispatch(xs, idxs, E, dtype_codes=[7, 8, 7], timeout_s=5)
+        for r in range(world):
+            assert res[r]["error"]["code"] == 2, res[r]
+        assert res[0]["error"]["rank"] == 1 and res[2]["error"]["rank"] == 1 and res[1]["error"]["rank"] == 0
+    finally:
+        ep.close()
+    # More tokens than the buffers hold: every rank says so, with the largest count.
+    ep = emu.EpWorld(world, E, k, 5, H * 4)
+    try:
+        res = ep.dispatch(xs, idxs, E, timeout_s=5)
+        for r in range(world):
+            assert res[r]["error"]["code"] == 3 and res[r]["error"]["value"] == 6, res[r]
+    finally:
+        ep.close()

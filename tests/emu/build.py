@@ -21,8 +21,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
 # The kernel files the emulation runs: the SIMT stages (no tensor-core or TMA code).
-SOURCES = ["gating.cu", "gating_f32.cu", "gating_f64.cu", "gating_f16.cu", "gating_bf16.cu", "permute.cu"]
-RUNTIME = [HERE / "emu_runtime.cpp", HERE / "emu_api.cpp"]
+SOURCES = ["kernels/gating.cu", "kernels/gating_f32.cu", "kernels/gating_f64.cu", "kernels/gating_f16.cu",
+           "kernels/gating_bf16.cu", "kernels/permute.cu", "kernels/ep.cu", "kernels/ep_index.cu", "comm/ep_ops.cu"]
+COMM = ROOT / "csrc" / "comm"
+# Inline PTX -> its emulation (emu_cuda.h). Any other asm statement fails the build.
+ASM = {
+    'asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");':
+        "::emu::store_release_sys(p, v);",
+    'asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");':
+        "v = ::emu::load_acquire_sys(p);",
+    'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));': "t = ::emu::global_ns();",
+}
+RUNTIME = [HERE / "emu_runtime.cpp", HERE / "emu_api.cpp", HERE / "emu_ep.cpp"]
 
 _SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:][\w:\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
 
@@ -48,7 +58,14 @@ def _callee_start(text, end):
     return i
 
 
-def rewrite(text):
+def rewrite(text, name=""):
+    for a, b in ASM.items():
+        text = text.replace(a, b)
+    emulated = not name.startswith("grouped_gemm")  # the tensor-core GEMMs are copied, never compiled
+    for line in text.splitlines():
+        code = line.split("//")[0]
+        if emulated and re.search(r"\basm\b", code) and '"trap;"' not in code:
+            raise RuntimeError(f"emu build: {name}: inline assembly without an emulation: {line.strip()}")
     text = _SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", text)
     out = []
     pos = 0
@@ -76,7 +93,7 @@ def build(out_dir, jobs=None):
 def _build(out_dir, jobs):
     src_dir = out_dir / "src" / "kernels"
     src_dir.mkdir(parents=True, exist_ok=True)
-    inputs = sorted(KERNELS.glob("*")) + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cuh")) + RUNTIME + \
+    inputs = sorted(KERNELS.glob("*")) + sorted(COMM.glob("ep_ops*")) + sorted(COMM.glob("symmetric.cuh")) + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cuh")) + RUNTIME + \
         [HERE / "include" / "cuda" / "functional", Path(__file__)]
     digest = hashlib.sha256()
     for f in inputs:
@@ -84,14 +101,16 @@ def _build(out_dir, jobs):
     lib = out_dir / f"libmoe_emu_{digest.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
-    for f in KERNELS.iterdir():
-        if f.suffix in (".cu", ".cuh"):
-            (src_dir / f.name).write_text(rewrite(f.read_text()))
+    (out_dir / "src" / "comm").mkdir(exist_ok=True)
+    for d in (KERNELS, COMM):
+        for f in d.iterdir():
+            if f.suffix in (".cu", ".cuh") and (d == KERNELS or f.stem in ("ep_ops", "symmetric")):
+                (out_dir / "src" / d.name / f.name).write_text(rewrite(f.read_text(), f.name))
     cxx = os.environ.get("CXX", "g++")
     flags = ["-std=c++20", "-O2", "-g0", "-fPIC", "-ffp-contract=off", "-Wno-unknown-pragmas", "-Wno-attributes",
              "-I", str(HERE / "include"), "-I", str(HERE), "-I", str(out_dir / "src"),
              "-include", str(HERE / "emu_cuda.h")]
-    units = [src_dir / s for s in SOURCES] + RUNTIME
+    units = [out_dir / "src" / s for s in SOURCES] + RUNTIME
     objs = [out_dir / (u.stem + ("_k" if u.suffix == ".cu" else "") + ".o") for u in units]
 
     def compile_one(u, o):

@@ -205,3 +205,117 @@ def unpermute_backward(grad_out, y, row_map, weights=None):
     o.check()
     gw = gw64.to(weights.dtype) if weights is not None else torch.empty(0, dtype=y.dtype)
     return grad_y, gw
+
+
+# ---- the ipc backend over emulated ranks (emu_ep.cpp) -------------------------------------------
+
+_EP_FLOAT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptrs(ts):
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() if t is not None else 0 for t in ts])
+
+
+class EpWorld:
+    """W ranks of the ipc backend in this process, each running ep_ops.cu's launch sequences in
+    its own host thread over buffers the others write into (comm::SymmetricBuffer's layout)."""
+
+    def __init__(self, world, max_experts, max_k, max_tokens, row_bytes, scale_cols=0):
+        L = lib()
+        L.emu_ep_create.restype = ctypes.c_void_p
+        L.emu_ep_exception.restype = ctypes.c_char_p
+        L.emu_ep_rows.restype = ctypes.c_int64
+        L.emu_ep_get.restype = ctypes.c_int64
+        self.world = world
+        self.h = ctypes.c_void_p(L.emu_ep_create(world, _i64(max_experts), _i64(max_k), _i64(max_tokens),
+                                                 _i64(row_bytes), _i64(scale_cols)))
+        self._keep = None
+
+    def close(self):
+        if self.h:
+            lib().emu_ep_destroy(self.h)
+            self.h = None
+
+    def _get(self, r, what, dtype, shape):
+        n = lib().emu_ep_get(self.h, r, what, None)
+        out = torch.empty(n, dtype=torch.uint8)
+        lib().emu_ep_get(self.h, r, what, ctypes.c_void_p(out.data_ptr()))
+        return out.view(dtype).view(shape)
+
+    def result(self, r):
+        """This rank's error record, exception text and tokens_per_expert after the last call."""
+        e = (ctypes.c_int64 * 7)()
+        lib().emu_ep_error(self.h, r, e)
+        return dict(error=dict(zip(("code", "rank", "field", "phase", "value", "mine", "seq"), list(e))),
+                    exc=lib().emu_ep_exception(self.h, r).decode(), status=lib().emu_ep_status(self.h, r))
+
+    def dispatch(self, xs, idxs, num_experts, pad_to=1, capacity=None, max_rows=-1, participate=None,
+                 dtype_codes=None, bad_input=None, x_scales=None, timeout_s=20.0, num_blocks=0):
+        W = self.world
+        participate = participate or [1] * W
+        xs = [x.contiguous() for x in xs]
+        idxs = [i.contiguous() for i in idxs]
+        scale_cols = x_scales[0].shape[1] if x_scales is not None else 0
+        scales = [s.float().contiguous() for s in x_scales] if x_scales is not None else [None] * W
+        self._keep = (xs, idxs, scales)
+        H, dtype = xs[0].shape[1], xs[0].dtype
+        rb = H * xs[0].element_size()
+        k = idxs[0].shape[1]
+        _call("emu_ep_dispatch", self.h, (ctypes.c_int * W)(*participate),
+              (ctypes.c_int64 * W)(*[x.shape[0] for x in xs]), _ptrs(idxs),
+              (ctypes.c_int * W)(*[int(i.dtype == torch.int64) for i in idxs]), _ptrs(xs), _ptrs(scales),
+              _i64(scale_cols), _i64(k), _i64(rb), _i64(num_experts), _i64(pad_to),
+              _i64(-1 if capacity is None else capacity), _i64(max_rows),
+              (ctypes.c_int64 * W)(*(dtype_codes or [7] * W)), (ctypes.c_int64 * W)(*(bad_input or [0] * W)),
+              ctypes.c_double(timeout_s), num_blocks)
+        out = []
+        El = num_experts // W
+        for r in range(W):
+            rows = lib().emu_ep_rows(self.h, r)
+            d = self.result(r)
+            if participate[r]:
+                d.update(recv_x=self._get(r, 0, dtype, (rows, H)), tpe=self._get(r, 1, torch.int32, (El,)),
+                         back_map=self._get(r, 2, torch.int64, (rows,)),
+                         slot_rows=self._get(r, 3, torch.int64, (xs[r].shape[0], k)),
+                         stage_rows=self._get(r, 8, torch.int64, (xs[r].shape[0], k)))
+                if scale_cols:
+                    d["recv_scale"] = self._get(r, 7, torch.float32, (rows, scale_cols))
+            out.append(d)
+        self._call_info = (dtype, H, k, [x.shape[0] for x in xs])
+        return out
+
+    def combine(self, ys, weights, participate=None, keep_rows=False, timeout_s=20.0, num_blocks=0):
+        W = self.world
+        participate = participate or [1] * W
+        dtype, H, k, Ts = self._call_info
+        ys = [y.reshape(-1, H).contiguous() if y is not None else None for y in ys]
+        ws = [w.float().contiguous() if w is not None else None for w in weights]
+        self._keep2 = (ys, ws)
+        _call("emu_ep_combine", self.h, (ctypes.c_int * W)(*participate), _ptrs(ys), _ptrs(ws),
+              _GATING_FLOAT[dtype], int(keep_rows), ctypes.c_double(timeout_s), num_blocks)
+        out = []
+        for r in range(W):
+            d = self.result(r)
+            if participate[r]:
+                d["out"] = self._get(r, 4, dtype, (Ts[r], H))
+                if keep_rows:
+                    d["rows"] = self._get(r, 5, dtype, (Ts[r] * k, H))
+            out.append(d)
+        return out
+
+    def combine_grad(self, gs, weights, participate=None, timeout_s=20.0, num_blocks=0):
+        W = self.world
+        participate = participate or [1] * W
+        dtype, H, k, Ts = self._call_info
+        gs = [g.contiguous() for g in gs]
+        ws = [w.float().contiguous() for w in weights]
+        self._keep2 = (gs, ws)
+        _call("emu_ep_combine_grad", self.h, (ctypes.c_int * W)(*participate), _ptrs(gs), _ptrs(ws),
+              _EP_FLOAT[dtype], ctypes.c_double(timeout_s), num_blocks)
+        out = []
+        for r in range(W):
+            d = self.result(r)
+            if participate[r]:
+                d["grad_y"] = self._get(r, 6, dtype, (lib().emu_ep_rows(self.h, r), H))
+            out.append(d)
+        return out

@@ -30,7 +30,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __noinline__
-#define __shared__ static
+#define __shared__ static thread_local  // per emulated rank: ranks run launches concurrently
 #define __constant__ static
 #define __managed__
 #define __launch_bounds__(...)
@@ -110,7 +110,7 @@ extern int device;
 struct Dim {
   uint3 tid, bid, bdim, gdim;
 };
-extern Dim cur;  // the running thread's indices
+extern thread_local Dim cur;  // the running thread's indices (each host thread runs its own launches)
 void* dynamic_smem();
 
 // Warp-synchronous exchange: every lane of the mask posts `bytes` bytes and gets the whole warp's
@@ -118,6 +118,7 @@ void* dynamic_smem();
 unsigned warp_exchange(unsigned mask, const void* mine, size_t bytes, unsigned char (*all)[16]);
 void sync_block();
 int lane_id();
+void spin_pause();  // a spinning thread lets the other threads of its block and the other ranks run
 
 void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 
@@ -167,6 +168,35 @@ inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, int = 0, cu
   return cudaSuccess;
 }
 
+struct cudaIpcMemHandle_t {
+  char reserved[64];
+};
+struct CUevent_st;
+using cudaEvent_t = CUevent_st*;
+constexpr unsigned cudaEventDisableTiming = 2;
+// Launches are synchronous: an event is complete as soon as it is recorded.
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+  *e = reinterpret_cast<cudaEvent_t>(1);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
+
+namespace emu {
+// The PTX the ep kernels use for cross-GPU flags and timeouts (substituted by build.py).
+uint64_t global_ns();
+// A flag read is where a kernel spins: the other threads of the block run meanwhile, as they
+// would on the GPU (a spinning fiber that never yielded could wait for a flag that a fiber of its
+// own block has yet to raise).
+inline uint64_t load_acquire_sys(const uint64_t* p) {
+  const uint64_t v = __atomic_load_n(p, __ATOMIC_ACQUIRE);
+  spin_pause();
+  return v;
+}
+inline void store_release_sys(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+}  // namespace emu
+
 #define MOE_DEVICE_ASSERT(cond) \
   do {                          \
     if (!(cond)) ::emu::fail(std::string("device assertion failed: ") + #cond + " (" + __FILE__ + ":" + std::to_string(__LINE__) + ")"); \
@@ -174,9 +204,9 @@ inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, int = 0, cu
 
 // ---- device intrinsics ---------------------------------------------------------------------------
 inline void __syncthreads() { emu::sync_block(); }
-inline void __threadfence() {}
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() {}
-inline void __threadfence_system() {}
+inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 [[noreturn]] inline void __trap() { emu::fail("__trap"); }
 
 template <typename T>
@@ -245,54 +275,45 @@ inline float min(float a, float b) { return std::fmin(a, b); }
 inline double max(double a, double b) { return std::fmax(a, b); }
 inline double min(double a, double b) { return std::fmin(a, b); }
 
-// Atomics: fibers never interleave inside an operation, so plain read-modify-writes are atomic.
+// Atomics. Fibers of one launch never interleave inside an operation, but the emulated ranks of
+// an ep test run in separate host threads and write each other's buffers: integer atomics are
+// real ones; floating-point ones (never used across ranks) are plain.
 template <typename T, typename U>
 inline T atomicAdd(T* p, U v) {
+  if constexpr (std::is_integral_v<T>) return __atomic_fetch_add(p, static_cast<T>(v), __ATOMIC_SEQ_CST);
   const T old = *p;
   *p = static_cast<T>(old + static_cast<T>(v));
   return old;
 }
 template <typename T, typename U>
-inline T atomicSub(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(old - static_cast<T>(v));
-  return old;
-}
+inline T atomicSub(T* p, U v) { return __atomic_fetch_sub(p, static_cast<T>(v), __ATOMIC_SEQ_CST); }
 template <typename T, typename U>
-inline T atomicOr(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(old | static_cast<T>(v));
-  return old;
-}
+inline T atomicOr(T* p, U v) { return __atomic_fetch_or(p, static_cast<T>(v), __ATOMIC_SEQ_CST); }
 template <typename T, typename U>
-inline T atomicAnd(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(old & static_cast<T>(v));
-  return old;
-}
+inline T atomicAnd(T* p, U v) { return __atomic_fetch_and(p, static_cast<T>(v), __ATOMIC_SEQ_CST); }
 template <typename T, typename U>
 inline T atomicMax(T* p, U v) {
-  const T old = *p;
-  if (static_cast<T>(v) > old) *p = static_cast<T>(v);
+  T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (static_cast<T>(v) > old && !__atomic_compare_exchange_n(p, &old, static_cast<T>(v), false, __ATOMIC_SEQ_CST,
+                                                                 __ATOMIC_SEQ_CST)) {
+  }
   return old;
 }
 template <typename T, typename U>
 inline T atomicMin(T* p, U v) {
-  const T old = *p;
-  if (static_cast<T>(v) < old) *p = static_cast<T>(v);
+  T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  while (static_cast<T>(v) < old && !__atomic_compare_exchange_n(p, &old, static_cast<T>(v), false, __ATOMIC_SEQ_CST,
+                                                                 __ATOMIC_SEQ_CST)) {
+  }
   return old;
 }
 template <typename T, typename U>
-inline T atomicExch(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(v);
-  return old;
-}
+inline T atomicExch(T* p, U v) { return __atomic_exchange_n(p, static_cast<T>(v), __ATOMIC_SEQ_CST); }
 template <typename T, typename U, typename V>
 inline T atomicCAS(T* p, U cmp, V v) {
-  const T old = *p;
-  if (old == static_cast<T>(cmp)) *p = static_cast<T>(v);
-  return old;
+  T expected = static_cast<T>(cmp);
+  __atomic_compare_exchange_n(p, &expected, static_cast<T>(v), false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return expected;
 }
 
 // ---- warp-synchronous intrinsics -----------------------------------------------------------------

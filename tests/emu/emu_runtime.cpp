@@ -3,7 +3,10 @@
 // kernel's warp intrinsics switch fibers thousands of times per block.
 #include "emu_cuda.h"
 
+#include <sched.h>
 #include <sys/mman.h>
+
+#include <chrono>
 
 #include <algorithm>
 #include <cstdlib>
@@ -45,7 +48,7 @@ namespace emu {
 int sm_count = 132;
 int smem_optin = 227 * 1024;
 int device = 0;
-Dim cur;
+thread_local Dim cur;
 
 namespace {
 
@@ -78,7 +81,7 @@ struct Block {
   std::mt19937_64 rng{12345};
 };
 constexpr int kSlots = 4;
-Block g;  // one launch at a time (tests call from one thread)
+thread_local Block g;  // one launch at a time per host thread (an emulated rank)
 
 void trampoline() {
   Fiber* f = g.running;
@@ -101,7 +104,16 @@ char* new_stack() {
   return static_cast<char*>(p);
 }
 
-std::vector<char*> g_stacks;  // mapped once, reused by every launch (fibers come and go)
+struct StackPool {
+  std::vector<char*> stacks;
+  ~StackPool() {
+    for (char* s : stacks) munmap(s, kStackBytes);
+  }
+  size_t size() const { return stacks.size(); }
+  void push_back(char* s) { stacks.push_back(s); }
+  char* operator[](size_t i) const { return stacks[i]; }
+};
+thread_local StackPool g_stacks;  // mapped once per host thread, reused by every launch (fibers come and go)
 
 void init_fiber(Fiber& f, size_t index) {
   while (g_stacks.size() <= index) g_stacks.push_back(new_stack());
@@ -220,6 +232,17 @@ void run_block() {
 }  // namespace
 
 [[noreturn]] void fail(const std::string& msg) { throw Fault(msg); }
+
+uint64_t global_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+void spin_pause() {
+  static thread_local unsigned n = 0;
+  if (++n % 16 == 0) sched_yield();
+  if (g.running) yield_to_scheduler();  // stays ready: the scheduler runs the block's other fibers first
+}
 
 void* dynamic_smem() { return g.smem.data(); }
 

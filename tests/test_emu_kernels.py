@@ -551,20 +551,99 @@ def test_ep_ipc_failures_name_the_rank(emu, seed):
         assert cres[0]["out"].isnan().all() and cres[1]["out"].isnan().all()
     finally:
         ep.close()
-    # Ranks that disagree (rank 1's rows are of another dtype): every rank reports a mismatch.
-    ep = emu.EpWorld(world, E, k, 8, H * 4)
-    try:
-        res = ep.dispatch(xs, idxs, E, dtype_codes=[7, 8, 7], timeout_s=5)
-        for r in range(world):
-            assert res[r]["error"]["code"] == 2, res[r]
-        assert res[0]["error"]["rank"] == 1 and res[2]["error"]["rank"] == 1 and res[1]["error"]["rank"] == 0
-    finally:
-        ep.close()
+    # Ranks that disagree (rank 1's rows are of another dtype): every rank reports a mismatch and
+    # names the first peer it disagrees with, whatever the threads' timing.
+    for _ in range(3):
+        ep = emu.EpWorld(world, E, k, 8, H * 4)
+        try:
+            res = ep.dispatch(xs, idxs, E, dtype_codes=[7, 8, 7], timeout_s=5)
+            for r in range(world):
+                assert res[r]["error"]["code"] == 2 and res[r]["error"]["field"] == 4, res[r]
+            assert [res[r]["error"]["rank"] for r in range(world)] == [1, 0, 1]
+            assert res[1]["error"]["value"] == 7 and res[1]["error"]["mine"] == 8
+        finally:
+            ep.close()
     # More tokens than the buffers hold: every rank says so, with the largest count.
     ep = emu.EpWorld(world, E, k, 5, H * 4)
     try:
         res = ep.dispatch(xs, idxs, E, timeout_s=5)
         for r in range(world):
             assert res[r]["error"]["code"] == 3 and res[r]["error"]["value"] == 6, res[r]
+            assert res[r]["error"]["rank"] == 1
     finally:
         ep.close()
+
+
+# ---- the portable grouped GEMM (grouped_gemm_sm80*.cu: cp.async, ldmatrix, mma.sync) ----------
+
+def _gemm_helpers():
+    import test_cuda_grouped_gemm as g
+    return g
+
+
+@pytest.mark.parametrize("E,M,K,N", [(1, 37, 64, 128), (8, 300, 96, 80), (5, 129, 40, 272), (32, 500, 32, 48)])
+@pytest.mark.parametrize("kind", ["random", "odd", "empty", "one"])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_gemm_portable(emu, seed, E, M, K, N, kind, trans_b, activation, dtype):
+    g = _gemm_helpers()
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "odd" and (M - E) % 2:
+        M += 1
+    counts = g._counts(M, E, kind, gen)
+    a = torch.randn(M + 3, K).to(dtype)  # rows past the groups: never read, their output zero
+    b = g._weights(E, K, N, trans_b, dtype, device="cpu")
+    bias = torch.randn(E, N).to(dtype) if kind == "random" else None
+    scale = torch.rand(M + 3) if kind in ("random", "one") else None
+    out = emu.grouped_gemm(a, b, counts, trans_b, activation, bias, scale)
+    ref = g._ref64(a, b, counts, trans_b, activation, bias, scale)
+    base = g._torch_per_expert(a, b, counts, trans_b, activation)
+    if bias is None and scale is None:
+        g._assert_within_torch_error(out, ref, {"torch per-expert matmul": base}, "forward", atol=1e-2)
+    else:  # the epilogue in the dtype: compare with the float64 reference's rounding
+        tol = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+        err = g._max_err(out, ref)
+        assert err <= 2 * tol * (1 + ref.abs().max().item()), err
+    assert (out[int(counts.sum()):] == 0).all()
+    # Offsets instead of counts, int32: bit-identical.
+    offs = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).int()
+    assert torch.equal(emu.grouped_gemm(a, b, offs, trans_b, activation, bias, scale), out)
+
+
+@pytest.mark.parametrize("E,M,K,N", [(1, 37, 64, 128), (8, 300, 96, 72), (32, 500, 40, 48)])
+@pytest.mark.parametrize("kind", ["random", "empty", "one"])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_gemm_wgrad_portable(emu, seed, E, M, K, N, kind, trans_b, dtype):
+    g = _gemm_helpers()
+    gen = torch.Generator().manual_seed(seed)
+    counts = g._counts(M, E, kind, gen)
+    a = torch.randn(M, K).to(dtype)
+    dy = torch.randn(M, N).to(dtype)
+    out = emu.grouped_gemm_wgrad(a, dy, counts, E, trans_b)
+    ref = g._wgrad_ref64(a, dy, counts, E, trans_b)
+    base = g._wgrad_torch(a, dy, counts, E, trans_b)
+    g._assert_within_torch_error(out, ref, {"torch per-expert matmul": base}, "wgrad", atol=1e-2)
+    for e in range(E):
+        if counts[e] == 0:
+            assert (out[e] == 0).all()
+
+
+@pytest.mark.parametrize("activation", [None, "swiglu"])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_gemm_masked_portable(emu, seed, activation, trans_b):
+    g = _gemm_helpers()
+    E, R, K, N = 6, 40, 64, 96
+    valid = torch.tensor([0, 40, 7, 1, 33, 16], dtype=torch.int32)
+    a = torch.randn(E, R, K).bfloat16()
+    b = g._weights(E, K, N, trans_b, torch.bfloat16, device="cpu")
+    scale = torch.rand(E * R)
+    out = emu.grouped_gemm_masked(a, b, valid, trans_b, activation, None, scale)
+    for e in range(E):
+        v = int(valid[e])
+        if v == 0:
+            continue
+        rows = a[e, :v]
+        ref = g._ref64(rows, b[e:e + 1], torch.tensor([v]), trans_b, activation, None, scale[e * R:e * R + v])
+        assert g._max_err(out[e, :v], ref) <= 2 ** -6 * (1 + ref.abs().max().item())

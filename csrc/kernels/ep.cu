@@ -235,18 +235,21 @@ __global__ void __launch_bounds__(kCountThreads) exchange_counts_kernel(EpParams
   if (s_bad || failed(p)) return;
 
   // 3. The ranks must agree on everything but their token counts; those must fit the buffer.
-  if (threadIdx.x < W) {
-    const int s = threadIdx.x;
+  // One thread walks the peers in rank order, so that the error names the first peer that
+  // disagrees whatever the threads' timing (W * kHdrLen compares).
+  if (threadIdx.x == 0) {
     const int64_t* mine = count_row(p.local, L, seq, me);
-    const int64_t* theirs = count_row(p.local, L, seq, s);
-    // NOTE: invalid inputs first: a rank that announces them may disagree on everything else.
-    for (int i = 0; i < kHdrLen; ++i) {
-      const int f = i == 0 ? kHdrBadInput : (i == kHdrBadInput ? 0 : i);
-      if (f == kHdrTokens) continue;
-      if (theirs[f] != mine[f]) {
-        record_error(p, kEpMismatch, s, f, kEpCount, theirs[f], mine[f], seq);
-        s_bad = 1;
-        break;
+    for (int s = 0; s < W && !s_bad; ++s) {
+      const int64_t* theirs = count_row(p.local, L, seq, s);
+      // NOTE: invalid inputs first: a rank that announces them may disagree on everything else.
+      for (int i = 0; i < kHdrLen; ++i) {
+        const int f = i == 0 ? kHdrBadInput : (i == kHdrBadInput ? 0 : i);
+        if (f == kHdrTokens) continue;
+        if (theirs[f] != mine[f]) {
+          record_error(p, kEpMismatch, s, f, kEpCount, theirs[f], mine[f], seq);
+          s_bad = 1;
+          break;
+        }
       }
     }
   }
@@ -257,12 +260,16 @@ __global__ void __launch_bounds__(kCountThreads) exchange_counts_kernel(EpParams
   // otherwise depend on its threads' timing: a rank recording kEpTooMany grows its buffer and
   // retries (a collective) while one recording kEpMismatch (e.g. a peer's bad_input) raises,
   // and the first then waits in that collective until the process group's own timeout.
-  if (threadIdx.x < W) {
-    const int s = threadIdx.x;
-    if (count_row(p.local, L, seq, s)[kHdrTokens] > L.sizes.max_tokens) {
-      int64_t most = 0;
-      for (int r = 0; r < W; ++r) most = max(most, count_row(p.local, L, seq, r)[kHdrTokens]);
-      record_error(p, kEpTooMany, s, kHdrTokens, kEpCount, most, L.sizes.max_tokens, seq);
+  if (threadIdx.x == 0) {
+    int64_t most = 0;
+    int first = -1;  // the first rank with too many, named whatever the timing
+    for (int r = 0; r < W; ++r) {
+      const int64_t t = count_row(p.local, L, seq, r)[kHdrTokens];
+      most = max(most, t);
+      if (first < 0 && t > L.sizes.max_tokens) first = r;
+    }
+    if (first >= 0) {
+      record_error(p, kEpTooMany, first, kHdrTokens, kEpCount, most, L.sizes.max_tokens, seq);
       s_bad = 1;
     }
   }

@@ -67,7 +67,7 @@ enum EpErrorCode : int {
   kEpOk = 0,
   kEpTimeout = 1,    // rank: the peer whose flag never came; field: the phase
   kEpMismatch = 2,   // rank: the first peer that disagrees; field: the EpHeader field; value: its value
-  kEpTooMany = 3,    // rank: a peer with more tokens than max_tokens; value: the most tokens of any rank
+  kEpTooMany = 3,    // rank: the first peer with more tokens than max_tokens; value: the most of any rank
 };
 
 // The first error seen by this rank's kernels. Lives in host-mapped pinned memory: the device

@@ -22,17 +22,26 @@ ROOT = HERE.parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
 # The kernel files the emulation runs: the SIMT stages (no tensor-core or TMA code).
 SOURCES = ["kernels/gating.cu", "kernels/gating_f32.cu", "kernels/gating_f64.cu", "kernels/gating_f16.cu",
-           "kernels/gating_bf16.cu", "kernels/permute.cu", "kernels/ep.cu", "kernels/ep_index.cu", "comm/ep_ops.cu"]
+           "kernels/gating_bf16.cu", "kernels/permute.cu", "kernels/ep.cu", "kernels/ep_index.cu", "comm/ep_ops.cu",
+           "kernels/grouped_gemm.cu", "kernels/grouped_gemm_sm80_bf16_m64.cu", "kernels/grouped_gemm_sm80_bf16_m128.cu",
+           "kernels/grouped_gemm_sm80_f16_m64.cu", "kernels/grouped_gemm_sm80_f16_m128.cu",
+           "kernels/grouped_gemm_sm80_wgrad.cu"]
 COMM = ROOT / "csrc" / "comm"
-# Inline PTX -> its emulation (emu_cuda.h). Any other asm statement fails the build.
-ASM = {
-    'asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");':
-        "::emu::store_release_sys(p, v);",
-    'asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");':
-        "v = ::emu::load_acquire_sys(p);",
-    'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));': "t = ::emu::global_ns();",
-}
-RUNTIME = [HERE / "emu_runtime.cpp", HERE / "emu_api.cpp", HERE / "emu_ep.cpp"]
+# Inline PTX -> its emulation (emu_cuda.h, emu_mma.h), keyed by the instruction; the replacement
+# names the operands as the kernel sources do. Any other asm statement fails the build.
+ASM = [
+    ("st.release.sys.global.u64", "::emu::store_release_sys(p, v);"),
+    ("ld.acquire.sys.global.u64", "v = ::emu::load_acquire_sys(p);"),
+    ("%%globaltimer", "t = ::emu::global_ns();"),
+    ("cp.async.cg.shared.global", "::emu::cp_async_16(dst, src, src_bytes);"),
+    ("cp.async.commit_group", "::emu::cp_async_commit();"),
+    ("cp.async.wait_group", "::emu::cp_async_wait(kPending);"),
+    ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "::emu::ldmatrix_x4(r, addr, true);"),
+    ("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "::emu::ldmatrix_x4(r, addr, false);"),
+    ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "::emu::mma_m16n8k16<true>(c, a, b);"),
+    ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "::emu::mma_m16n8k16<false>(c, a, b);"),
+]
+RUNTIME = [HERE / "emu_runtime.cpp", HERE / "emu_api.cpp", HERE / "emu_ep.cpp", HERE / "emu_gemm.cpp"]
 
 _SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:][\w:\s]*?)\s+(\w+)\s*\[\s*\]\s*;")
 
@@ -58,14 +67,37 @@ def _callee_start(text, end):
     return i
 
 
+def _replace_asm(text, name):
+    out, pos = [], 0
+    for m in re.finditer(r"\basm\s+volatile\s*\(", text):
+        if m.start() < pos:
+            continue
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        while text[i] in " \t":
+            i += 1
+        end = i + 1 if text[i] == ";" else i
+        stmt = text[m.start():end]
+        for key, repl in ASM:
+            if key in stmt:
+                break
+        else:
+            repl = None
+        if repl is None:
+            if name.startswith("grouped_gemm_sm90"):  # the Hopper kernels are copied, never compiled
+                continue
+            first = stmt.splitlines()[0]
+            raise RuntimeError(f"emu build: {name}: inline assembly without an emulation: {first}")
+        out.append(text[pos:m.start()] + repl)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def rewrite(text, name=""):
-    for a, b in ASM.items():
-        text = text.replace(a, b)
-    emulated = not name.startswith("grouped_gemm")  # the tensor-core GEMMs are copied, never compiled
-    for line in text.splitlines():
-        code = line.split("//")[0]
-        if emulated and re.search(r"\basm\b", code) and '"trap;"' not in code:
-            raise RuntimeError(f"emu build: {name}: inline assembly without an emulation: {line.strip()}")
+    text = _replace_asm(text, name)
     text = _SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", text)
     out = []
     pos = 0
@@ -109,7 +141,7 @@ def _build(out_dir, jobs):
     cxx = os.environ.get("CXX", "g++")
     flags = ["-std=c++20", "-O2", "-g0", "-fPIC", "-ffp-contract=off", "-Wno-unknown-pragmas", "-Wno-attributes",
              "-I", str(HERE / "include"), "-I", str(HERE), "-I", str(out_dir / "src"),
-             "-include", str(HERE / "emu_cuda.h")]
+             "-include", str(HERE / "emu_cuda.h"), "-include", str(HERE / "emu_mma.h")]
     units = [out_dir / "src" / s for s in SOURCES] + RUNTIME
     objs = [out_dir / (u.stem + ("_k" if u.suffix == ".cu" else "") + ".o") for u in units]
 

@@ -319,3 +319,57 @@ class EpWorld:
                 d["grad_y"] = self._get(r, 6, dtype, (lib().emu_ep_rows(self.h, r), H))
             out.append(d)
         return out
+
+
+# ---- the portable grouped GEMM (emu_gemm.cpp) -----------------------------------------------------
+
+_GEMM_FLOAT = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def grouped_gemm(a, b, sizes, trans_b=False, activation=None, bias=None, row_scale=None):
+    """The contiguous layout: a [M, K], b [E, K, N] ([E, N, K] with trans_b), sizes [E] counts or
+    [E+1] offsets."""
+    M, K = a.shape
+    E = b.shape[0]
+    N = b.shape[1] if trans_b else b.shape[2]
+    swiglu = activation == "swiglu"
+    o = _Outputs()
+    out = o.new((M, N // 2 if swiglu else N), a.dtype)
+    sizes = sizes.contiguous()
+    rs = row_scale.float().contiguous() if row_scale is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    _call("emu_grouped_gemm", _GEMM_FLOAT[a.dtype], 0, _p(sizes), int(sizes.dtype == torch.int64),
+          int(sizes.numel() == E + 1), _i64(E), _i64(M), _p(a.contiguous()), _p(b.contiguous()), _p(out), _i64(K),
+          _i64(N), int(trans_b), int(swiglu), _p(rs), _p(bias))
+    o.check()
+    return out
+
+
+def grouped_gemm_masked(a, b, valid_rows, trans_b=False, activation=None, bias=None, row_scale=None):
+    """The masked layout: a [E, R, K], valid_rows [E]."""
+    E, R, K = a.shape
+    N = b.shape[1] if trans_b else b.shape[2]
+    swiglu = activation == "swiglu"
+    o = _Outputs()
+    out = o.new((E, R, N // 2 if swiglu else N), a.dtype)
+    valid = valid_rows.contiguous()
+    rs = row_scale.float().contiguous() if row_scale is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    _call("emu_grouped_gemm", _GEMM_FLOAT[a.dtype], 1, _p(valid), int(valid.dtype == torch.int64), 0, _i64(E),
+          _i64(R), _p(a.contiguous()), _p(b.contiguous()), _p(out), _i64(K), _i64(N), int(trans_b), int(swiglu),
+          _p(rs), _p(bias))
+    o.check()
+    return out
+
+
+def grouped_gemm_wgrad(a, grad_out, sizes, num_experts, trans_b=False):
+    M, K = a.shape
+    N = grad_out.shape[1]
+    o = _Outputs()
+    out = o.new((num_experts, N, K) if trans_b else (num_experts, K, N), a.dtype)
+    sizes = sizes.contiguous()
+    _call("emu_grouped_gemm_wgrad", _GEMM_FLOAT[a.dtype], 0, _p(sizes), int(sizes.dtype == torch.int64),
+          int(sizes.numel() == num_experts + 1), _i64(num_experts), _i64(M), _p(a.contiguous()),
+          _p(grad_out.contiguous()), _p(out), _i64(K), _i64(N), int(trans_b))
+    o.check()
+    return out

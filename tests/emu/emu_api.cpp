@@ -11,8 +11,10 @@
 
 namespace k = moe_ext::kernels;
 
+std::string emu_api_error;
+
 namespace {
-std::string g_error;
+std::string& g_error = emu_api_error;
 
 template <typename F>
 int guarded(F&& f) {

@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -158,6 +159,20 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
 }
 inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int v) {
   return v <= emu::smem_optin ? cudaSuccess : cudaErrorInvalidValue;
+}
+template <typename K>
+inline cudaError_t cudaFuncSetAttribute(K*, cudaFuncAttribute a, int v) {
+  return cudaFuncSetAttribute(static_cast<const void*>(nullptr), a, v);
+}
+// Resident blocks per SM as an H100-like SM allows them: 2048 threads, 228 KiB of shared memory
+// (1 KiB reserved per block), 32 blocks.
+template <typename K>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int threads, size_t smem) {
+  if (threads <= 0) return cudaErrorInvalidValue;
+  int by_threads = 2048 / threads, by_smem = static_cast<int>((228 * 1024) / (smem + 1024));
+  *n = std::max(0, std::min({by_threads, by_smem, 32}));
+  if (smem > static_cast<size_t>(emu::smem_optin)) *n = 0;
+  return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) {
   std::memset(p, v, n);

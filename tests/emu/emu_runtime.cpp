@@ -60,7 +60,15 @@ struct WarpSlot {
   unsigned mask;
 };
 
+struct AsyncCopy {
+  uint32_t dst;
+  const void* src;
+  int bytes;
+};
+
 struct Fiber {
+  std::vector<std::vector<AsyncCopy>> groups;  // committed cp.async groups, oldest first
+  std::vector<AsyncCopy> open;                 // issued, not yet committed
   void* sp = nullptr;
   char* stack = nullptr;
   State state = State::kReady;
@@ -130,6 +138,8 @@ void init_fiber(Fiber& f, size_t index) {
   f.sp = &s[-9];
   f.state = State::kReady;
   f.warp_seq = 0;
+  f.groups.clear();
+  f.open.clear();
 }
 
 void yield_to_scheduler() {
@@ -147,84 +157,72 @@ std::string describe(const Fiber& f) {
          ") at " + what;
 }
 
-// Releases the barriers every live participant has reached; false when nothing can move.
-bool release() {
-  bool moved = false;
+// Scheduling: one ready fiber at a time, picked at random, runs until it blocks; a barrier is
+// released the moment its last participant arrives. So one warp may run far ahead of the others
+// between two __syncthreads (as on the GPU), and code that reads another warp's shared-memory
+// writes without a barrier in between sees stale bytes in some of the orders tried.
+std::string deadlock_message() {
   const int n = static_cast<int>(g.fibers.size());
-  // Block barrier: every thread that has not exited waits there.
-  bool any_wait = false, all_wait = true;
+  std::string msg = "deadlock: no thread can proceed in block (" + std::to_string(cur.bid.x) + "," +
+                    std::to_string(cur.bid.y) + "):";
+  int shown = 0;
+  for (auto& f : g.fibers)
+    if (f.state != State::kDone && shown++ < 6) msg += " " + describe(f) + ";";
+  // A lane that exited (or does not exist) while the others wait on a warp op is the usual cause.
   for (auto& f : g.fibers) {
-    if (f.state == State::kDone) continue;
-    if (f.state == State::kBlockBarrier) any_wait = true;
-    else all_wait = false;
-  }
-  if (any_wait && all_wait) {
-    for (auto& f : g.fibers)
-      if (f.state == State::kBlockBarrier) f.state = State::kReady;
-    moved = true;
-  }
-  // Warp ops: every lane of the mask waits in the same op (same per-lane sequence number).
-  const int warps = (n + 31) / 32;
-  for (int w = 0; w < warps; ++w) {
-    Fiber* lanes = &g.fibers[w * 32];
-    const int nl = std::min(32, n - w * 32);
-    for (int l = 0; l < nl; ++l) {
-      Fiber& f = lanes[l];
-      if (f.state != State::kWarpOp) continue;
-      bool ok = true;
-      for (int m = 0; m < 32 && ok; ++m) {
-        if (!(f.warp_mask >> m & 1u)) continue;
-        if (m >= nl) ok = false;
-        else if (lanes[m].state != State::kWarpOp || lanes[m].warp_seq != f.warp_seq) ok = false;
+    if (f.state != State::kWarpOp) continue;
+    for (int m = 0; m < 32; ++m)
+      if ((f.warp_mask >> m & 1u) && (f.warp * 32 + m >= n || g.fibers[f.warp * 32 + m].state == State::kDone)) {
+        msg += " lane " + std::to_string(m) + " of warp " + std::to_string(f.warp) +
+               " is in the mask but has exited or does not exist;";
+        return msg;
       }
-      if (!ok) continue;
-      for (int m = 0; m < 32; ++m)
-        if (f.warp_mask >> m & 1u) lanes[m].state = State::kReady;
-      moved = true;
-    }
   }
-  return moved;
+  return msg;
 }
 
 void run_block() {
   const int n = static_cast<int>(g.fibers.size());
-  std::vector<int> order(n);
-  for (int i = 0; i < n; ++i) order[i] = i;
-  int finished = 0;
-  while (finished < n) {
-    std::shuffle(order.begin(), order.end(), g.rng);
-    bool ran = false;
-    for (int i : order) {
-      Fiber& f = g.fibers[i];
-      if (f.state != State::kReady) continue;
-      g.running = &f;
-      cur.tid = f.tid;
-      emu_switch(&g.scheduler_sp, f.sp);
-      g.running = nullptr;
-      ran = true;
-      if (!g.error.empty()) return;
-      if (f.state == State::kDone) ++finished;
-    }
-    if (finished == n) break;
-    if (!release() && !ran) {
-      std::string msg = "deadlock: no thread can proceed in block (" + std::to_string(cur.bid.x) + "," +
-                        std::to_string(cur.bid.y) + "):";
-      int shown = 0;
-      for (auto& f : g.fibers)
-        if (f.state != State::kDone && shown++ < 6) msg += " " + describe(f) + ";";
-      // A lane that exited while the others wait on a full-mask warp op is the usual cause.
-      for (auto& f : g.fibers)
-        if (f.state == State::kWarpOp) {
-          for (int m = 0; m < 32; ++m)
-            if ((f.warp_mask >> m & 1u) && (f.warp * 32 + m >= n || g.fibers[f.warp * 32 + m].state == State::kDone)) {
-              msg += " lane " + std::to_string(m) + " of warp " + std::to_string(f.warp) +
-                     " is in the mask but has exited or does not exist;";
-              break;
-            }
-          break;
-        }
-      g.error = msg;
+  std::vector<int> ready(n);
+  for (int i = 0; i < n; ++i) ready[i] = i;
+  int done = 0, at_barrier = 0;
+  auto release_block = [&] {
+    if (at_barrier == 0 || at_barrier + done < n) return;
+    for (int i = 0; i < n; ++i)
+      if (g.fibers[i].state == State::kBlockBarrier) g.fibers[i].state = State::kReady, ready.push_back(i);
+    at_barrier = 0;
+  };
+  while (done < n) {
+    if (ready.empty()) {
+      g.error = deadlock_message();
       return;
+    }
+    const size_t pick = g.rng() % ready.size();
+    const int i = ready[pick];
+    ready[pick] = ready.back();
+    ready.pop_back();
+    Fiber& f = g.fibers[i];
+    g.running = &f;
+    cur.tid = f.tid;
+    emu_switch(&g.scheduler_sp, f.sp);
+    g.running = nullptr;
+    if (!g.error.empty()) return;
+    switch (f.state) {
+      case State::kReady: ready.push_back(i); break;  // yielded while spinning
+      case State::kDone: ++done, release_block(); break;
+      case State::kBlockBarrier: ++at_barrier, release_block(); break;
+      case State::kWarpOp: {
+        Fiber* lanes = &g.fibers[f.warp * 32];
+        const int nl = std::min(32, n - f.warp * 32);
+        bool all = true;
+        for (int m = 0; m < 32 && all; ++m)
+          if (f.warp_mask >> m & 1u)
+            all = m < nl && lanes[m].state == State::kWarpOp && lanes[m].warp_seq == f.warp_seq;
+        if (all)
+          for (int m = 0; m < 32; ++m)
+            if (f.warp_mask >> m & 1u) lanes[m].state = State::kReady, ready.push_back(f.warp * 32 + m);
+        break;
+      }
     }
   }
 }
@@ -245,6 +243,31 @@ void spin_pause() {
 }
 
 void* dynamic_smem() { return g.smem.data(); }
+
+// cp.async: the copy happens when a wait_group covers its group, so code that reads the shared
+// memory before waiting sees the old bytes, as it may on the GPU.
+void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  if (!g.running) fail("cp.async outside a kernel");
+  if (dst % 16 || dst + 16 > g.smem.size()) fail("cp.async: shared address out of range or misaligned");
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16) fail("cp.async: misaligned global address");
+  g.running->open.push_back({dst, src, src_bytes});
+}
+void cp_async_commit() {
+  Fiber* f = g.running;
+  f->groups.push_back(std::move(f->open));
+  f->open.clear();
+}
+void cp_async_wait(int pending) {
+  Fiber* f = g.running;
+  while (static_cast<int>(f->groups.size()) > pending) {
+    for (const AsyncCopy& c : f->groups.front()) {
+      unsigned char* d = g.smem.data() + c.dst;
+      std::memset(d, 0, 16);
+      if (c.bytes > 0) std::memcpy(d, c.src, c.bytes);
+    }
+    f->groups.erase(f->groups.begin());
+  }
+}
 
 int lane_id() { return g.running ? g.running->lane : 0; }
 

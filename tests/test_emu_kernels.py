@@ -647,3 +647,17 @@ def test_grouped_gemm_masked_portable(emu, seed, activation, trans_b):
         rows = a[e, :v]
         ref = g._ref64(rows, b[e:e + 1], torch.tensor([v]), trans_b, activation, None, scale[e * R:e * R + v])
         assert g._max_err(out[e, :v], ref) <= 2 ** -6 * (1 + ref.abs().max().item())
+
+
+def test_permute_past_2_31_elements(emu, seed):
+    # x_perm has T * k * H > 2^31 elements (one-byte rows, 2.1 GB): every offset must be 64-bit.
+    T, k, H, E = 16400, 8, 16384, 64
+    idx = torch.randint(0, E, (T, k))
+    x = torch.randint(0, 256, (T, H), dtype=torch.uint8)
+    xp, rm, tpe, total, _ = emu.permute(x, idx, E, 1, -1)
+    assert xp.numel() > 2 ** 31 and total == T * k
+    _, crm, ctpe = ops.permute(x[:, :16], idx, E, 1, -1, True)
+    assert torch.equal(rm, crm) and torch.equal(tpe, ctpe)
+    for t0 in range(0, T, 2048):
+        t1 = min(T, t0 + 2048)
+        assert torch.equal(xp[rm[t0:t1].reshape(-1)], x[t0:t1].repeat_interleave(k, 0))

@@ -661,3 +661,17 @@ def test_permute_past_2_31_elements(emu, seed):
     for t0 in range(0, T, 2048):
         t1 = min(T, t0 + 2048)
         assert torch.equal(xp[rm[t0:t1].reshape(-1)], x[t0:t1].repeat_interleave(k, 0))
+
+
+@pytest.mark.parametrize("world", [8, 64])
+def test_ep_ipc_large_worlds(emu, seed, world):
+    # The "any world size up to at least 64": 2 experts per rank, a rank with T = 0.
+    E, k, H = 2 * world, 4, 8
+    Ts = [int(t) for t in torch.randint(0, 6, (world,))]
+    Ts[1] = 0
+    xs = [torch.randn(T, H) for T in Ts]
+    idxs = [torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.long)
+            for T in Ts]
+    ws = [torch.rand(T, k) for T in Ts]
+    gs = [torch.randn(T, H) for T in Ts]
+    _check_ep_case(emu, world, xs, idxs, ws, gs, 1 + torch.rand(E, H), torch.randn(E, H), E, pad_to=2, num_blocks=2)

@@ -563,6 +563,19 @@ def test_ep_ipc_failures_name_the_rank(emu, seed):
             assert res[1]["error"]["value"] == 7 and res[1]["error"]["mine"] == 8
         finally:
             ep.close()
+    # A rank that misses a combine after a good dispatch: the others time out naming it, and their
+    # outputs are NaN.
+    ep = emu.EpWorld(world, E, k, 8, H * 4)
+    try:
+        res = ep.dispatch(xs, idxs, E, timeout_s=5)
+        assert all(d["error"]["code"] == 0 for d in res)
+        cres = ep.combine([d["recv_x"] for d in res], [torch.rand(T, k) for T in Ts], participate=[1, 0, 1],
+                          timeout_s=0.3)
+        for r in (0, 2):
+            assert cres[r]["error"]["code"] == 1 and cres[r]["error"]["rank"] == 1, cres[r]
+            assert cres[r]["out"].isnan().all()
+    finally:
+        ep.close()
     # More tokens than the buffers hold: every rank says so, with the largest count.
     ep = emu.EpWorld(world, E, k, 5, H * 4)
     try:

@@ -688,3 +688,19 @@ def test_ep_ipc_large_worlds(emu, seed, world):
     ws = [torch.rand(T, k) for T in Ts]
     gs = [torch.randn(T, H) for T in Ts]
     _check_ep_case(emu, world, xs, idxs, ws, gs, 1 + torch.rand(E, H), torch.randn(E, H), E, pad_to=2, num_blocks=2)
+
+
+def test_gating_many_tokens(emu, seed):
+    # 65537 tokens: the widest tiles, thousands of them, the multi-block scan and fixup.
+    T, E, k = 65537, 8, 2
+    opts = dict(score="softmax", capacity_factor=1.1, seq_len=T, expert_bias=torch.randn(E) * 0.02)
+    logits = _draw(T, E, k, **opts)
+    compare_gating(emu, logits, k, against_reference=False, **opts)
+    args = _gating_args(opts)
+    idx = ops.topk_gating(logits, k, args["score"], True, args["expert_bias"], 0, 0, 1.1, None, T)[1]
+    del args["capacity_factor"], args["noise"]
+    gw = torch.randn(T, k)
+    g = emu.topk_gating_backward(gw, 0.5, 0.25, 0.125, logits, None, idx, **args)
+    cg = ops.topk_gating_backward(gw, torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.125), logits, None, idx,
+                                  args["score"], True, args["expert_bias"], 0, 0, T)
+    torch.testing.assert_close(g, cg, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,6 @@ each input twice), and that no kernel writes outside its outputs (guard bytes). 
 speed, the memory model, tensor-core kernels (the grouped GEMMs) and communication (ep.cu); those
 wait for the GPU suites (tests/test_cuda_*.py).
 """
-import itertools
 import math
 import platform
 
@@ -80,11 +79,12 @@ def compare_gating(emu, logits, k, against_reference=True, **opts):
     return w, idx, pos, tpe, (aux, seq, z)
 
 
-COMBOS = list(itertools.product(["softmax", "sigmoid"], [True, False], [False, True], [False, True],
-                                [None, 0.5, 1.25], [False, True], [None, 128]))
+def _combos():
+    from test_cuda_gating import COMBOS
+    return [c[:-1] + ((128 if c[-1] else None),) for c in COMBOS]  # shorter sequences: T is 384 here
 
 
-@pytest.mark.parametrize("score,renorm,bias,groups,cf,noise,seq_len", COMBOS, ids=lambda v: str(v))
+@pytest.mark.parametrize("score,renorm,bias,groups,cf,noise,seq_len", _combos(), ids=lambda v: str(v))
 def test_gating_every_option_combination(emu, seed, score, renorm, bias, groups, cf, noise, seq_len):
     T, E, k = 384, 64, 6
     opts = dict(score=score, renormalize=renorm, capacity_factor=cf, seq_len=seq_len)

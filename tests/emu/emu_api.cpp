@@ -1,6 +1,7 @@
 // C entry points (ctypes) to the torch-free kernel launchers, run on the CPU emulation: the
 // kernels' own code, unchanged. Each returns 0, or -1 with the message in emu_last_error().
 #include "emu_cuda.h"
+#include "emu_api.h"
 #include "kernels/gating.cuh"
 #include "kernels/permute.cuh"
 
@@ -14,19 +15,6 @@ namespace k = moe_ext::kernels;
 std::string emu_api_error;
 
 namespace {
-std::string& g_error = emu_api_error;
-
-template <typename F>
-int guarded(F&& f) {
-  try {
-    g_error.clear();
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    g_error = e.what();
-    return -1;
-  }
-}
 
 k::GatingProblem problem(int dtype, int score, const void* logits, const void* noise, const void* bias, int64_t T,
                          int64_t E, int64_t kk, int renorm, int64_t G, int64_t TG, int64_t seq_len) {
@@ -49,7 +37,7 @@ k::GatingProblem problem(int dtype, int score, const void* logits, const void* n
 
 extern "C" {
 
-const char* emu_last_error() { return g_error.c_str(); }
+const char* emu_last_error() { return emu_api_error.c_str(); }
 
 int emu_set_device(int sms, int smem_optin) {
   static std::vector<std::pair<int, int>> configs = {{132, 227 * 1024}};
@@ -74,7 +62,7 @@ int emu_gating_forward(int dtype, int score, const void* logits, const void* noi
                        int64_t E, int64_t kk, int renorm, int64_t G, int64_t TG, int64_t seq_len, int64_t capacity,
                        void* weights, int32_t* idx, int32_t* positions, int32_t* tpe, void* aux, void* seq_aux,
                        void* z, void* workspace) {
-  return guarded([&] {
+  return emu_guarded([&] {
     k::GatingForwardParams p;
     p.problem = problem(dtype, score, logits, noise, bias, T, E, kk, renorm, G, TG, seq_len);
     p.capacity = capacity;
@@ -99,7 +87,7 @@ int emu_gating_backward(int dtype, int score, const void* logits, const void* no
                         int64_t E, int64_t kk, int renorm, int64_t G, int64_t TG, int64_t seq_len,
                         const void* grad_weights, const void* g_aux, const void* g_seq, const void* g_z,
                         const int32_t* idx, void* grad_logits, void* workspace) {
-  return guarded([&] {
+  return emu_guarded([&] {
     k::GatingBackwardParams p;
     p.problem = problem(dtype, score, logits, noise, bias, T, E, kk, renorm, G, TG, seq_len);
     p.grad_weights = grad_weights;
@@ -114,7 +102,7 @@ int emu_gating_backward(int dtype, int score, const void* logits, const void* no
 }
 
 int emu_update_expert_bias(float* bias, const int64_t* load, int64_t E, float rate) {
-  return guarded([&] { k::update_expert_bias(bias, load, E, rate, nullptr); });
+  return emu_guarded([&] { k::update_expert_bias(bias, load, E, rate, nullptr); });
 }
 
 size_t emu_permute_workspace(int64_t T, int64_t kk, int64_t E) { return k::permute_workspace_bytes(T, kk, E); }
@@ -146,7 +134,7 @@ static k::PermuteParams permute_params(const void* idx, int idx64, int64_t T, in
 
 int emu_permute_route(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to, int64_t capacity,
                       int64_t* row_map, int32_t* tpe, int64_t* total, int64_t* invalid, void* workspace) {
-  return guarded([&] {
+  return emu_guarded([&] {
     k::permute_route(permute_params(idx, idx64, T, kk, E, pad_to, capacity, nullptr, 0, 0, nullptr, 0, row_map, tpe,
                                     total, invalid, workspace),
                      nullptr);
@@ -156,7 +144,7 @@ int emu_permute_route(const void* idx, int idx64, int64_t T, int64_t kk, int64_t
 int emu_permute_scatter(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to,
                         int64_t capacity, const void* x, int64_t row_bytes, int64_t x_row_stride, void* x_perm,
                         int64_t out_rows, int64_t* row_map, int32_t* tpe, void* workspace) {
-  return guarded([&] {
+  return emu_guarded([&] {
     k::permute_scatter(permute_params(idx, idx64, T, kk, E, pad_to, capacity, x, row_bytes, x_row_stride, x_perm,
                                       out_rows, row_map, tpe, nullptr, nullptr, workspace),
                        nullptr);
@@ -165,7 +153,7 @@ int emu_permute_scatter(const void* idx, int idx64, int64_t T, int64_t kk, int64
 
 int emu_unpermute(int dtype, const void* y, int64_t y_rows, int64_t y_row_stride, const int64_t* row_map,
                   const void* weights, void* out, int64_t T, int64_t kk, int64_t H, const int* poison_if) {
-  return guarded([&] {
+  return emu_guarded([&] {
     k::UnpermuteParams p;
     p.dtype = static_cast<k::PermuteFloat>(dtype);
     p.y = y;
@@ -187,7 +175,7 @@ size_t emu_unpermute_backward_workspace(int64_t y_rows) { return k::unpermute_ba
 int emu_unpermute_backward(int dtype, const void* grad_out, const void* y, int64_t y_rows, int64_t y_row_stride,
                            const int64_t* row_map, const void* weights, void* grad_y, double* grad_weights,
                            void* workspace, int64_t T, int64_t kk, int64_t H) {
-  return guarded([&] {
+  return emu_guarded([&] {
     k::UnpermuteBackwardParams p;
     p.dtype = static_cast<k::PermuteFloat>(dtype);
     p.grad_out = grad_out;

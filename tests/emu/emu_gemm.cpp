@@ -1,6 +1,7 @@
 // The portable (sm_80) grouped GEMM on the emulation: C entry points, and stubs for the Hopper
 // kernels (TMA + wgmma cannot be emulated here; the launchers then pick the portable kernel).
 #include "emu_cuda.h"
+#include "emu_api.h"
 #include "kernels/grouped_gemm.cuh"
 #include "kernels/grouped_gemm_internal.cuh"
 
@@ -32,7 +33,6 @@ EMU_SM90_STUB(__half)
 }  // namespace moe_ext::kernels::gemm_detail
 
 namespace k = moe_ext::kernels;
-extern std::string emu_api_error;
 
 namespace {
 k::GemmGroups groups(int masked, const void* sizes, int sizes64, int offsets, int64_t E, int64_t rows) {
@@ -45,17 +45,6 @@ k::GemmGroups groups(int masked, const void* sizes, int sizes64, int offsets, in
   g.rows = rows;
   return g;
 }
-template <typename F>
-int guarded_gemm(F&& f) {
-  try {
-    emu_api_error.clear();
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    emu_api_error = e.what();
-    return -1;
-  }
-}
 }  // namespace
 
 extern "C" {
@@ -64,7 +53,7 @@ extern "C" {
 int emu_grouped_gemm(int dtype, int masked, const void* sizes, int sizes64, int offsets, int64_t E, int64_t rows,
                      const void* a, const void* b, void* out, int64_t K, int64_t N, int trans_b, int swiglu,
                      const float* row_scale, const void* bias) {
-  return guarded_gemm([&] {
+  return emu_guarded([&] {
     k::GroupedGemmParams p;
     p.dtype = static_cast<k::GemmFloat>(dtype);
     p.groups = groups(masked, sizes, sizes64, offsets, E, rows);
@@ -85,7 +74,7 @@ int emu_grouped_gemm(int dtype, int masked, const void* sizes, int sizes64, int 
 int emu_grouped_gemm_wgrad(int dtype, int masked, const void* sizes, int sizes64, int offsets, int64_t E,
                            int64_t rows, const void* a, const void* grad_out, void* grad_b, int64_t K, int64_t N,
                            int trans_b) {
-  return guarded_gemm([&] {
+  return emu_guarded([&] {
     k::GroupedGemmWgradParams p;
     p.dtype = static_cast<k::GemmFloat>(dtype);
     p.groups = groups(masked, sizes, sizes64, offsets, E, rows);

@@ -250,7 +250,7 @@ class EpWorld:
                     exc=lib().emu_ep_exception(self.h, r).decode(), status=lib().emu_ep_status(self.h, r))
 
     def dispatch(self, xs, idxs, num_experts, pad_to=1, capacity=None, max_rows=-1, participate=None,
-                 dtype_codes=None, bad_input=None, x_scales=None, timeout_s=20.0, num_blocks=0):
+                 dtype_codes=None, bad_input=None, x_scales=None, timeout_s=120.0, num_blocks=0):
         W = self.world
         participate = participate or [1] * W
         xs = [x.contiguous() for x in xs]
@@ -284,7 +284,7 @@ class EpWorld:
         self._call_info = (dtype, H, k, [x.shape[0] for x in xs])
         return out
 
-    def combine(self, ys, weights, participate=None, keep_rows=False, timeout_s=20.0, num_blocks=0):
+    def combine(self, ys, weights, participate=None, keep_rows=False, timeout_s=120.0, num_blocks=0):
         W = self.world
         participate = participate or [1] * W
         dtype, H, k, Ts = self._call_info
@@ -303,7 +303,7 @@ class EpWorld:
             out.append(d)
         return out
 
-    def combine_grad(self, gs, weights, participate=None, timeout_s=20.0, num_blocks=0):
+    def combine_grad(self, gs, weights, participate=None, timeout_s=120.0, num_blocks=0):
         W = self.world
         participate = participate or [1] * W
         dtype, H, k, Ts = self._call_info

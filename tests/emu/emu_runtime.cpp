@@ -4,6 +4,7 @@
 #include "emu_cuda.h"
 
 #include <sched.h>
+#include <unistd.h>
 #include <sys/mman.h>
 
 #include <chrono>
@@ -105,27 +106,33 @@ void trampoline() {
   std::abort();  // a finished fiber is never resumed
 }
 
-char* new_stack() {
-  void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (p == MAP_FAILED) throw std::runtime_error("emu: cannot map a fiber stack");
-  mprotect(p, 4096, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
-  return static_cast<char*>(p);
-}
+// Fiber stacks come from one mapping per batch: one VMA, not two per stack with guard pages (64
+// emulated ranks of 1024 threads would pass vm.max_map_count). A canary at the low end of each
+// stack, checked after every block, catches an overflow instead.
+constexpr size_t kStacksPerBatch = 256;
+constexpr uint64_t kCanary = 0x5EC7A11CA11AB1E5ull;
 
 struct StackPool {
-  std::vector<char*> stacks;
+  std::vector<char*> stacks, batches;
   ~StackPool() {
-    for (char* s : stacks) munmap(s, kStackBytes);
+    for (char* b : batches) munmap(b, kStackBytes * kStacksPerBatch);
   }
   size_t size() const { return stacks.size(); }
-  void push_back(char* s) { stacks.push_back(s); }
+  void grow() {
+    void* p = mmap(nullptr, kStackBytes * kStacksPerBatch, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("emu: cannot map fiber stacks");
+    batches.push_back(static_cast<char*>(p));
+    for (size_t i = 0; i < kStacksPerBatch; ++i) stacks.push_back(static_cast<char*>(p) + i * kStackBytes);
+  }
   char* operator[](size_t i) const { return stacks[i]; }
 };
-thread_local StackPool g_stacks;  // mapped once per host thread, reused by every launch (fibers come and go)
+thread_local StackPool g_stacks;  // per host thread, reused by every launch (fibers come and go)
 
 void init_fiber(Fiber& f, size_t index) {
-  while (g_stacks.size() <= index) g_stacks.push_back(new_stack());
+  while (g_stacks.size() <= index) g_stacks.grow();
   f.stack = g_stacks[index];
+  std::memcpy(f.stack, &kCanary, sizeof(kCanary));
   auto top = reinterpret_cast<uintptr_t>(f.stack + kStackBytes) & ~uintptr_t{15};
   auto* s = reinterpret_cast<uint64_t*>(top);
   s[-1] = 0;                                          // fake return address of trampoline
@@ -237,8 +244,10 @@ uint64_t global_ns() {
 }
 
 void spin_pause() {
+  // Emulated ranks are host threads, often more than the cores: a spinning one sleeps now and
+  // then, or the ranks doing the work it waits for starve (and it times out).
   static thread_local unsigned n = 0;
-  if (++n % 16 == 0) sched_yield();
+  if (++n % 64 == 0) usleep(50);
   if (g.running) yield_to_scheduler();  // stays ready: the scheduler runs the block's other fibers first
 }
 
@@ -325,6 +334,11 @@ void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>
       f.warp = static_cast<int>(t / 32);
     }
     run_block();
+    for (uint64_t t = 0; t < threads && g.error.empty(); ++t) {
+      uint64_t c;
+      std::memcpy(&c, g.fibers[t].stack, sizeof(c));
+      if (c != kCanary) g.error = "thread " + std::to_string(t) + " overflowed its emulated stack";
+    }
     if (!g.error.empty()) {
       const std::string msg = g.error;
       g.error.clear();

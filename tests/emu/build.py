@@ -1,10 +1,11 @@
 """Builds the CPU emulation of the SIMT kernels (tests/emu/emu_cuda.h) into a shared library.
 
-The kernel sources are copied from csrc/kernels with two mechanical rewrites a C++ compiler
-needs: `kernel<<<grid, block, smem, stream>>>(args)` becomes
-`::emu::launch(kernel, ::emu::Cfg(grid, block, smem, stream))(args)`, and
-`extern __shared__ T name[];` becomes a pointer to the launch's dynamic shared memory. Nothing
-else changes: the library runs the kernels' own code.
+The kernel sources are copied from csrc/kernels (and csrc/comm/ep_ops*) with three mechanical
+rewrites a C++ compiler needs: `kernel<<<grid, block, smem, stream>>>(args)` becomes
+`::emu::launch(kernel, ::emu::Cfg(grid, block, smem, stream))(args)`, `extern __shared__ T
+name[];` becomes a pointer to the launch's dynamic shared memory, and each inline PTX statement
+becomes a call to its emulation (ASM below; an unknown one fails the build). Nothing else
+changes: the library runs the kernels' own code.
 
     python tests/emu/build.py OUT_DIR     # prints the library's path
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
-# The kernel files the emulation runs: the SIMT stages (no tensor-core or TMA code).
+# The kernel files the emulation runs: everything but the Hopper (TMA + wgmma) GEMMs.
 SOURCES = ["kernels/gating.cu", "kernels/gating_f32.cu", "kernels/gating_f64.cu", "kernels/gating_f16.cu",
            "kernels/gating_bf16.cu", "kernels/permute.cu", "kernels/ep.cu", "kernels/ep_index.cu", "comm/ep_ops.cu",
            "kernels/grouped_gemm.cu", "kernels/grouped_gemm_sm80_bf16_m64.cu", "kernels/grouped_gemm_sm80_bf16_m128.cu",

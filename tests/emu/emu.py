@@ -1,8 +1,9 @@
-"""The CUDA SIMT kernels (gating, permute / unpermute) run on the CPU emulation (emu_cuda.h), with
-the torch ops' signatures: the CPU tests compare them with the CPU ops, as the GPU tests do on a
-device. Each call allocates its outputs the way the op adapters (csrc/ops/*_cuda.cu) do, poisons
-them, and surrounds each with guard bytes that must be intact afterwards (a write out of bounds
-is an error). The launchers' own code (grids, workspace, kernel choice) runs unchanged.
+"""The CUDA kernels that need no tensor-core TMA / wgmma (gating, permute / unpermute, the portable
+grouped GEMM, the ipc backend's dispatch / combine) run on the CPU emulation (emu_cuda.h), with
+the torch ops' signatures: test_emu_kernels compares them with the CPU ops, as the GPU tests do
+on a device. Each call allocates its outputs the way the op adapters (csrc/ops/*_cuda.cu) do,
+poisons them, and surrounds each with guard bytes that must be intact afterwards (a write out of
+bounds is an error). The launchers' own code (grids, workspace, kernel choice) runs unchanged.
 """
 import ctypes
 import math

@@ -1,23 +1,25 @@
-// A CPU emulation of the CUDA subset that moe_ext's SIMT kernels use (gating, permute, the ep
-// index kernels): it lets CI run those kernels, unchanged, on a machine without a GPU and compare
-// them with the CPU ops. Not a simulator of the hardware: it checks the kernels' logic (indexing,
-// the barriers every thread / lane must reach, block and thread order independence), never their
-// speed or memory-model behaviour.
+// A CPU emulation of the CUDA subset that moe_ext's SIMT kernels use (gating, permute /
+// unpermute, the portable grouped GEMM, the ipc backend's kernels): it lets CI run those kernels,
+// unchanged, on a machine without a GPU and compare them with the CPU ops. Not a simulator of the
+// hardware: it checks the kernels' logic (indexing, the barriers every thread / lane must reach,
+// independence from block and thread order), never their speed or memory-model behaviour.
 //
-// Each block runs as blockDim cooperative fibers on the calling thread; blocks run one after the
-// other in an order shuffled per launch, and inside a block the fibers run in a shuffled order
-// between synchronisation points. __syncthreads and every warp-synchronous intrinsic
-// (__shfl*_sync, __ballot_sync, __match_any_sync, __reduce_*_sync, __syncwarp) are true
-// rendezvous: a barrier that not every live thread (or lane of the mask) reaches is reported as a
-// deadlock instead of silently passing. __shared__ is `static`: valid because blocks never
-// overlap. Launches are synchronous; streams are ignored.
+// Each block runs as blockDim cooperative fibers on the calling host thread (an emulated rank);
+// blocks run one after the other in an order shuffled per launch, and inside a block one ready
+// fiber at a time, picked at random, runs until it blocks (emu_runtime.cpp). __syncthreads and
+// every warp-synchronous intrinsic (__shfl*_sync, __ballot_sync, __match_any_sync,
+// __reduce_*_sync, __syncwarp, ldmatrix, mma.sync) are true rendezvous: a barrier that not every
+// live thread (or lane of the mask) reaches is reported as a deadlock instead of silently passing.
+// __shared__ is `static thread_local`: valid because a host thread runs one block at a time.
+// Launches are synchronous; streams are ignored. The inline PTX the kernels use is replaced by
+// build.py with the functions below and in emu_mma.h.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <stdexcept>

@@ -594,7 +594,17 @@ def _gemm_helpers():
     return g
 
 
-@pytest.mark.parametrize("E,M,K,N", [(1, 37, 64, 128), (8, 300, 96, 80), (5, 129, 40, 272), (32, 500, 32, 48)])
+# M / E <= 96 picks 64-row tiles, larger experts 128-row ones: both kernels run.
+GEMM_SHAPES = [(1, 37, 64, 128), (8, 300, 96, 80), (5, 129, 40, 272), (32, 500, 32, 48), (2, 400, 64, 144),
+               (3, 700, 40, 80)]
+
+
+def test_grouped_gemm_shapes_cover_both_tile_heights(emu):
+    names = {emu.grouped_gemm_kernel_name(torch.bfloat16, False, E, M, K, N) for E, M, K, N in GEMM_SHAPES}
+    assert len(names) == 2 and all("portable" in n for n in names), names
+
+
+@pytest.mark.parametrize("E,M,K,N", GEMM_SHAPES)
 @pytest.mark.parametrize("kind", ["random", "odd", "empty", "one"])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("activation", [None, "swiglu"])
@@ -643,12 +653,13 @@ def test_grouped_gemm_wgrad_portable(emu, seed, E, M, K, N, kind, trans_b, dtype
             assert (out[e] == 0).all()
 
 
+@pytest.mark.parametrize("R", [40, 200])  # 64- and 128-row tiles
 @pytest.mark.parametrize("activation", [None, "swiglu"])
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_grouped_gemm_masked_portable(emu, seed, activation, trans_b):
+def test_grouped_gemm_masked_portable(emu, seed, activation, trans_b, R):
     g = _gemm_helpers()
-    E, R, K, N = 6, 40, 64, 96
-    valid = torch.tensor([0, 40, 7, 1, 33, 16], dtype=torch.int32)
+    E, K, N = 6, 64, 96
+    valid = torch.tensor([0, R, 7, 1, R - 7, 16], dtype=torch.int32)
     a = torch.randn(E, R, K).bfloat16()
     b = g._weights(E, K, N, trans_b, torch.bfloat16, device="cpu")
     scale = torch.rand(E * R)

@@ -363,6 +363,13 @@ def grouped_gemm_masked(a, b, valid_rows, trans_b=False, activation=None, bias=N
     return out
 
 
+def grouped_gemm_kernel_name(dtype, masked, E, rows, K, N):
+    L = lib()
+    L.emu_grouped_gemm_kernel_name.restype = ctypes.c_char_p
+    return L.emu_grouped_gemm_kernel_name(_GEMM_FLOAT[dtype], int(masked), _i64(E), _i64(rows), _i64(K),
+                                          _i64(N)).decode()
+
+
 def grouped_gemm_wgrad(a, grad_out, sizes, num_experts, trans_b=False):
     M, K = a.shape
     N = grad_out.shape[1]

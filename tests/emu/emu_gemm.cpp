@@ -71,6 +71,16 @@ int emu_grouped_gemm(int dtype, int masked, const void* sizes, int sizes64, int 
   });
 }
 
+// The kernel the launcher picks for a contiguous / masked problem of these sizes.
+const char* emu_grouped_gemm_kernel_name(int dtype, int masked, int64_t E, int64_t rows, int64_t K, int64_t N) {
+  k::GroupedGemmParams p;
+  p.dtype = static_cast<k::GemmFloat>(dtype);
+  p.groups = groups(masked, nullptr, 0, 0, E, rows);
+  p.k = K;
+  p.n = N;
+  return k::grouped_gemm_kernel_name(p);
+}
+
 int emu_grouped_gemm_wgrad(int dtype, int masked, const void* sizes, int sizes64, int offsets, int64_t E,
                            int64_t rows, const void* a, const void* grad_out, void* grad_b, int64_t K, int64_t N,
                            int trans_b) {

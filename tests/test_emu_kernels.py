@@ -563,6 +563,18 @@ def test_ep_ipc_failures_name_the_rank(emu, seed):
             assert res[1]["error"]["value"] == 7 and res[1]["error"]["mine"] == 8
         finally:
             ep.close()
+    # A rank that announces invalid inputs (kHdrBadInput = 12) is named by the others, the field
+    # compared first even where other fields differ too.
+    ep = emu.EpWorld(world, E, k, 8, H * 4)
+    try:
+        res = ep.dispatch(xs, idxs, E, bad_input=[0, 1, 0], dtype_codes=[7, 9, 7], timeout_s=5)
+        for r in (0, 2):
+            e = res[r]["error"]
+            assert e["code"] == 2 and e["rank"] == 1 and e["field"] == 12 and e["value"] == 1, e
+        assert res[1]["error"]["field"] == 12 and res[1]["error"]["mine"] == 1
+        assert all(d["recv_x"].shape[0] == 0 for d in res)
+    finally:
+        ep.close()
     # A rank that misses a combine after a good dispatch: the others time out naming it, and their
     # outputs are NaN.
     ep = emu.EpWorld(world, E, k, 8, H * 4)

@@ -10,7 +10,10 @@ speed, the memory model, tensor-core kernels (the grouped GEMMs) and communicati
 wait for the GPU suites (tests/test_cuda_*.py).
 """
 import math
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -727,3 +730,28 @@ def test_gating_many_tokens(emu, seed):
     cg = ops.topk_gating_backward(gw, torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.125), logits, None, idx,
                                   args["score"], True, args["expert_bias"], 0, 0, T)
     torch.testing.assert_close(g, cg, rtol=1e-5, atol=1e-6)
+
+
+# ---- the same kernels under AddressSanitizer ------------------------------------------------------
+
+ASAN_SUBSET = ("permute_matches_cpu and 136 or unpermute_matches_cpu and 1000 or strided or ep_ipc_dispatch_combine "
+               "or ep_ipc_large_calls or ep_ipc_masked or ep_ipc_scales or gemm_portable and empty or "
+               "wgrad_portable and one or masked_portable or gating_shapes and 1100 or backward_matches_cpu and full")
+
+
+@pytest.mark.skipif(os.environ.get("MOE_EXT_EMU_ASAN") == "1", reason="this is the run under the sanitizer")
+def test_kernels_under_address_sanitizer(tmp_path):
+    # A memcheck without a GPU: the emulated kernels built with -fsanitize=address, in a child
+    # pytest with libasan preloaded; a read or write outside any tensor or buffer aborts it with
+    # a report. (Writes just past an output land in its guard bytes, checked by every test.)
+    asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(asan) or not os.path.exists(asan):
+        pytest.skip("gcc's libasan is not installed")
+    env = dict(os.environ, MOE_EXT_EMU_ASAN="1", MOE_EXT_EMU_DIR=str(tmp_path / "lib"), LD_PRELOAD=asan,
+               ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", ASAN_SUBSET],
+                       env=env, capture_output=True, text=True, timeout=1500)
+    reports = sorted(tmp_path.glob("asan*"))
+    assert not reports, reports[0].read_text()[:4000]
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert " passed" in r.stdout.splitlines()[-1], r.stdout[-500:]

@@ -128,7 +128,7 @@ def _build(out_dir, jobs):
     src_dir.mkdir(parents=True, exist_ok=True)
     inputs = sorted(KERNELS.glob("*")) + sorted(COMM.glob("ep_ops*")) + sorted(COMM.glob("symmetric.cuh")) + sorted(HERE.rglob("*.h")) + sorted(HERE.rglob("*.cuh")) + RUNTIME + \
         [HERE / "include" / "cuda" / "functional", Path(__file__)]
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(os.environ.get("MOE_EXT_EMU_ASAN", "").encode())
     for f in inputs:
         digest.update(f.name.encode() + f.read_bytes())
     lib = out_dir / f"libmoe_emu_{digest.hexdigest()[:16]}.so"
@@ -140,7 +140,8 @@ def _build(out_dir, jobs):
             if f.suffix in (".cu", ".cuh") and (d == KERNELS or f.stem in ("ep_ops", "symmetric")):
                 (out_dir / "src" / d.name / f.name).write_text(rewrite(f.read_text(), f.name))
     cxx = os.environ.get("CXX", "g++")
-    flags = ["-std=c++20", "-O2", "-g0", "-fPIC", "-ffp-contract=off", "-Wno-unknown-pragmas", "-Wno-attributes",
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("MOE_EXT_EMU_ASAN") == "1" else []
+    flags = [*asan, "-std=c++20", "-O2", "-g0", "-fPIC", "-ffp-contract=off", "-Wno-unknown-pragmas", "-Wno-attributes",
              "-I", str(HERE / "include"), "-I", str(HERE), "-I", str(out_dir / "src"),
              "-include", str(HERE / "emu_cuda.h"), "-include", str(HERE / "emu_mma.h")]
     units = [out_dir / "src" / s for s in SOURCES] + RUNTIME
@@ -156,7 +157,7 @@ def _build(out_dir, jobs):
         for f in [ex.submit(compile_one, u, o) for u, o in zip(units, objs)]:
             f.result()
     tmp = lib.with_suffix(".tmp")
-    r = subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objs)], capture_output=True, text=True)
+    r = subprocess.run([cxx, *asan, "-shared", "-o", str(tmp), *map(str, objs)], capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"emu build: link failed:\n{r.stderr[-6000:]}")
     tmp.replace(lib)

@@ -15,6 +15,16 @@
 #include <vector>
 
 extern "C" void emu_switch(void** save_sp, void* load_sp);
+
+// AddressSanitizer (build.py with MOE_EXT_EMU_ASAN=1) must be told of every stack switch.
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN_START(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define EMU_ASAN_FINISH(save, bottom, size) __sanitizer_finish_switch_fiber(save, bottom, size)
+#else
+#define EMU_ASAN_START(save, bottom, size) ((void)0)
+#define EMU_ASAN_FINISH(save, bottom, size) ((void)0)
+#endif
 asm(R"(
   .text
   .globl emu_switch
@@ -76,6 +86,7 @@ struct Fiber {
   uint3 tid{};
   int lane = 0, warp = 0;
   uint64_t warp_seq = 0;  // warp ops this lane has entered
+  void* asan_fake = nullptr;
   unsigned warp_mask = 0;
 };
 
@@ -84,6 +95,9 @@ struct Block {
   std::vector<std::vector<WarpSlot>> slots;  // [warp][seq % kSlots]
   const std::function<void()>* body = nullptr;
   void* scheduler_sp = nullptr;
+  const void* scheduler_bottom = nullptr;  // the host thread's stack (AddressSanitizer)
+  size_t scheduler_size = 0;
+  void* scheduler_fake = nullptr;
   Fiber* running = nullptr;
   std::vector<unsigned char> smem;
   std::string error;
@@ -94,6 +108,7 @@ thread_local Block g;  // one launch at a time per host thread (an emulated rank
 
 void trampoline() {
   Fiber* f = g.running;
+  EMU_ASAN_FINISH(nullptr, &g.scheduler_bottom, &g.scheduler_size);
   try {
     (*g.body)();
   } catch (const std::exception& e) {
@@ -102,6 +117,7 @@ void trampoline() {
     if (g.error.empty()) g.error = "unknown exception in a kernel";
   }
   f->state = State::kDone;
+  EMU_ASAN_START(nullptr, g.scheduler_bottom, g.scheduler_size);  // this fiber's frames end here
   emu_switch(&f->sp, g.scheduler_sp);
   std::abort();  // a finished fiber is never resumed
 }
@@ -151,7 +167,9 @@ void init_fiber(Fiber& f, size_t index) {
 
 void yield_to_scheduler() {
   Fiber* f = g.running;
+  EMU_ASAN_START(&f->asan_fake, g.scheduler_bottom, g.scheduler_size);
   emu_switch(&f->sp, g.scheduler_sp);
+  EMU_ASAN_FINISH(f->asan_fake, nullptr, nullptr);
   if (!g.error.empty()) throw Fault("aborted");  // never resumed after an error; kept for safety
 }
 
@@ -211,7 +229,9 @@ void run_block() {
     Fiber& f = g.fibers[i];
     g.running = &f;
     cur.tid = f.tid;
+    EMU_ASAN_START(&g.scheduler_fake, f.stack, kStackBytes);
     emu_switch(&g.scheduler_sp, f.sp);
+    EMU_ASAN_FINISH(g.scheduler_fake, nullptr, nullptr);
     g.running = nullptr;
     if (!g.error.empty()) return;
     switch (f.state) {

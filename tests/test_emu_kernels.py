@@ -466,51 +466,106 @@ def test_ep_ipc_large_calls(emu, seed, dtype):
     _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, E, pad_to=8, capacity=300)
 
 
+def _check_masked_case(ep, world, xs, idxs, ws, E, cap, max_rows, tag=""):
+    """A masked (no-sync) dispatch and its combine against the exact layout in one process."""
+    H = xs[0].shape[1]
+    res = ep.dispatch(xs, idxs, E, capacity=cap, max_rows=max_rows)
+    X, IDX = torch.cat(xs), torch.cat([i.long() for i in idxs])
+    x_perm, row_map, tpe = ops.permute(X, IDX, E, 1, -1 if cap is None else cap, True)
+    kept = tpe.clamp(max=max_rows)
+    starts = [0] + torch.cumsum(tpe.long(), 0).tolist()
+    ys = []
+    for r, d in enumerate(res):
+        assert d["error"]["code"] == 0 and d["exc"] == "", (tag, r, d["error"], d["exc"])
+        recv = d["recv_x"].view(E // world, max_rows, H)
+        for el in range(E // world):
+            e = r * (E // world) + el
+            assert d["tpe"][el] == kept[e], (tag, r, el)
+            assert torch.equal(recv[el, :kept[e]], x_perm[starts[e]:starts[e] + kept[e]]), (tag, r, el)
+        ys.append(d["recv_x"] * 2 + 1)
+    cres = ep.combine(ys, ws)
+    # The same rows through the exact layout: rows past an expert's max_rows are dropped.
+    Y = torch.zeros_like(x_perm)
+    drop = torch.zeros_like(row_map, dtype=torch.bool)
+    for e in range(E):
+        Y[starts[e]:starts[e] + kept[e]] = x_perm[starts[e]:starts[e] + kept[e]] * 2 + 1
+        drop |= (row_map >= starts[e] + kept[e]) & (row_map < starts[e + 1])
+    out = ops.unpermute(Y, row_map.masked_fill(drop, -1), torch.cat(ws))
+    t0 = 0
+    for r in range(world):
+        T = xs[r].shape[0]
+        assert torch.equal(cres[r]["out"], out[t0:t0 + T]), (tag, r)
+        t0 += T
+
+
+def _routes(Ts, E, k, gen, unrouted=0.0, hot=None):
+    out = []
+    for T in Ts:
+        if T == 0:
+            out.append(torch.empty(0, k, dtype=torch.long))
+            continue
+        if k <= E:
+            idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+        else:  # more slots than experts: a token sends several slots to one expert
+            idx = torch.randint(E, (T, k), generator=gen)
+        if hot is not None:
+            idx[:, 0] = hot
+        if unrouted:
+            idx[torch.rand(T, k, generator=gen) < unrouted] = -1
+        out.append(idx)
+    return out
+
+
 def test_ep_ipc_masked_and_repeated(emu, seed):
     # The no-sync layout ([El, max_rows] rows, valid counts on the device), three operations in a
     # row on the same buffers (the count rows alternate with the operation number).
     from moe_ext.dispatch import masked_rows
     world, E, k, H, maxT = 3, 6, 2, 8, 40
+    gen = torch.Generator().manual_seed(seed)
     ep = emu.EpWorld(world, E, k, maxT, H * 4)
     try:
         for it in range(3):
-            Ts = [int(t) for t in torch.randint(0, maxT + 1, (world,))]
+            Ts = [int(t) for t in torch.randint(0, maxT + 1, (world,), generator=gen)]
             Ts[it % world] = 0
-            xs = [torch.randn(T, H) for T in Ts]
-            idxs = [torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.long)
-                    for T in Ts]
-            ws = [torch.rand(T, k) for T in Ts]
+            xs = [torch.randn(T, H, generator=gen) for T in Ts]
+            ws = [torch.rand(T, k, generator=gen) for T in Ts]
             cap = (None, 5, 30)[it]
-            max_rows = masked_rows(world, maxT, cap)
-            res = ep.dispatch(xs, idxs, E, capacity=cap, max_rows=max_rows)
-            X, IDX = torch.cat(xs), torch.cat([i.long() for i in idxs])
-            x_perm, row_map, tpe = ops.permute(X, IDX, E, 1, -1 if cap is None else cap, True)
-            kept = tpe.clamp(max=max_rows)
-            starts = [0] + torch.cumsum(tpe.long(), 0).tolist()
-            ys = []
-            for r, d in enumerate(res):
-                assert d["error"]["code"] == 0 and d["exc"] == ""
-                recv = d["recv_x"].view(E // world, max_rows, H)
-                for el in range(E // world):
-                    e = r * (E // world) + el
-                    assert d["tpe"][el] == kept[e]
-                    assert torch.equal(recv[el, :kept[e]], x_perm[starts[e]:starts[e] + kept[e]])
-                ys.append(d["recv_x"] * 2 + 1)
-            cres = ep.combine(ys, ws)
-            # The same rows through the exact layout in one process.
-            Y = torch.zeros_like(x_perm)
-            for e in range(E):
-                Y[starts[e]:starts[e] + kept[e]] = x_perm[starts[e]:starts[e] + kept[e]] * 2 + 1
-            drop = torch.zeros_like(row_map, dtype=torch.bool)
-            for e in range(E):
-                drop |= (row_map >= starts[e] + kept[e]) & (row_map < starts[e + 1])
-            out = ops.unpermute(Y, row_map.masked_fill(drop, -1), torch.cat(ws))
-            t0 = 0
-            for r in range(world):
-                assert torch.equal(cres[r]["out"], out[t0:t0 + Ts[r]]), (it, r)
-                t0 += Ts[r]
+            _check_masked_case(ep, world, xs, _routes(Ts, E, k, gen), ws, E, cap, masked_rows(world, maxT, cap), it)
     finally:
         ep.close()
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_ep_ipc_random_configs(emu, seed, trial):
+    # Random worlds, expert counts, k (also above E), dtypes, hidden sizes, token counts (zeros
+    # included), skew, pad_to, capacity, block counts, exact and masked layouts.
+    from moe_ext.dispatch import masked_rows
+    gen = torch.Generator().manual_seed(seed * 1000 + trial)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    world, epr, k = pick([2, 3, 4, 5, 6]), pick([1, 2, 3, 4]), pick([1, 2, 3, 4, 6, 8])
+    E = world * epr
+    dtype, H = pick([torch.float32, torch.bfloat16, torch.float16]), pick([8, 24, 64])
+    Ts = [pick([0, 1, 3, 17, 40]) for _ in range(world)]
+    idxs = _routes(Ts, E, k, gen, unrouted=pick([0.0, 0.2]), hot=pick([None, int(torch.randint(E, (1,)))]))
+    idxs = [i.int() if pick([False, True]) else i for i in idxs]
+    xs = [torch.randn(T, H, generator=gen).to(dtype) for T in Ts]
+    ws = [torch.rand(T, k, generator=gen) for T in Ts]
+    cap = pick([None, 1, 4, 20])
+    tag = dict(world=world, E=E, k=k, dtype=dtype, H=H, Ts=Ts, cap=cap)
+    if trial % 3 == 2:
+        maxT = max(1, max(Ts))
+        ep = emu.EpWorld(world, E, k, maxT, H * xs[0].element_size())
+        try:
+            _check_masked_case(ep, world, xs, idxs, ws, E, cap, masked_rows(world, maxT, cap), tag)
+        finally:
+            ep.close()
+    else:
+        gs = [torch.randn(T, H, generator=gen).to(dtype) for T in Ts]
+        a, b = (1 + torch.rand(E, H, generator=gen)).to(dtype), torch.randn(E, H, generator=gen).to(dtype)
+        _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, E, pick([1, 2, 4, 8]), cap, num_blocks=pick([0, 1, 2, 5]))
 
 
 def test_ep_ipc_scales_travel_with_rows(emu, seed):

@@ -1,13 +1,16 @@
-"""The CUDA gating and permute / unpermute kernels, run without a GPU on the CPU emulation
-(tests/emu): the kernels' own code and launchers, against the CPU ops and the float64 reference.
+"""The CUDA kernels without tensor-core TMA / wgmma code (gating, permute / unpermute, the
+portable grouped GEMM, the ipc backend's dispatch / combine), run without a GPU on the CPU
+emulation (tests/emu): the kernels' own code and launchers, against the CPU ops and the float64
+references, on the grids of the GPU suites.
 
 What this checks that the nvcc compile check cannot: the kernels' indexing and arithmetic, their
 launch configurations, that every __syncthreads / warp-synchronous op is reached by every thread
 or lane it names (a miss is reported as a deadlock), that results do not depend on the order in
-which blocks and threads run (the emulation shuffles both on every launch; determinism tests run
-each input twice), and that no kernel writes outside its outputs (guard bytes). What it cannot:
-speed, the memory model, tensor-core kernels (the grouped GEMMs) and communication (ep.cu); those
-wait for the GPU suites (tests/test_cuda_*.py).
+which blocks and threads run (the emulation shuffles both; determinism tests run each input
+twice), that no kernel writes outside its outputs (guard bytes) or touches memory outside any
+buffer (the AddressSanitizer run), and the ipc protocol between emulated ranks (host threads).
+What it cannot: speed, the memory model, the Hopper kernels (TMA + wgmma), CUDA IPC, NCCL, the
+op adapters and the Python CUDA paths; those wait for the GPU suites (tests/test_cuda_*.py).
 """
 import math
 import os

@@ -329,8 +329,11 @@ void launch_impl(dim3 grid, dim3 block, size_t smem, const std::function<void()>
   if (grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) fail("launch: grid too large");
   if (smem > static_cast<size_t>(smem_optin)) fail("launch: too much dynamic shared memory");
   if (g.running) fail("launch from device code");
+  // EMU_SEED seeds each host thread's schedule once (later launches draw new orders from it).
   static const char* seed = std::getenv("EMU_SEED");
-  if (seed) g.rng.seed(std::strtoull(seed, nullptr, 10));
+  static thread_local bool seeded = false;
+  if (seed && !seeded) g.rng.seed(std::strtoull(seed, nullptr, 10));
+  seeded = true;
   g.body = &body;
   g.error.clear();
   g.fibers.resize(threads);

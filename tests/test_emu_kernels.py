@@ -811,7 +811,8 @@ def test_kernels_under_address_sanitizer(tmp_path):
     # so that `python -m` does not put the source tree first on its path.
     path = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(moe_ext.__file__))),
                             os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, MOE_EXT_EMU_ASAN="1", MOE_EXT_EMU_DIR=str(tmp_path / "lib"), LD_PRELOAD=asan,
+    # (The sanitized library is cached beside the plain one: the build hash includes the flag.)
+    env = dict(os.environ, MOE_EXT_EMU_ASAN="1", LD_PRELOAD=asan,
                ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}", PYTHONPATH=path)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
                         "-k", ASAN_SUBSET], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500)

@@ -327,40 +327,34 @@ class EpWorld:
 _GEMM_FLOAT = {torch.float16: 0, torch.bfloat16: 1}
 
 
-def grouped_gemm(a, b, sizes, trans_b=False, activation=None, bias=None, row_scale=None):
-    """The contiguous layout: a [M, K], b [E, K, N] ([E, N, K] with trans_b), sizes [E] counts or
-    [E+1] offsets."""
-    M, K = a.shape
+def _gemm_forward(a, b, sizes, masked, rows, out_shape, trans_b, activation, bias, row_scale):
     E = b.shape[0]
+    K = a.shape[-1]
     N = b.shape[1] if trans_b else b.shape[2]
     swiglu = activation == "swiglu"
     o = _Outputs()
-    out = o.new((M, N // 2 if swiglu else N), a.dtype)
+    out = o.new((*out_shape, N // 2 if swiglu else N), a.dtype)
     sizes = sizes.contiguous()
     rs = row_scale.float().contiguous() if row_scale is not None else None
     bias = bias.contiguous() if bias is not None else None
-    _call("emu_grouped_gemm", _GEMM_FLOAT[a.dtype], 0, _p(sizes), int(sizes.dtype == torch.int64),
-          int(sizes.numel() == E + 1), _i64(E), _i64(M), _p(a.contiguous()), _p(b.contiguous()), _p(out), _i64(K),
-          _i64(N), int(trans_b), int(swiglu), _p(rs), _p(bias))
+    _call("emu_grouped_gemm", _GEMM_FLOAT[a.dtype], int(masked), _p(sizes), int(sizes.dtype == torch.int64),
+          int(not masked and sizes.numel() == E + 1), _i64(E), _i64(rows), _p(a.contiguous()), _p(b.contiguous()),
+          _p(out), _i64(K), _i64(N), int(trans_b), int(swiglu), _p(rs), _p(bias))
     o.check()
     return out
+
+
+def grouped_gemm(a, b, sizes, trans_b=False, activation=None, bias=None, row_scale=None):
+    """The contiguous layout: a [M, K], b [E, K, N] ([E, N, K] with trans_b), sizes [E] counts or
+    [E+1] offsets."""
+    M = a.shape[0]
+    return _gemm_forward(a, b, sizes, False, M, (M,), trans_b, activation, bias, row_scale)
 
 
 def grouped_gemm_masked(a, b, valid_rows, trans_b=False, activation=None, bias=None, row_scale=None):
     """The masked layout: a [E, R, K], valid_rows [E]."""
-    E, R, K = a.shape
-    N = b.shape[1] if trans_b else b.shape[2]
-    swiglu = activation == "swiglu"
-    o = _Outputs()
-    out = o.new((E, R, N // 2 if swiglu else N), a.dtype)
-    valid = valid_rows.contiguous()
-    rs = row_scale.float().contiguous() if row_scale is not None else None
-    bias = bias.contiguous() if bias is not None else None
-    _call("emu_grouped_gemm", _GEMM_FLOAT[a.dtype], 1, _p(valid), int(valid.dtype == torch.int64), 0, _i64(E),
-          _i64(R), _p(a.contiguous()), _p(b.contiguous()), _p(out), _i64(K), _i64(N), int(trans_b), int(swiglu),
-          _p(rs), _p(bias))
-    o.check()
-    return out
+    E, R = a.shape[:2]
+    return _gemm_forward(a, b, valid_rows, True, R, (E, R), trans_b, activation, bias, row_scale)
 
 
 def grouped_gemm_kernel_name(dtype, masked, E, rows, K, N):

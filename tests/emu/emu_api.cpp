@@ -107,37 +107,22 @@ int emu_update_expert_bias(float* bias, const int64_t* load, int64_t E, float ra
 
 size_t emu_permute_workspace(int64_t T, int64_t kk, int64_t E) { return k::permute_workspace_bytes(T, kk, E); }
 
+// The index fields through permute.cuh's own helper; the caller adds what its half reads.
 static k::PermuteParams permute_params(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to,
-                                       int64_t capacity, const void* x, int64_t row_bytes, int64_t x_row_stride,
-                                       void* x_perm, int64_t out_rows, int64_t* row_map, int32_t* tpe,
-                                       int64_t* total, int64_t* invalid, void* workspace) {
-  k::PermuteParams p;
-  p.idx = idx;
-  p.idx_is_int64 = idx64 != 0;
-  p.num_tokens = T;
-  p.k = kk;
-  p.num_experts = E;
+                                       int64_t capacity, int64_t* row_map, int32_t* tpe, void* workspace) {
+  k::PermuteParams p = k::permute_index_params(idx, idx64 != 0, T, kk, E, row_map, tpe, workspace);
   p.pad_to = pad_to;
   p.capacity = capacity;
-  p.x = x;
-  p.row_bytes = row_bytes;
-  p.x_row_stride = x_row_stride;
-  p.x_perm = x_perm;
-  p.out_rows = out_rows;
-  p.row_map = row_map;
-  p.tokens_per_expert = tpe;
-  p.total_rows = total;
-  p.invalid_ids = invalid;
-  p.workspace = workspace;
   return p;
 }
 
 int emu_permute_route(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to, int64_t capacity,
                       int64_t* row_map, int32_t* tpe, int64_t* total, int64_t* invalid, void* workspace) {
   return emu_guarded([&] {
-    k::permute_route(permute_params(idx, idx64, T, kk, E, pad_to, capacity, nullptr, 0, 0, nullptr, 0, row_map, tpe,
-                                    total, invalid, workspace),
-                     nullptr);
+    k::PermuteParams p = permute_params(idx, idx64, T, kk, E, pad_to, capacity, row_map, tpe, workspace);
+    p.total_rows = total;
+    p.invalid_ids = invalid;
+    k::permute_route(p, nullptr);
   });
 }
 
@@ -145,9 +130,13 @@ int emu_permute_scatter(const void* idx, int idx64, int64_t T, int64_t kk, int64
                         int64_t capacity, const void* x, int64_t row_bytes, int64_t x_row_stride, void* x_perm,
                         int64_t out_rows, int64_t* row_map, int32_t* tpe, void* workspace) {
   return emu_guarded([&] {
-    k::permute_scatter(permute_params(idx, idx64, T, kk, E, pad_to, capacity, x, row_bytes, x_row_stride, x_perm,
-                                      out_rows, row_map, tpe, nullptr, nullptr, workspace),
-                       nullptr);
+    k::PermuteParams p = permute_params(idx, idx64, T, kk, E, pad_to, capacity, row_map, tpe, workspace);
+    p.x = x;
+    p.row_bytes = row_bytes;
+    p.x_row_stride = x_row_stride;
+    p.x_perm = x_perm;
+    p.out_rows = out_rows;
+    k::permute_scatter(p, nullptr);
   });
 }
 

@@ -74,6 +74,14 @@ k::EpParams base_params(Ep& ep, int r, double timeout_s, int num_blocks) {
   return p;
 }
 
+// The last dispatch's plan, for a combine or its backward with this call's timeout and blocks.
+k::EpParams plan_params(const Rank& rank, double timeout_s, int num_blocks) {
+  k::EpParams p = rank.p;
+  p.timeout_ns = static_cast<int64_t>(timeout_s * 1e9);
+  p.num_blocks = num_blocks;
+  return p;
+}
+
 }  // namespace
 
 extern "C" {
@@ -169,9 +177,7 @@ int emu_ep_combine(void* h, const int* participate, const void* const* y, const 
                    int keep_rows, double timeout_s, int num_blocks) {
   Ep& ep = *static_cast<Ep*>(h);
   run_ranks(ep, participate, [&](int r, Rank& rank) {
-    k::EpParams p = rank.p;
-    p.timeout_ns = static_cast<int64_t>(timeout_s * 1e9);
-    p.num_blocks = num_blocks;
+    k::EpParams p = plan_params(rank, timeout_s, num_blocks);
     p.y = y[r];
     p.y_row_stride = p.row_bytes;
     const int64_t T = p.num_tokens, kk = p.k;
@@ -196,9 +202,7 @@ int emu_ep_combine_grad(void* h, const int* participate, const void* const* g, c
                         double timeout_s, int num_blocks) {
   Ep& ep = *static_cast<Ep*>(h);
   run_ranks(ep, participate, [&](int r, Rank& rank) {
-    k::EpParams p = rank.p;
-    p.timeout_ns = static_cast<int64_t>(timeout_s * 1e9);
-    p.num_blocks = num_blocks;
+    k::EpParams p = plan_params(rank, timeout_s, num_blocks);
     p.x = g[r];
     p.x_row_stride = p.row_bytes;
     p.weights = weights[r];

@@ -5,8 +5,6 @@
 #include "kernels/grouped_gemm.cuh"
 #include "kernels/grouped_gemm_internal.cuh"
 
-#include <string>
-
 namespace moe_ext::kernels::gemm_detail {
 
 bool sm90_available() { return false; }

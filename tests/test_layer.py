@@ -41,7 +41,15 @@ def test_training_matches_reference_step_by_step(seed):
     teacher = torch.randn(H, H, dtype=torch.float64) / 4
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     opt_ref = torch.optim.SGD(p_ref, lr=0.5)
-    losses = []
+    # Learning is judged on one fixed batch before and after: the training batches' own losses
+    # (even 10-step averages) are noisy enough that some seeds failed.
+    x_eval = torch.randn(4 * T, H, dtype=torch.float64)
+
+    def eval_loss():
+        with torch.no_grad():
+            return ((layer(x_eval) - torch.tanh(x_eval @ teacher)) ** 2).mean().item()
+
+    before = eval_loss()
     for step in range(50):
         x = torch.randn(T, H, dtype=torch.float64)
         target = torch.tanh(x @ teacher)
@@ -58,8 +66,7 @@ def test_training_matches_reference_step_by_step(seed):
         loss_ref.backward()
         opt_ref.step()
         torch.testing.assert_close(loss.detach(), loss_ref.detach(), rtol=1e-9, atol=1e-12)
-        losses.append(loss.item())
-    assert sum(losses[-10:]) < sum(losses[:10])  # it learns (single batches are noisy)
+    assert eval_loss() < before  # it learns
 
 
 def test_shared_expert_and_gate(seed):

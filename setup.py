@@ -5,6 +5,8 @@ CPU + CUDA otherwise (TORCH_CUDA_ARCH_LIST defaults to 9.0a). Never queries a GP
 """
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -67,6 +69,42 @@ def nccl_paths():
     return inc, lib, rpath
 
 
+def _links_libstdcxx_statically(cc):
+    """True when compiler `cc` has only a static libstdc++ (libstdc++.a, no libstdc++.so).
+
+    Linking the extension with such a compiler embeds a second copy of libstdc++ in _C.so next to
+    the one torch loaded. The two copies disagree on locale state, so the first error message that
+    formats an integer (every TORCH_CHECK naming a size) crashes the process instead of raising.
+    Seen on a machine whose CC/CXX named a GCC install without a shared libstdc++."""
+    def where(name):
+        try:
+            out = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        path = out.stdout.strip()
+        return path if os.path.isabs(path) and os.path.exists(path) else None
+
+    return where("libstdc++.so") is None and where("libstdc++.a") is not None
+
+
+def use_compilers_with_shared_libstdcxx():
+    """Replaces CC/CXX by the g++/gcc on PATH when CXX would embed a static libstdc++ (see above)."""
+    cxx = os.environ.get("CXX", "c++")
+    if not _links_libstdcxx_statically(cxx):
+        return
+    for gxx, gcc in (("g++", "gcc"), ("/usr/bin/g++", "/usr/bin/gcc")):
+        gxx_path, gcc_path = shutil.which(gxx), shutil.which(gcc)
+        if gxx_path and gcc_path and not _links_libstdcxx_statically(gxx_path) and \
+                os.path.realpath(gxx_path) != os.path.realpath(shutil.which(cxx) or cxx):
+            print(f"moe_ext: CXX={cxx} has no shared libstdc++; building with CXX={gxx_path} CC={gcc_path} "
+                  "instead (a static libstdc++ inside _C.so crashes on the first error message)")
+            os.environ["CXX"], os.environ["CC"] = gxx_path, gcc_path
+            return
+    raise RuntimeError(f"moe_ext build: the C++ compiler {cxx} has only a static libstdc++, which would put a "
+                       "second libstdc++ inside _C.so (it crashes on the first error message). Set CXX and CC "
+                       "to a compiler with a shared libstdc++ (the one torch was built with, or the system g++).")
+
+
 def want_cuda():
     if os.environ.get("MOE_EXT_SKIP_CUDA", "0") == "1":
         return False
@@ -79,6 +117,7 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 # are the bit-exact reference of the CUDA kernels (which round every product and sum: __fmul_rn,
 # __fadd_rn), so a*b+c must not become one fused multiply-add where the target has FMA (aarch64).
 cxx_flags = ["-O3", "-ffp-contract=off"]
+use_compilers_with_shared_libstdcxx()
 if want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     sources += rel("csrc/kernels/*.cu") + rel("csrc/comm/*.cu") + rel("csrc/ops/*.cu")

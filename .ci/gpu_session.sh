@@ -143,6 +143,16 @@ phase_build() {
     say "build: $(basename "$so"), $(du -h /tmp/_C.so | cut -f1) stripped, in \$OUT/_C.so.part-* (+ _C.srchash)"
   fi
   run import 60 python -c "import torch, moe_ext; assert torch.cuda.is_available(); x = torch.randn(4, 8, device='cuda'); print(moe_ext.__file__, moe_ext.topk_gating(x, 2)[0].cpu())" || return 1
+  # An error message that formats an integer: it crashed the process when the .so carried its own
+  # static libstdc++ (a compiler without a shared one; setup.py now avoids such a compiler).
+  run import_error 60 python -c "
+import torch, moe_ext
+try:
+    moe_ext.topk_gating(torch.randn(4, 1025, device='cuda'), 2)
+except RuntimeError as e:
+    assert '1025' in str(e), e
+else:
+    raise SystemExit('no error raised')" || return 1
 }
 
 # The CMake build (bench_*, test_*) compiles the kernels again; started in the background it

@@ -73,4 +73,15 @@ inline bool runs_sm90a_body(const void* kernel, std::atomic<int> (&cache)[kMaxDe
   return ok;
 }
 
+// CuTe encodes the TMA descriptors with the driver API (cuTensorMapEncodeTiled), which needs a
+// current context. A thread that only ever called cudaGetDevice has none: torch's autograd thread
+// runs the backward that way, and the encoding failed there (CUDA_ERROR_INVALID_CONTEXT, then
+// CuTe's assert aborted the process). cudaSetDevice binds the device's primary context to the
+// calling thread at once; it is no stream operation, so it is safe inside a graph capture.
+inline void bind_primary_context() {
+  int device = 0;
+  MOE_CUDA_CHECK(cudaGetDevice(&device));
+  MOE_CUDA_CHECK(cudaSetDevice(device));
+}
+
 }  // namespace moe_ext::kernels::gemm_sm90_common

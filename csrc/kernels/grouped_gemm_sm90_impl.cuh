@@ -402,6 +402,7 @@ template <typename T, bool kTransB, bool kSwiglu>
 void launch(const FwdArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaStream_t stream) {
   if (max_tiles <= 0) return;
   using E = typename CuteElem<T>::type;
+  gemm_sm90_common::bind_primary_context();
   const Params<T, kTransB, kSwiglu> params{
       make_tma_a<E, kTransB>(reinterpret_cast<const E*>(args.a), rows_total, args.k),
       make_tma_b<E, kTransB>(reinterpret_cast<const E*>(args.b), args.n, args.k, args.groups.num_experts), args,

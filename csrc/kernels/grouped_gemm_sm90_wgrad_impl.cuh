@@ -386,6 +386,7 @@ void launch(const WgradArgs<T>& args, int32_t rows_total, int64_t max_tiles, cud
     return;
   }
   using E = typename CuteElem<T>::type;
+  gemm_sm90_common::bind_primary_context();
   const Params<T> params{make_tma_operand<E>(reinterpret_cast<const E*>(args.x), args.m, rows_total),
                          make_tma_operand<E>(reinterpret_cast<const E*>(args.y), args.n, rows_total), args,
                          rows_total};

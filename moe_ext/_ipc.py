@@ -183,6 +183,7 @@ class IpcBackend:
         self._c, self._sizes, self.captured = None, None, False
         if retired:
             self._retired = []
+            self.broken = None  # every buffer that recorded the error is gone: the next call starts over
 
     # ---- buffers ---------------------------------------------------------------------------------
     def reserve(self, max_tokens, hidden_bytes, k, num_experts, scale_cols=0):

@@ -306,8 +306,10 @@ def test_autograd_cuda_matches_cpu(seed, dtype, pad_to, capacity):
     g = torch.randn(T, H).to(dtype)
     grads = {}
     for device in ("cpu", "cuda"):
-        x = x0.to(device).requires_grad_()
-        w = w0.to(device).requires_grad_()
+        # copy=True: on the CPU a plain .to() returns x0 itself, which requires_grad_ would turn
+        # into a leaf that the CUDA pass then copies (a non-leaf, whose .grad stays None).
+        x = x0.to(device, copy=True).requires_grad_()
+        w = w0.to(device, copy=True).requires_grad_()
         x_perm, row_map, _ = moe_ext.permute(x, idx.to(device), E, pad_to=pad_to, capacity=capacity)
         out = moe_ext.unpermute(x_perm * 3, row_map, w)
         out.backward(g.to(device))

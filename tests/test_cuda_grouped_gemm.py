@@ -462,8 +462,8 @@ def test_wgrad_expert_boundaries_exact(wgrad_kernel, seed, trans_b, dtype, sizes
 
 def test_wgrad_kernel_override(seed, monkeypatch):
     """A bad MOE_EXT_GROUPED_WGRAD_KERNEL is an error; sm90 where the Hopper weight gradient cannot
-    run (E > 1024; any problem on a GPU that is not sm_90) is an error; auto runs the portable
-    kernel for now (bitwise equal to it; change this when auto switches to the verified Hopper one)."""
+    run (E > 1024; any problem on a GPU that is not sm_90) is an error; auto runs the Hopper kernel
+    where it can (on sm_90, E <= 1024), else the portable one: bitwise equal to the one it picks."""
     E, M, K, N = 1500, 300, 16, 8
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -477,8 +477,16 @@ def test_wgrad_kernel_override(seed, monkeypatch):
         ops.grouped_gemm_wgrad(a, dy, counts, E, False)
     monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", "portable")
     portable = ops.grouped_gemm_wgrad(a[:, :16], dy, counts[:8].clone(), 8, True)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if hopper:
+        monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", "sm90")
+        sm90 = ops.grouped_gemm_wgrad(a[:, :16], dy, counts[:8].clone(), 8, True)
     monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", "auto")
-    assert torch.equal(ops.grouped_gemm_wgrad(a[:, :16], dy, counts[:8].clone(), 8, True), portable)
+    assert torch.equal(ops.grouped_gemm_wgrad(a[:, :16], dy, counts[:8].clone(), 8, True), sm90 if hopper else portable)
+    # More experts than the Hopper kernel takes: auto falls back to the portable one.
+    auto_many = ops.grouped_gemm_wgrad(a, dy, counts, E, False)
+    monkeypatch.setenv("MOE_EXT_GROUPED_WGRAD_KERNEL", "portable")
+    assert torch.equal(auto_many, ops.grouped_gemm_wgrad(a, dy, counts, E, False))
 
 
 # ---- autograd ---------------------------------------------------------------------------------------------

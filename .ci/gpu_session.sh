@@ -211,6 +211,7 @@ phase_test() {
   # Single-process files first, without MPS (NCCL under MPS is untried here; none of them needs it).
   stop_mps
   pytest_file test_permute 360 tests/test_cuda_permute.py
+  pytest_file test_swiglu 120 tests/test_cuda_swiglu.py
   pytest_file test_gating 360 tests/test_cuda_gating.py
   # The kernel is a parameter of the GEMM tests' ids: run each kernel on its own, so a hang of
   # the Hopper kernel (mbarrier phases) costs only its own time limit.

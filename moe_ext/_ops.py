@@ -119,6 +119,12 @@ def _grouped_gemm_fake(a, b, sizes, trans_b, activation, bias=None, row_scale=No
     return a.new_empty((a.shape[0], n))
 
 
+@torch.library.register_fake("moe_ext::swiglu_backward")
+def _swiglu_backward_fake(grad, h):
+    torch._check(h.dim() == 2 and grad.dim() == 2, lambda: "moe_ext.swiglu_backward: grad and h must be 2-D")
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("moe_ext::grouped_gemm_wgrad")
 def _grouped_gemm_wgrad_fake(a, grad_out, sizes, num_experts, trans_b):
     torch._check(a.shape[0] == grad_out.shape[0], lambda: "moe_ext.grouped_gemm_wgrad: a and grad_out rows differ")
@@ -183,14 +189,9 @@ def _acc_dtype(dtype):
 
 
 def swiglu_backward(grad, h):
-    """d/dh of silu(h[:, :n]) * h[:, n:], in float32 (float64 for float64)."""
-    acc = _acc_dtype(h.dtype)
-    n = h.shape[1] // 2
-    gate, up, g = h[:, :n].to(acc), h[:, n:].to(acc), grad.to(acc)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    d_gate = g * up * (sig * (1 + gate * (1 - sig)))
-    return torch.cat([d_gate, g * silu], dim=1).to(h.dtype)
+    """d/dh of silu(h[:, :n]) * h[:, n:] for grad [rows, n] and h [rows, 2n], in float32 (float64
+    for float64), h's dtype out: one pass over memory on CUDA (csrc/kernels/swiglu.cu)."""
+    return ops.swiglu_backward(grad, h)
 
 
 def gemm_epilogue_backward(g, forward, activation, row_scale, scale_grad, a_dtype):

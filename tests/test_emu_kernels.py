@@ -373,6 +373,31 @@ def test_unpermute_strided_empty_and_poison(emu, seed):
     assert gy.shape == (0, H)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,n", [(1, 1), (9, 3), (33, 8), (20, 72), (3, 1000), (0, 8), (5, 0)])
+def test_swiglu_backward_matches_cpu(emu, seed, dtype, rows, n):
+    """The same operations as the CPU op, the same exp: bit-identical, on the 16-byte vector path
+    (n a multiple of 16 bytes of h) and the scalar one."""
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, 2 * n, generator=gen) * 4).to(dtype)
+    g = torch.randn(rows, n, generator=gen).to(dtype)
+    assert torch.equal(emu.swiglu_backward(g, h), ops.swiglu_backward(g, h))
+    if dtype in (torch.bfloat16, torch.float16):  # a float32 gradient (the row-scale path)
+        g32 = torch.randn(rows, n, generator=gen)
+        assert torch.equal(emu.swiglu_backward(g32, h), ops.swiglu_backward(g32, h))
+
+
+def test_swiglu_backward_views_and_extremes(emu):
+    wide = torch.randn(16, 2 * 24 + 5)
+    h = wide[:, 2:50]  # a strided view (the wrapper copies it, as the adapter does)
+    g = torch.randn(16, 24)
+    assert torch.equal(emu.swiglu_backward(g, h), ops.swiglu_backward(g, h))
+    h = torch.tensor([[-1e4, 0.0, 88.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0]])
+    got = emu.swiglu_backward(torch.ones(1, 4), h)
+    want = ops.swiglu_backward(torch.ones(1, 4), h)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def test_permute_deterministic(emu, seed):
     T, k, E = 3000, 8, 64
     idx = _route(T, k, E, skew=True)
@@ -795,7 +820,8 @@ def test_gating_many_tokens(emu, seed):
 ASAN_SUBSET = ("permute_matches_cpu and 136 or unpermute_matches_cpu and 1000 or strided or ep_ipc_dispatch_combine "
                "or ep_ipc_large_calls or ep_ipc_masked or ep_ipc_scales or gemm_portable and empty and dtype0 or "
                "wgrad_portable and one and dtype0 or masked_portable or gating_shapes and full and 1100 and 256 or "
-               "gating_backward_matches_cpu and dtype0 and full")
+               "gating_backward_matches_cpu and dtype0 and full or swiglu_backward_matches_cpu and dtype0 or "
+               "swiglu_backward_views")
 
 
 @pytest.mark.skipif(os.environ.get("MOE_EXT_EMU_ASAN") == "1", reason="this is the run under the sanitizer")

@@ -48,4 +48,8 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
 at::Tensor grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& grad_out, const at::Tensor& group_sizes,
                               int64_t num_experts, bool trans_b);
 
+// The SwiGLU gradient: dL/dh = [g * up * silu'(gate) | g * silu(gate)] for h = [gate | up] [rows, 2n]
+// and g [rows, n]; in float32 (float64 for float64), h's dtype out.
+at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h);
+
 }  // namespace moe_ext::cpu

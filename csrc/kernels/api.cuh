@@ -7,3 +7,4 @@
 #include "kernels/permute.cuh"
 #include "kernels/gating.cuh"
 #include "kernels/grouped_gemm.cuh"
+#include "kernels/swiglu.cuh"

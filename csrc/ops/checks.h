@@ -204,6 +204,19 @@ inline void check_unpermute_backward(const at::Tensor& grad_out, const at::Tenso
   check_same_device(y, "y_perm", grad_out, "grad_out");
 }
 
+// h = [gate | up] [rows, 2n], grad [rows, n]: float tensors on one device.
+inline void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "moe_ext.swiglu_backward: h must be 2-D [rows, 2n], got ",
+              h.sizes());
+  TORCH_CHECK(is_float_dtype(h.scalar_type()), "moe_ext.swiglu_backward: h must be float32, float64, float16 or "
+              "bfloat16, got ", h.scalar_type());
+  TORCH_CHECK(is_float_dtype(grad.scalar_type()), "moe_ext.swiglu_backward: grad must be a float tensor, got ",
+              grad.scalar_type());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == h.size(0) && grad.size(1) == h.size(1) / 2,
+              "moe_ext.swiglu_backward: grad must be [rows=", h.size(0), ", n=", h.size(1) / 2, "], got ", grad.sizes());
+  check_same_device(h, "h", grad, "grad");
+}
+
 enum class Activation { kNone, kSwiglu };
 
 inline Activation parse_activation(const std::string& activation) {

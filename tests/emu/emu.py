@@ -208,6 +208,20 @@ def unpermute_backward(grad_out, y, row_map, weights=None):
     return grad_y, gw
 
 
+def swiglu_backward(grad, h):
+    """As the CUDA op adapter: grad in h's dtype, or else in the accumulation type."""
+    rows, n = h.shape[0], h.shape[1] // 2
+    same = grad.dtype == h.dtype
+    grad = (grad if same else grad.to(_acc(h.dtype))).contiguous()
+    h = h.contiguous()
+    o = _Outputs()
+    out = o.new((rows, 2 * n), h.dtype)
+    _call("emu_swiglu_backward", _GATING_FLOAT[h.dtype], ctypes.c_int(0 if same else 1), _p(grad), _p(h), _p(out),
+          _i64(rows), _i64(n))
+    o.check()
+    return out
+
+
 # ---- the ipc backend over emulated ranks (emu_ep.cpp) -------------------------------------------
 
 _EP_FLOAT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -4,6 +4,7 @@
 #include "emu_api.h"
 #include "kernels/gating.cuh"
 #include "kernels/permute.cuh"
+#include "kernels/swiglu.cuh"
 
 #include <algorithm>
 #include <string>
@@ -180,6 +181,21 @@ int emu_unpermute_backward(int dtype, const void* grad_out, const void* y, int64
     p.k = kk;
     p.hidden = H;
     k::unpermute_backward(p, nullptr);
+  });
+}
+
+int emu_swiglu_backward(int dtype, int grad_is_acc, const void* grad, const void* h, void* out, int64_t rows,
+                        int64_t n) {
+  return emu_guarded([&] {
+    k::SwigluBackwardParams p;
+    p.dtype = static_cast<k::PermuteFloat>(dtype);
+    p.grad_is_acc = grad_is_acc != 0;
+    p.grad = grad;
+    p.h = h;
+    p.out = out;
+    p.rows = rows;
+    p.n = n;
+    k::swiglu_backward(p, nullptr);
   });
 }
 

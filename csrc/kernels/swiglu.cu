@@ -1,0 +1,124 @@
+// The SwiGLU gradient kernel (declared in swiglu.cuh): elementwise, memory-bound, one grid-stride
+// loop over vectors of V columns of one row (16 bytes of h when n allows it, else one column).
+#include "kernels/device_info.cuh"
+#include "kernels/exception.cuh"
+#include "kernels/swiglu.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+namespace moe_ext::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float load_acc(float v) { return v; }
+__device__ __forceinline__ double load_acc(double v) { return v; }
+__device__ __forceinline__ float load_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float load_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void store_acc(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_acc(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store_acc(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_acc(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// NOTE: every operation rounded on its own and expf (not __expf, which flushes tiny results): the
+// same sequence as the CPU op, so the two differ only where expf and the host's exp do.
+__device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float exp_(float a) { return expf(a); }
+__device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ double exp_(double a) { return ::exp(a); }
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename TH, typename TG, int V>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_backward_kernel(const TG* __restrict__ grad, const TH* __restrict__ h, TH* __restrict__ out,
+                           int64_t rows, int64_t n) {
+  using acc_t = typename Acc<TH>::type;
+  const int64_t per_row = n / V;
+  const int64_t total = rows * per_row;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
+    const int64_t r = i / per_row;
+    const int64_t c = (i - r * per_row) * V;
+    const TH* hr = h + r * 2 * n;  // NOTE: 64-bit offsets throughout
+    const Vec<TH, V> gate = *reinterpret_cast<const Vec<TH, V>*>(hr + c);
+    const Vec<TH, V> up = *reinterpret_cast<const Vec<TH, V>*>(hr + n + c);
+    const Vec<TG, V> g = *reinterpret_cast<const Vec<TG, V>*>(grad + r * n + c);
+    Vec<TH, V> d_gate, d_up;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t x = load_acc(gate.v[j]), u = load_acc(up.v[j]), gj = load_acc(g.v[j]);
+      const acc_t sig = div(acc_t(1), add(acc_t(1), exp_(-x)));
+      const acc_t silu = mul(x, sig);
+      // g * up * (sig * (1 + x * (1 - sig))), left to right as the CPU op.
+      const acc_t dsilu = mul(sig, add(acc_t(1), mul(x, sub(acc_t(1), sig))));
+      store_acc(&d_gate.v[j], mul(mul(gj, u), dsilu));
+      store_acc(&d_up.v[j], mul(gj, silu));
+    }
+    TH* o = out + r * 2 * n;
+    *reinterpret_cast<Vec<TH, V>*>(o + c) = d_gate;
+    *reinterpret_cast<Vec<TH, V>*>(o + n + c) = d_up;
+  }
+}
+
+template <typename TH, typename TG>
+void launch(const SwigluBackwardParams& p, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(TH);  // 16 bytes of h per load
+  const auto* grad = static_cast<const TG*>(p.grad);
+  const auto* h = static_cast<const TH*>(p.h);
+  auto* out = static_cast<TH*>(p.out);
+  const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  // Vectors need every row's halves on 16-byte boundaries (n % kVec == 0 and aligned bases); g's
+  // vectors are then aligned too (kVec * sizeof(TG) bytes apart from an allocation's start).
+  const bool vec = p.n % kVec == 0 && aligned(h) && aligned(out) &&
+                   reinterpret_cast<uintptr_t>(grad) % (kVec * sizeof(TG)) == 0;
+  const int64_t work = p.rows * (vec ? p.n / kVec : p.n);
+  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * (2048 / kThreads);
+  const int blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
+  if (vec)
+    swiglu_backward_kernel<TH, TG, kVec><<<blocks, kThreads, 0, stream>>>(grad, h, out, p.rows, p.n);
+  else
+    swiglu_backward_kernel<TH, TG, 1><<<blocks, kThreads, 0, stream>>>(grad, h, out, p.rows, p.n);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void swiglu_backward(const SwigluBackwardParams& p, cudaStream_t stream) {
+  MOE_HOST_ASSERT(p.rows >= 0 && p.n >= 0, "swiglu_backward: rows and n must be >= 0");
+  if (p.rows == 0 || p.n == 0) return;
+  MOE_HOST_ASSERT(p.grad != nullptr && p.h != nullptr && p.out != nullptr, "swiglu_backward: null pointer");
+  switch (p.dtype) {
+    case PermuteFloat::kFloat32: return launch<float, float>(p, stream);
+    case PermuteFloat::kFloat64: return launch<double, double>(p, stream);
+    case PermuteFloat::kFloat16:
+      return p.grad_is_acc ? launch<__half, float>(p, stream) : launch<__half, __half>(p, stream);
+    case PermuteFloat::kBFloat16:
+      return p.grad_is_acc ? launch<__nv_bfloat16, float>(p, stream) : launch<__nv_bfloat16, __nv_bfloat16>(p, stream);
+  }
+  MOE_HOST_ASSERT(false, "swiglu_backward: unknown dtype");
+}
+
+}  // namespace moe_ext::kernels

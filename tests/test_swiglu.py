@@ -1,0 +1,93 @@
+"""The SwiGLU gradient op (moe_ext::swiglu_backward) on the CPU: against the float64 formula and
+torch autograd, every dtype and the mixed (float32 grad, 16-bit h) case, odd and empty sizes,
+non-finite inputs, errors. The CUDA kernel is checked against this op in test_cuda_swiglu.py and,
+without a GPU, in test_emu_kernels.py."""
+import pytest
+import torch
+
+from moe_ext._ops import ops, swiglu_backward
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def reference(grad, h):
+    """dL/dh by torch autograd of silu(gate) * up, in float64."""
+    h64 = h.double().requires_grad_()
+    n = h.shape[1] // 2
+    y = torch.nn.functional.silu(h64[:, :n]) * h64[:, n:]
+    y.backward(grad.double())
+    return h64.grad
+
+
+def ulp_tol(dtype):
+    # float32 arithmetic then one rounding to dtype: a few float32 ulps before the final rounding.
+    return {torch.float64: (1e-12, 1e-12), torch.float32: (2e-6, 1e-6), torch.float16: (1e-3, 1e-4),
+            torch.bfloat16: (8e-3, 1e-4)}[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 1), (7, 3), (33, 8), (130, 24), (5, 1000), (0, 8), (4, 0)])
+def test_matches_float64_autograd(seed, dtype, rows, n):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, 2 * n, generator=gen) * 4).to(dtype)
+    grad = torch.randn(rows, n, generator=gen).to(dtype)
+    got = swiglu_backward(grad, h)
+    assert got.dtype == dtype and got.shape == h.shape and got.is_contiguous()
+    rtol, atol = ulp_tol(dtype)
+    torch.testing.assert_close(got.double(), reference(grad, h), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_grad_with_16_bit_h(seed, dtype):
+    """The row-scale path hands a float32 gradient to a 16-bit h: no rounding of grad first."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(64, 48, generator=gen).to(dtype)
+    grad = torch.randn(64, 24, generator=gen) * 1e-3 + 1.0  # below 16-bit resolution around 1
+    got = swiglu_backward(grad, h)
+    rtol, atol = ulp_tol(dtype)
+    torch.testing.assert_close(got.double(), reference(grad, h), rtol=rtol, atol=atol)
+    # A float64 or float16 grad is taken in float32 too (exact for float16).
+    assert torch.equal(swiglu_backward(grad.half(), h), swiglu_backward(grad.half().float(), h))
+
+
+def test_non_contiguous_inputs_and_extremes():
+    h = torch.tensor([[-1e4, 0.0, 88.0, -0.0, 1.0, 2.0, 3.0, 4.0],
+                      [float("inf"), float("-inf"), float("nan"), 1.0, 1.0, 1.0, 1.0, 1.0]])
+    grad = torch.ones(2, 4)
+    got = swiglu_backward(grad, h)
+    ref = reference(grad, h)
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite].double(), ref[finite], rtol=2e-6, atol=1e-6)
+    assert torch.isnan(got[1, 2])  # NaN in, NaN out
+    # Views: a transposed grad and a column slice of a wider h.
+    wide = torch.randn(16, 40)
+    h = wide[:, 4:36]
+    g = torch.randn(16, 16).t().contiguous().t()
+    torch.testing.assert_close(swiglu_backward(g, h), swiglu_backward(g.contiguous(), h.contiguous()), rtol=0, atol=0)
+
+
+def test_bitwise_deterministic(seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(257, 96, generator=gen).bfloat16()
+    g = torch.randn(257, 48, generator=gen).bfloat16()
+    assert torch.equal(swiglu_backward(g, h), swiglu_backward(g, h))
+
+
+@pytest.mark.parametrize("case", ["h_odd", "h_1d", "grad_rows", "grad_cols", "h_int", "grad_int"])
+def test_errors_name_the_argument(case):
+    h, g = torch.randn(4, 8), torch.randn(4, 4)
+    bad = {
+        "h_odd": (g, torch.randn(4, 7), "h must be 2-D"),
+        "h_1d": (g, torch.randn(8), "h must be 2-D"),
+        "grad_rows": (torch.randn(3, 4), h, r"grad must be \[rows=4, n=4\]"),
+        "grad_cols": (torch.randn(4, 5), h, r"grad must be \[rows=4, n=4\]"),
+        "h_int": (g, torch.ones(4, 8, dtype=torch.int32), "h must be float32"),
+        "grad_int": (torch.ones(4, 4, dtype=torch.int64), h, "grad must be a float tensor"),
+    }[case]
+    with pytest.raises(RuntimeError, match=bad[2]):
+        ops.swiglu_backward(bad[0], bad[1])
+
+
+def test_opcheck():
+    torch.library.opcheck(ops.swiglu_backward, (torch.randn(5, 6), torch.randn(5, 12)))
+    torch.library.opcheck(ops.swiglu_backward, (torch.randn(5, 6), torch.randn(5, 12).bfloat16()))

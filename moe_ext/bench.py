@@ -50,7 +50,8 @@ _SHAPES = {
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
-STAGES = ("gating", "permute", "unpermute", "gemm up", "gemm down", "dispatch", "combine", "layer fwd+bwd")
+STAGES = ("gating", "permute", "unpermute", "gemm up", "gemm down", "swiglu bwd", "dispatch", "combine",
+          "layer fwd+bwd")
 
 
 def add_arguments(parser):
@@ -173,6 +174,15 @@ def torch_unpermute(y_perm, order, w, num_tokens):
     out = torch.zeros(num_tokens, y_perm.shape[1], dtype=acc, device=y_perm.device)
     out.index_add_(0, order // k, y_perm.to(acc) * w.reshape(-1)[order].unsqueeze(1).to(acc))
     return out.to(y_perm.dtype)
+
+
+def torch_swiglu_backward(grad, h):
+    """d/dh of silu(gate) * up for h = [gate | up], in float32: the eager formula moe_ext used
+    before its fused op."""
+    n = h.shape[1] // 2
+    gate, up, g = h[:, :n].float(), h[:, n:].float(), grad.float()
+    sig = torch.sigmoid(gate)
+    return torch.cat([g * up * (sig * (1 + gate * (1 - sig))), g * gate * sig], dim=1).to(h.dtype)
 
 
 def torch_expert_loop(a, b, counts):
@@ -320,6 +330,15 @@ class _Bench:
                                       lambda: grouped_mm(a, bt, offs=offs), err, flops, "TFLOP/s",
                                       "torch._grouped_mm"))
         return rows
+
+    def swiglu(self):
+        """The SwiGLU gradient over the up-projection's rows (M = T*k, n = ffn)."""
+        F_, M = self.cfg["ffn"], self.x.shape[0] * self.cfg["topk"]
+        h, g = self.randn(M, 2 * F_, seed=6), self.randn(M, F_, seed=7)
+        ours = lambda: self.m._ops.ops.swiglu_backward(g, h)  # noqa: E731
+        err = _rel_err(ours(), torch_swiglu_backward(g, h))
+        return [self._row("swiglu bwd", f"M={M} F={F_}", ours, lambda: torch_swiglu_backward(g, h), err,
+                          (M * F_ + 4 * M * F_) * self.elem, "GB/s", "torch eager formula (fp32)")]
 
     def layer(self):
         T, H = self.x.shape
@@ -547,7 +566,7 @@ def run(args):
     # the first's layout.
     gemm_up, gemm_down = (lambda: bench.gemm("up")), (lambda: bench.gemm("down"))
     runners = {"gating": bench.gating, "permute": bench.permute, "unpermute": bench.permute, "gemm up": gemm_up,
-               "gemm down": gemm_down, "dispatch": bench.dispatch, "combine": bench.dispatch,
+               "gemm down": gemm_down, "swiglu bwd": bench.swiglu, "dispatch": bench.dispatch, "combine": bench.dispatch,
                "layer fwd+bwd": bench.layer}
     wanted, todo = set(stages), []
     for name in STAGES:

@@ -2,6 +2,7 @@
 // loop over vectors of V columns of one row (16 bytes of h when n allows it, else one column).
 #include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
+#include "kernels/float_cast.cuh"
 #include "kernels/swiglu.cuh"
 
 #include <cuda_bf16.h>
@@ -23,11 +24,7 @@ struct Acc<double> {
   using type = double;
 };
 
-__device__ __forceinline__ float load_acc(float v) { return v; }
-__device__ __forceinline__ double load_acc(double v) { return v; }
-__device__ __forceinline__ float load_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float load_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
+// Loads widen with to_acc (float_cast.cuh); from_acc has no float64 form, hence store_acc.
 __device__ __forceinline__ void store_acc(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_acc(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store_acc(__half* p, float v) { *p = __float2half_rn(v); }
@@ -69,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
     Vec<TH, V> d_gate, d_up;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const acc_t x = load_acc(gate.v[j]), u = load_acc(up.v[j]), gj = load_acc(g.v[j]);
+      const acc_t x = to_acc(gate.v[j]), u = to_acc(up.v[j]), gj = to_acc(g.v[j]);
       const acc_t sig = div(acc_t(1), add(acc_t(1), exp_(-x)));
       const acc_t silu = mul(x, sig);
       // g * up * (sig * (1 + x * (1 - sig))), left to right as the CPU op.

@@ -19,7 +19,8 @@
 #             one costs only its own limit; the layer and ipc tests on the portable GEMM (a Hopper
 #             GEMM bug must not mask theirs). MOE_EXT_TESTS="test_ep_ipc_worlds test_layer" runs only
 #             the steps named (the names printed in summary.txt).
-#   bench_py  the Python benchmarks (need only the extension): moe-ext bench, bench/*.py, demo.
+#   bench_py  the Python benchmarks (need only the extension): moe-ext bench, a kernel profile of the
+#             layer and gating (bench/profile_kernels.py), bench/*.py, demo.
 #   bench     the C++ benchmarks (need the cmake build), ep under MPS.
 #   sanitize  compute-sanitizer memcheck/racecheck over small cases (C++ benchmarks, which check
 #             their results, and a few pytest cases).
@@ -278,6 +279,7 @@ phase_bench_py() {
   stop_mps
   local J=$LOGS
   run bench_cli 240 python -m moe_ext bench --device cuda --shape mixtral --json "$J/cli_mixtral.json"
+  run profile 150 python bench/profile_kernels.py --json "$J/profile.json"  # which kernels the layer and gating spend on
   run bench_gemm_py 240 python bench/grouped_gemm_bench.py --kernels portable,sm90 --json "$J/gemm_py.json"
   run bench_gating_py 120 python bench/gating_bench.py --json "$J/gating_py.json"
   run bench_permute_py 120 python bench/permute_bench.py --json "$J/permute_py.json"

@@ -119,6 +119,12 @@ def _grouped_gemm_fake(a, b, sizes, trans_b, activation, bias=None, row_scale=No
     return a.new_empty((a.shape[0], n))
 
 
+@torch.library.register_fake("moe_ext::swiglu")
+def _swiglu_fake(h):
+    torch._check(h.dim() == 2 and h.shape[1] % 2 == 0, lambda: "moe_ext.swiglu: h must be 2-D [rows, 2n]")
+    return h.new_empty((h.shape[0], h.shape[1] // 2))
+
+
 @torch.library.register_fake("moe_ext::swiglu_backward")
 def _swiglu_backward_fake(grad, h):
     torch._check(h.dim() == 2 and grad.dim() == 2, lambda: "moe_ext.swiglu_backward: grad and h must be 2-D")
@@ -186,6 +192,17 @@ torch.library.register_autograd("moe_ext::unpermute", _unpermute_backward, setup
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, g):
+    return ops.swiglu_backward(g, ctx.saved_tensors[0])
+
+
+torch.library.register_autograd("moe_ext::swiglu", _swiglu_grad, setup_context=_swiglu_setup)
 
 
 def swiglu_backward(grad, h):

@@ -7,10 +7,13 @@ Stages (ours | baseline):
   unpermute       moe_ext.unpermute | index_add_ of the weighted rows into float32 [T, H]
   gemm up / down  moe_ext.grouped_gemm | one torch.mm per expert (host counts); and
                   torch._grouped_mm (its preferred [E, N, K] layout) where this torch has it
+  swiglu          moe_ext.gemm.swiglu and its gradient (moe_ext::swiglu_backward), over the
+                  up-projection's rows | the same formulas in eager torch (float32)
   dispatch        moe_ext.dispatch at world 1 (no communication) | the permute baseline
   combine         moe_ext.combine at world 1 | the unpermute baseline
   layer fwd+bwd   moe_ext.MoE forward + backward | a plain-torch layer with the same weights
-                  (softmax/topk router, per-expert gather + matmul + SwiGLU + index_add_)
+                  (softmax/topk router, per-expert gather + matmul + SwiGLU + index_add_); then
+                  the same layer with recompute_activation=True
 Multi-rank dispatch/combine are measured when the GPU backends exist (ipc / nccl); this bench
 runs one process.
 
@@ -50,7 +53,7 @@ _SHAPES = {
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
-STAGES = ("gating", "permute", "unpermute", "gemm up", "gemm down", "swiglu bwd", "dispatch", "combine",
+STAGES = ("gating", "permute", "unpermute", "gemm up", "gemm down", "swiglu", "dispatch", "combine",
           "layer fwd+bwd")
 
 
@@ -174,6 +177,12 @@ def torch_unpermute(y_perm, order, w, num_tokens):
     out = torch.zeros(num_tokens, y_perm.shape[1], dtype=acc, device=y_perm.device)
     out.index_add_(0, order // k, y_perm.to(acc) * w.reshape(-1)[order].unsqueeze(1).to(acc))
     return out.to(y_perm.dtype)
+
+
+def torch_swiglu(h):
+    """silu(gate) * up in float32, rounded to h's dtype."""
+    n = h.shape[1] // 2
+    return (torch.nn.functional.silu(h[:, :n].float()) * h[:, n:].float()).to(h.dtype)
 
 
 def torch_swiglu_backward(grad, h):
@@ -332,13 +341,18 @@ class _Bench:
         return rows
 
     def swiglu(self):
-        """The SwiGLU gradient over the up-projection's rows (M = T*k, n = ffn)."""
+        """SwiGLU as a stage of its own (what the layer runs in training, keeping the up-projection)
+        and its gradient, over the up-projection's rows (M = T*k, n = ffn)."""
         F_, M = self.cfg["ffn"], self.x.shape[0] * self.cfg["topk"]
         h, g = self.randn(M, 2 * F_, seed=6), self.randn(M, F_, seed=7)
-        ours = lambda: self.m._ops.ops.swiglu_backward(g, h)  # noqa: E731
-        err = _rel_err(ours(), torch_swiglu_backward(g, h))
-        return [self._row("swiglu bwd", f"M={M} F={F_}", ours, lambda: torch_swiglu_backward(g, h), err,
-                          (M * F_ + 4 * M * F_) * self.elem, "GB/s", "torch eager formula (fp32)")]
+        shape = f"M={M} F={F_}"
+        fwd = lambda: self.m.gemm.swiglu(h)  # noqa: E731
+        bwd = lambda: self.m._ops.ops.swiglu_backward(g, h)  # noqa: E731
+        return [self._row("swiglu (fwd)", shape, fwd, lambda: torch_swiglu(h), _rel_err(fwd(), torch_swiglu(h)),
+                          3 * M * F_ * self.elem, "GB/s", "torch eager formula (fp32)"),
+                self._row("swiglu (bwd)", shape, bwd, lambda: torch_swiglu_backward(g, h),
+                          _rel_err(bwd(), torch_swiglu_backward(g, h)), 5 * M * F_ * self.elem, "GB/s",
+                          "torch eager formula (fp32)")]
 
     def layer(self):
         T, H = self.x.shape
@@ -371,14 +385,23 @@ class _Bench:
 
         out = ours().detach()
         grads = [t.detach().clone() for t in checked()]
-        ref = base().detach()
-        err = max([_rel_err(out, ref)] + [_rel_err(a, b) for a, b in zip(grads, checked())])
-        del grads, out, ref
+        ref_out = base().detach()
+        ref_grads = [t.detach().clone() for t in checked()]
+        err = max([_rel_err(out, ref_out)] + [_rel_err(a, b) for a, b in zip(grads, ref_grads)])
+        del grads, out
         M = T * k
         flops = 3.0 * (2.0 * T * H * E + 2.0 * M * H * 2 * F_ + 2.0 * M * F_ * H)
         tol = _TOL[self.dtype] * (10 if self.dtype in (torch.float32, torch.float64) else 1)
-        return [self._row("layer fwd+bwd", f"T={T} H={H} F={F_} E={E} k={k}", ours, base, err, flops, "TFLOP/s",
-                          "plain-torch layer", tol=tol)]
+        shape = f"T={T} H={H} F={F_} E={E} k={k}"
+        rows = [self._row("layer fwd+bwd", shape, ours, base, err, flops, "TFLOP/s", "plain-torch layer", tol=tol)]
+        # The same layer with recompute_activation=True: fewer values kept, the up-projection run
+        # again in the backward (its FLOPs not counted: the same work as the row above).
+        layer.recompute_activation = True
+        out = ours().detach()
+        err = max([_rel_err(out, ref_out)] + [_rel_err(a, b) for a, b in zip(checked(), ref_grads)])
+        rows.append(self._row("layer fwd+bwd (recompute)", shape, ours, base, err, flops, "TFLOP/s",
+                              "plain-torch layer", tol=tol))
+        return rows
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -394,17 +417,17 @@ def _fmt_rate(rate, unit):
 
 
 def format_table(rows):
-    head = (f"{'stage':<16} {'shape':<27} {'ours ms':>9} {'base ms':>9} {'speedup':>8} {'work':>10} "
+    head = (f"{'stage':<26} {'shape':<27} {'ours ms':>9} {'base ms':>9} {'speedup':>8} {'work':>10} "
             f"{'ours rate':>15} {'%ceil':>6} {'max err':>8} {'check':>5}  baseline")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['stage']:<16} {r['shape']:<27} {'':>9} {'n/a':>9}  {r['skipped']}")
+            lines.append(f"{r['stage']:<26} {r['shape']:<27} {'':>9} {'n/a':>9}  {r['skipped']}")
             continue
         base = f"{r['base_ms']:9.3f}" if r["base_ms"] is not None else f"{'n/a':>9}"
         spd = f"{r['speedup']:7.2f}x" if r["speedup"] else f"{'n/a':>8}"
         frac = f"{100 * r['frac_ceil']:5.1f}%" if r["frac_ceil"] is not None else f"{'n/a':>6}"
-        lines.append(f"{r['stage']:<16} {r['shape']:<27} {r['ours_ms']:9.3f} {base} {spd} "
+        lines.append(f"{r['stage']:<26} {r['shape']:<27} {r['ours_ms']:9.3f} {base} {spd} "
                      f"{_fmt_work(r['work'], r['unit']):>10} {_fmt_rate(r['rate'], r['unit']):>15} {frac} "
                      f"{r['max_err']:8.1e} {'ok' if r['ok'] else 'FAIL':>5}  {r['baseline']}")
     return "\n".join(lines)
@@ -566,7 +589,7 @@ def run(args):
     # the first's layout.
     gemm_up, gemm_down = (lambda: bench.gemm("up")), (lambda: bench.gemm("down"))
     runners = {"gating": bench.gating, "permute": bench.permute, "unpermute": bench.permute, "gemm up": gemm_up,
-               "gemm down": gemm_down, "swiglu bwd": bench.swiglu, "dispatch": bench.dispatch, "combine": bench.dispatch,
+               "gemm down": gemm_down, "swiglu": bench.swiglu, "dispatch": bench.dispatch, "combine": bench.dispatch,
                "layer fwd+bwd": bench.layer}
     wanted, todo = set(stages), []
     for name in STAGES:

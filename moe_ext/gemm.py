@@ -24,6 +24,15 @@ def grouped_gemm(a, b, tokens_per_expert_or_offsets, trans_b=False, activation=N
                             row_scale)
 
 
+def swiglu(h):
+    """silu(h[:, :n]) * h[:, n:] for h [rows, 2n] (gate | up halves), the grouped GEMM's SwiGLU
+    epilogue as a stage of its own: for a caller that keeps h for the backward (the MoE layer in
+    training) instead of running the GEMM again. Computed in float32 (float64 for float64) from h's
+    values, rounded once; one pass over memory on CUDA. Differentiable (the gradient is one more
+    pass: moe_ext::swiglu_backward). Returns [rows, n] in h's dtype."""
+    return ops.swiglu(h)
+
+
 def grouped_gemm_masked(a, b, valid_rows, trans_b=False, activation=None, bias=None, row_scale=None):
     """The masked (decode) layout: y[e, :v_e] = act(a[e, :v_e] @ b[e] (+ bias[e])) (* row_scale[e, :v_e]).
 

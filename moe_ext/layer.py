@@ -19,7 +19,7 @@ from . import _ipc
 from . import parallel as par
 from ._ops import ops, swiglu_backward
 from .dispatch import _BACKENDS, combine, communicator, dispatch, masked_rows
-from .gemm import grouped_gemm, grouped_gemm_masked
+from .gemm import grouped_gemm, grouped_gemm_masked, swiglu
 from .permute import permute, unpermute
 from .routing import GatingStats, topk_gating, update_expert_bias
 
@@ -137,18 +137,20 @@ class _Pipeline(torch.autograd.Function):
         n, T = layer.num_chunks, x2.shape[0]
         sizes = [(c + 1) * T // n - c * T // n for c in range(n)]
         ss = slots.split(sizes)
+        keep_h = layer.keeps_activation(ctx.needs_input_grad[0] or ctx.needs_input_grad[2])
         with _bounded_sms(layer, x2.device):
-            chunks = _Pipeline._chunks(x2.split(sizes), ss, w.split(sizes), w1, w2, layer, w.requires_grad)
-        ctx.layer, ctx.sizes, ctx.chunks = layer, sizes, [c[:6] for c in chunks]
+            chunks = _Pipeline._chunks(x2.split(sizes), ss, w.split(sizes), w1, w2, layer, w.requires_grad, keep_h)
+        ctx.layer, ctx.sizes, ctx.chunks = layer, sizes, [c[:7] for c in chunks]
         ctx.counts = layer._chunk_counts(ss)
         ctx.save_for_backward(w, w1, w2)
         tokens_per_slot = torch.stack([c[5] for c in chunks]).sum(0, dtype=torch.int32)
         ctx.mark_non_differentiable(tokens_per_slot)
-        return torch.cat([c[6] for c in chunks]), tokens_per_slot
+        return torch.cat([c[7] for c in chunks]), tokens_per_slot
 
     @staticmethod
-    def _chunks(xs, ss, ws, w1, w2, layer, keep_rows):
-        """Every chunk's dispatch -> experts -> combine: [(handle, recv_x, h, y, rows, tps, out)]."""
+    def _chunks(xs, ss, ws, w1, w2, layer, keep_rows, keep_h):
+        """Every chunk's dispatch -> experts -> combine: [(handle, recv_x, h, y, rows, tps, pre, out)],
+        h = SwiGLU(pre), pre the up-projection (None unless keep_h: the backward recomputes it)."""
         n, overlap = len(xs), layer.overlap
         started, chunks, works = {}, [], []
 
@@ -168,14 +170,15 @@ class _Pipeline(torch.autograd.Function):
         for c in range(n):
             recv_x, tps, handle = started.pop(c)
             handle.wait()
-            h = ops.grouped_gemm(recv_x, w1, tps, False, "swiglu")
+            pre = ops.grouped_gemm(recv_x, w1, tps, False, "none") if keep_h else None
+            h = ops.swiglu(pre) if keep_h else ops.grouped_gemm(recv_x, w1, tps, False, "swiglu")
             y = ops.grouped_gemm(h, w2, tps, False, "none")
             if overlap and c >= 1:
                 start(c + 1)
             out, rows = handle.comm.combine(y, ws[c], handle.plan, handle.row_map, keep_rows=keep_rows,
                                             async_op=overlap)  # NOTE: in flight during chunk c+1's GEMMs
             works.append(_work(handle.comm))
-            chunks.append((handle, recv_x, h, y, rows, tps, out))
+            chunks.append((handle, recv_x, h, y, rows, tps, pre, out))
             if not overlap:
                 start(c + 1)
         for work in works:
@@ -198,7 +201,7 @@ class _Pipeline(torch.autograd.Function):
         # any compute is queued: each waits only for grad_out.
         scattered = {}
         for c in reversed(range(n)):
-            handle, _, _, y, _, _ = chunks[c]
+            handle, _, _, y, _, _, _ = chunks[c]
             grad_y = handle.comm.scatter_grad(gs[c], ws[c], y, handle.plan, async_op=layer.overlap)
             scattered[c] = (grad_y, _work(handle.comm))
         grad_w = None
@@ -208,12 +211,14 @@ class _Pipeline(torch.autograd.Function):
         # 2. Per chunk: its experts' backward, then its x gradient on the way home (async).
         rows, homes = {}, {}
         for c in reversed(range(n)):
-            handle, x, h, _, _, tps = chunks[c]
+            handle, x, h, _, _, tps, pre = chunks[c]
             grad_y, work = scattered.pop(c)
             work.wait()
             grad_y = grad_y.contiguous()
             grad_h = ops.grouped_gemm(grad_y, w2, tps, True, "none")
-            grad_pre = swiglu_backward(grad_h, ops.grouped_gemm(x, w1, tps, False, "none")).contiguous()
+            if pre is None:  # recompute_activation
+                pre = ops.grouped_gemm(x, w1, tps, False, "none")
+            grad_pre = swiglu_backward(grad_h, pre).contiguous()
             rows[c] = (x, grad_pre, h, grad_y)
             if need_x:
                 grad_recv = ops.grouped_gemm(grad_pre, w1, tps, True, "none")
@@ -278,6 +283,14 @@ class MoE(nn.Module):
     auxiliary-loss-free balancing (a float32 buffer updated by `update_expert_bias`),
     routed_scaling_factor multiplies the routing weights. router_dtype: the router's matmul dtype
     (default: float32, or float64 for float64 inputs).
+    Activation memory (recompute_activation): when the up-projection needs a gradient, the forward
+    runs it as a plain grouped GEMM, keeps its output pre [rows, 2F / tp] for the backward and
+    applies SwiGLU (moe_ext.gemm.swiglu) to pre rounded to the dtype, as a plain PyTorch SwiGLU
+    does. recompute_activation=True keeps 2F / tp fewer values per row instead: the forward fuses
+    SwiGLU into the GEMM and the backward runs the up-projection again (~1/3 more expert FLOPs in
+    the backward). Without a gradient (inference, decode) SwiGLU is always fused, on the float32
+    accumulator: for 16-bit dtypes such outputs differ from the kept-activation training forward
+    by that one rounding of pre (float32 and float64: the same formula on the same values).
     shared_ffn_hidden > 0 adds a shared SwiGLU expert on every token (DeepSeek/Qwen);
     shared_expert_gate=True scales it by sigmoid(x @ g) per token (Qwen2-MoE).
     Weights: router.weight [E, H]; w1 [S, H, 2F / tp] (gate | up halves of this TP rank's
@@ -352,8 +365,8 @@ class MoE(nn.Module):
                  score="softmax", renormalize=True, num_groups=None, topk_groups=None, capacity_factor=None,
                  noise_std=0.0, expert_bias=False, routed_scaling_factor=1.0, shared_ffn_hidden=0,
                  shared_expert_gate=False, router_dtype=None, pad_to=1, backend="auto", load_decay=0.9,
-                 num_chunks=1, overlap=True, comm_sms=24, max_decode_tokens=None, tp_dispatch="gather", device=None,
-                 dtype=None):
+                 num_chunks=1, overlap=True, comm_sms=24, max_decode_tokens=None, tp_dispatch="gather",
+                 recompute_activation=False, device=None, dtype=None):
         super().__init__()
         world, rank = _ep_world(ep_group)
         tp_world, tp_rank = _ep_world(tp_group)
@@ -389,6 +402,7 @@ class MoE(nn.Module):
         self.num_chunks, self.overlap, self.comm_sms = num_chunks, overlap, comm_sms
         self.max_decode_tokens, self.decode = max_decode_tokens, False
         self.tp_dispatch = tp_dispatch
+        self.recompute_activation = bool(recompute_activation)
 
         kw = dict(device=device, dtype=dtype)
         self.router = nn.Linear(hidden, num_experts, bias=False, **kw)
@@ -484,8 +498,17 @@ class MoE(nn.Module):
     def experts(self, recv_x, tokens_per_expert):
         """The local experts over their rows: [R, H] grouped by local slot -> [R, H]
         (with TP: this rank's partial output, its shard of every slot)."""
-        h = grouped_gemm(recv_x, self.w1, tokens_per_expert, activation="swiglu")
+        needs_grad = torch.is_grad_enabled() and (recv_x.requires_grad or self.w1.requires_grad)
+        if self.keeps_activation(needs_grad):
+            h = swiglu(grouped_gemm(recv_x, self.w1, tokens_per_expert))
+        else:
+            h = grouped_gemm(recv_x, self.w1, tokens_per_expert, activation="swiglu")
         return grouped_gemm(h, self.w2, tokens_per_expert)
+
+    def keeps_activation(self, needs_grad):
+        """Whether a forward whose up-projection needs a gradient (needs_grad) keeps that projection
+        for the backward, rather than fusing SwiGLU into the GEMM and running it again there."""
+        return needs_grad and not self.recompute_activation
 
     def forward(self, x, decode=None):
         """x [..., H] -> [..., H]. decode: the sync-free decode path (None: `self.decode`)."""

@@ -1,12 +1,13 @@
-"""The SwiGLU gradient CUDA kernel (csrc/kernels/swiglu.cu) against the CPU op and the float64
-autograd formula: every dtype, the float32-grad case, odd widths (the scalar path) and aligned
+"""The SwiGLU CUDA kernels (csrc/kernels/swiglu.cu: the forward and the gradient) against the CPU
+ops and the float64 formulas: every dtype, the float32-grad case, odd widths (the scalar path) and aligned
 ones (16-byte vectors), views, sizes past 2^31 elements, CUDA-graph capture. Outputs are poisoned
 through the caching allocator (freed NaN-filled blocks of the output's size)."""
 import pytest
 import torch
 
+import moe_ext.gemm
 from moe_ext._ops import ops
-from test_swiglu import DTYPES, reference, ulp_tol
+from test_swiglu import DTYPES, forward_reference, reference, ulp_tol
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -102,3 +103,59 @@ def test_errors_match_cpu():
         ops.swiglu_backward(g, h)
     with pytest.raises(RuntimeError, match="same device"):
         ops.swiglu_backward(torch.randn(4, 4), h)
+
+
+# ---- the forward ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 1), (7, 3), (33, 8), (130, 24), (5, 1000), (1000, 7), (0, 8), (4, 0),
+                                    (3000, 2048)])
+def test_forward_matches_cpu_and_float64(seed, dtype, rows, n):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, 2 * n, generator=gen) * 4).to(dtype)
+    _poison(rows * n * h.element_size())
+    got = ops.swiglu(h.cuda()).cpu()
+    assert got.shape == (rows, n) and got.dtype == dtype
+    rtol, atol = ulp_tol(dtype)
+    torch.testing.assert_close(got.double(), forward_reference(h), rtol=rtol, atol=atol)
+    close = {torch.float64: (1e-15, 0), torch.float32: (1e-6, 1e-7)}.get(dtype, (ulp_tol(dtype)[0], 1e-5))
+    torch.testing.assert_close(got, ops.swiglu(h), rtol=close[0], atol=close[1])
+
+
+def test_forward_views_misaligned_graph_and_autograd(seed):
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(64, 2 * 32 + 3, generator=gen).bfloat16().cuda()
+    h = wide[:, 1:65]  # not contiguous, one element off 16 bytes
+    want = ops.swiglu(h.contiguous())
+    assert torch.equal(ops.swiglu(h), want)
+    off = torch.empty(64 * 64 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(64, 64).copy_(h)
+    assert torch.equal(ops.swiglu(off), want)  # misaligned storage: the scalar path
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.swiglu(off)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.swiglu(off)
+    off.copy_(torch.randn(64, 64, generator=gen).bfloat16())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ops.swiglu(off))
+    hg = off.detach().clone().requires_grad_()
+    g = torch.randn(64, 32, generator=gen).bfloat16().cuda()
+    moe_ext.gemm.swiglu(hg).backward(g)
+    assert torch.equal(hg.grad, ops.swiglu_backward(g, off))
+
+
+def test_forward_past_int32_elements():
+    if torch.cuda.get_device_properties(0).total_memory < 24 << 30:
+        pytest.skip("needs 24 GiB")
+    rows, n = (1 << 20) + 3, 1024
+    h = torch.randn(rows, 2 * n, device="cuda", dtype=torch.bfloat16)
+    out = ops.swiglu(h)
+    tail = slice(rows - 5, rows)
+    rtol, atol = ulp_tol(torch.bfloat16)
+    torch.testing.assert_close(out[tail].cpu().double(), forward_reference(h[tail].cpu()), rtol=rtol, atol=atol)
+    del out, h
+    torch.cuda.empty_cache()

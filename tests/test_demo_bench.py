@@ -144,3 +144,22 @@ def test_ep_tp_bench_runs_and_counts_rows(tmp_path):
     D, R = gd, gc
     assert dd == 2 * D and dc == 2 * R and dt == 0 and gt == 2 * R and D <= R <= 4 * 40 * 3
     assert doc["ms"]["gather"] > 0 and doc["ms"]["direct"] > 0
+
+
+def test_profile_kernels_small_cpu(tmp_path):
+    """bench/profile_kernels.py --small on the CPU: every case profiled, the kept-activation layer
+    runs the SwiGLU op and the recomputing one does not (the GPU run profiles kernels instead)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "profile_kernels.py"
+    out = tmp_path / "prof.json"
+    subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--iters", "1", "--warmup", "1",
+                    "--json", str(out)], check=True, capture_output=True, timeout=180)
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 3 and all(c["total_us"] > 0 for c in cases.values())
+    kept, recomputed = (next(c for label, c in cases.items() if label.startswith("layer") and tag(label))
+                        for tag in (lambda s: "recompute" not in s, lambda s: "recompute" in s))
+    names = lambda c: {k["name"] for k in c["kernels"]}  # noqa: E731
+    assert "moe_ext::swiglu" in names(kept) and "moe_ext::swiglu" not in names(recomputed)

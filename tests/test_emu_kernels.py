@@ -387,6 +387,18 @@ def test_swiglu_backward_matches_cpu(emu, seed, dtype, rows, n):
         assert torch.equal(emu.swiglu_backward(g32, h), ops.swiglu_backward(g32, h))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,n", [(1, 1), (9, 3), (33, 8), (20, 72), (3, 1000), (0, 8), (5, 0)])
+def test_swiglu_matches_cpu(emu, seed, dtype, rows, n):
+    """The forward: the same operations as the CPU op, bit-identical on both paths."""
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, 2 * n, generator=gen) * 4).to(dtype)
+    assert torch.equal(emu.swiglu(h), ops.swiglu(h))
+    h = torch.tensor([[-1e4, 0.0, 88.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0]])
+    got, want = emu.swiglu(h), ops.swiglu(h)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def test_swiglu_backward_views_and_extremes(emu):
     wide = torch.randn(16, 2 * 24 + 5)
     h = wide[:, 2:50]  # a strided view (the wrapper copies it, as the adapter does)
@@ -821,6 +833,7 @@ ASAN_SUBSET = ("permute_matches_cpu and 136 or unpermute_matches_cpu and 1000 or
                "or ep_ipc_large_calls or ep_ipc_masked or ep_ipc_scales or gemm_portable and empty and dtype0 or "
                "wgrad_portable and one and dtype0 or masked_portable or gating_shapes and full and 1100 and 256 or "
                "gating_backward_matches_cpu and dtype0 and full or swiglu_backward_matches_cpu and dtype0 or "
+               "swiglu_matches_cpu and dtype0 or "
                "swiglu_backward_views")
 
 

@@ -1,6 +1,7 @@
 """moe_ext.MoE against the plain-torch reference layer (tests/reference.py), EP world 1."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_ext
 import reference as ref
@@ -15,8 +16,9 @@ def _layer(H=16, F=12, E=6, k=2, **kw):
 
 @pytest.mark.parametrize("score,renormalize,scale", [("softmax", True, 1.0), ("sigmoid", True, 2.5),
                                                      ("softmax", False, 1.0)])
-def test_forward_backward_match_reference(seed, score, renormalize, scale):
-    layer = _layer(score=score, renormalize=renormalize, routed_scaling_factor=scale)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_forward_backward_match_reference(seed, score, renormalize, scale, recompute):
+    layer = _layer(score=score, renormalize=renormalize, routed_scaling_factor=scale, recompute_activation=recompute)
     x = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
     out = layer(x)
     params = [layer.router.weight, layer.w1, layer.w2]
@@ -31,6 +33,46 @@ def test_forward_backward_match_reference(seed, score, renormalize, scale):
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b)
     assert layer.stats.seq_aux_loss > 0 and layer.stats.tokens_per_expert.sum() == 33 * 2
+
+
+class _CountGemms(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.moe_ext.grouped_gemm.default:
+            self.calls.append(args[4])  # the activation
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_activation_kept_or_recomputed(seed, dtype):
+    """recompute_activation=False (the default) keeps the up-projection for the backward: no GEMM
+    runs it again there; True fuses SwiGLU into the forward GEMM and runs the up-projection again
+    in the backward. Without a gradient the forward is fused either way. Both give the reference's
+    gradients; in float64 the two agree to rounding, in bfloat16 by the one rounding of the kept
+    projection."""
+    results = {}
+    for recompute in (False, True):
+        torch.manual_seed(seed)
+        layer = _layer(recompute_activation=recompute).to(dtype)
+        x = torch.randn(40, 16, dtype=torch.float64).to(dtype).requires_grad_()
+        with _CountGemms() as fwd:
+            out = layer(x)
+        with _CountGemms() as bwd:
+            out.float().square().sum().backward()
+        assert fwd.calls == (["swiglu", "none"] if recompute else ["none", "none"])
+        assert bwd.calls.count("none") == (3 if recompute else 2), bwd.calls  # 2 = the dgrads of both GEMMs
+        with torch.no_grad(), _CountGemms() as inference:
+            layer(x)
+        assert inference.calls == ["swiglu", "none"]
+        results[recompute] = [out.detach(), x.grad] + [p.grad for p in (layer.router.weight, layer.w1, layer.w2)]
+    for a, b in zip(results[False], results[True]):
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        else:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -6, atol=2 ** -6 * b.float().abs().max().item())
 
 
 def test_training_matches_reference_step_by_step(seed):

@@ -89,7 +89,7 @@ def _assert_identical(got, want, what):
 CONFIGS = [  # (layer options, dtype, 3-D input)
     (dict(pad_to=4, shared_ffn_hidden=8, shared_expert_gate=True), torch.float64, True),
     (dict(pad_to=4, k=3, score="sigmoid", expert_bias=True, capacity_factor=0.75), torch.float32, False),
-    (dict(pad_to=8, k=1, E=4 * 2, routed_scaling_factor=2.0), torch.bfloat16, False),
+    (dict(pad_to=8, k=1, E=4 * 2, routed_scaling_factor=2.0, recompute_activation=True), torch.bfloat16, False),
 ]
 
 

@@ -1,11 +1,13 @@
-"""The SwiGLU gradient op (moe_ext::swiglu_backward) on the CPU: against the float64 formula and
-torch autograd, every dtype and the mixed (float32 grad, 16-bit h) case, odd and empty sizes,
-non-finite inputs, errors. The CUDA kernel is checked against this op in test_cuda_swiglu.py and,
-without a GPU, in test_emu_kernels.py."""
+"""The SwiGLU ops on the CPU: the forward (moe_ext::swiglu, moe_ext.gemm.swiglu) and its gradient
+(moe_ext::swiglu_backward), against the float64 formula and torch autograd, every dtype and the
+mixed (float32 grad, 16-bit h) case, odd and empty sizes, non-finite inputs, errors, gradcheck.
+The CUDA kernels are checked against these ops in test_cuda_swiglu.py and, without a GPU, in
+test_emu_kernels.py."""
 import pytest
 import torch
 
 from moe_ext._ops import ops, swiglu_backward
+from moe_ext.gemm import swiglu
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -91,3 +93,62 @@ def test_errors_name_the_argument(case):
 def test_opcheck():
     torch.library.opcheck(ops.swiglu_backward, (torch.randn(5, 6), torch.randn(5, 12)))
     torch.library.opcheck(ops.swiglu_backward, (torch.randn(5, 6), torch.randn(5, 12).bfloat16()))
+
+
+# ---- the forward ----------------------------------------------------------------------------------
+
+def forward_reference(h):
+    n = h.shape[1] // 2
+    h64 = h.double()
+    return torch.nn.functional.silu(h64[:, :n]) * h64[:, n:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 1), (7, 3), (33, 8), (130, 24), (5, 1000), (0, 8), (4, 0)])
+def test_forward_matches_float64(seed, dtype, rows, n):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, 2 * n, generator=gen) * 4).to(dtype)
+    got = swiglu(h)
+    assert got.dtype == dtype and got.shape == (rows, n) and got.is_contiguous()
+    rtol, atol = ulp_tol(dtype)
+    torch.testing.assert_close(got.double(), forward_reference(h), rtol=rtol, atol=atol)
+    if dtype in (torch.float16, torch.bfloat16):  # float32 math, one rounding: as PyTorch's float32 formula
+        want = (torch.nn.functional.silu(h[:, :n].float()) * h[:, n:].float()).to(dtype)
+        assert (got.float() - want.float()).abs().le(want.float().abs() * 2 * torch.finfo(dtype).eps).all()
+
+
+def test_forward_views_extremes_and_determinism(seed):
+    h = torch.tensor([[-1e4, 0.0, 88.0, -0.0, float("inf"), float("-inf"), float("nan"), 1.0,
+                       2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    got = swiglu(h)
+    assert got[0, 0] == 0 and got[0, 1] == 0 and torch.isnan(got[0, 6])  # silu(-1e4) = -0; NaN in, NaN out
+    assert got[0, 4] == float("inf") and got[0, 2] == 88.0 * 2.0
+    wide = torch.randn(16, 2 * 24 + 5)
+    assert torch.equal(swiglu(wide[:, 2:50]), swiglu(wide[:, 2:50].contiguous()))
+    gen = torch.Generator().manual_seed(seed)
+    hb = torch.randn(257, 96, generator=gen).bfloat16()
+    assert torch.equal(swiglu(hb), swiglu(hb))
+
+
+@pytest.mark.parametrize("case", ["odd", "1d", "int"])
+def test_forward_errors_name_the_argument(case):
+    h = {"odd": torch.randn(4, 7), "1d": torch.randn(8), "int": torch.ones(4, 8, dtype=torch.int32)}[case]
+    with pytest.raises(RuntimeError, match=r"moe_ext.swiglu: h must be"):
+        ops.swiglu(h)
+
+
+def test_forward_autograd():
+    """gradcheck in float64 (the backward is swiglu_backward), and the 16-bit gradient against
+    autograd through the float32 formula."""
+    h = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (h,))
+    hb = torch.randn(9, 16).bfloat16().requires_grad_()
+    g = torch.randn(9, 8).bfloat16()
+    swiglu(hb).backward(g)
+    assert torch.equal(hb.grad, swiglu_backward(g, hb.detach()))
+
+
+def test_forward_opcheck():
+    torch.library.opcheck(ops.swiglu, (torch.randn(5, 12),))
+    torch.library.opcheck(ops.swiglu, (torch.randn(5, 12, dtype=torch.float64, requires_grad=True),))
+    torch.library.opcheck(ops.swiglu, (torch.randn(5, 12).bfloat16(),))

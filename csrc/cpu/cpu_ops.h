@@ -48,6 +48,10 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
 at::Tensor grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& grad_out, const at::Tensor& group_sizes,
                               int64_t num_experts, bool trans_b);
 
+// SwiGLU: silu(gate) * up for h = [gate | up] [rows, 2n], with silu(x) = x / (1 + exp(-x)) in float32
+// (float64 for float64), rounded once to h's dtype: [rows, n].
+at::Tensor swiglu(const at::Tensor& h);
+
 // The SwiGLU gradient: dL/dh = [g * up * silu'(gate) | g * silu(gate)] for h = [gate | up] [rows, 2n]
 // and g [rows, n]; in float32 (float64 for float64), h's dtype out.
 at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h);

@@ -37,8 +37,6 @@ std::vector<int64_t> group_offsets(const char* op, const at::Tensor& sizes_in, i
   return off;
 }
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 }  // namespace
 
 at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& group_sizes, bool trans_b,

@@ -1,5 +1,6 @@
-// The SwiGLU gradient kernel (declared in swiglu.cuh): elementwise, memory-bound, one grid-stride
-// loop over vectors of V columns of one row (16 bytes of h when n allows it, else one column).
+// The SwiGLU forward and gradient kernels (declared in swiglu.cuh): elementwise, memory-bound, one
+// grid-stride loop over vectors of V columns of one row (16 bytes of h when n allows it, else one
+// column).
 #include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
 #include "kernels/float_cast.cuh"
@@ -48,6 +49,29 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_forward_kernel(const T* __restrict__ h, T* __restrict__ out, int64_t rows, int64_t n) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t per_row = n / V;
+  const int64_t total = rows * per_row;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
+    const int64_t r = i / per_row;
+    const int64_t c = (i - r * per_row) * V;
+    const T* hr = h + r * 2 * n;  // NOTE: 64-bit offsets throughout
+    const Vec<T, V> gate = *reinterpret_cast<const Vec<T, V>*>(hr + c);
+    const Vec<T, V> up = *reinterpret_cast<const Vec<T, V>*>(hr + n + c);
+    Vec<T, V> a;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t x = to_acc(gate.v[j]);
+      store_acc(&a.v[j], mul(div(x, add(acc_t(1), exp_(-x))), to_acc(up.v[j])));  // the GEMM epilogue's silu
+    }
+    *reinterpret_cast<Vec<T, V>*>(out + r * n + c) = a;
+  }
+}
+
 template <typename TH, typename TG, int V>
 __global__ void __launch_bounds__(kThreads)
     swiglu_backward_kernel(const TG* __restrict__ grad, const TH* __restrict__ h, TH* __restrict__ out,
@@ -80,20 +104,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+int grid_blocks(int64_t work) {
+  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * (2048 / kThreads);
+  return static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
+}
+
+bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
+
+template <typename T>
+void launch_forward(const SwigluForwardParams& p, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const auto* h = static_cast<const T*>(p.h);
+  auto* out = static_cast<T*>(p.out);
+  // Vectors need both halves of every h row and every out row on 16-byte boundaries.
+  const bool vec = p.n % kVec == 0 && aligned16(h) && aligned16(out);
+  const int blocks = grid_blocks(p.rows * (vec ? p.n / kVec : p.n));
+  if (vec)
+    swiglu_forward_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(h, out, p.rows, p.n);
+  else
+    swiglu_forward_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(h, out, p.rows, p.n);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
 template <typename TH, typename TG>
 void launch(const SwigluBackwardParams& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TH);  // 16 bytes of h per load
   const auto* grad = static_cast<const TG*>(p.grad);
   const auto* h = static_cast<const TH*>(p.h);
   auto* out = static_cast<TH*>(p.out);
-  const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   // Vectors need every row's halves on 16-byte boundaries (n % kVec == 0 and aligned bases); g's
   // vectors are then aligned too (kVec * sizeof(TG) bytes apart from an allocation's start).
-  const bool vec = p.n % kVec == 0 && aligned(h) && aligned(out) &&
+  const bool vec = p.n % kVec == 0 && aligned16(h) && aligned16(out) &&
                    reinterpret_cast<uintptr_t>(grad) % (kVec * sizeof(TG)) == 0;
-  const int64_t work = p.rows * (vec ? p.n / kVec : p.n);
-  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * (2048 / kThreads);
-  const int blocks = static_cast<int>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
+  const int blocks = grid_blocks(p.rows * (vec ? p.n / kVec : p.n));
   if (vec)
     swiglu_backward_kernel<TH, TG, kVec><<<blocks, kThreads, 0, stream>>>(grad, h, out, p.rows, p.n);
   else
@@ -102,6 +145,19 @@ void launch(const SwigluBackwardParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+void swiglu_forward(const SwigluForwardParams& p, cudaStream_t stream) {
+  MOE_HOST_ASSERT(p.rows >= 0 && p.n >= 0, "swiglu_forward: rows and n must be >= 0");
+  if (p.rows == 0 || p.n == 0) return;
+  MOE_HOST_ASSERT(p.h != nullptr && p.out != nullptr, "swiglu_forward: null pointer");
+  switch (p.dtype) {
+    case PermuteFloat::kFloat32: return launch_forward<float>(p, stream);
+    case PermuteFloat::kFloat64: return launch_forward<double>(p, stream);
+    case PermuteFloat::kFloat16: return launch_forward<__half>(p, stream);
+    case PermuteFloat::kBFloat16: return launch_forward<__nv_bfloat16>(p, stream);
+  }
+  MOE_HOST_ASSERT(false, "swiglu_forward: unknown dtype");
+}
 
 void swiglu_backward(const SwigluBackwardParams& p, cudaStream_t stream) {
   MOE_HOST_ASSERT(p.rows >= 0 && p.n >= 0, "swiglu_backward: rows and n must be >= 0");

@@ -1,4 +1,8 @@
-// The SwiGLU gradient: given h = [gate | up] (the pre-activation, [rows, 2n]) and the gradient g of
+// SwiGLU over h = [gate | up] (the pre-activation, [rows, 2n]), as a stage of its own: the forward
+// a = silu(gate) * up ([rows, n]) for a layer that keeps h for its backward instead of running the
+// up-projection again (the grouped GEMM's fused "swiglu" epilogue writes only a), and the gradient.
+//
+// The gradient: given h = [gate | up] (the pre-activation, [rows, 2n]) and the gradient g of
 // silu(gate) * up ([rows, n]), writes dL/dh = [g * up * silu'(gate) | g * silu(gate)] ([rows, 2n],
 // h's dtype), computed in float32 (float64 for float64) in the order of the CPU op
 // (csrc/cpu/swiglu.cpp), every product and sum rounded on its own (no fused multiply-add).
@@ -15,6 +19,20 @@
 #include <cstdint>
 
 namespace moe_ext::kernels {
+
+struct SwigluForwardParams {
+  PermuteFloat dtype = PermuteFloat::kBFloat16;  // of h and of the result
+  const void* h = nullptr;  // [rows, 2n], contiguous
+  void* out = nullptr;      // [rows, n], contiguous; may not alias h
+  int64_t rows = 0;
+  int64_t n = 0;
+};
+
+// out = silu(gate) * up, computed in float32 (float64 for float64) as the grouped GEMM's epilogue
+// computes it (silu(x) = x / (1 + exp(-x)), then one product, rounded once to dtype) and as the
+// CPU op (csrc/cpu/swiglu.cpp). Reads h once, writes out once: at rows = 32768, n = 14336, 2.8 GB,
+// 0.96 ms at the copy ceiling. Asynchronous on `stream`; CUDA-graph capturable.
+void swiglu_forward(const SwigluForwardParams& p, cudaStream_t stream);
 
 struct SwigluBackwardParams {
   PermuteFloat dtype = PermuteFloat::kBFloat16;  // of h and of the result

@@ -24,10 +24,10 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
               a_name, " (", a_name, " is on ", a.device(), ", ", b_name, " on ", b.device(), ")");
 }
 
-// Scores/weights come out in float64 for float64 logits (so gradcheck works) and float32 otherwise.
-inline at::ScalarType gating_weight_dtype(at::ScalarType logits_dtype) {
-  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The accumulation type of every op: float64 stays float64 (so gradcheck works), every other float
+// type computes in float32 (gating scores and weights, unpermute's sums and weights, GEMM
+// accumulators, SwiGLU).
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 enum class ScoreFn { kSoftmax, kSigmoid };
 
@@ -204,12 +204,18 @@ inline void check_unpermute_backward(const at::Tensor& grad_out, const at::Tenso
   check_same_device(y, "y_perm", grad_out, "grad_out");
 }
 
-// h = [gate | up] [rows, 2n], grad [rows, n]: float tensors on one device.
+// h = [gate | up] [rows, 2n]: a float tensor.
+inline void check_swiglu_h(const at::Tensor& h, const char* op) {
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, op, ": h must be 2-D [rows, 2n], got ", h.sizes());
+  TORCH_CHECK(is_float_dtype(h.scalar_type()), op, ": h must be float32, float64, float16 or bfloat16, got ",
+              h.scalar_type());
+}
+
+inline void check_swiglu(const at::Tensor& h) { check_swiglu_h(h, "moe_ext.swiglu"); }
+
+// grad [rows, n] for h [rows, 2n]: float tensors on one device.
 inline void check_swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
-  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "moe_ext.swiglu_backward: h must be 2-D [rows, 2n], got ",
-              h.sizes());
-  TORCH_CHECK(is_float_dtype(h.scalar_type()), "moe_ext.swiglu_backward: h must be float32, float64, float16 or "
-              "bfloat16, got ", h.scalar_type());
+  check_swiglu_h(h, "moe_ext.swiglu_backward");
   TORCH_CHECK(is_float_dtype(grad.scalar_type()), "moe_ext.swiglu_backward: grad must be a float tensor, got ",
               grad.scalar_type());
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == h.size(0) && grad.size(1) == h.size(1) / 2,

@@ -11,6 +11,7 @@
 #include "comm/symmetric.cuh"
 #include "kernels/api.cuh"
 #include "kernels/ep.cuh"
+#include "ops/kernel_float.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,13 +28,9 @@ namespace {
 
 using Tensor = at::Tensor;
 
-kernels::PermuteFloat permute_float(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kernels::PermuteFloat::kFloat32;
-    case at::kHalf: return kernels::PermuteFloat::kFloat16;
-    case at::kBFloat16: return kernels::PermuteFloat::kBFloat16;
-    default: TORCH_CHECK(false, "moe_ext ipc backend: combine needs float32, float16 or bfloat16 rows, got ", t);
-  }
+kernels::PermuteFloat combine_float(at::ScalarType t) {
+  TORCH_CHECK(t != at::kDouble, "moe_ext ipc backend: combine needs float32, float16 or bfloat16 rows, got ", t);
+  return kernel_float(t, "moe_ext ipc backend: combine's rows");
 }
 
 // The buffer's sizes from a call's (at least one token: an empty buffer has no layout).
@@ -231,7 +228,7 @@ class IpcComm : public torch::CustomClassHolder {
     if (weights.has_value()) w = weights->to(at::kFloat).contiguous();
     Tensor out = at::empty({T, y.size(1)}, y.options());
     try {
-      comm::ep_combine(p, permute_float(y.scalar_type()), combine_map.data_ptr<int64_t>(),
+      comm::ep_combine(p, combine_float(y.scalar_type()), combine_map.data_ptr<int64_t>(),
                        w.defined() ? w.data_ptr<float>() : nullptr, out.data_ptr(), stream);
     } catch (const std::exception& e) {
       TORCH_CHECK(false, "moe_ext ipc backend: ", e.what());

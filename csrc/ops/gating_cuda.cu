@@ -59,7 +59,7 @@ struct GatingInputs {
 GatingInputs gating_inputs(const Tensor& logits_in, const OptTensor& noise, const OptTensor& expert_bias, int64_t k,
                            const std::string& score, bool renormalize, int64_t num_groups, int64_t topk_groups,
                            int64_t seq_len) {
-  const at::ScalarType acc = gating_weight_dtype(logits_in.scalar_type());
+  const at::ScalarType acc = acc_dtype(logits_in.scalar_type());
   GatingInputs in;
   in.logits = logits_in.contiguous();
   if (noise.has_value()) in.noise = noise->to(acc).contiguous();
@@ -92,7 +92,7 @@ GatingOut topk_gating_cuda(const Tensor& logits, int64_t k, c10::string_view sco
   const GatingInputs in = gating_inputs(logits, noise, expert_bias, k, s, renormalize, num_groups, topk_groups, seq_len);
   const int64_t T = logits.size(0), E = logits.size(1);
   const auto o = logits.options();
-  const at::ScalarType acc = gating_weight_dtype(logits.scalar_type());
+  const at::ScalarType acc = acc_dtype(logits.scalar_type());
   Tensor weights = at::empty({T, k}, o.dtype(acc));
   Tensor idx = at::empty({T, k}, o.dtype(at::kInt));
   Tensor positions = at::empty({T, k}, o.dtype(at::kInt));
@@ -130,7 +130,7 @@ Tensor topk_gating_backward_cuda(const Tensor& grad_weights, const Tensor& grad_
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   const GatingInputs in = gating_inputs(logits, noise, expert_bias, k, s, renormalize, num_groups, topk_groups, seq_len);
-  const at::ScalarType acc = gating_weight_dtype(logits.scalar_type());
+  const at::ScalarType acc = acc_dtype(logits.scalar_type());
   const Tensor gw = grad_weights.to(acc).contiguous();
   const Tensor kept = idx.to(at::kInt).contiguous();
   // NOTE: the loss-gradient scalars stay on the device (a CPU scalar is copied over, never read here).

@@ -10,6 +10,7 @@
 // back once, and with it the number of invalid ids, and raises as the CPU op does.
 #include "kernels/api.cuh"
 #include "ops/checks.h"
+#include "ops/kernel_float.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,18 +23,6 @@ namespace {
 using Tensor = at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 
-kernels::PermuteFloat permute_float(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kernels::PermuteFloat::kFloat32;
-    case at::kDouble: return kernels::PermuteFloat::kFloat64;
-    case at::kHalf: return kernels::PermuteFloat::kFloat16;
-    case at::kBFloat16: return kernels::PermuteFloat::kBFloat16;
-    default: TORCH_CHECK(false, "moe_ext.unpermute: y_perm must be a float tensor, got ", t);
-  }
-}
-
-// unpermute accumulates (and takes its weights) in float32, float64 for float64 rows.
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<Tensor, Tensor, Tensor> permute_cuda(const Tensor& x, const Tensor& idx_in, int64_t num_experts,
                                                 int64_t pad_to, int64_t capacity, bool exact) {
@@ -97,7 +86,7 @@ Tensor unpermute_cuda(const Tensor& y, const Tensor& row_map_in, const OptTensor
   Tensor out = at::empty({T, H}, y.options());
 
   kernels::UnpermuteParams p;
-  p.dtype = permute_float(y.scalar_type());
+  p.dtype = kernel_float(y.scalar_type(), "moe_ext.unpermute: y_perm");
   p.y = y.data_ptr();
   p.y_rows = y.size(0);
   p.y_row_stride = y.stride(0);
@@ -130,7 +119,7 @@ std::tuple<Tensor, Tensor> unpermute_backward_cuda(const Tensor& grad_out_in, co
                                y.options().dtype(at::kByte));
 
   kernels::UnpermuteBackwardParams p;
-  p.dtype = permute_float(y.scalar_type());
+  p.dtype = kernel_float(y.scalar_type(), "moe_ext.unpermute: y_perm");
   p.grad_out = grad_out.data_ptr();
   p.y = y.data_ptr();
   p.y_rows = R;

@@ -73,6 +73,11 @@ void update_expert_bias_cpu(Tensor& expert_bias, const Tensor& tokens_per_expert
   cpu::update_expert_bias(expert_bias, tokens_per_expert, rate);
 }
 
+Tensor swiglu_cpu(const Tensor& h) {
+  check_swiglu(h);
+  return cpu::swiglu(h);
+}
+
 Tensor swiglu_backward_cpu(const Tensor& grad, const Tensor& h) {
   check_swiglu_backward(grad, h);
   return cpu::swiglu_backward(grad, h);
@@ -104,6 +109,7 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def(
       "grouped_gemm_wgrad(Tensor a, Tensor grad_out, Tensor tokens_per_expert, int num_experts, bool trans_b) "
       "-> Tensor");
+  m.def("swiglu(Tensor h) -> Tensor");
   m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor");
 }
 
@@ -116,6 +122,7 @@ TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("unpermute_backward", &unpermute_backward_cpu);
   m.impl("grouped_gemm", &grouped_gemm_aten);
   m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_aten);
+  m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);
 }
 

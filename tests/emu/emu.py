@@ -208,6 +208,16 @@ def unpermute_backward(grad_out, y, row_map, weights=None):
     return grad_y, gw
 
 
+def swiglu(h):
+    rows, n = h.shape[0], h.shape[1] // 2
+    h = h.contiguous()
+    o = _Outputs()
+    out = o.new((rows, n), h.dtype)
+    _call("emu_swiglu", _GATING_FLOAT[h.dtype], _p(h), _p(out), _i64(rows), _i64(n))
+    o.check()
+    return out
+
+
 def swiglu_backward(grad, h):
     """As the CUDA op adapter: grad in h's dtype, or else in the accumulation type."""
     rows, n = h.shape[0], h.shape[1] // 2

@@ -184,6 +184,18 @@ int emu_unpermute_backward(int dtype, const void* grad_out, const void* y, int64
   });
 }
 
+int emu_swiglu(int dtype, const void* h, void* out, int64_t rows, int64_t n) {
+  return emu_guarded([&] {
+    k::SwigluForwardParams p;
+    p.dtype = static_cast<k::PermuteFloat>(dtype);
+    p.h = h;
+    p.out = out;
+    p.rows = rows;
+    p.n = n;
+    k::swiglu_forward(p, nullptr);
+  });
+}
+
 int emu_swiglu_backward(int dtype, int grad_is_acc, const void* grad, const void* h, void* out, int64_t rows,
                         int64_t n) {
   return emu_guarded([&] {

@@ -130,14 +130,14 @@ def _bounded_sms(layer, device):
 
 class _Pipeline(torch.autograd.Function):
     """out [T, H], tokens_per_slot [S] = the routed experts of `layer` over its num_chunks chunks
-    (MoE._pipeline); differentiable w.r.t. x2, the routing weights w, w1 and w2."""
+    (MoE._pipeline); differentiable w.r.t. x2, the routing weights w, w1 and w2. keep_h: keep each
+    chunk's up-projection for the backward (MoE.keeps_activation)."""
 
     @staticmethod
-    def forward(ctx, x2, w, w1, w2, slots, layer):
+    def forward(ctx, x2, w, w1, w2, slots, layer, keep_h):
         n, T = layer.num_chunks, x2.shape[0]
         sizes = [(c + 1) * T // n - c * T // n for c in range(n)]
         ss = slots.split(sizes)
-        keep_h = layer.keeps_activation(ctx.needs_input_grad[0] or ctx.needs_input_grad[2])
         with _bounded_sms(layer, x2.device):
             chunks = _Pipeline._chunks(x2.split(sizes), ss, w.split(sizes), w1, w2, layer, w.requires_grad, keep_h)
         ctx.layer, ctx.sizes, ctx.chunks = layer, sizes, [c[:7] for c in chunks]
@@ -247,7 +247,7 @@ class _Pipeline(torch.autograd.Function):
             for c in range(n):
                 homes[c][1].wait()
             grad_x2 = torch.cat([homes[c][0] for c in range(n)])
-        return grad_x2, grad_w, grad_w1, grad_w2, None, None
+        return grad_x2, grad_w, grad_w1, grad_w2, None, None, None
 
 
 class MoE(nn.Module):
@@ -288,9 +288,11 @@ class MoE(nn.Module):
     applies SwiGLU (moe_ext.gemm.swiglu) to pre rounded to the dtype, as a plain PyTorch SwiGLU
     does. recompute_activation=True keeps 2F / tp fewer values per row instead: the forward fuses
     SwiGLU into the GEMM and the backward runs the up-projection again (~1/3 more expert FLOPs in
-    the backward). Without a gradient (inference, decode) SwiGLU is always fused, on the float32
-    accumulator: for 16-bit dtypes such outputs differ from the kept-activation training forward
-    by that one rounding of pre (float32 and float64: the same formula on the same values).
+    the backward). Without a gradient (no_grad / inference_mode, or neither x nor w1 requiring
+    grad; decode) SwiGLU is always fused, on the float32 accumulator: for 16-bit dtypes such
+    outputs differ from the kept-activation training forward by that one rounding of pre
+    (float32 and float64: by the last bits of two silu implementations). Chunked or not, the
+    choice is the same, made once per forward on the layer's input.
     shared_ffn_hidden > 0 adds a shared SwiGLU expert on every token (DeepSeek/Qwen);
     shared_expert_gate=True scales it by sigmoid(x @ g) per token (Qwen2-MoE).
     Weights: router.weight [E, H]; w1 [S, H, 2F / tp] (gate | up halves of this TP rank's
@@ -495,20 +497,26 @@ class MoE(nn.Module):
             return idx
         return par.route_to_replicas(idx, self.replica_counts, self.replica_slots, self.ep_rank)
 
-    def experts(self, recv_x, tokens_per_expert):
+    def experts(self, recv_x, tokens_per_expert, keep_activation=None):
         """The local experts over their rows: [R, H] grouped by local slot -> [R, H]
-        (with TP: this rank's partial output, its shard of every slot)."""
-        needs_grad = torch.is_grad_enabled() and (recv_x.requires_grad or self.w1.requires_grad)
-        if self.keeps_activation(needs_grad):
+        (with TP: this rank's partial output, its shard of every slot). keep_activation: keep the
+        up-projection for the backward (None: when a gradient will need it, see keeps_activation)."""
+        if keep_activation is None:
+            keep_activation = self.keeps_activation(recv_x)
+        if keep_activation:
             h = swiglu(grouped_gemm(recv_x, self.w1, tokens_per_expert))
         else:
             h = grouped_gemm(recv_x, self.w1, tokens_per_expert, activation="swiglu")
         return grouped_gemm(h, self.w2, tokens_per_expert)
 
-    def keeps_activation(self, needs_grad):
-        """Whether a forward whose up-projection needs a gradient (needs_grad) keeps that projection
-        for the backward, rather than fusing SwiGLU into the GEMM and running it again there."""
-        return needs_grad and not self.recompute_activation
+    def keeps_activation(self, x):
+        """Whether a forward on x keeps the up-projection for the backward: when the backward will
+        need it (grad mode, and x or w1 requiring grad) and recompute_activation is off. Otherwise
+        SwiGLU is fused into the GEMM (and, with recompute_activation, the backward runs it again).
+        Decided once per forward on the layer's input, so that every path (chunked or not, EP x TP)
+        computes the same thing."""
+        needed = torch.is_grad_enabled() and (x.requires_grad or self.w1.requires_grad)
+        return needed and not self.recompute_activation
 
     def forward(self, x, decode=None):
         """x [..., H] -> [..., H]. decode: the sync-free decode path (None: `self.decode`)."""
@@ -520,21 +528,22 @@ class MoE(nn.Module):
         if decode:
             self._check_decode(x2)
         seq_len = shape[-2] if x.dim() == 3 and shape[-2] > 0 else None
+        keep = self.keeps_activation(x2)
         w, idx, stats = self.route(x2, seq_len)
         slots = self.physical_slots(idx)
         if decode:
             out, tokens_per_slot = self._decode(x2, slots, w)
         elif self.tp_world > 1 and self.tp_dispatch == "direct":
-            out, tokens_per_slot = self._direct_tp(x2, slots, w)
+            out, tokens_per_slot = self._direct_tp(x2, slots, w, keep)
         elif self.ep_world == 1:  # NOTE: never the default group's dispatch: this layer's experts are all here
             recv_x, row_map, tokens_per_slot = permute(x2, slots, self.layout.num_slots, pad_to=self.pad_to)
-            y, tokens_per_slot = self._experts_here(recv_x, tokens_per_slot)
+            y, tokens_per_slot = self._experts_here(recv_x, tokens_per_slot, keep)
             out = unpermute(y, row_map, w)
         elif self.num_chunks > 1:
-            out, tokens_per_slot = self._pipeline(x2, slots, w)
+            out, tokens_per_slot = self._pipeline(x2, slots, w, keep)
         else:
             recv_x, tokens_per_slot, handle = self._dispatch(x2, slots, w)
-            y, tokens_per_slot = self._experts_here(recv_x, tokens_per_slot)
+            y, tokens_per_slot = self._experts_here(recv_x, tokens_per_slot, keep)
             out = combine(y, handle)
         if self.shared is not None:
             s = self.shared(x2)
@@ -554,29 +563,30 @@ class MoE(nn.Module):
             self.tokens_per_slot = tokens_per_slot.detach()
         return out.view(shape)
 
-    def _experts_here(self, recv_x, tokens_per_slot):
+    def _experts_here(self, recv_x, tokens_per_slot, keep):
         """(y, tokens per slot run here): the local experts, or with TP this rank's shard over the TP group's rows."""
         if self.tp_world > 1:
-            return par.tp_experts(recv_x, tokens_per_slot, self.experts, self.tp_rank, self.tp_group)
-        return self.experts(recv_x, tokens_per_slot), tokens_per_slot
+            return par.tp_experts(recv_x, tokens_per_slot, lambda x, t: self.experts(x, t, keep), self.tp_rank,
+                                  self.tp_group)
+        return self.experts(recv_x, tokens_per_slot, keep), tokens_per_slot
 
-    def _direct_tp(self, x2, slots, w):
+    def _direct_tp(self, x2, slots, w, keep):
         """EP x TP with tp_dispatch="direct": one dispatch over every rank, each slot to each TP shard
         of its expert (virtual expert (ep_rank * tp + tp_rank) * S + slot), this rank's shard on the
         rows it received, and combine sums the k * tp partial rows of each token with the weights."""
         virtual, wv = par.direct_tp_slots(slots, w, self.num_local_experts, self.tp_world)
         recv_x, tokens_per_slot, handle = dispatch(x2, virtual, wv, self.layout.num_slots * self.tp_world,
                                                    group=dist.group.WORLD, backend=self.backend, pad_to=self.pad_to)
-        return combine(self.experts(recv_x, tokens_per_slot), handle), tokens_per_slot
+        return combine(self.experts(recv_x, tokens_per_slot, keep), handle), tokens_per_slot
 
     def _dispatch(self, x2, slots, w, **kw):
         return dispatch(x2, slots, w, self.layout.num_slots, group=self.ep_group, backend=self.backend,
                         pad_to=self.pad_to, **kw)
 
-    def _pipeline(self, x2, slots, w):
+    def _pipeline(self, x2, slots, w, keep):
         """The routed experts over num_chunks contiguous token chunks, pipelined (class docstring;
         _Pipeline). Returns (out [T, H], tokens_per_slot [S] summed over the chunks)."""
-        return _Pipeline.apply(x2, w, self.w1, self.w2, slots, self)
+        return _Pipeline.apply(x2, w, self.w1, self.w2, slots, self, keep)
 
     def _chunk_counts(self, slot_chunks):
         """[W, n, S] int64 on the CPU: the rows every source rank sends to each of this rank's slots

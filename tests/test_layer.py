@@ -67,6 +67,11 @@ def test_activation_kept_or_recomputed(seed, dtype):
         with torch.no_grad(), _CountGemms() as inference:
             layer(x)
         assert inference.calls == ["swiglu", "none"]
+        layer.w1.requires_grad_(False)  # nothing needs the up-projection's gradient (the router still trains)
+        with _CountGemms() as frozen:
+            layer(x.detach()).float().sum().backward()
+        assert frozen.calls[:2] == ["swiglu", "none"]
+        layer.w1.requires_grad_(True)
         results[recompute] = [out.detach(), x.grad] + [p.grad for p in (layer.router.weight, layer.w1, layer.w2)]
     for a, b in zip(results[False], results[True]):
         if dtype == torch.float64:

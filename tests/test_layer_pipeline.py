@@ -88,8 +88,9 @@ def _assert_identical(got, want, what):
 
 CONFIGS = [  # (layer options, dtype, 3-D input)
     (dict(pad_to=4, shared_ffn_hidden=8, shared_expert_gate=True), torch.float64, True),
-    (dict(pad_to=4, k=3, score="sigmoid", expert_bias=True, capacity_factor=0.75), torch.float32, False),
-    (dict(pad_to=8, k=1, E=4 * 2, routed_scaling_factor=2.0, recompute_activation=True), torch.bfloat16, False),
+    (dict(pad_to=4, k=3, score="sigmoid", expert_bias=True, capacity_factor=0.75, recompute_activation=True),
+     torch.float32, False),
+    (dict(pad_to=8, k=1, E=4 * 2, routed_scaling_factor=2.0), torch.bfloat16, False),
 ]
 
 
@@ -107,6 +108,13 @@ def _check_chunks(rank, world, seed, counts, group, layer_kw, dtype, three_d, x_
             assert len(calls) == (n if world > 1 else 0)
             assert all(c.get("async_op") == overlap for c in calls)
             _assert_identical(got, want, f"rank {rank}, num_chunks={n}, overlap={overlap}")
+    # Without a gradient too (SwiGLU fused into the GEMM, chunked or not).
+    layer.num_chunks = 1
+    with torch.no_grad():
+        want_eval = layer(x)
+        for n in CHUNKS[1:]:
+            layer.num_chunks = n
+            assert torch.equal(layer(x), want_eval), f"rank {rank}, no_grad, num_chunks={n}"
     return want
 
 

@@ -29,7 +29,8 @@ namespace {
 using Tensor = at::Tensor;
 
 kernels::PermuteFloat combine_float(at::ScalarType t) {
-  TORCH_CHECK(t != at::kDouble, "moe_ext ipc backend: combine needs float32, float16 or bfloat16 rows, got ", t);
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16,
+              "moe_ext ipc backend: combine needs float32, float16 or bfloat16 rows, got ", t);
   return kernel_float(t, "moe_ext ipc backend: combine's rows");
 }
 

@@ -219,6 +219,8 @@ phase_test() {
   pytest_file test_gemm_portable 240 tests/test_cuda_grouped_gemm.py -k "not sm90"
   pytest_file test_gemm_sm90 150 tests/test_cuda_grouped_gemm.py -k "sm90 and not wgrad"
   pytest_file test_wgrad_sm90 120 tests/test_cuda_grouped_gemm.py -k "sm90 and wgrad"
+  # The Hopper kernels with one wgmma batch in flight across K-stages (not yet the default).
+  MOE_EXT_SM90_MMA_IN_FLIGHT=1 pytest_file test_sm90_inflight 240 tests/test_cuda_grouped_gemm.py -k "sm90"
   CASE_TIMEOUT=170 pytest_file test_nccl 240 tests/test_cuda_nccl.py
   # Ranks sharing the GPU: MPS. Layer and ipc tests on the portable GEMM (a Hopper GEMM bug must
   # not mask theirs); a case limit past their worlds' own (run_world names the rank that hung).
@@ -261,6 +263,8 @@ phase_bench() {
     run bench_gating_cpp 90 $B/bench_gating -d fp32 -J "$J/bench_gating.json"  # fp32 logits: the issue's baseline
     run bench_permute_cpp 120 $B/bench_permute -s 16384x7168x8 -J "$J/bench_permute.json"
     run bench_wgrad_cpp 180 $B/bench_grouped_gemm -g 1 -l uniform -s 32768x8x4096x14336,32768x32x7168x4096,32768x32x2048x7168 -J "$J/bench_wgrad.json"
+    MOE_EXT_SM90_MMA_IN_FLIGHT=1 run bench_wgrad_cpp_inflight 180 $B/bench_grouped_gemm -g 1 -l uniform \
+      -s 32768x8x4096x14336,32768x32x7168x4096,32768x32x2048x7168 -J "$J/bench_wgrad_inflight.json"
     start_mps
     run bench_ep_2 90 $B/bench_ep --ranks 2 -J "$J/bench_ep_2.json"
     run bench_ep_4 90 $B/bench_ep --ranks 4 -J "$J/bench_ep_4.json"
@@ -280,7 +284,7 @@ phase_bench_py() {
   local J=$LOGS
   run bench_cli 240 python -m moe_ext bench --device cuda --shape mixtral --json "$J/cli_mixtral.json"
   run profile 150 python bench/profile_kernels.py --json "$J/profile.json"  # which kernels the layer and gating spend on
-  run bench_gemm_py 240 python bench/grouped_gemm_bench.py --kernels portable,sm90 --json "$J/gemm_py.json"
+  run bench_gemm_py 300 python bench/grouped_gemm_bench.py --kernels portable,sm90,sm90:1 --json "$J/gemm_py.json"
   run bench_gating_py 120 python bench/gating_bench.py --json "$J/gating_py.json"
   run bench_permute_py 120 python bench/permute_bench.py --json "$J/permute_py.json"
   start_mps

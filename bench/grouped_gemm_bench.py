@@ -11,7 +11,9 @@ against 764 TFLOP/s (dense bf16 cuBLAS on the lent H100, --ceil-tflops); GB/s co
 of experts with rows, and the output (decode is memory-bound: compare with 2950 GB/s, --ceil-bw).
 The implementations:
   moe_ext[k]       moe_ext.grouped_gemm, counts on the device (one launch, no host sync), with
-                   kernel k of --kernels (MOE_EXT_GROUPED_GEMM_KERNEL: auto, portable, sm90)
+                   kernel k of --kernels (MOE_EXT_GROUPED_GEMM_KERNEL: auto, portable, sm90; and
+                   sm90:1, the Hopper kernel with one wgmma batch kept in flight across K-stages,
+                   MOE_EXT_SM90_MMA_IN_FLIGHT=1)
   torch._grouped_mm  where this torch has it and accepts the problem (else n/a, with the reason)
   torch.matmul loop  one matmul per expert; the counts are read to the host outside the timing
 Every result is compared with the first moe_ext kernel's before timing (relative max error
@@ -37,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--trans-b", action="store_true", help="b as [E, N, K] (nn.Linear weights)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--kernels", default="auto",
-                   help="comma-separated moe_ext kernels to time: auto, portable, sm90 (sm90 needs an H100/H200)")
+                   help="comma-separated moe_ext kernels to time: auto, portable, sm90, sm90:1 (sm90 needs an H100/H200)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--ceil-tflops", type=float, default=764.0)
@@ -108,8 +110,11 @@ def main(argv=None):
                   f"(compute), {nbytes / args.ceil_bw / 1e3:.0f} us (memory)")
 
             def ours_with(kernel):
+                name, _, in_flight = kernel.partition(":")
+
                 def run():
-                    os.environ["MOE_EXT_GROUPED_GEMM_KERNEL"] = kernel
+                    os.environ["MOE_EXT_GROUPED_GEMM_KERNEL"] = name
+                    os.environ["MOE_EXT_SM90_MMA_IN_FLIGHT"] = in_flight or "0"
                     return moe_ext.grouped_gemm(a, b, counts_dev, trans_b=args.trans_b, activation=act)
                 return run
 
@@ -166,6 +171,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), device=dev.name, torch=torch.__version__, rows=rows), f, indent=2)
     os.environ.pop("MOE_EXT_GROUPED_GEMM_KERNEL", None)
+    os.environ.pop("MOE_EXT_SM90_MMA_IN_FLIGHT", None)
     return 0
 
 

@@ -64,16 +64,17 @@
 // needs no interleaving here: the two B boxes are the gate and the up columns, and a consumer's
 // fragments span all 128 columns. Same device schedule as the portable kernel; epilogue through
 // a fp32 staging tile per consumer (bias, SwiGLU, row scale, 16-byte stores).
-// Next steps, measured first: keep one wgmma batch in flight per consumer (wait<1>, release the
-// previous stage); 128 x 256 tiles (N = 256 atoms, 2 x 64-row consumers, setmaxnreg 240/40);
+// MOE_EXT_SM90_MMA_IN_FLIGHT=1 (both Hopper kernels) keeps one wgmma batch in flight per
+// consumer (wait<1>, release the previous stage); written in session 9, not yet run on a GPU, so
+// 0 (wait for each stage's batch) stays the default until it is tested and timed.
+// Next steps, measured first: 128 x 256 tiles (N = 256 atoms, 2 x 64-row consumers, setmaxnreg 240/40);
 // overlap a consumer's epilogue with its next tile (or ping-pong consumers on alternate tiles);
 // TMA multicast of B across a 2-CTA cluster for experts with many m-tiles.
 //
 // ---- The Hopper weight gradient (sm_90a; grouped_gemm_sm90_wgrad_impl.cuh) --------------------
-// NOT chosen automatically yet: it has been compile-checked only. MOE_EXT_GROUPED_WGRAD_KERNEL =
-// auto | portable | sm90 (read at every call): auto = portable until a GPU run has verified the
-// Hopper kernel (then auto will pick it on sm_90 devices with an sm_90a build and E <= 1024);
-// sm90 forces it and raises where it cannot run. Same CTA as the forward: a producer thread
+// Chosen automatically on sm_90 devices with an sm_90a build and E <= 1024 (its 111 GPU tests
+// passed on an H100 in session 8; not timed yet). MOE_EXT_GROUPED_WGRAD_KERNEL = auto | portable |
+// sm90 (read at every call) overrides; sm90 raises where it cannot run. Same CTA as the forward: a producer thread
 // issuing TMA boxes of 64 columns x 64 rows from one 2-D tensor map over x [rows, m] and one over
 // y [rows, n] ((x, y) = (a, grad_out), or (grad_out, a) with trans_b), both MN-major operands of
 // wgmma m64n128k16 (transposed shared-memory descriptors, CuTe's Layout_MN_SW128_Atom), a 4-stage

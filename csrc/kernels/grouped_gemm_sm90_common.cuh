@@ -15,6 +15,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 namespace moe_ext::kernels::gemm_sm90_common {
@@ -82,6 +84,19 @@ inline void bind_primary_context() {
   int device = 0;
   MOE_CUDA_CHECK(cudaGetDevice(&device));
   MOE_CUDA_CHECK(cudaSetDevice(device));
+}
+
+// How many wgmma batches a consumer warpgroup keeps in flight across K-stages: 0 waits for each
+// stage's batch before releasing its slot (what ran on the H100 in session 8); 1 issues stage
+// k+1's batch before waiting for stage k's and releases slot k then (CUTLASS's mainloop), so the
+// tensor cores do not drain between stages. MOE_EXT_SM90_MMA_IN_FLIGHT = 0 | 1, read at every
+// launch; 0 until the H100 has tested and timed 1 (bench/RESULTS.md).
+inline int mma_in_flight() {
+  const char* env = std::getenv("MOE_EXT_SM90_MMA_IN_FLIGHT");
+  if (env == nullptr || env[0] == '\0' || (env[0] == '0' && env[1] == '\0')) return 0;
+  MOE_HOST_ASSERT(env[0] == '1' && env[1] == '\0', std::string("MOE_EXT_SM90_MMA_IN_FLIGHT must be 0 or 1, got '") +
+                                                     env + "'");
+  return 1;
 }
 
 }  // namespace moe_ext::kernels::gemm_sm90_common

@@ -12,7 +12,9 @@
 //                mbarrier. The other 127 threads exit after the setup.
 //   warpgroups 1, 2  consumers: rows [0, 64) and [64, 128) of the tile; per stage: wait `full`,
 //                4 wgmma m64n128k16 (fp32 accumulators, 64 registers per thread), wait for them,
-//                arrive on `empty` (256 arrivals complete a phase).
+//                arrive on `empty` (256 arrivals complete a phase). With kInFlight = 1
+//                (MOE_EXT_SM90_MMA_IN_FLIGHT=1) a consumer waits only for the previous stage's
+//                batch and releases that stage, so its next batch is issued while one still runs.
 // A is one 2-D tensor map over a [rows, K] (contiguous: M rows; masked: E * max_rows) and the box
 // starts at the tile's first row (an expert's rows need not be tile-aligned: TMA takes element
 // coordinates). Rows past the expert's data are loaded (the next expert's rows, or zeros past
@@ -245,7 +247,8 @@ __device__ __forceinline__ void store_rows(const FwdArgs<T>& args, const TileInf
   }
 }
 
-template <typename T, bool kTransB, bool kSwiglu>
+// kInFlight: wgmma batches a consumer keeps in flight across K-stages (gemm_sm90_common::mma_in_flight).
+template <typename T, bool kTransB, bool kSwiglu, int kInFlight>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_sm90_kernel(const __grid_constant__ Params<T, kTransB, kSwiglu> p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -361,19 +364,30 @@ __global__ void __launch_bounds__(kThreads, 1)
       continue;
     }
     clear(accum);
+    [[maybe_unused]] int held = -1;  // kInFlight = 1: the slot of the batch still in flight
     for (int kt = 0; kt < num_k; ++kt) {
       FullBarrier::wait(&full[stage], phase);
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
       gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), accum);
       warpgroup_commit_batch();
-      warpgroup_wait<0>();  // NOTE: a deeper version keeps one batch in flight (wait<1>) and releases the previous slot
+      warpgroup_wait<kInFlight>();  // kInFlight = 1: the previous stage's batch is done, this one may run on
       warpgroup_fence_operand(accum);
-      EmptyBarrier::arrive(&empty[stage]);
+      if constexpr (kInFlight == 0) {
+        EmptyBarrier::arrive(&empty[stage]);
+      } else {
+        if (held >= 0) EmptyBarrier::arrive(&empty[held]);
+        held = stage;
+      }
       if (++stage == kStages) {
         stage = 0;
         phase ^= 1;
       }
+    }
+    if constexpr (kInFlight == 1) {  // NOTE: num_k >= 1, so the last stage's batch is in flight here
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accum);
+      EmptyBarrier::arrive(&empty[held]);
     }
     // Accumulators -> staging (by coordinates), then the epilogue per 8-column chunk.
     CUTE_UNROLL
@@ -398,16 +412,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- host side ------------------------------------------------------------------------------------------
 
-template <typename T, bool kTransB, bool kSwiglu>
-void launch(const FwdArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaStream_t stream) {
-  if (max_tiles <= 0) return;
-  using E = typename CuteElem<T>::type;
-  gemm_sm90_common::bind_primary_context();
-  const Params<T, kTransB, kSwiglu> params{
-      make_tma_a<E, kTransB>(reinterpret_cast<const E*>(args.a), rows_total, args.k),
-      make_tma_b<E, kTransB>(reinterpret_cast<const E*>(args.b), args.n, args.k, args.groups.num_experts), args,
-      rows_total};
-  constexpr auto kernel = grouped_gemm_sm90_kernel<T, kTransB, kSwiglu>;
+template <typename T, bool kTransB, bool kSwiglu, int kInFlight>
+void launch_kernel(const Params<T, kTransB, kSwiglu>& params, int64_t max_tiles, cudaStream_t stream) {
+  const FwdArgs<T>& args = params.args;
+  constexpr auto kernel = grouped_gemm_sm90_kernel<T, kTransB, kSwiglu, kInFlight>;
   const int smem = SmemPlan::kFixedBytes + gemm_detail::schedule_bytes(args.groups.num_experts);
   const int max_smem =
       SmemPlan::kFixedBytes + gemm_detail::schedule_bytes(static_cast<int>(gemm_detail::kSm90MaxExperts));
@@ -419,11 +427,26 @@ void launch(const FwdArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaS
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
+template <typename T, bool kTransB, bool kSwiglu>
+void launch(const FwdArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaStream_t stream) {
+  if (max_tiles <= 0) return;
+  using E = typename CuteElem<T>::type;
+  gemm_sm90_common::bind_primary_context();
+  const Params<T, kTransB, kSwiglu> params{
+      make_tma_a<E, kTransB>(reinterpret_cast<const E*>(args.a), rows_total, args.k),
+      make_tma_b<E, kTransB>(reinterpret_cast<const E*>(args.b), args.n, args.k, args.groups.num_experts), args,
+      rows_total};
+  if (gemm_sm90_common::mma_in_flight())
+    launch_kernel<T, kTransB, kSwiglu, 1>(params, max_tiles, stream);
+  else
+    launch_kernel<T, kTransB, kSwiglu, 0>(params, max_tiles, stream);
+}
+
 // Whether this build has sm_90a code for the kernel and the current device runs it.
 inline bool available() {
   static std::atomic<int> cache[gemm_sm90_common::kMaxDevices] = {};
   return gemm_sm90_common::runs_sm90a_body(
-      reinterpret_cast<const void*>(grouped_gemm_sm90_kernel<__nv_bfloat16, false, false>), cache);
+      reinterpret_cast<const void*>(grouped_gemm_sm90_kernel<__nv_bfloat16, false, false, 0>), cache);
 }
 
 }  // namespace moe_ext::kernels::gemm_sm90

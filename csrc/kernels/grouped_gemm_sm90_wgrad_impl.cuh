@@ -210,7 +210,8 @@ __device__ __forceinline__ void store_rows(const WgradArgs<T>& args, const TileI
   }
 }
 
-template <typename T>
+// kInFlight: wgmma batches a consumer keeps in flight across K-stages (gemm_sm90_common::mma_in_flight).
+template <typename T, int kInFlight>
 __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgrad_sm90_kernel(const __grid_constant__ Params<T> p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using E = typename CuteElem<T>::type;
@@ -328,6 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgrad_sm90_kernel(co
     const int num_k = gemm_detail::ceil_div_i(t.rows, kBK);
     const int tail = t.rows - (num_k - 1) * kBK;  // rows of the last k-block that are this expert's, 1..64
     clear(accum);
+    [[maybe_unused]] int held = -1;  // kInFlight = 1: the slot of the batch still in flight
     for (int kt = 0; kt < num_k; ++kt) {
       FullBarrier::wait(&full[stage], phase);
       if (kt == num_k - 1 && tail < kBK) {
@@ -346,13 +348,23 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgrad_sm90_kernel(co
       warpgroup_arrive();
       gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), accum);
       warpgroup_commit_batch();
-      warpgroup_wait<0>();  // NOTE: as the forward: a deeper version keeps one batch in flight
+      warpgroup_wait<kInFlight>();  // as the forward
       warpgroup_fence_operand(accum);
-      EmptyBarrier::arrive(&empty[stage]);
+      if constexpr (kInFlight == 0) {
+        EmptyBarrier::arrive(&empty[stage]);
+      } else {
+        if (held >= 0) EmptyBarrier::arrive(&empty[held]);
+        held = stage;
+      }
       if (++stage == kStages) {
         stage = 0;
         phase ^= 1;
       }
+    }
+    if constexpr (kInFlight == 1) {  // NOTE: num_k >= 1 (t.rows > 0), so the last batch is in flight here
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(accum);
+      EmptyBarrier::arrive(&empty[held]);
     }
     CUTE_UNROLL
     for (int i = 0; i < size(accum); ++i) {
@@ -376,6 +388,9 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgrad_sm90_kernel(co
 
 // ---- host side ------------------------------------------------------------------------------------------
 
+template <typename T, int kInFlight>
+void launch_kernel(const Params<T>& params, int64_t max_tiles, cudaStream_t stream);
+
 template <typename T>
 void launch(const WgradArgs<T>& args, int32_t rows_total, int64_t max_tiles, cudaStream_t stream) {
   if (max_tiles <= 0 || args.m == 0 || args.n == 0) return;
@@ -390,7 +405,16 @@ void launch(const WgradArgs<T>& args, int32_t rows_total, int64_t max_tiles, cud
   const Params<T> params{make_tma_operand<E>(reinterpret_cast<const E*>(args.x), args.m, rows_total),
                          make_tma_operand<E>(reinterpret_cast<const E*>(args.y), args.n, rows_total), args,
                          rows_total};
-  constexpr auto kernel = grouped_gemm_wgrad_sm90_kernel<T>;
+  if (gemm_sm90_common::mma_in_flight())
+    launch_kernel<T, 1>(params, max_tiles, stream);
+  else
+    launch_kernel<T, 0>(params, max_tiles, stream);
+}
+
+template <typename T, int kInFlight>
+void launch_kernel(const Params<T>& params, int64_t max_tiles, cudaStream_t stream) {
+  const WgradArgs<T>& args = params.args;
+  constexpr auto kernel = grouped_gemm_wgrad_sm90_kernel<T, kInFlight>;
   const int smem = SmemPlan::kFixedBytes + gemm_detail::schedule_bytes(args.groups.num_experts);
   const int max_smem =
       SmemPlan::kFixedBytes + gemm_detail::schedule_bytes(static_cast<int>(gemm_detail::kSm90MaxExperts));
@@ -406,7 +430,7 @@ void launch(const WgradArgs<T>& args, int32_t rows_total, int64_t max_tiles, cud
 inline bool available() {
   static std::atomic<int> cache[gemm_sm90_common::kMaxDevices] = {};
   return gemm_sm90_common::runs_sm90a_body(
-      reinterpret_cast<const void*>(grouped_gemm_wgrad_sm90_kernel<__nv_bfloat16>), cache);
+      reinterpret_cast<const void*>(grouped_gemm_wgrad_sm90_kernel<__nv_bfloat16, 0>), cache);
 }
 
 }  // namespace moe_ext::kernels::gemm_sm90_wgrad

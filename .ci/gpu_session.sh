@@ -288,7 +288,7 @@ phase_bench_py() {
   run bench_gating_py 120 python bench/gating_bench.py --json "$J/gating_py.json"
   run bench_permute_py 120 python bench/permute_bench.py --json "$J/permute_py.json"
   start_mps
-  run bench_ep_py_8 120 python bench/ep_bench.py --ranks 8 --json "$J/ep_py_8.json"
+  run bench_ep_py_8 150 python bench/ep_bench.py --ranks 8 --profile 3 --json "$J/ep_py_8.json"
   run bench_ep_tp 150 python bench/ep_tp_bench.py --ep 2 --tp 2 --device cuda --tokens 4096 --hidden 4096 --ffn 2048 \
     --experts 32 --k 4 --json "$J/ep_tp.json"
   run demo_cuda_w2 180 python -m moe_ext demo --device cuda --world 2 --steps 100 --no-progress --png none --skip-check

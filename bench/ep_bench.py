@@ -13,7 +13,8 @@ ranks: dispatch moves one row per (token, destination rank) pair, combine one ro
 (token, slot). All ranks on one GPU share its HBM, so each row is read and written there once:
 "busbw" = 2 x bytes / time, compared with the 2.95 TB/s copy ceiling of GPU.md ("%ceil"). In the
 same run, rank 0 times the baseline a single process would need to move the same rows on the
-same GPU: torch index_select of them (one read + one write each).
+same GPU: torch index_select of them (one read + one write each). --profile N lists rank 0's
+kernels over N more calls (bench/profile_kernels.py's table).
 Results are checked against the gloo backend on CPU before timing (--no-check skips).
 """
 import argparse
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="ipc", choices=("ipc", "nccl"),
                    help="nccl needs --one-gpu-per-rank (NCCL refuses two ranks on one GPU)")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timings, N dispatch + combine calls under torch.profiler on every rank; rank 0 "
+                        "prints its kernels (which of send, wait, expand, send-back, sum the time goes to)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -119,8 +123,19 @@ def _rank(rank, args, store, results):
     if rank == 0:
         rows = torch.randint(0, args.tokens, (pairs,), device=device)
         base = _time_local(lambda: xd.index_select(0, rows), device, args)
+    kernels = None
+    if args.profile > 0:
+        from profile_kernels import kernel_table
+
+        def both():
+            do_dispatch()
+            do_combine()
+
+        dist.barrier()
+        kernels = kernel_table(both, args.profile, 1, True)
     results.put((rank, dict(dispatch_us=t_dispatch, combine_us=t_combine, dispatch_bytes=pairs * row,
-                            combine_bytes=slots * row, wrong=wrong, baseline_us=base, nbytes=comm.nbytes)))
+                            combine_bytes=slots * row, wrong=wrong, baseline_us=base, nbytes=comm.nbytes,
+                            kernels=kernels)))
     dist.barrier()
     comm.close()
     dist.destroy_process_group()
@@ -163,13 +178,22 @@ def main(argv=None):
         t = max(r[f"{stage}_us"] for r in rows)
         moved = sum(r[f"{stage}_bytes"] for r in rows)
         bw = 2 * moved / (t * 1e-6)
-        out[stage] = dict(us=t, bytes=moved, busbw=bw, frac=bw / CEIL_BPS, floor_us=2 * moved / CEIL_BPS * 1e6)
+        out[stage] = dict(us=t, bytes=moved, busbw=bw, frac=bw / CEIL_BPS, floor_us=2 * moved / CEIL_BPS * 1e6,
+                          per_rank_us=[r[f"{stage}_us"] for r in rows])
         print(f"{stage:>9} {args.ranks:>5} {args.tokens:>8} {args.hidden:>6} {args.k:>3} {args.experts:>4} "
               f"{t:>9.1f} {moved:>12} {bw / 1e9:>10.1f} {100 * bw / CEIL_BPS:>5.1f}% {sum(r['wrong'] for r in rows):>6}")
     out["baseline_index_select_us_rank0"] = rows[0]["baseline_us"]
     out["buffer_bytes_per_rank"] = rows[0]["nbytes"]
     print(f"baseline (rank 0 alone, torch index_select of its dispatch rows): {rows[0]['baseline_us']:.1f} us; "
           f"buffer {rows[0]['nbytes'] / 2**20:.0f} MiB per rank")
+    print(f"per-rank medians (us): dispatch {[round(r['dispatch_us']) for r in rows]}, "
+          f"combine {[round(r['combine_us']) for r in rows]}")
+    if rows[0]["kernels"] is not None:
+        total = sum(t for _, _, t in rows[0]["kernels"])
+        print(f"rank 0 kernels per dispatch + combine ({args.profile} calls profiled): {total:.1f} us of GPU time")
+        for name, calls, t in rows[0]["kernels"][:15]:
+            print(f"  {100 * t / total:5.1f}% {t:9.1f} us {calls:5.1f} calls  {name[:100]}")
+        out["rank0_kernels"] = [dict(name=n, calls=c, us=t) for n, c, t in rows[0]["kernels"]]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -7,6 +7,8 @@ Cases:
   layer    moe_ext.MoE forward + backward, Mixtral shape (T=16384 H=4096 F=14336 E=8 k=2, bf16),
            once as built (the activation kept) and once with recompute_activation=True
   gating   topk_gating at T=16384 E=256 k=8, groups 8/4, sigmoid, expert bias (DeepSeek-V3)
+  permute  permute (no host sync) then unpermute at T=16384 H=7168 k=8 E=256, bf16: the index
+           kernels against the row copies
 Each case runs --warmup calls, then --iters calls under the profiler; the table lists every
 kernel (CUDA) or op (CPU) with its calls per iteration, total and mean time per iteration and
 share of the iteration's device time. The bench's stage tables say how fast; this says which
@@ -21,8 +23,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import moe_ext
 
-FULL = dict(layer=dict(T=16384, H=4096, F=14336, E=8, k=2), gating=dict(T=16384, E=256, k=8))
-SMALL = dict(layer=dict(T=256, H=64, F=128, E=8, k=2), gating=dict(T=512, E=64, k=8))
+FULL = dict(layer=dict(T=16384, H=4096, F=14336, E=8, k=2), gating=dict(T=16384, E=256, k=8),
+            permute=dict(T=16384, H=7168, E=256, k=8))
+SMALL = dict(layer=dict(T=256, H=64, F=128, E=8, k=2), gating=dict(T=512, E=64, k=8),
+             permute=dict(T=512, H=64, E=64, k=8))
 
 
 def layer_case(shape, device, dtype, recompute):
@@ -47,6 +51,19 @@ def gating_case(shape, device):
     groups = 8 if shape["E"] % 8 == 0 else None
     return lambda: moe_ext.topk_gating(logits, shape["k"], score="sigmoid", expert_bias=bias, num_groups=groups,
                                        topk_groups=4 if groups else None)
+
+
+def permute_case(shape, device, dtype):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape["T"], shape["H"], generator=gen, device=device).to(dtype)
+    idx = torch.rand(shape["T"], shape["E"], generator=gen, device=device).topk(shape["k"], dim=1).indices
+    w = torch.rand(shape["T"], shape["k"], generator=gen, device=device)
+
+    def step():
+        x_perm, row_map, _ = moe_ext.permute(x, idx, shape["E"], sync=False)
+        moe_ext.unpermute(x_perm, row_map, w)
+
+    return step
 
 
 def kernel_table(fn, iters, warmup, on_cuda):
@@ -75,7 +92,7 @@ def kernel_table(fn, iters, warmup, on_cuda):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="layer,gating")
+    ap.add_argument("--cases", default="layer,gating,permute")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
@@ -96,8 +113,10 @@ def main(argv=None):
                 cases.append((label, layer_case(shapes["layer"], device, dtype, recompute)))
         elif name == "gating":
             cases.append((f"gating {shapes['gating']} groups 8/4 sigmoid bias", gating_case(shapes["gating"], device)))
+        elif name == "permute":
+            cases.append((f"permute + unpermute {shapes['permute']}", permute_case(shapes["permute"], device, dtype)))
         else:
-            ap.error(f"unknown case {name!r} (layer, gating)")
+            ap.error(f"unknown case {name!r} (layer, gating, permute)")
     out = {}
     for label, fn in cases:
         rows = kernel_table(fn, args.iters, args.warmup, on_cuda)

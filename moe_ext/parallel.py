@@ -30,10 +30,12 @@ Each expert's FFN is split over the TP group: w1 [H, 2F] by columns, each TP ran
 matching F / tp columns of both the gate and the up half (SwiGLU stays local), w2 [F, H] by the
 same rows. The layer dispatches within its EP group, then `tp_experts` all-gathers the received
 rows of the whole TP group (every TP rank runs its shard on the same rows, grouped by slot),
-and sums the partial outputs back onto the rank that received each row: a reduce-scatter, done
-as an all-to-all plus a local float32 (float64 for float64) sum in TP-rank order, so the sum
-order is fixed and every run gives the same bits. The backward of the all-gather is that
-reduce-scatter and vice versa. Why this and not a dispatch straight to every rank of the group:
+and sums the partial outputs back onto the rank that received each row: a reduce-scatter, in
+float32 (float64 for float64) in TP-rank order, so the sum order is fixed and every run gives
+the same bits. Both go through dispatch / combine over the TP group (the TP ranks as the
+"experts", weights 1), so they use the same transports as EP (ipc between GPUs with peer
+access, also for ranks sharing one GPU; nccl; gloo for CPU tensors). The backward of the
+all-gather is that reduce-scatter and vice versa. Why this and not a dispatch straight to every rank of the group:
 a token crosses the EP links once and fans out over the TP links (NVLink inside a node), and
 combine brings back one summed row per slot instead of tp partial rows. On gloo the two
 measured within noise of each other (W = 4 as 2 x 2 on 2 shared CPU cores, E = 8, k = 2, float32
@@ -60,9 +62,8 @@ from typing import List, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
-from .dispatch import _view_as
+from .dispatch import _view_as, combine, dispatch
 
 
 def group_world(group):
@@ -279,59 +280,19 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _sum_in_order(chunks):
-    """sum of the chunks in list order, accumulated in float32 (float64 for float64)."""
-    acc = chunks[0].to(_acc_dtype(chunks[0].dtype), copy=True)
-    for c in chunks[1:]:
-        acc += c
-    return acc.to(chunks[0].dtype)
-
-
-class _GatherRows(torch.autograd.Function):
-    """[R_me, H] -> [sum R, H], every TP rank's rows in TP-rank order; backward: reduce-scatter."""
-
-    @staticmethod
-    def forward(ctx, x, sizes, rank, group):
-        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        tp = len(sizes)
-        return _exchange_rows(x.repeat((tp,) + (1,) * (x.dim() - 1)), [x.shape[0]] * tp, sizes, group)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        return _reduce_scatter(grad.contiguous(), ctx.sizes, ctx.rank, ctx.group), None, None, None
-
-
-def _reduce_scatter(y, sizes, rank, group):
-    tp, mine = len(sizes), sizes[rank]
-    recv = _exchange_rows(y, sizes, [mine] * tp, group)
-    return _sum_in_order(list(recv.split(mine))) if mine else recv[:0]
-
-
-class _ReduceScatterRows(torch.autograd.Function):
-    """[sum R, H] partial rows on every TP rank -> [R_me, H] summed in TP-rank order; backward: all-gather."""
-
-    @staticmethod
-    def forward(ctx, y, sizes, rank, group):
-        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        return _reduce_scatter(y, sizes, rank, group)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        tp = len(ctx.sizes)
-        g = grad.contiguous()
-        return (_exchange_rows(g.repeat((tp,) + (1,) * (g.dim() - 1)), [g.shape[0]] * tp, ctx.sizes, ctx.group),
-                None, None, None)
-
-
-def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group):
+def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group, backend="auto"):
     """The experts of a TP group over the rows every rank of the group received.
 
     recv_x [R_me, H] grouped by local slot (dispatch's layout), tokens_per_slot [S] int32;
     experts(x, tokens_per_slot) -> partial y: this rank's shard of the slots' FFNs.
     Returns y [R_me, H] (the group's partials summed in TP-rank order for this rank's rows) and
     the tokens per slot this rank ran, summed over the group [S] int32.
+    The rows travel through moe_ext.dispatch / combine over the TP group (`backend`: "auto" picks
+    ipc between GPUs with peer access, as for EP), each TP rank standing for one "expert": the
+    all-gather is a dispatch of every row to all tp ranks (they arrive in (source rank, row)
+    order, i.e. TP-rank order), the reduce-scatter a combine with weights 1 (float32 sum, float64
+    for float64, in TP-rank order, one rounding), and their backwards are each other. With ipc the
+    TP group has a communicator of its own (its buffers sized from these calls: see its nbytes).
     """
     # NOTE: the counts travel on recv_x's device (an NCCL group needs CUDA tensors); one read-back.
     info = torch.cat([torch.tensor([recv_x.shape[0]], device=tokens_per_slot.device), tokens_per_slot.detach().long()])
@@ -339,7 +300,10 @@ def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group):
     dist.all_gather(gathered, info, group=tp_group)
     infos = torch.stack(gathered).cpu()
     sizes, tpes = infos[:, 0].tolist(), infos[:, 1:]  # [tp], [tp, S]
-    x_all = _GatherRows.apply(recv_x, sizes, tp_rank, tp_group)
+    tp, R = len(sizes), recv_x.shape[0]
+    to_all = torch.arange(tp, dtype=torch.int32, device=recv_x.device).expand(R, tp).contiguous()
+    ones = torch.ones(R, tp, dtype=torch.float32, device=recv_x.device)
+    x_all, _, handle = dispatch(recv_x.contiguous(), to_all, ones, tp, group=tp_group, backend=backend)
     # Slot-major order over the gathered chunks: slot s's rows of TP rank 0, then of TP rank 1, ...
     chunk_start = torch.tensor([0] + sizes[:-1]).cumsum(0)
     seg_start = chunk_start[:, None] + torch.cumsum(tpes, 1) - tpes  # [tp, S]
@@ -350,7 +314,7 @@ def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group):
     tpe_all = tpes.sum(0).to(torch.int32).to(tokens_per_slot.device)
     y_sorted = experts(x_all.index_select(0, order), tpe_all)
     y_all = y_sorted.new_zeros((x_all.shape[0],) + tuple(y_sorted.shape[1:])).index_copy(0, order, y_sorted)
-    return _ReduceScatterRows.apply(y_all, sizes, tp_rank, tp_group), tpe_all
+    return combine(y_all, handle), tpe_all
 
 
 def direct_tp_slots(slots, w, slots_per_rank, tp):

@@ -567,7 +567,7 @@ class MoE(nn.Module):
         """(y, tokens per slot run here): the local experts, or with TP this rank's shard over the TP group's rows."""
         if self.tp_world > 1:
             return par.tp_experts(recv_x, tokens_per_slot, lambda x, t: self.experts(x, t, keep), self.tp_rank,
-                                  self.tp_group)
+                                  self.tp_group, self.backend)
         return self.experts(recv_x, tokens_per_slot, keep), tokens_per_slot
 
     def _direct_tp(self, x2, slots, w, keep):

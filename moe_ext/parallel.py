@@ -62,7 +62,9 @@ from typing import List, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
+from ._ipc import _ipc_problem
 from .dispatch import _view_as, combine, dispatch
 
 
@@ -280,7 +282,57 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group, backend="auto"):
+# The TP all-gather and reduce-scatter as collectives over the TP group: for rows the ipc kernels do
+# not move (CUDA float64, rows not a multiple of 16 bytes, TP > 32; tp_experts), and the
+# reference the dispatch / combine route is tested against.
+
+def _sum_in_order(chunks):
+    """sum of the chunks in list order, accumulated in float32 (float64 for float64)."""
+    acc = chunks[0].to(_acc_dtype(chunks[0].dtype), copy=True)
+    for c in chunks[1:]:
+        acc += c
+    return acc.to(chunks[0].dtype)
+
+
+class _GatherRows(torch.autograd.Function):
+    """[R_me, H] -> [sum R, H], every TP rank's rows in TP-rank order; backward: reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        tp = len(sizes)
+        return _exchange_rows(x.repeat((tp,) + (1,) * (x.dim() - 1)), [x.shape[0]] * tp, sizes, group)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return _reduce_scatter(grad.contiguous(), ctx.sizes, ctx.rank, ctx.group), None, None, None
+
+
+def _reduce_scatter(y, sizes, rank, group):
+    tp, mine = len(sizes), sizes[rank]
+    recv = _exchange_rows(y, sizes, [mine] * tp, group)
+    return _sum_in_order(list(recv.split(mine))) if mine else recv[:0]
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    """[sum R, H] partial rows on every TP rank -> [R_me, H] summed in TP-rank order; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, y, sizes, rank, group):
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        return _reduce_scatter(y, sizes, rank, group)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        tp = len(ctx.sizes)
+        g = grad.contiguous()
+        return (_exchange_rows(g.repeat((tp,) + (1,) * (g.dim() - 1)), [g.shape[0]] * tp, ctx.sizes, ctx.group),
+                None, None, None)
+
+
+def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group, backend="auto", collectives=None):
     """The experts of a TP group over the rows every rank of the group received.
 
     recv_x [R_me, H] grouped by local slot (dispatch's layout), tokens_per_slot [S] int32;
@@ -293,6 +345,9 @@ def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group, backend="aut
     order, i.e. TP-rank order), the reduce-scatter a combine with weights 1 (float32 sum, float64
     for float64, in TP-rank order, one rounding), and their backwards are each other. With ipc the
     TP group has a communicator of its own (its buffers sized from these calls: see its nbytes).
+    CUDA rows the ipc kernels do not move (float64, rows not a multiple of 16 bytes, TP > 32) go
+    through torch.distributed collectives over the TP group instead (the same sums);
+    collectives=True/False forces one route (the tests compare them).
     """
     # NOTE: the counts travel on recv_x's device (an NCCL group needs CUDA tensors); one read-back.
     info = torch.cat([torch.tensor([recv_x.shape[0]], device=tokens_per_slot.device), tokens_per_slot.detach().long()])
@@ -301,9 +356,15 @@ def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group, backend="aut
     infos = torch.stack(gathered).cpu()
     sizes, tpes = infos[:, 0].tolist(), infos[:, 1:]  # [tp], [tp, S]
     tp, R = len(sizes), recv_x.shape[0]
+    recv_x = recv_x.contiguous()
     to_all = torch.arange(tp, dtype=torch.int32, device=recv_x.device).expand(R, tp).contiguous()
-    ones = torch.ones(R, tp, dtype=torch.float32, device=recv_x.device)
-    x_all, _, handle = dispatch(recv_x.contiguous(), to_all, ones, tp, group=tp_group, backend=backend)
+    if collectives is None:  # NOTE: from the dtype, hidden size and tp only: the same on every TP rank
+        collectives = recv_x.is_cuda and _ipc_problem(recv_x, to_all) is not None
+    if collectives:
+        x_all = _GatherRows.apply(recv_x, sizes, tp_rank, tp_group)
+    else:
+        ones = torch.ones(R, tp, dtype=torch.float32, device=recv_x.device)
+        x_all, _, handle = dispatch(recv_x, to_all, ones, tp, group=tp_group, backend=backend)
     # Slot-major order over the gathered chunks: slot s's rows of TP rank 0, then of TP rank 1, ...
     chunk_start = torch.tensor([0] + sizes[:-1]).cumsum(0)
     seg_start = chunk_start[:, None] + torch.cumsum(tpes, 1) - tpes  # [tp, S]
@@ -314,6 +375,8 @@ def tp_experts(recv_x, tokens_per_slot, experts, tp_rank, tp_group, backend="aut
     tpe_all = tpes.sum(0).to(torch.int32).to(tokens_per_slot.device)
     y_sorted = experts(x_all.index_select(0, order), tpe_all)
     y_all = y_sorted.new_zeros((x_all.shape[0],) + tuple(y_sorted.shape[1:])).index_copy(0, order, y_sorted)
+    if collectives:
+        return _ReduceScatterRows.apply(y_all, sizes, tp_rank, tp_group), tpe_all
     return combine(y_all, handle), tpe_all
 
 

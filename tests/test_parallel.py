@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import moe_ext
+import moe_ext.parallel
 import reference as ref
 from moe_ext.parallel import ExpertLayout, make_groups, route_to_replicas
 from moe_ext.placement import Placement, rebalance
@@ -205,7 +206,32 @@ def _ep_tp(rank, world, seed, report):
     assert torch.equal(w1b, w1) and torch.equal(w2b, w2), "apply_placement changed the weights"
     assert_near(check_step(layer, p, rank, "EP2xTP2 replicated"), out, "out after apply_placement")
     check_bfloat16(p, rank, ep_group, tp_group)
+    check_tp_routes(rank, tp_group, seed)
     report["ep_tp"] = True
+
+
+def check_tp_routes(rank, tp_group, seed):
+    """tp_experts' two routes for the TP all-gather and reduce-scatter, dispatch / combine (the
+    default) and torch.distributed collectives (CUDA rows the ipc kernels do not move), give the
+    same bits, forward and backward; one TP rank has no rows."""
+    tp_rank = dist.get_rank(tp_group)
+    tpe = torch.tensor([3, 2] if tp_rank == 0 else [0, 0], dtype=torch.int32)
+    for dtype in (torch.float64, torch.float32):
+        g = torch.Generator().manual_seed(seed * 7 + rank)
+        x = torch.randn(int(tpe.sum()), H, generator=g, dtype=torch.float64).to(dtype)
+        gy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+        shard_w = torch.randn(H, H, generator=g, dtype=torch.float64).to(dtype)  # this rank's partial
+        got = []
+        for collectives in (False, True):
+            xx = x.clone().requires_grad_()
+            y, tpe_all = moe_ext.parallel.tp_experts(xx, tpe, lambda a, t: torch.tanh(a @ shard_w), tp_rank,
+                                                    tp_group, collectives=collectives)
+            (y * gy).sum().backward()
+            got.append((y.detach(), xx.grad if xx.grad is not None else torch.zeros_like(x), tpe_all))
+        (y0, g0, t0), (y1, g1, t1) = got
+        assert torch.equal(t0, t1) and torch.equal(t0, torch.tensor([3, 2], dtype=torch.int32))
+        assert torch.equal(y0, y1), f"{dtype}: tp_experts output differs between its routes"
+        assert torch.equal(g0, g1), f"{dtype}: tp_experts x gradient differs between its routes"
 
 
 def check_bfloat16(p, rank, ep_group, tp_group):

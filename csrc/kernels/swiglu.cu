@@ -49,19 +49,26 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
-    swiglu_forward_kernel(const T* __restrict__ h, T* __restrict__ out, int64_t rows, int64_t n) {
-  using acc_t = typename Acc<T>::type;
+// Calls f(r, c, gate, up) for every vector of V columns c of every row r of h = [gate | up]
+// ([rows, 2n]): one grid-stride loop with 64-bit indices and offsets.
+template <typename T, int V, typename F>
+__device__ __forceinline__ void for_each_vector(const T* __restrict__ h, int64_t rows, int64_t n, F&& f) {
   const int64_t per_row = n / V;
   const int64_t total = rows * per_row;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
     const int64_t r = i / per_row;
     const int64_t c = (i - r * per_row) * V;
-    const T* hr = h + r * 2 * n;  // NOTE: 64-bit offsets throughout
-    const Vec<T, V> gate = *reinterpret_cast<const Vec<T, V>*>(hr + c);
-    const Vec<T, V> up = *reinterpret_cast<const Vec<T, V>*>(hr + n + c);
+    const T* hr = h + r * 2 * n;
+    f(r, c, *reinterpret_cast<const Vec<T, V>*>(hr + c), *reinterpret_cast<const Vec<T, V>*>(hr + n + c));
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_forward_kernel(const T* __restrict__ h, T* __restrict__ out, int64_t rows, int64_t n) {
+  using acc_t = typename Acc<T>::type;
+  for_each_vector<T, V>(h, rows, n, [&](int64_t r, int64_t c, const Vec<T, V>& gate, const Vec<T, V>& up) {
     Vec<T, V> a;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -69,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
       store_acc(&a.v[j], mul(div(x, add(acc_t(1), exp_(-x))), to_acc(up.v[j])));  // the GEMM epilogue's silu
     }
     *reinterpret_cast<Vec<T, V>*>(out + r * n + c) = a;
-  }
+  });
 }
 
 template <typename TH, typename TG, int V>
@@ -77,15 +84,7 @@ __global__ void __launch_bounds__(kThreads)
     swiglu_backward_kernel(const TG* __restrict__ grad, const TH* __restrict__ h, TH* __restrict__ out,
                            int64_t rows, int64_t n) {
   using acc_t = typename Acc<TH>::type;
-  const int64_t per_row = n / V;
-  const int64_t total = rows * per_row;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
-    const int64_t r = i / per_row;
-    const int64_t c = (i - r * per_row) * V;
-    const TH* hr = h + r * 2 * n;  // NOTE: 64-bit offsets throughout
-    const Vec<TH, V> gate = *reinterpret_cast<const Vec<TH, V>*>(hr + c);
-    const Vec<TH, V> up = *reinterpret_cast<const Vec<TH, V>*>(hr + n + c);
+  for_each_vector<TH, V>(h, rows, n, [&](int64_t r, int64_t c, const Vec<TH, V>& gate, const Vec<TH, V>& up) {
     const Vec<TG, V> g = *reinterpret_cast<const Vec<TG, V>*>(grad + r * n + c);
     Vec<TH, V> d_gate, d_up;
 #pragma unroll
@@ -101,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
     TH* o = out + r * 2 * n;
     *reinterpret_cast<Vec<TH, V>*>(o + c) = d_gate;
     *reinterpret_cast<Vec<TH, V>*>(o + n + c) = d_up;
-  }
+  });
 }
 
 int grid_blocks(int64_t work) {

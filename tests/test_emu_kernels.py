@@ -332,7 +332,7 @@ def test_permute_many_tiles_and_experts(emu, seed, sms):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("H", [8, 40, 1000, 2056])
-@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 11])  # 4, 4, 2 and 1 column vectors per lane; 11: not hoisted
 @pytest.mark.parametrize("weighted", [True, False])
 def test_unpermute_matches_cpu(emu, seed, dtype, H, k, weighted):
     T, E = 67, 16

@@ -629,7 +629,9 @@ __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
   }
 }
 
-template <typename T, int kVec, bool kWeights>
+// kU: column vectors a lane works on at once (k <= kSlotChunk / kU), as unpermute_kernel; the dot
+// products still add the lane's vectors in increasing order, so every kU gives the same bits.
+template <typename T, int kVec, bool kWeights, int kU>
 __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
     unpermute_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ y, int64_t y_rows,
                               int64_t y_row_stride, const int64_t* __restrict__ row_map,
@@ -651,33 +653,45 @@ __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
       double dot[kSlotChunk];
 #pragma unroll
       for (int jj = 0; jj < kSlotChunk; ++jj) dot[jj] = 0.0;
-      for (int64_t v = lane; v < num_vecs; v += kWarpSize) {
-        const Pack<T, kVec> g = load_pack<T, kVec>(g_row + v * kVec);
-        Pack<T, kVec> ybuf[kSlotChunk];
-        if constexpr (kWeights) {
+      constexpr int kK = kSlotChunk / kU;  // slots per chunk (k <= kK when kU > 1)
+      for (int64_t v0 = lane; v0 < num_vecs; v0 += int64_t{kWarpSize} * kU) {
+        Pack<T, kVec> g[kU];
+        Pack<T, kVec> ybuf[kU][kK];
 #pragma unroll
-          for (int jj = 0; jj < kSlotChunk; ++jj)
-            if (rows[jj] >= 0) ybuf[jj] = load_pack<T, kVec>(y + rows[jj] * y_row_stride + v * kVec);
+        for (int u = 0; u < kU; ++u) {
+          const int64_t v = v0 + u * kWarpSize;
+          if (v >= num_vecs) continue;
+          g[u] = load_pack<T, kVec>(g_row + v * kVec);
+          if constexpr (kWeights) {
+#pragma unroll
+            for (int jj = 0; jj < kK; ++jj)
+              if (rows[jj] >= 0) ybuf[u][jj] = load_pack<T, kVec>(y + rows[jj] * y_row_stride + v * kVec);
+          }
         }
 #pragma unroll
-        for (int jj = 0; jj < kSlotChunk; ++jj) {
-          if (rows[jj] < 0) continue;
-          T* dst = grad_y + rows[jj] * hidden + v * kVec;
-          if constexpr (kWeights) {
-            Pack<T, kVec> o;
-            // The dot in float64 throughout, as permute.cuh promises and the CPU op computes it
-            // (products of float32 values are exact in float64).
-            double part = 0.0;
+        for (int u = 0; u < kU; ++u) {
+          const int64_t v = v0 + u * kWarpSize;
+          if (v >= num_vecs) break;
 #pragma unroll
-            for (int e = 0; e < kVec; ++e) {
-              const Acc gv = to_acc(g.v[e]);
-              o.v[e] = cast_out<T>(mul_rn(ws[jj], gv));
-              part += static_cast<double>(to_acc(ybuf[jj].v[e])) * static_cast<double>(gv);
+          for (int jj = 0; jj < kK; ++jj) {
+            if (rows[jj] < 0) continue;
+            T* dst = grad_y + rows[jj] * hidden + v * kVec;
+            if constexpr (kWeights) {
+              Pack<T, kVec> o;
+              // The dot in float64 throughout, as permute.cuh promises and the CPU op computes it
+              // (products of float32 values are exact in float64).
+              double part = 0.0;
+#pragma unroll
+              for (int e = 0; e < kVec; ++e) {
+                const Acc gv = to_acc(g[u].v[e]);
+                o.v[e] = cast_out<T>(mul_rn(ws[jj], gv));
+                part += static_cast<double>(to_acc(ybuf[u][jj].v[e])) * static_cast<double>(gv);
+              }
+              dot[jj] += part;
+              store_pack<T, kVec>(dst, o);
+            } else {
+              store_pack<T, kVec>(dst, g[u]);
             }
-            dot[jj] += part;
-            store_pack<T, kVec>(dst, o);
-          } else {
-            store_pack<T, kVec>(dst, g);
           }
         }
       }
@@ -766,18 +780,29 @@ void unpermute_backward_impl(const UnpermuteBackwardParams& p, cudaStream_t stre
   MOE_CUDA_CHECK(cudaMemsetAsync(touched, 0, static_cast<size_t>(p.y_rows), stream));
   if (p.num_tokens > 0) {
     const unsigned grid = row_grid(p.num_tokens);
-#define MOE_UNPERMUTE_BWD_LAUNCH(VEC, W)                                                                           \
-  unpermute_backward_kernel<T, VEC, W><<<grid, kRowThreads, 0, stream>>>(g, y, p.y_rows, p.y_row_stride, p.row_map, \
-                                                                         w, grad_y, p.grad_weights, touched,       \
-                                                                         p.num_tokens, p.k, p.hidden)
-    if (wide) {
-      if (p.weights != nullptr) MOE_UNPERMUTE_BWD_LAUNCH(kWide, true);
-      else MOE_UNPERMUTE_BWD_LAUNCH(kWide, false);
-    } else {
-      if (p.weights != nullptr) MOE_UNPERMUTE_BWD_LAUNCH(1, true);
-      else MOE_UNPERMUTE_BWD_LAUNCH(1, false);
-    }
+    const int vecs = p.k <= 2 ? 4 : (p.k <= 4 ? 2 : 1);  // column vectors per lane at once (unpermute_impl)
+    const auto launch = [&](auto vec, auto with_weights) {
+      constexpr int V = decltype(vec)::value;
+      constexpr bool W = decltype(with_weights)::value;
+#define MOE_UNPERMUTE_BWD_LAUNCH(U)                                                                        \
+  unpermute_backward_kernel<T, V, W, U><<<grid, kRowThreads, 0, stream>>>(                                 \
+      g, y, p.y_rows, p.y_row_stride, p.row_map, w, grad_y, p.grad_weights, touched, p.num_tokens, p.k, p.hidden)
+      switch (vecs) {
+        case 4: MOE_UNPERMUTE_BWD_LAUNCH(4); break;
+        case 2: MOE_UNPERMUTE_BWD_LAUNCH(2); break;
+        default: MOE_UNPERMUTE_BWD_LAUNCH(1); break;
+      }
 #undef MOE_UNPERMUTE_BWD_LAUNCH
+    };
+    using Wide = std::integral_constant<int, kWide>;
+    using One = std::integral_constant<int, 1>;
+    if (wide) {
+      if (p.weights != nullptr) launch(Wide{}, std::true_type{});
+      else launch(Wide{}, std::false_type{});
+    } else {
+      if (p.weights != nullptr) launch(One{}, std::true_type{});
+      else launch(One{}, std::false_type{});
+    }
     MOE_CUDA_CHECK(cudaGetLastError());
   }
   const unsigned zgrid = row_grid(p.y_rows);

@@ -3,23 +3,21 @@
 #include "ops/checks.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 namespace moe_ext::cpu {
 namespace {
-
-template <typename T>
-using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 int64_t rows_per_task(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 template <typename T>
 void swiglu_rows(const T* h, T* out, int64_t rows, int64_t n) {
-  using acc_t = acc_of<T>;
+  using acc_t = at::opmath_type<T>;
   at::parallel_for(0, rows, rows_per_task(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* hr = h + r * 2 * n;
@@ -34,7 +32,7 @@ void swiglu_rows(const T* h, T* out, int64_t rows, int64_t n) {
 
 template <typename TH, typename TG>
 void swiglu_backward_rows(const TG* grad, const TH* h, TH* out, int64_t rows, int64_t n) {
-  using acc_t = acc_of<TH>;
+  using acc_t = at::opmath_type<TH>;
   at::parallel_for(0, rows, rows_per_task(n), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const TH* hr = h + r * 2 * n;
@@ -67,13 +65,9 @@ at::Tensor swiglu(const at::Tensor& h_in) {
   const at::Tensor h = h_in.contiguous();
   const int64_t rows = h.size(0), n = h.size(1) / 2;
   at::Tensor out = at::empty({rows, n}, h.options());
-  switch (h.scalar_type()) {
-    case at::kFloat: swiglu_rows(h.data_ptr<float>(), out.data_ptr<float>(), rows, n); break;
-    case at::kDouble: swiglu_rows(h.data_ptr<double>(), out.data_ptr<double>(), rows, n); break;
-    case at::kHalf: swiglu_rows(h.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), rows, n); break;
-    case at::kBFloat16: swiglu_rows(h.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, n); break;
-    default: TORCH_CHECK(false, "moe_ext.swiglu: h must be float32, float64, float16 or bfloat16");
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "moe_ext_swiglu", [&] {
+    swiglu_rows(h.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n);
+  });
   return out;
 }
 
@@ -83,13 +77,8 @@ at::Tensor swiglu_backward(const at::Tensor& grad_in, const at::Tensor& h_in) {
   const at::Tensor grad =
       (grad_in.scalar_type() == h.scalar_type() ? grad_in : grad_in.to(acc_dtype(h.scalar_type()))).contiguous();
   at::Tensor out = at::empty_like(h);
-  switch (h.scalar_type()) {
-    case at::kFloat: dispatch_grad<float>(grad, h, out); break;
-    case at::kDouble: dispatch_grad<double>(grad, h, out); break;
-    case at::kHalf: dispatch_grad<c10::Half>(grad, h, out); break;
-    case at::kBFloat16: dispatch_grad<c10::BFloat16>(grad, h, out); break;
-    default: TORCH_CHECK(false, "moe_ext.swiglu_backward: h must be float32, float64, float16 or bfloat16");
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "moe_ext_swiglu_backward",
+                                  [&] { dispatch_grad<scalar_t>(grad, h, out); });
   return out;
 }
 

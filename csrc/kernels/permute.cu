@@ -488,22 +488,6 @@ struct FloatTraits<PermuteFloat::kBFloat16> {
   using Acc = float;
 };
 
-// NOTE: separately rounded multiply and add: nvcc must not contract them into an FMA, or the
-// result would differ from the CPU op's in the last bit.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-
-template <typename T>
-__device__ __forceinline__ T cast_out(typename std::conditional<std::is_same<T, double>::value, double, float>::type v) {
-  if constexpr (std::is_same<T, double>::value) {
-    return v;
-  } else {
-    return from_acc<T>(v);
-  }
-}
-
 // kVec elements of T moved as one access.
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec) Pack {
@@ -552,9 +536,9 @@ template <typename T, int kVec, bool kWeights, bool kHoist, int kU>
 __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
     unpermute_kernel(const T* __restrict__ y, int64_t y_rows, int64_t y_row_stride,
                      const int64_t* __restrict__ row_map,
-                     const typename std::conditional<std::is_same<T, double>::value, double, float>::type* __restrict__ w,
+                     const acc_type<T>* __restrict__ w,
                      T* __restrict__ out, int64_t num_tokens, int64_t k, int64_t hidden, const int* poison_if) {
-  using Acc = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  using Acc = acc_type<T>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
   const int64_t num_vecs = hidden / kVec;
@@ -565,10 +549,16 @@ __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
     int64_t rows[kSlotChunk];
     Acc ws[kSlotChunk];
     T* out_row = out + t * hidden;
-    if constexpr (kHoist) {
-      load_slots<Acc, kWeights>(row_map, w, t, k, 0, y_rows, rows, ws);
-      constexpr int kK = kSlotChunk / kU;  // slots that can be routed (k <= kK)
-      for (int64_t v0 = lane; v0 < num_vecs; v0 += int64_t{kWarpSize} * kU) {
+    if constexpr (kHoist) load_slots<Acc, kWeights>(row_map, w, t, k, 0, y_rows, rows, ws);
+    constexpr int kK = kSlotChunk / kU;  // slots per chunk (k <= kK when kU > 1: one chunk)
+    for (int64_t v0 = lane; v0 < num_vecs; v0 += int64_t{kWarpSize} * kU) {
+      Acc acc[kU][kVec];
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[u][e] = Acc(0);
+      for (int64_t j0 = 0; j0 < k; j0 += kK) {
+        if constexpr (!kHoist) load_slots<Acc, kWeights>(row_map, w, t, k, j0, y_rows, rows, ws);
         Pack<T, kVec> buf[kU][kK];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
@@ -579,52 +569,27 @@ __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
         }
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          const int64_t v = v0 + u * kWarpSize;
-          if (v >= num_vecs) break;
-          Acc acc[kVec];
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) acc[e] = Acc(0);
+          if (v0 + u * kWarpSize >= num_vecs) break;
 #pragma unroll
           for (int jj = 0; jj < kK; ++jj) {  // NOTE: slot order, as the CPU op: the same bits for any kU
             if (rows[jj] < 0) continue;
 #pragma unroll
             for (int e = 0; e < kVec; ++e) {
               const Acc val = to_acc(buf[u][jj].v[e]);
-              acc[e] = add_rn(acc[e], kWeights ? mul_rn(ws[jj], val) : val);
+              acc[u][e] = add_rn(acc[u][e], kWeights ? mul_rn(ws[jj], val) : val);
             }
           }
-          Pack<T, kVec> o;
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) o.v[e] = cast_out<T>(poison ? nan : acc[e]);
-          store_pack<T, kVec>(out_row + v * kVec, o);
         }
       }
-      continue;
-    }
-    for (int64_t v = lane; v < num_vecs; v += kWarpSize) {
-      Acc acc[kVec];
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] = Acc(0);
-      for (int64_t j0 = 0; j0 < k; j0 += kSlotChunk) {
-        load_slots<Acc, kWeights>(row_map, w, t, k, j0, y_rows, rows, ws);
-        Pack<T, kVec> buf[kSlotChunk];
+      for (int u = 0; u < kU; ++u) {
+        const int64_t v = v0 + u * kWarpSize;
+        if (v >= num_vecs) break;
+        Pack<T, kVec> o;
 #pragma unroll
-        for (int jj = 0; jj < kSlotChunk; ++jj)
-          if (rows[jj] >= 0) buf[jj] = load_pack<T, kVec>(y + rows[jj] * y_row_stride + v * kVec);
-#pragma unroll
-        for (int jj = 0; jj < kSlotChunk; ++jj) {
-          if (rows[jj] < 0) continue;
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) {
-            const Acc val = to_acc(buf[jj].v[e]);
-            acc[e] = add_rn(acc[e], kWeights ? mul_rn(ws[jj], val) : val);
-          }
-        }
+        for (int e = 0; e < kVec; ++e) o.v[e] = cast_out<T>(poison ? nan : acc[u][e]);
+        store_pack<T, kVec>(out_row + v * kVec, o);
       }
-      Pack<T, kVec> o;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) o.v[e] = cast_out<T>(poison ? nan : acc[e]);
-      store_pack<T, kVec>(out_row + v * kVec, o);
     }
   }
 }
@@ -635,11 +600,10 @@ template <typename T, int kVec, bool kWeights, int kU>
 __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
     unpermute_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ y, int64_t y_rows,
                               int64_t y_row_stride, const int64_t* __restrict__ row_map,
-                              const typename std::conditional<std::is_same<T, double>::value, double, float>::type*
-                                  __restrict__ w,
+                              const acc_type<T>* __restrict__ w,
                               T* __restrict__ grad_y, double* __restrict__ grad_w, uint8_t* __restrict__ touched,
                               int64_t num_tokens, int64_t k, int64_t hidden) {
-  using Acc = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  using Acc = acc_type<T>;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
   const int64_t num_vecs = hidden / kVec;
@@ -720,6 +684,28 @@ __global__ void __launch_bounds__(kRowThreads)
     if (!touched[r]) zero_row<V>(base, r, row_vecs, lane);
 }
 
+// Column vectors a lane of the unpermute kernels works on at once: about kSlotChunk loads in
+// flight whatever k (at most 4 vectors: the accumulators cost registers).
+inline int lane_vectors(int64_t k) { return k <= 2 ? 4 : (k <= 4 ? 2 : 1); }
+
+// Calls f(vec, with_weights, u) with compile-time constants: vec = kWide (16-byte accesses) or 1,
+// with_weights, and u = lanes' column vectors (4, 2 or 1): the template arguments of the unpermute
+// kernels.
+template <int kWide, typename F>
+void with_row_kernel_params(bool wide, bool weights, int vectors, F&& f) {
+  const auto with_u = [&](auto vec, auto w) {
+    switch (vectors) {
+      case 4: return f(vec, w, std::integral_constant<int, 4>{});
+      case 2: return f(vec, w, std::integral_constant<int, 2>{});
+      default: return f(vec, w, std::integral_constant<int, 1>{});
+    }
+  };
+  const auto with_w = [&](auto vec) {
+    return weights ? with_u(vec, std::true_type{}) : with_u(vec, std::false_type{});
+  };
+  return wide ? with_w(std::integral_constant<int, kWide>{}) : with_w(std::integral_constant<int, 1>{});
+}
+
 template <PermuteFloat kType>
 void unpermute_impl(const UnpermuteParams& p, cudaStream_t stream) {
   using T = typename FloatTraits<kType>::T;
@@ -728,37 +714,22 @@ void unpermute_impl(const UnpermuteParams& p, cudaStream_t stream) {
   const bool wide = vec_bytes({static_cast<uint64_t>(p.hidden * sizeof(T)),
                                static_cast<uint64_t>(p.y_rows > 1 ? p.y_row_stride * sizeof(T) : 0),
                                reinterpret_cast<uint64_t>(p.y), reinterpret_cast<uint64_t>(p.out)}) == 16;
-  const bool weights = p.weights != nullptr;
-  // Column vectors per lane at once: about kSlotChunk loads in flight whatever k (at most 4 vectors:
-  // the accumulators cost registers).
-  const int vecs = p.k <= 2 ? 4 : (p.k <= 4 ? 2 : (p.k <= kSlotChunk ? 1 : 0));  // 0: not hoisted
   const T* y = static_cast<const T*>(p.y);
   const Acc* w = static_cast<const Acc*>(p.weights);
   T* out = static_cast<T*>(p.out);
   const unsigned grid = row_grid(p.num_tokens);
-  const auto launch = [&](auto vec, auto with_weights) {
-    constexpr int V = decltype(vec)::value;
+  const bool hoist = p.k <= kSlotChunk;
+  const auto launch = [&](auto vec, auto with_weights, auto u) {
+    constexpr int V = decltype(vec)::value, U = decltype(u)::value;
     constexpr bool W = decltype(with_weights)::value;
-#define MOE_UNPERMUTE_LAUNCH(H, U)                                                                                \
-  unpermute_kernel<T, V, W, H, U><<<grid, kRowThreads, 0, stream>>>(y, p.y_rows, p.y_row_stride, p.row_map, w, out, \
-                                                                    p.num_tokens, p.k, p.hidden, p.poison_if)
-    switch (vecs) {
-      case 4: MOE_UNPERMUTE_LAUNCH(true, 4); break;
-      case 2: MOE_UNPERMUTE_LAUNCH(true, 2); break;
-      case 1: MOE_UNPERMUTE_LAUNCH(true, 1); break;
-      default: MOE_UNPERMUTE_LAUNCH(false, 1); break;
-    }
-#undef MOE_UNPERMUTE_LAUNCH
+    if (hoist)
+      unpermute_kernel<T, V, W, true, U><<<grid, kRowThreads, 0, stream>>>(
+          y, p.y_rows, p.y_row_stride, p.row_map, w, out, p.num_tokens, p.k, p.hidden, p.poison_if);
+    else  // k > kSlotChunk: U is 1 there
+      unpermute_kernel<T, V, W, false, 1><<<grid, kRowThreads, 0, stream>>>(
+          y, p.y_rows, p.y_row_stride, p.row_map, w, out, p.num_tokens, p.k, p.hidden, p.poison_if);
   };
-  using Wide = std::integral_constant<int, kWide>;
-  using One = std::integral_constant<int, 1>;
-  if (wide) {
-    if (weights) launch(Wide{}, std::true_type{});
-    else launch(Wide{}, std::false_type{});
-  } else {
-    if (weights) launch(One{}, std::true_type{});
-    else launch(One{}, std::false_type{});
-  }
+  with_row_kernel_params<kWide>(wide, p.weights != nullptr, lane_vectors(p.k), launch);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -780,29 +751,13 @@ void unpermute_backward_impl(const UnpermuteBackwardParams& p, cudaStream_t stre
   MOE_CUDA_CHECK(cudaMemsetAsync(touched, 0, static_cast<size_t>(p.y_rows), stream));
   if (p.num_tokens > 0) {
     const unsigned grid = row_grid(p.num_tokens);
-    const int vecs = p.k <= 2 ? 4 : (p.k <= 4 ? 2 : 1);  // column vectors per lane at once (unpermute_impl)
-    const auto launch = [&](auto vec, auto with_weights) {
-      constexpr int V = decltype(vec)::value;
+    const auto launch = [&](auto vec, auto with_weights, auto u) {
+      constexpr int V = decltype(vec)::value, U = decltype(u)::value;
       constexpr bool W = decltype(with_weights)::value;
-#define MOE_UNPERMUTE_BWD_LAUNCH(U)                                                                        \
-  unpermute_backward_kernel<T, V, W, U><<<grid, kRowThreads, 0, stream>>>(                                 \
-      g, y, p.y_rows, p.y_row_stride, p.row_map, w, grad_y, p.grad_weights, touched, p.num_tokens, p.k, p.hidden)
-      switch (vecs) {
-        case 4: MOE_UNPERMUTE_BWD_LAUNCH(4); break;
-        case 2: MOE_UNPERMUTE_BWD_LAUNCH(2); break;
-        default: MOE_UNPERMUTE_BWD_LAUNCH(1); break;
-      }
-#undef MOE_UNPERMUTE_BWD_LAUNCH
+      unpermute_backward_kernel<T, V, W, U><<<grid, kRowThreads, 0, stream>>>(
+          g, y, p.y_rows, p.y_row_stride, p.row_map, w, grad_y, p.grad_weights, touched, p.num_tokens, p.k, p.hidden);
     };
-    using Wide = std::integral_constant<int, kWide>;
-    using One = std::integral_constant<int, 1>;
-    if (wide) {
-      if (p.weights != nullptr) launch(Wide{}, std::true_type{});
-      else launch(Wide{}, std::false_type{});
-    } else {
-      if (p.weights != nullptr) launch(One{}, std::true_type{});
-      else launch(One{}, std::false_type{});
-    }
+    with_row_kernel_params<kWide>(wide, p.weights != nullptr, lane_vectors(p.k), launch);
     MOE_CUDA_CHECK(cudaGetLastError());
   }
   const unsigned zgrid = row_grid(p.y_rows);

@@ -16,32 +16,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-// Loads widen with to_acc (float_cast.cuh); from_acc has no float64 form, hence store_acc.
-__device__ __forceinline__ void store_acc(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_acc(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store_acc(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_acc(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// NOTE: every operation rounded on its own and expf (not __expf, which flushes tiny results): the
-// same sequence as the CPU op, so the two differ only where expf and the host's exp do.
-__device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ float sub(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ float div(float a, float b) { return __fdiv_rn(a, b); }
+// NOTE: every operation rounded on its own (float_cast.cuh's *_rn) and expf (not __expf, which
+// flushes tiny results): the same sequence as the CPU op, so the two differ only where expf and
+// the host's exp do.
 __device__ __forceinline__ float exp_(float a) { return expf(a); }
-__device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ double sub(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ double div(double a, double b) { return __ddiv_rn(a, b); }
 __device__ __forceinline__ double exp_(double a) { return ::exp(a); }
 
 template <typename T, int V>
@@ -67,13 +45,13 @@ __device__ __forceinline__ void for_each_vector(const T* __restrict__ h, int64_t
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     swiglu_forward_kernel(const T* __restrict__ h, T* __restrict__ out, int64_t rows, int64_t n) {
-  using acc_t = typename Acc<T>::type;
+  using acc_t = acc_type<T>;
   for_each_vector<T, V>(h, rows, n, [&](int64_t r, int64_t c, const Vec<T, V>& gate, const Vec<T, V>& up) {
     Vec<T, V> a;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const acc_t x = to_acc(gate.v[j]);
-      store_acc(&a.v[j], mul(div(x, add(acc_t(1), exp_(-x))), to_acc(up.v[j])));  // the GEMM epilogue's silu
+      a.v[j] = cast_out<T>(mul_rn(div_rn(x, add_rn(acc_t(1), exp_(-x))), to_acc(up.v[j])));  // the GEMM epilogue's silu
     }
     *reinterpret_cast<Vec<T, V>*>(out + r * n + c) = a;
   });
@@ -83,19 +61,19 @@ template <typename TH, typename TG, int V>
 __global__ void __launch_bounds__(kThreads)
     swiglu_backward_kernel(const TG* __restrict__ grad, const TH* __restrict__ h, TH* __restrict__ out,
                            int64_t rows, int64_t n) {
-  using acc_t = typename Acc<TH>::type;
+  using acc_t = acc_type<TH>;
   for_each_vector<TH, V>(h, rows, n, [&](int64_t r, int64_t c, const Vec<TH, V>& gate, const Vec<TH, V>& up) {
     const Vec<TG, V> g = *reinterpret_cast<const Vec<TG, V>*>(grad + r * n + c);
     Vec<TH, V> d_gate, d_up;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const acc_t x = to_acc(gate.v[j]), u = to_acc(up.v[j]), gj = to_acc(g.v[j]);
-      const acc_t sig = div(acc_t(1), add(acc_t(1), exp_(-x)));
-      const acc_t silu = mul(x, sig);
+      const acc_t sig = div_rn(acc_t(1), add_rn(acc_t(1), exp_(-x)));
+      const acc_t silu = mul_rn(x, sig);
       // g * up * (sig * (1 + x * (1 - sig))), left to right as the CPU op.
-      const acc_t dsilu = mul(sig, add(acc_t(1), mul(x, sub(acc_t(1), sig))));
-      store_acc(&d_gate.v[j], mul(mul(gj, u), dsilu));
-      store_acc(&d_up.v[j], mul(gj, silu));
+      const acc_t dsilu = mul_rn(sig, add_rn(acc_t(1), mul_rn(x, sub_rn(acc_t(1), sig))));
+      d_gate.v[j] = cast_out<TH>(mul_rn(mul_rn(gj, u), dsilu));
+      d_up.v[j] = cast_out<TH>(mul_rn(gj, silu));
     }
     TH* o = out + r * 2 * n;
     *reinterpret_cast<Vec<TH, V>*>(o + c) = d_gate;
@@ -126,7 +104,7 @@ void launch_forward(const SwigluForwardParams& p, cudaStream_t stream) {
 }
 
 template <typename TH, typename TG>
-void launch(const SwigluBackwardParams& p, cudaStream_t stream) {
+void launch_backward(const SwigluBackwardParams& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(TH);  // 16 bytes of h per load
   const auto* grad = static_cast<const TG*>(p.grad);
   const auto* h = static_cast<const TH*>(p.h);
@@ -163,12 +141,13 @@ void swiglu_backward(const SwigluBackwardParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.n == 0) return;
   MOE_HOST_ASSERT(p.grad != nullptr && p.h != nullptr && p.out != nullptr, "swiglu_backward: null pointer");
   switch (p.dtype) {
-    case PermuteFloat::kFloat32: return launch<float, float>(p, stream);
-    case PermuteFloat::kFloat64: return launch<double, double>(p, stream);
+    case PermuteFloat::kFloat32: return launch_backward<float, float>(p, stream);
+    case PermuteFloat::kFloat64: return launch_backward<double, double>(p, stream);
     case PermuteFloat::kFloat16:
-      return p.grad_is_acc ? launch<__half, float>(p, stream) : launch<__half, __half>(p, stream);
+      return p.grad_is_acc ? launch_backward<__half, float>(p, stream) : launch_backward<__half, __half>(p, stream);
     case PermuteFloat::kBFloat16:
-      return p.grad_is_acc ? launch<__nv_bfloat16, float>(p, stream) : launch<__nv_bfloat16, __nv_bfloat16>(p, stream);
+      return p.grad_is_acc ? launch_backward<__nv_bfloat16, float>(p, stream)
+                           : launch_backward<__nv_bfloat16, __nv_bfloat16>(p, stream);
   }
   MOE_HOST_ASSERT(false, "swiglu_backward: unknown dtype");
 }

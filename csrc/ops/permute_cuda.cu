@@ -23,7 +23,6 @@ namespace {
 using Tensor = at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 
-
 std::tuple<Tensor, Tensor, Tensor> permute_cuda(const Tensor& x, const Tensor& idx_in, int64_t num_experts,
                                                 int64_t pad_to, int64_t capacity, bool exact) {
   check_permute(x, idx_in, num_experts, pad_to, capacity);

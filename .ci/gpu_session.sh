@@ -227,7 +227,7 @@ phase_test() {
   start_mps
   CASE_TIMEOUT=260 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc_worlds 360 tests/test_cuda_ep_ipc.py \
     -k "test_ipc_matches_gloo"
-  CASE_TIMEOUT=170 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc 300 tests/test_cuda_ep_ipc.py \
+  CASE_TIMEOUT=240 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_ep_ipc 420 tests/test_cuda_ep_ipc.py \
     -k "not test_ipc_matches_gloo"
   CASE_TIMEOUT=170 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_layer 240 tests/test_cuda_layer.py
   CASE_TIMEOUT=220 MOE_EXT_GROUPED_GEMM_KERNEL=portable pytest_file test_parallel 240 tests/test_cuda_parallel.py
@@ -289,6 +289,11 @@ phase_bench_py() {
   run bench_permute_py 120 python bench/permute_bench.py --json "$J/permute_py.json"
   start_mps
   run bench_ep_py_8 150 python bench/ep_bench.py --ranks 8 --profile 3 --json "$J/ep_py_8.json"
+  run bench_ep_py_8_partial 150 python bench/ep_bench.py --ranks 8 --partial --json "$J/ep_py_8_partial.json"
+  run bench_ep_py_2_decode 120 python bench/ep_bench.py --ranks 2 --tokens 128 --masked --iters 200 \
+    --json "$J/ep_py_2_decode.json"
+  run bench_ep_py_2_decode_partial 120 python bench/ep_bench.py --ranks 2 --tokens 128 --masked --partial \
+    --iters 200 --json "$J/ep_py_2_decode_partial.json"
   run bench_ep_tp 150 python bench/ep_tp_bench.py --ep 2 --tp 2 --device cuda --tokens 4096 --hidden 4096 --ffn 2048 \
     --experts 32 --k 4 --json "$J/ep_tp.json"
   run demo_cuda_w2 180 python -m moe_ext demo --device cuda --world 2 --steps 100 --no-progress --png none --skip-check

@@ -10,7 +10,7 @@ Each rank routes its tokens to k distinct random experts (seeded per rank), then
 and combine with CUDA events (median of --iters, every iteration started together after a gloo
 barrier; the reported time is the slowest rank's median). Bytes counted, per rank, summed over
 ranks: dispatch moves one row per (token, destination rank) pair, combine one row per kept
-(token, slot). All ranks on one GPU share its HBM, so each row is read and written there once:
+(token, slot), or with --partial one per (token, destination rank) pair too. All ranks on one GPU share its HBM, so each row is read and written there once:
 "busbw" = 2 x bytes / time, compared with the 2.95 TB/s copy ceiling of GPU.md ("%ceil"). In the
 same run, rank 0 times the baseline a single process would need to move the same rows on the
 same GPU: torch index_select of them (one read + one write each). --profile N lists rank 0's
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--masked", action="store_true", help="no-sync masked layout (decode)")
+    p.add_argument("--partial", action="store_true",
+                   help="dispatch(partial_combine=True): combine sends one row per (token, rank), not per slot")
     p.add_argument("--num-sms", type=int, default=0, help="blocks of the data kernels (0: every SM)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -88,6 +90,7 @@ def _rank(rank, args, store, results):
     x, idx, w = _inputs(args, rank, device)
     xd, idxd, wd = x.to(device), idx.to(device), w.to(device)
     kw = dict(sync=False, max_tokens=args.tokens) if args.masked else {}
+    kw["partial_combine"] = args.partial
     comm = moe_ext.communicator(device=device, backend=args.backend)
     if args.backend == "ipc":
         comm.num_sms = args.num_sms
@@ -134,7 +137,7 @@ def _rank(rank, args, store, results):
         dist.barrier()
         kernels = kernel_table(both, args.profile, 1, True)
     results.put((rank, dict(dispatch_us=t_dispatch, combine_us=t_combine, dispatch_bytes=pairs * row,
-                            combine_bytes=slots * row, wrong=wrong, baseline_us=base, nbytes=comm.nbytes,
+                            combine_bytes=(pairs if args.partial else slots) * row, wrong=wrong, baseline_us=base, nbytes=comm.nbytes,
                             kernels=kernels)))
     dist.barrier()
     comm.close()
@@ -170,7 +173,7 @@ def main(argv=None):
         return 1
     rows = [got[r] for r in range(args.ranks)]
     out = {"ranks": args.ranks, "tokens": args.tokens, "hidden": args.hidden, "k": args.k, "experts": args.experts,
-           "dtype": args.dtype, "masked": args.masked, "backend": args.backend, "device": torch.cuda.get_device_name(0)}
+           "dtype": args.dtype, "masked": args.masked, "partial": args.partial, "backend": args.backend, "device": torch.cuda.get_device_name(0)}
     print(f"backend {args.backend}, {args.ranks} ranks on {'one GPU each' if args.one_gpu_per_rank else 'one GPU'}")
     print(f"{'stage':>9} {'ranks':>5} {'tok/rank':>8} {'hidden':>6} {'k':>3} {'E':>4} {'time us':>9} "
           f"{'bytes':>12} {'busbw GB/s':>10} {'%ceil':>6} {'#wrong':>6}")

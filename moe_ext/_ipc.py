@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 _FIELDS = ("magic", "seq", "tokens", "row_bytes", "dtype", "num_experts", "k", "pad_to", "capacity", "max_rows",
-           "world", "scale_cols", "bad_input")
+           "world", "scale_cols", "bad_input", "partial_combine")
 _PHASES = ("count", "barrier", "token", "combine")
 _TIMEOUT, _MISMATCH, _TOO_MANY = 1, 2, 3
 # The header's bad_input field says what kind of call a rank makes: a real one (0), an
@@ -111,6 +111,7 @@ class _IpcPlan:
 
     def __init__(self, idx, tensors, call, recv_x_scale=None):
         self.idx, self.tensors, self.call, self.recv_x_scale = idx, tensors, call, recv_x_scale
+        self.partial = tensors[7].numel() > 0  # a dispatch for the partial combine (part_dst)
 
 
 class IpcBackend:
@@ -214,7 +215,7 @@ class IpcBackend:
         idx0 = torch.zeros((0, 1), dtype=torch.int64, device=self.device)
         cur = self._enter([])
         with torch.cuda.stream(self.stream):
-            self._c.dispatch(x0, idx0, None, self.world, 1, -1, -1, 0, kind)
+            self._c.dispatch(x0, idx0, None, self.world, 1, -1, -1, 0, kind, None)
         self._leave(cur, [], False)
 
     def _allocate(self, sizes, problem=None):
@@ -376,7 +377,8 @@ class IpcBackend:
             cur = self._enter([x, idx, scale])
             with torch.cuda.stream(self.stream):
                 recv_x, recv_scale, tpe, *plan = self._run(self._c.dispatch, x, idx, scale, num_experts, opts.pad_to,
-                                                            capacity, max_rows, call[-1], 0)
+                                                            capacity, max_rows, call[-1], 0,
+                                                            w.detach() if opts.partial else None)
             code, _, _, _, value, _, _ = self._c.error() if opts.sync else (0,) * 7
             if code != _TOO_MANY or attempt == 1:
                 break
@@ -406,6 +408,7 @@ class IpcBackend:
                        "call moe_ext.communicator(group).close() on every rank to start over")
 
     def combine(self, y, w, plan, row_map, keep_rows=False, stage="combine", async_op=False):
+        keep_rows = keep_rows and not plan.partial  # NOTE: a partial combine brings no per-slot rows back
         cur = self._enter([y, w])
         with torch.cuda.stream(self.stream):
             out, rows, _ = self._run(self._c.combine, y, plan.idx, w, plan.tensors, plan.call, bool(keep_rows))

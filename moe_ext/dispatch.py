@@ -49,7 +49,7 @@ from .permute import permute, unpermute
 _BACKENDS = ("auto", "ipc", "nccl", "gloo")
 _MAGIC = 0x6D6F6565  # "moee": marks a header row that really came from moe_ext.dispatch
 _HEADER = ("magic", "tokens", "hidden", "dtype", "weights_dtype", "num_experts", "k", "pad_to", "capacity",
-           "requires_grad", "scale_cols", "bad_input")
+           "requires_grad", "scale_cols", "partial_combine", "bad_input")
 _COL = {name: i for i, name in enumerate(_HEADER)}
 
 
@@ -194,6 +194,11 @@ class _Plan:
     back_send_splits: List[int]  # rows combine sends back to each source
     back_recv_splits: List[int]  # rows combine gets back from each destination
     recv_x_scale: Optional[torch.Tensor] = None  # x_scale's rows in recv_x's layout (x_scale= given)
+    # Partial combine only: the routing weights of every arrived token [N_recv, k], and per sent
+    # slot the row of its token's partial among the rows combine brings back (on each
+    # destination's first kept slot of the token, else -1) [T, k].
+    recv_w: Optional[torch.Tensor] = None
+    partial_map: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -215,6 +220,7 @@ class DispatchHandle:
     max_rows: Optional[int] = None  # rows per expert of the masked layout (sync=False), else None
     recv_x_scale: Optional[torch.Tensor] = None  # x_scale's rows [num_rows, S], next to recv_x (x_scale= given)
     async_op: bool = False
+    partial: bool = False  # partial_combine=True: one row per (token, rank) comes back
     plan: Optional[object] = None
     comm: Optional[object] = field(default=None, repr=False)  # the backend object (W > 1)
     work: object = field(default_factory=_CompletedWork, repr=False)
@@ -239,6 +245,7 @@ class _Options:
     max_rows: Optional[int] = None
     x_scale: Optional[torch.Tensor] = None
     async_op: bool = False
+    partial: bool = False
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -382,10 +389,10 @@ class _AllToAllBackend:
         """-> recv_x, tokens_per_expert, plan, row_map; the masked layout when opts.sync is False."""
         if opts.sync:
             return self._dispatch(x, idx, w, opts.num_experts, opts.pad_to, opts.capacity, opts.requires_grad,
-                                  opts.x_scale)
+                                  opts.x_scale, opts.partial)
         cap = opts.max_rows if opts.capacity is None else min(opts.capacity, opts.max_rows)
         flat, kept, plan, row_map = self._dispatch(x, idx, w, opts.num_experts, 1, cap, opts.requires_grad,
-                                                   opts.x_scale)
+                                                   opts.x_scale, opts.partial)
         recv_x, where = _to_masked(flat, kept, opts.max_rows)
         plan.back_rows = where.index_select(0, plan.back_rows)
         plan.recv_row_map = _remap_rows(plan.recv_row_map, where)
@@ -394,7 +401,7 @@ class _AllToAllBackend:
             plan.recv_x_scale = _to_masked(s, kept, opts.max_rows)[0].reshape(-1, s.shape[1])
         return recv_x, kept, plan, row_map
 
-    def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad, x_scale=None):
+    def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad, x_scale=None, partial=False):
         world = self.world
         problem = _input_problem(x, idx, w, num_experts)
         scale = None
@@ -404,7 +411,7 @@ class _AllToAllBackend:
         hidden = x.shape[1] if x.dim() == 2 else 0
         scale_cols = 0 if scale is None else scale.shape[1]
         row = torch.tensor([_MAGIC, 0, hidden, _dtype_code(x.dtype), _dtype_code(w.dtype), num_experts, k, pad_to,
-                            -1 if capacity is None else capacity, int(requires_grad), scale_cols,
+                            -1 if capacity is None else capacity, int(requires_grad), scale_cols, int(partial),
                             int(problem is not None)], dtype=torch.int64).repeat(world, 1)
         if problem is not None:
             self._exchange_header(row, problem)  # tells the peers, then raises
@@ -429,9 +436,13 @@ class _AllToAllBackend:
         row[:, _COL["tokens"]] = send_splits
         recv_splits = self._exchange_header(row)[:, _COL["tokens"]].tolist()
         send_splits = send_splits.tolist()
-        # NOTE: the scales (x_scale=) travel in the same exchange, as more bytes of each row.
+        # NOTE: the scales (x_scale=) travel in the same exchange, as more bytes of each row, and so
+        # do the routing weights of a partial combine.
         parts = [x[send_tokens], send_experts] + ([scale[send_tokens]] if scale is not None else [])
-        recv_tok, recv_experts, *recv_scale = self._exchange(parts, send_splits, recv_splits, "token")
+        parts += [w[send_tokens]] if partial else []
+        recv_tok, recv_experts, *rest = self._exchange(parts, send_splits, recv_splits, "token")
+        recv_w = rest.pop() if partial else None
+        recv_scale = rest
         recv_x, recv_row_map, tokens_per_expert, *recv_x_scale = permute(
             recv_tok, recv_experts, num_experts // world, pad_to=pad_to, capacity=capacity, sync=True,
             x_scale=recv_scale[0] if recv_scale else None)
@@ -457,13 +468,19 @@ class _AllToAllBackend:
         row_map = torch.full((num_tokens * k,), -1, dtype=torch.long, device=dev)
         row_map[kept_slots] = torch.arange(kept_slots.numel(), device=dev)
 
+        partial_map = None
+        if partial:
+            # Each (destination, token) pair's row among the rows sent, in the order they return.
+            pos = torch.full((world, num_tokens), -1, dtype=torch.long, device=dev)
+            pos[send_dest, send_tokens] = torch.arange(send_tokens.numel(), device=dev)
+            partial_map = _first_kept_per_rank(row_map.view(num_tokens, k), dest, pos)
         flat_recv_map = recv_row_map.reshape(-1)
         plan = _Plan(
             send_tokens=send_tokens, send_splits=send_splits, recv_splits=recv_splits, recv_row_map=recv_row_map,
             back_rows=flat_recv_map[flat_recv_map >= 0],
             back_send_splits=torch.bincount(arrived_source[arrived_kept], minlength=world).tolist(),
             back_recv_splits=torch.bincount(flat_dest[kept_slots], minlength=world).tolist(),
-            recv_x_scale=recv_x_scale[0] if recv_x_scale else None)
+            recv_x_scale=recv_x_scale[0] if recv_x_scale else None, recv_w=recv_w, partial_map=partial_map)
         return recv_x, tokens_per_expert, plan, row_map.view(num_tokens, k)
 
     def combine_rows(self, y, plan, stage="combine"):
@@ -472,7 +489,13 @@ class _AllToAllBackend:
 
     def combine(self, y, w, plan, row_map, keep_rows=False, stage="combine", async_op=False):
         """out [T, H] = the weighted (w) or plain (w None) sum of every kept slot's row, sent back
-        from the experts' ranks; also those rows [M, H] when keep_rows (the weights' gradient)."""
+        from the experts' ranks; also those rows [M, H] when keep_rows (the weights' gradient).
+        A partial plan sends back one row per (token, rank) instead (see dispatch's partial_combine;
+        the dispatch carried the weights, w only says whether to use them; no rows are kept)."""
+        if plan.partial_map is not None:
+            part = unpermute(y, plan.recv_row_map, plan.recv_w if w is not None else None)
+            (rows,) = self._exchange([part], plan.recv_splits, plan.send_splits, stage)
+            return unpermute(rows, plan.partial_map), None
         rows = self.combine_rows(y, plan, stage)
         return unpermute(rows, row_map, w), (rows if keep_rows else None)
 
@@ -481,6 +504,19 @@ class _AllToAllBackend:
                                         plan.send_splits, plan.recv_splits, "combine-backward")
         grad_y, _ = ops.unpermute_backward(g_recv, y, plan.recv_row_map, w_recv)
         return grad_y
+
+
+def _first_kept_per_rank(row_map, dest, rows):
+    """[T, k]: on the first kept slot (row_map >= 0) of each token on each destination rank
+    dest [T, k], rows[destination, token]; -1 on every other slot (the partial combine's map)."""
+    T, k = row_map.shape
+    kept = row_map >= 0
+    key = torch.where(kept, dest, -1)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=dest.device).tril(-1)  # [j, i]: i < j
+    dup = ((key.unsqueeze(2) == key.unsqueeze(1)) & kept.unsqueeze(1) & earlier).any(2)
+    first = kept & ~dup
+    tokens = torch.arange(T, device=dest.device).unsqueeze(1).expand(T, k)
+    return torch.where(first, rows[key.clamp(min=0), tokens], -1)
 
 
 def _make_backend(name, group, world, rank, device):
@@ -585,7 +621,7 @@ def _check_modes(sync, max_tokens, x_scale, name, x):
 
 
 def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False, pad_to=1, capacity=None,
-             sync=True, max_tokens=None, x_scale=None):
+             sync=True, max_tokens=None, x_scale=None, partial_combine=False):
     """Sends every token to the ranks owning its experts; rows arrive grouped by local expert.
 
     x: [T, H] (T may differ per rank and be 0); idx: [T, k] int32/int64 global expert ids
@@ -610,6 +646,15 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     x_scale: [T] or [T, S] per-token scales (e.g. of fp8 rows; any backend), delivered as float32
     in handle.recv_x_scale [rows of recv_x, S], each next to its row (zero on padding rows; in
     the masked layout, rows past each expert's count are as unspecified as recv_x's).
+    partial_combine: combine (and this dispatch's backward) sends back one row per (token, rank)
+    instead of one per slot: each expert rank sums, in float32 and slot order, the token's
+    weighted rows it holds (w travels with the tokens), rounds that partial to y's dtype, and the
+    source adds the partials in float32 in the order of their first slots. Fewer bytes (k rows per
+    token become one per destination rank); for 16-bit rows one more rounding per partial, so out
+    is no longer bit-identical to the single-rank unpermute (it still is across backends and runs;
+    a world of one gives exactly the unpermute). Inference and decode only: combine raises if w
+    needs a gradient (the per-slot rows it needs stay on the experts' ranks). Every rank must pass
+    the same value.
     Returns recv_x in x's dtype (expert-major; inside an expert by (source rank, source token);
     padding rows zero), tokens_per_expert [E / W] int32 (padded segment sizes; valid rows when
     sync=False) and the handle for combine. Differentiable w.r.t. x (and w, through combine).
@@ -642,16 +687,18 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
             s = [_to_masked(s[0], tokens_per_expert, max_rows)[0].reshape(-1, s[0].shape[1])] if s else s
         handle = DispatchHandle(row_map, w, x.shape[0], world, group, name, hidden=x.shape[1], dtype=x.dtype,
                                 num_rows=recv_x.reshape(-1, x.shape[1]).shape[0], max_rows=max_rows,
-                                recv_x_scale=s[0] if s else None)
+                                recv_x_scale=s[0] if s else None, partial=bool(partial_combine))
         return recv_x, tokens_per_expert, handle
     expert_placement(num_experts, world)  # E divisible by W: checked before any communication
     handle = DispatchHandle(None, w, x.shape[0] if x.dim() else 0, world, group, name,
-                            hidden=x.shape[1] if x.dim() == 2 else 0, dtype=x.dtype, max_rows=max_rows)
+                            hidden=x.shape[1] if x.dim() == 2 else 0, dtype=x.dtype, max_rows=max_rows,
+                            partial=bool(partial_combine))
     handle.comm = _make_backend(name, group, world, rank, x.device)
     # NOTE: every rank must agree on requires_grad (a rank without the backward would leave the
     # others waiting in theirs); a Function's forward runs without grad mode, so it is read here.
     requires_grad = torch.is_grad_enabled() and x.requires_grad
-    opts = _Options(num_experts, pad_to, capacity, requires_grad, sync, max_tokens, max_rows, x_scale, async_op)
+    opts = _Options(num_experts, pad_to, capacity, requires_grad, sync, max_tokens, max_rows, x_scale, async_op,
+                    bool(partial_combine))
     recv_x, tokens_per_expert = _Dispatch.apply(x, idx, w, opts, handle)
     return recv_x, tokens_per_expert, handle
 
@@ -673,6 +720,10 @@ def combine(y, handle, async_op=False):
     if tuple(y.shape) != want or y.dtype != handle.dtype:
         raise ValueError(f"moe_ext.combine: y must be {list(want)} {handle.dtype} like recv_x, got "
                          f"{list(y.shape)} {y.dtype}")
+    if handle.partial and torch.is_grad_enabled() and handle.weights.requires_grad:
+        raise ValueError("moe_ext.combine: a partial combine (dispatch(partial_combine=True)) gives no gradient "
+                         "for the routing weights w: detach w, run under torch.no_grad(), or dispatch with "
+                         "partial_combine=False")
     if handle.plan is None:
         return unpermute(y.reshape(-1, handle.hidden), handle.row_map, handle.weights)
     handle.async_op = async_op

@@ -343,7 +343,10 @@ class MoE(nn.Module):
     [S, max_rows, H] layout, max_rows = W * max_decode_tokens rounded up to pad_to; with W = 1 it is
     built locally from permute), grouped_gemm_masked (SwiGLU, then the second GEMM; rows past an
     expert's valid count ignored) and combine. Every rank passes at most max_decode_tokens tokens
-    (the same bound on every rank). Routing (topk_gating), the aux losses, `load` and the
+    (the same bound on every rank). decode_partial_combine=True: the decode combine sends one row
+    per (token, rank) back instead of one per slot (dispatch's partial_combine: fewer bytes, one
+    more rounding per partial; decode then runs without a gradient to the router, e.g. under
+    torch.no_grad()). Routing (topk_gating), the aux losses, `load` and the
     expert_load average are device-side updates and stay on; nothing is skipped. Not chunked.
     Limits: no expert TP (its all-gather reads counts back); on CUDA only bf16/fp16 expert weights are capturable (the float32/float64
     masked GEMM reads valid_rows back to the host); W > 1 needs the ipc backend to be capturable
@@ -368,7 +371,7 @@ class MoE(nn.Module):
                  noise_std=0.0, expert_bias=False, routed_scaling_factor=1.0, shared_ffn_hidden=0,
                  shared_expert_gate=False, router_dtype=None, pad_to=1, backend="auto", load_decay=0.9,
                  num_chunks=1, overlap=True, comm_sms=24, max_decode_tokens=None, tp_dispatch="gather",
-                 recompute_activation=False, device=None, dtype=None):
+                 recompute_activation=False, decode_partial_combine=False, device=None, dtype=None):
         super().__init__()
         world, rank = _ep_world(ep_group)
         tp_world, tp_rank = _ep_world(tp_group)
@@ -405,6 +408,7 @@ class MoE(nn.Module):
         self.max_decode_tokens, self.decode = max_decode_tokens, False
         self.tp_dispatch = tp_dispatch
         self.recompute_activation = bool(recompute_activation)
+        self.decode_partial_combine = bool(decode_partial_combine)
 
         kw = dict(device=device, dtype=dtype)
         self.router = nn.Linear(hidden, num_experts, bias=False, **kw)
@@ -631,7 +635,8 @@ class MoE(nn.Module):
             max_rows = masked_rows(1, self.max_decode_tokens, None, self.pad_to)
             recv_x, valid, row_map = self._masked_here(x2, slots, max_rows)
             return unpermute(self._masked_experts(recv_x, valid).view(-1, self.hidden), row_map, w), valid
-        recv_x, valid, handle = self._dispatch(x2, slots, w, sync=False, max_tokens=self.max_decode_tokens)
+        recv_x, valid, handle = self._dispatch(x2, slots, w, sync=False, max_tokens=self.max_decode_tokens,
+                                               partial_combine=self.decode_partial_combine)
         return combine(self._masked_experts(recv_x, valid), handle), valid
 
     def _masked_experts(self, recv_x, valid):

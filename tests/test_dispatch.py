@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import moe_ext
+from moe_ext._ops import ops
 from moe_ext.dispatch import _select_backend, expert_placement
 
 from dist_utils import run_world
@@ -131,6 +132,23 @@ def reference(ranks, a, b, case, world):
                     grad_w[t, j] = (y * g[t]).sum()
         src.append((out, grad_x, grad_w))
     return recv, src
+
+
+def partial_reference(y, row_map, w, idx, experts_per_rank):
+    """The partial combine in one process, bit for bit: for every token and destination rank, the
+    unpermute of its kept slots there (w None: their plain sum), rounded to y's dtype; then the
+    plain sum of those partials in the order of each destination's first kept slot."""
+    T, k = row_map.shape
+    dest = torch.where(row_map >= 0, idx.long() // experts_per_rank, -1)
+    parts, first = [], torch.full((T, k), -1, dtype=torch.long)
+    tokens = torch.arange(T)
+    for n, d in enumerate(sorted(set(dest[dest >= 0].tolist()))):
+        at_d = dest == d
+        parts.append(moe_ext.unpermute(y, torch.where(at_d, row_map, -1), w))
+        has = at_d.any(1)
+        first[tokens[has], at_d.int().argmax(1)[has]] = n * T + tokens[has]
+    stacked = torch.cat(parts) if parts else y.new_zeros((0, y.shape[1]))
+    return moe_ext.unpermute(stacked, first)
 
 
 def assert_near(actual, expected, tol, what):
@@ -289,6 +307,76 @@ def _scales_world(rank, world, seed):
 @pytest.mark.parametrize("world", [2, 3])
 def test_x_scale_travels_with_its_rows(world, seed):
     assert all(run_world(_scales_world, world, seed, seed=seed, timeout_s=120))
+
+
+def check_partial_case(case, seed, me, world, sync=True):
+    """dispatch(partial_combine=True) -> experts -> combine, and the backward to x (w detached),
+    against partial_reference on every rank's tokens in one process (bit for bit) and the float64
+    reference (within the dtype's tolerance)."""
+    ranks, a, b = make_inputs(case, world, seed)
+    num_experts, epr = world * case.experts_per_rank, case.experts_per_rank
+    x0, idx, w, grad_out = ranks[me]
+    x = x0.clone().requires_grad_()
+    kw = dict(sync=False, max_tokens=24) if not sync else dict(pad_to=case.pad_to)
+    recv_x, tpe, handle = moe_ext.dispatch(x, idx, w, num_experts, capacity=case.capacity, partial_combine=True, **kw)
+    flat = recv_x.reshape(-1, HIDDEN)
+    if sync:
+        y = experts(flat, tpe, me * epr, a, b)
+    else:  # masked: every expert's max_rows rows, the valid ones first
+        e = me * epr + torch.arange(tpe.numel()).repeat_interleave(recv_x.shape[1])
+        y = flat * a[e] + b[e]
+    out = moe_ext.combine(y.view_as(recv_x), handle)
+    (out * grad_out).sum().backward()
+
+    X = torch.cat([r[0] for r in ranks])
+    W = torch.cat([r[2] for r in ranks])
+    IDX = torch.cat([r[1].long() for r in ranks])
+    cap = case.capacity
+    if not sync:
+        cap = 24 * world if cap is None else min(cap, 24 * world)
+    x_perm, row_map, tpe_all = moe_ext.permute(X, IDX, num_experts, pad_to=case.pad_to if sync else 1, capacity=cap)
+    x_perm.requires_grad_()
+    y1 = experts(x_perm, tpe_all, 0, a, b)
+    # The gradient of y is the plain combine's (the partial one sends it back the same way).
+    grad_y1 = ops.unpermute_backward(torch.cat([r[3] for r in ranks]), y1.detach(), row_map, W)[0]
+    grad_xp = torch.autograd.grad(y1, x_perm, grad_y1)[0]
+    out1 = partial_reference(y1.detach(), row_map, W, IDX, epr)
+    grad_x1 = partial_reference(grad_xp, row_map, None, IDX, epr)
+    t0 = sum(r[0].shape[0] for r in ranks[:me])
+    toks = slice(t0, t0 + x0.shape[0])
+    assert torch.equal(out, out1[toks]), "partial combine out is not bit-identical to partial_reference"
+    assert torch.equal(x.grad, grad_x1[toks]), "partial dispatch backward is not bit-identical to partial_reference"
+    _, src = reference(ranks, a, b, case, world)
+    if sync:  # (the masked layout's max_rows cap is not in the float64 reference)
+        assert_near(out, src[me][0], 2 * TOL[case.dtype], "partial out")
+        assert_near(x.grad, src[me][1], 2 * TOL[case.dtype], "partial grad x")
+    return out.shape[0]
+
+
+def _partial_world(rank, world, seed):
+    n = 0
+    for i, case in enumerate(cases(world)):
+        for sync in (True, False):
+            try:
+                n += check_partial_case(case, seed + 7919 * i, rank, world, sync)
+            except AssertionError as e:
+                raise AssertionError(f"case {i} {case} sync={sync} (seed {seed + 7919 * i}): {e}") from e
+    x, idx = torch.randn(3, HIDDEN), torch.zeros(3, 1, dtype=torch.long)
+    w = torch.ones(3, 1, requires_grad=True)
+    y_, _, h = moe_ext.dispatch(x, idx, w, world, partial_combine=True)
+    with pytest.raises(ValueError, match="no gradient for the routing weights"):
+        moe_ext.combine(y_, h)
+    with torch.no_grad():  # without a gradient for w it runs
+        assert moe_ext.combine(y_, h).shape == (3, HIDDEN)
+    if world > 1:  # every rank must pass the same partial_combine
+        with pytest.raises(ValueError, match="disagree on partial_combine"):
+            moe_ext.dispatch(x, idx, w.detach(), world, partial_combine=rank == 0)
+    return n
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_partial_combine_world(world, seed):
+    assert all(n >= 0 for n in run_world(_partial_world, world, seed, seed=seed, timeout_s=150))
 
 
 def _missing_peer(rank, world, pg_timeout_s, done_dir):

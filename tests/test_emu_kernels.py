@@ -474,6 +474,46 @@ def _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, num_experts, pad_to=1, ca
         ep.close()
 
 
+def _check_ep_partial(emu, world, xs, idxs, ws, a, b, num_experts, pad_to=1, capacity=None, num_blocks=0):
+    """The partial combine (weighted) and its unweighted form (the dispatch's backward) against the
+    single-process reference of test_dispatch, bit for bit."""
+    from test_dispatch import experts, partial_reference
+    epr = num_experts // world
+    X, IDX, W = torch.cat(xs), torch.cat([i.long() for i in idxs]), torch.cat(ws)
+    x_perm, row_map, tpe_all = ops.permute(X, IDX, num_experts, pad_to, -1 if capacity is None else capacity, True)
+    y_all = experts(x_perm, tpe_all, 0, a, b)
+    want = partial_reference(y_all, row_map, W, IDX, epr)
+    want_sum = partial_reference(y_all, row_map, None, IDX, epr)
+    ep = _ep_world(emu, xs, idxs, num_experts)
+    try:
+        res = ep.dispatch(xs, idxs, num_experts, pad_to=pad_to, capacity=capacity, num_blocks=num_blocks, weights=ws)
+        ys = []
+        for r, d in enumerate(res):
+            assert d["exc"] == "" and d["error"]["code"] == 0, (r, d["exc"], d["error"])
+            ys.append(experts(d["recv_x"], d["tpe"], r * epr, a, b))
+        for weighted, ref in ((True, want), (False, want_sum)):
+            cres = ep.combine(ys, ws if weighted else None, num_blocks=num_blocks, partial=True)
+            t0 = 0
+            for r in range(world):
+                T = xs[r].shape[0]
+                assert cres[r]["exc"] == "" and cres[r]["error"]["code"] == 0, cres[r]
+                assert torch.equal(cres[r]["out"], ref[t0:t0 + T]), f"rank {r}: partial combine, weighted={weighted}"
+                t0 += T
+    finally:
+        ep.close()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ep_ipc_partial_combine(emu, seed, world):
+    from test_dispatch import cases, make_inputs
+    for i, case in enumerate(cases(world)):
+        ranks, a, b = make_inputs(case, world, seed + i)
+        dt = torch.float32 if case.dtype == torch.float64 else case.dtype
+        _check_ep_partial(emu, world, [r[0].to(dt) for r in ranks], [r[1] for r in ranks], [r[2].float() for r in ranks],
+                          a.to(dt), b.to(dt), world * case.experts_per_rank, case.pad_to, case.capacity,
+                          num_blocks=(0, 1, 3)[i % 3])
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ep_ipc_dispatch_combine(emu, seed, world):
     from test_dispatch import cases, make_inputs
@@ -506,10 +546,12 @@ def test_ep_ipc_large_calls(emu, seed, dtype):
     _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, E, pad_to=8, capacity=300)
 
 
-def _check_masked_case(ep, world, xs, idxs, ws, E, cap, max_rows, tag=""):
-    """A masked (no-sync) dispatch and its combine against the exact layout in one process."""
+def _check_masked_case(ep, world, xs, idxs, ws, E, cap, max_rows, tag="", partial=False):
+    """A masked (no-sync) dispatch and its combine (partial: the partial combine) against the exact
+    layout in one process."""
+    from test_dispatch import partial_reference
     H = xs[0].shape[1]
-    res = ep.dispatch(xs, idxs, E, capacity=cap, max_rows=max_rows)
+    res = ep.dispatch(xs, idxs, E, capacity=cap, max_rows=max_rows, weights=ws if partial else None)
     X, IDX = torch.cat(xs), torch.cat([i.long() for i in idxs])
     x_perm, row_map, tpe = ops.permute(X, IDX, E, 1, -1 if cap is None else cap, True)
     kept = tpe.clamp(max=max_rows)
@@ -523,14 +565,17 @@ def _check_masked_case(ep, world, xs, idxs, ws, E, cap, max_rows, tag=""):
             assert d["tpe"][el] == kept[e], (tag, r, el)
             assert torch.equal(recv[el, :kept[e]], x_perm[starts[e]:starts[e] + kept[e]]), (tag, r, el)
         ys.append(d["recv_x"] * 2 + 1)
-    cres = ep.combine(ys, ws)
+    cres = ep.combine(ys, ws, partial=partial)
     # The same rows through the exact layout: rows past an expert's max_rows are dropped.
     Y = torch.zeros_like(x_perm)
     drop = torch.zeros_like(row_map, dtype=torch.bool)
     for e in range(E):
         Y[starts[e]:starts[e] + kept[e]] = x_perm[starts[e]:starts[e] + kept[e]] * 2 + 1
         drop |= (row_map >= starts[e] + kept[e]) & (row_map < starts[e + 1])
-    out = ops.unpermute(Y, row_map.masked_fill(drop, -1), torch.cat(ws))
+    if partial:
+        out = partial_reference(Y, row_map.masked_fill(drop, -1), torch.cat(ws), IDX, E // world)
+    else:
+        out = ops.unpermute(Y, row_map.masked_fill(drop, -1), torch.cat(ws))
     t0 = 0
     for r in range(world):
         T = xs[r].shape[0]
@@ -599,13 +644,16 @@ def test_ep_ipc_random_configs(emu, seed, trial):
         maxT = max(1, max(Ts))
         ep = emu.EpWorld(world, E, k, maxT, H * xs[0].element_size())
         try:
-            _check_masked_case(ep, world, xs, idxs, ws, E, cap, masked_rows(world, maxT, cap), tag)
+            _check_masked_case(ep, world, xs, idxs, ws, E, cap, masked_rows(world, maxT, cap), tag,
+                               partial=pick([False, True]))
         finally:
             ep.close()
     else:
         gs = [torch.randn(T, H, generator=gen).to(dtype) for T in Ts]
         a, b = (1 + torch.rand(E, H, generator=gen)).to(dtype), torch.randn(E, H, generator=gen).to(dtype)
-        _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, E, pick([1, 2, 4, 8]), cap, num_blocks=pick([0, 1, 2, 5]))
+        pad_to, blocks = pick([1, 2, 4, 8]), pick([0, 1, 2, 5])
+        _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, E, pad_to, cap, num_blocks=blocks)
+        _check_ep_partial(emu, world, xs, idxs, ws, a, b, E, pad_to, cap, num_blocks=blocks)
 
 
 def test_ep_ipc_scales_travel_with_rows(emu, seed):

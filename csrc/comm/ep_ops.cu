@@ -46,6 +46,25 @@ void index_pass(const void* idx, bool idx_int64, int64_t T, int64_t k, int64_t k
   kernels::permute_scatter(q, stream);
 }
 
+// out = unpermute of this rank's back staging (the rows the experts' ranks sent) over row_map.
+void sum_back_rows(const kernels::EpParams& p, kernels::PermuteFloat dtype, const int64_t* row_map,
+                   const float* weights, void* out, cudaStream_t stream) {
+  kernels::UnpermuteParams u;
+  u.dtype = dtype;
+  u.y = kernels::ep_back_rows(p);
+  u.y_rows = p.layout.sizes.max_tokens * p.layout.sizes.max_k;
+  const int64_t elt = dtype == kernels::PermuteFloat::kFloat32 ? 4 : 2;
+  u.y_row_stride = p.layout.sizes.row_bytes / elt;
+  u.row_map = row_map;
+  u.weights = weights;
+  u.out = out;
+  u.num_tokens = p.num_tokens;
+  u.k = p.k;
+  u.hidden = p.row_bytes / elt;
+  u.poison_if = &p.control->status;  // NOTE: a failed exchange gives NaN, also in a CUDA graph replay
+  kernels::unpermute(u, stream);
+}
+
 }  // namespace
 
 size_t ep_dispatch_workspace_bytes(int64_t T, int64_t k, int64_t E, int64_t W) {
@@ -85,20 +104,20 @@ void ep_combine(const kernels::EpParams& p, kernels::PermuteFloat dtype, const i
   kernels::ep_wait(p, kernels::kEpReady, true, true, stream);  // every source is done with its back rows
   kernels::ep_send_back(p, stream);
   kernels::ep_wait(p, kernels::kEpBack, false, false, stream);
-  kernels::UnpermuteParams u;
-  u.dtype = dtype;
-  u.y = kernels::ep_back_rows(p);
-  u.y_rows = p.layout.sizes.max_tokens * p.layout.sizes.max_k;
-  const int64_t elt = dtype == kernels::PermuteFloat::kFloat32 ? 4 : 2;
-  u.y_row_stride = p.layout.sizes.row_bytes / elt;
-  u.row_map = combine_map;
-  u.weights = weights;
-  u.out = out;
-  u.num_tokens = p.num_tokens;
-  u.k = p.k;
-  u.hidden = p.row_bytes / elt;
-  u.poison_if = &p.control->status;  // NOTE: a failed exchange gives NaN, also in a CUDA graph replay
-  kernels::unpermute(u, stream);
+  sum_back_rows(p, dtype, combine_map, weights, out, stream);
+}
+
+void ep_combine_partial(const kernels::EpParams& p, kernels::PermuteFloat dtype, bool weighted, void* out,
+                        cudaStream_t stream) {
+  MOE_HOST_ASSERT(p.partial_map != nullptr || p.num_tokens == 0, "ep_combine_partial: the dispatch's partial_map is needed");
+  MOE_HOST_ASSERT(dtype != kernels::PermuteFloat::kFloat64, "ep_combine_partial: rows of float32, float16 or bfloat16");
+  const kernels::EpFloat ef = dtype == kernels::PermuteFloat::kFloat32   ? kernels::EpFloat::kFloat32
+                              : dtype == kernels::PermuteFloat::kFloat16 ? kernels::EpFloat::kFloat16
+                                                                          : kernels::EpFloat::kBFloat16;
+  kernels::ep_wait(p, kernels::kEpReady, true, true, stream);  // every source is done with its back rows
+  kernels::ep_send_partials(p, ef, weighted, stream);
+  kernels::ep_wait(p, kernels::kEpBack, false, false, stream);
+  sum_back_rows(p, dtype, p.partial_map, nullptr, out, stream);
 }
 
 void ep_combine_grad(const kernels::EpParams& p, kernels::EpFloat dtype, void* grad_y, int64_t grad_y_bytes,

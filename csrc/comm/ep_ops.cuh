@@ -7,6 +7,8 @@
 //            then ep_dispatch_finish (expansion into recv_x).
 // combine:   ep_combine (barrier, expert rows back, wait, the weighted sum of each token's k rows).
 // backward of combine: ep_combine_grad (barrier, gradient rows out, wait, expansion with weights).
+// partial combine: ep_combine_partial (barrier, one summed row per (token, rank) back, wait, the
+//            plain sum of each token's partials).
 #pragma once
 
 #include "comm/symmetric.cuh"
@@ -22,6 +24,10 @@ size_t ep_dispatch_workspace_bytes(int64_t num_tokens, int64_t k, int64_t num_ex
 //   scratch   [kernels::ep_scratch_len(world, num_experts)] int64
 //   slot_rows [T, k] int64, stage_rows [T, k] int64   (sender side)
 //   back_map  [recv_rows] int64                         (receiver side)
+// and, for a partial combine (p.weights = w [T, k] float32 set for the dispatch too):
+//   partial_map [T, k] int64                            (sender side)
+//   part_rows [part_count, k] int64, part_w [part_count, k] float32, part_dst [part_count] int64
+//                                     (receiver side; part_count = world * the buffer's max_tokens)
 // p: the call's fields (num_tokens, k, num_experts, pad_to, capacity, max_rows, row_bytes,
 // dtype_code, idx, x, x_row_stride, x_scale, scale_cols) and the plan pointers (scratch,
 // slot_rows, stage_rows, tokens_per_expert). Writes the local-index fields of p.
@@ -35,6 +41,14 @@ void ep_dispatch_finish(const kernels::EpParams& p, cudaStream_t stream);
 // derives it once per dispatch; the torch adapter with at::where).
 void ep_combine(const kernels::EpParams& p, kernels::PermuteFloat dtype, const int64_t* combine_map,
                 const float* weights, void* out, cudaStream_t stream);
+
+// The partial combine: out [T, hidden] = the plain float32 sum, in slot order, of the rows the
+// experts' ranks sent back, one per (token, rank): each the float32 sum (weighted: by the routing
+// weights the dispatch carried) of the token's rows there, cast to the row dtype. p: the
+// dispatch's params with y / y_row_stride set and partial_map, part_* / part_count from a
+// dispatch made with weights and them.
+void ep_combine_partial(const kernels::EpParams& p, kernels::PermuteFloat dtype, bool weighted, void* out,
+                        cudaStream_t stream);
 
 // grad_y (zeroed here) = the dispatch layout of g [T, hidden] scaled by each slot's weight.
 // p: the dispatch's params with x = g (y's dtype), weights = w [T, k] float32.

@@ -210,6 +210,7 @@ __global__ void __launch_bounds__(kCountThreads) exchange_counts_kernel(EpParams
           case kHdrWorld: v = W; break;
           case kHdrScaleCols: v = p.scale_cols; break;
           case kHdrBadInput: v = p.bad_input; break;
+          case kHdrPartial: v = p.part_dst != nullptr; break;
           default: break;
         }
       } else if (i < kHdrLen + W) {
@@ -371,6 +372,13 @@ __global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bo
           p.stage_rows[s] = stage;
         }
       }
+      if (!grad && p.partial_map != nullptr) {
+        // The partial combine sums the token's kept slots on each destination into the row of the
+        // first of them (the other lanes' keys are unique, so they match nothing).
+        const int key = row >= 0 ? static_cast<int>(dest) : -2 - lane;
+        const unsigned same = __match_any_sync(kFull, key);
+        if (lane < p.k) p.partial_map[t * p.k + lane] = row >= 0 && __ffs(same) - 1 == lane ? t * p.k + lane : -1;
+      }
       unsigned firsts = __ballot_sync(kFull, stage >= 0);
       while (firsts) {
         const int j = __ffs(firsts) - 1;
@@ -385,7 +393,7 @@ __global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bo
         int64_t* meta = reinterpret_cast<int64_t*>(peer + L.meta) + st * meta_cols;
         if (lane < p.k) meta[lane] = dest == d ? row : -1;
         if (lane == 0) meta[L.sizes.max_k] = t;
-        if (grad && lane < p.k)
+        if (p.weights != nullptr && lane < p.k)
           reinterpret_cast<float*>(peer + L.weights)[st * L.sizes.max_k + lane] = p.weights[t * p.k + lane];
         if (p.x_scale != nullptr) {
           float* sdst = reinterpret_cast<float*>(peer + L.scales) + st * L.sizes.scale_cols;
@@ -433,6 +441,11 @@ __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
     // exchange never hands out plausible rows (in the masked layout too: a failure in the data
     // phase leaves real counts in tokens_per_expert).
     poison_rows(p.recv_x, p.recv_rows * p.row_bytes);
+    if (p.part_dst != nullptr) {  // nothing to send back: the combine's sum is NaN (poison_if) anyway
+      const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+      for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < p.part_count; g += threads)
+        p.part_dst[g] = -1;
+    }
     return;
   }
   const EpLayout& L = p.layout;
@@ -443,11 +456,25 @@ __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; g < staged; g += warps) {
     const int64_t s = g / L.sizes.max_tokens, i = g % L.sizes.max_tokens;
-    if (i >= sc.recv_tok[s]) continue;
+    if (i >= sc.recv_tok[s]) {
+      if (p.part_dst != nullptr && lane == 0) p.part_dst[g] = -1;
+      continue;
+    }
     const int64_t* meta = reinterpret_cast<const int64_t*>(p.local + L.meta) + g * meta_cols;
     const int64_t t = meta[L.sizes.max_k];
     const int64_t mine = lane < p.k ? meta[lane] : -1;
     unsigned rows = __ballot_sync(kFull, mine >= 0 && mine < p.recv_rows);
+    if (p.part_dst != nullptr) {
+      // The partial combine's plan: this staging is overwritten by the next dispatch, the plan is
+      // the caller's. The partial goes to the row of the first slot kept here, as the source's
+      // partial_map expects (its slot_rows are these rows).
+      const bool ok = (rows >> lane) & 1u;
+      if (lane < p.k) {
+        p.part_rows[g * p.k + lane] = ok ? mine : -1;
+        p.part_w[g * p.k + lane] = reinterpret_cast<const float*>(p.local + L.weights)[g * L.sizes.max_k + lane];
+      }
+      if (lane == 0) p.part_dst[g] = rows ? (s << kBackShift) | (t * p.k + __ffs(rows) - 1) : -1;
+    }
     while (rows) {
       const int j = __ffs(rows) - 1;
       rows &= rows - 1;
@@ -528,6 +555,79 @@ __global__ void __launch_bounds__(kRowThreads) send_back_kernel(EpParams p) {
       const int64_t s = code >> kBackShift, slot = code & ((int64_t{1} << kBackShift) - 1);
       warp_copy(p.peers[s] + L.back + slot * L.sizes.row_bytes, static_cast<const char*>(p.y) + r * p.y_row_stride,
                 p.row_bytes, lane);
+    }
+  }
+  signal_when_done(p, kEpBack, seq);
+}
+
+// One warp per staged token with rows here: the float32 sum, in slot order, of its rows (weighted:
+// times the slot's routing weight), each element rounded as unpermute rounds it (so the partial
+// is the unpermute of the token's slots here), cast to T and written into its source's back
+// staging. Lanes take 16-byte column vectors; up to four of the token's rows are loaded at once.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) send_partials_kernel(EpParams p, bool weighted) {
+  using Acc = acc_type<T>;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  constexpr int kLoads = 4;
+  const EpLayout& L = p.layout;
+  const uint64_t seq = *reinterpret_cast<volatile unsigned long long*>(&p.control->seq);
+  if (!failed(p)) {
+    const int lane = threadIdx.x % kWarp;
+    const int64_t vecs = p.row_bytes / 16;
+    const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp; g < p.part_count;
+         g += warps) {
+      const int64_t code = p.part_dst[g];
+      if (code < 0) continue;
+      int64_t row = -1;
+      Acc w = Acc(1);
+      if (lane < p.k) {
+        row = p.part_rows[g * p.k + lane];
+        if (weighted) w = p.part_w[g * p.k + lane];
+      }
+      const unsigned here = __ballot_sync(kFull, row >= 0);
+      char* dst = p.peers[code >> kBackShift] + L.back + (code & ((int64_t{1} << kBackShift) - 1)) * L.sizes.row_bytes;
+      for (int64_t v0 = 0; v0 < vecs; v0 += kWarp) {
+        const int64_t v = v0 + lane;
+        Acc acc[kVec];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[e] = Acc(0);
+        for (unsigned m = here; m != 0;) {  // m is the same on every lane
+          int64_t r[kLoads];
+          Acc wj[kLoads];
+          uint4 buf[kLoads];
+#pragma unroll
+          for (int u = 0; u < kLoads; ++u) {
+            r[u] = -1;
+            wj[u] = Acc(0);
+            if (m != 0) {
+              const int j = __ffs(m) - 1;
+              m &= m - 1;
+              r[u] = __shfl_sync(kFull, row, j);
+              wj[u] = __shfl_sync(kFull, w, j);
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kLoads; ++u)
+            if (r[u] >= 0 && v < vecs)
+              buf[u] = *reinterpret_cast<const uint4*>(static_cast<const char*>(p.y) + r[u] * p.y_row_stride + v * 16);
+#pragma unroll
+          for (int u = 0; u < kLoads; ++u) {
+            if (r[u] < 0 || v >= vecs) continue;
+            const T* val = reinterpret_cast<const T*>(&buf[u]);
+#pragma unroll
+            for (int e = 0; e < kVec; ++e)
+              acc[e] = add_rn(acc[e], weighted ? mul_rn(wj[u], to_acc(val[e])) : to_acc(val[e]));
+          }
+        }
+        if (v < vecs) {
+          uint4 out;
+          T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) o[e] = cast_out<T>(acc[e]);
+          *reinterpret_cast<uint4*>(dst + v * 16) = out;
+        }
+      }
     }
   }
   signal_when_done(p, kEpBack, seq);
@@ -661,6 +761,23 @@ void ep_send_back(const EpParams& p, cudaStream_t stream) {
   MOE_HOST_ASSERT(p.y_row_stride % 16 == 0, "ep_send_back: y rows must be 16-byte aligned");
   const int64_t rows = p.max_rows >= 0 ? (p.num_experts / p.world) * p.max_rows : p.recv_rows;
   send_back_kernel<<<data_grid(p, rows), kRowThreads, 0, stream>>>(p);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_send_partials(const EpParams& p, EpFloat dtype, bool weighted, cudaStream_t stream) {
+  check_params(p);
+  MOE_HOST_ASSERT(p.y_row_stride % 16 == 0, "ep_send_partials: y rows must be 16-byte aligned");
+  MOE_HOST_ASSERT(p.part_count == 0 || (p.part_rows && p.part_w && p.part_dst),
+                  "ep_send_partials: the dispatch's partial plan is needed");
+  // NOTE: at least one block, even with nothing to send: the flag must still be raised.
+  const unsigned grid = data_grid(p, p.part_count);
+  switch (dtype) {
+    case EpFloat::kFloat32: send_partials_kernel<float><<<grid, kRowThreads, 0, stream>>>(p, weighted); break;
+    case EpFloat::kFloat16: send_partials_kernel<__half><<<grid, kRowThreads, 0, stream>>>(p, weighted); break;
+    case EpFloat::kBFloat16:
+      send_partials_kernel<__nv_bfloat16><<<grid, kRowThreads, 0, stream>>>(p, weighted);
+      break;
+  }
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 

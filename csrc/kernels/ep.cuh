@@ -25,6 +25,11 @@
 // the caller reduces the k rows of each token with moe_ext::kernels::unpermute.
 // The combine's backward (the gradient travelling to the experts) is ep_wait(kEpReady, signal),
 // ep_send_tokens(grad), ep_wait(kEpData), ep_expand_grad.
+// Partial combine (a dispatch made with weights and the part_* plan): each expert rank sums, in
+// float32 and slot order, the weighted rows of a token's slots it holds and sends one row per
+// (token, rank) instead of one per slot: ep_wait(kEpReady, signal), ep_send_partials (to the
+// source's back staging at the row of the token's first kept slot there), ep_wait(kEpBack), then
+// the caller sums each token's partials with unpermute over partial_map, without weights.
 //
 // Failures: every wait gives up after timeout_ns; the first error (timeout, ranks that
 // disagree, a rank with more tokens than the buffer holds) is recorded in EpControl::status
@@ -60,6 +65,7 @@ enum EpHeader : int {
   kHdrScaleCols,
   kHdrBadInput,  // the kind of call: 0 real, 1 this rank's inputs are invalid (it says why itself),
                  // 2 a request to grow the buffers (moe_ext/_ipc.py); compared first
+  kHdrPartial,   // 1: a dispatch for the partial combine (part_dst given)
   kHdrLen = 16
 };
 
@@ -149,7 +155,7 @@ struct EpParams {
   const void* x = nullptr;    // [T] rows of row_bytes, x_row_stride bytes apart (16-byte aligned)
   int64_t x_row_stride = 0;
   const float* x_scale = nullptr;  // [T, scale_cols] or null
-  const float* weights = nullptr;  // [T, k] float32: gradient sends only
+  const float* weights = nullptr;  // [T, k] float32: gradient sends, and dispatches for a partial combine
 
   // Local index (step 0) and the plan.
   const int64_t* expert_rows = nullptr;  // [T, k] permute row_map over the E global experts
@@ -160,6 +166,8 @@ struct EpParams {
   int64_t* slot_rows = nullptr;          // [T, k]: each slot's row on its expert's rank, -1 dropped / none
   int64_t* stage_rows = nullptr;         // [T, k]: on its first slot there, the token's position among
                                          // this rank's tokens to that destination (else -1)
+  int64_t* partial_map = nullptr;        // [T, k] or null: t * k + j on each destination's first kept
+                                         // slot of the token, else -1 (the partial combine's row map)
 
   // Receiving side.
   void* recv_x = nullptr;             // exact: [recv_rows] rows; masked: [El * max_rows] rows
@@ -169,6 +177,13 @@ struct EpParams {
   int32_t* tokens_per_expert = nullptr;  // [El]: padded segments (exact) or valid rows (masked)
   int64_t* recv_total = nullptr;      // [1] device, optional: rows of the exact layout
   int64_t* recv_total_host = nullptr; // [1] host-mapped, optional: the same, for the one host read
+  // Partial combine plan (null without it), per staged token g < part_count (world * max_tokens
+  // of the dispatch's buffer): its recv rows [g, k] (-1: not here or dropped), their weights [g, k],
+  // and where its partial goes: source rank << 40 | t * k + j of its first kept slot here, or -1.
+  int64_t* part_rows = nullptr;
+  float* part_w = nullptr;
+  int64_t* part_dst = nullptr;
+  int64_t part_count = 0;
 
   // Combine.
   const void* y = nullptr;  // expert outputs in recv_x's layout, rows y_row_stride bytes apart
@@ -198,6 +213,10 @@ enum class EpFloat : int { kFloat32, kFloat16, kBFloat16 };
 // by the caller): the receiving half of the combine's backward, as unpermute_backward computes it.
 void ep_expand_grad(const EpParams& p, EpFloat dtype, void* grad_y, cudaStream_t stream);
 void ep_send_back(const EpParams& p, cudaStream_t stream);
+// The partial combine's send: every staged token's weighted (or, weighted = false, plain) float32
+// sum of its rows here, cast to `dtype`, into its source's back staging (p.y / y_row_stride: the
+// expert outputs; p.part_*: the dispatch's partial plan).
+void ep_send_partials(const EpParams& p, EpFloat dtype, bool weighted, cudaStream_t stream);
 
 // The back staging of this rank as [max_tokens * max_k] rows (row stride layout.sizes.row_bytes).
 inline char* ep_back_rows(const EpParams& p) { return p.local + p.layout.back; }

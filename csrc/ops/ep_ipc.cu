@@ -136,11 +136,12 @@ class IpcComm : public torch::CustomClassHolder {
   }
 
   // -> [recv_x, recv_scale (empty without x_scale), tokens_per_expert, scratch, slot_rows,
-  //     stage_rows, back_map]. An error recorded by the kernels leaves recv_x with 0 rows (exact
-  //     layout): the caller reads error().
+  //     stage_rows, back_map, partial_map, part_rows, part_w, part_dst] (the last four empty
+  //     without `weights`: given, they travel with the tokens for a partial combine). An error
+  //     recorded by the kernels leaves recv_x with 0 rows (exact layout): the caller reads error().
   std::vector<Tensor> dispatch(const Tensor& x, const Tensor& idx_in, const c10::optional<Tensor>& x_scale,
                                int64_t num_experts, int64_t pad_to, int64_t capacity, int64_t max_rows,
-                               int64_t dtype_code, int64_t bad_input) {
+                               int64_t dtype_code, int64_t bad_input, const c10::optional<Tensor>& weights) {
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     TORCH_CHECK(x.is_cuda() && x.dim() == 2, "moe_ext ipc backend: x must be a 2-D CUDA tensor");
@@ -177,6 +178,23 @@ class IpcComm : public torch::CustomClassHolder {
     p.slot_rows = slot_rows.data_ptr<int64_t>();
     p.stage_rows = stage_rows.data_ptr<int64_t>();
     p.tokens_per_expert = tpe.data_ptr<int32_t>();
+    Tensor w, partial_map, part_rows, part_w, part_dst;
+    if (weights.has_value()) {
+      TORCH_CHECK(weights->dim() == 2 && weights->size(0) == T && weights->size(1) == k,
+                  "moe_ext ipc backend: weights must be [num_tokens, k] like idx");
+      const int64_t staged = W * buf().layout().sizes.max_tokens;
+      w = weights->to(x.device(), at::kFloat).contiguous();
+      partial_map = at::empty({T, k}, iopt);
+      part_rows = at::empty({staged, k}, iopt);
+      part_w = at::empty({staged, k}, x.options().dtype(at::kFloat));
+      part_dst = at::empty({staged}, iopt);
+      p.weights = w.data_ptr<float>();
+      p.partial_map = partial_map.data_ptr<int64_t>();
+      p.part_rows = part_rows.data_ptr<int64_t>();
+      p.part_w = part_w.data_ptr<float>();
+      p.part_dst = part_dst.data_ptr<int64_t>();
+      p.part_count = staged;
+    }
     const bool masked = max_rows >= 0;
     cudaEvent_t counted = nullptr;
     if (!masked) C10_CUDA_CHECK(cudaEventCreateWithFlags(&counted, cudaEventDisableTiming));
@@ -204,13 +222,18 @@ class IpcComm : public torch::CustomClassHolder {
     p.recv_scale = x_scale.has_value() ? recv_scale.data_ptr<float>() : nullptr;
     comm::ep_dispatch_finish(p, stream);
     if (masked) recv_x = recv_x.view({El, max_rows, x.size(1)});
+    const Tensor none = at::empty({0}, iopt);
     return {recv_x, recv_scale.defined() ? recv_scale : at::empty({0}, x.options().dtype(at::kFloat)), tpe, scratch,
-            slot_rows, stage_rows, back_map};
+            slot_rows, stage_rows, back_map, partial_map.defined() ? partial_map : none,
+            part_rows.defined() ? part_rows : none, part_w.defined() ? part_w : none, part_dst.defined() ? part_dst : none};
   }
 
   // out [T, H] = sum_j w[t, j] * y[row of (t, j)] (plain sum without weights); also the k rows
   // per token that came back ([T * k, H], rows of unrouted or dropped slots undefined) when
   // keep_rows, for the weights' gradient.
+  // With a partial plan (a dispatch given weights): one row per (token, rank) comes back, each the
+  // weighted (weights given; their values travelled with the dispatch) or plain sum of the
+  // token's rows there; out is the plain sum of those. keep_rows does not apply.
   std::vector<Tensor> combine(const Tensor& y_in, const Tensor& idx, const c10::optional<Tensor>& weights,
                               const std::vector<Tensor>& plan, const std::vector<int64_t>& call, bool keep_rows) {
     const c10::cuda::CUDAGuard guard(y_in.device());
@@ -222,6 +245,16 @@ class IpcComm : public torch::CustomClassHolder {
     TORCH_CHECK(y.size(0) == p.recv_rows, "moe_ext ipc backend: combine's y has ", y.size(0),
                 " rows, the dispatch delivered ", p.recv_rows);
     const int64_t T = p.num_tokens, k = p.k;
+    if (p.part_dst != nullptr) {
+      TORCH_CHECK(!keep_rows, "moe_ext ipc backend: a partial combine keeps no per-slot rows");
+      Tensor out = at::empty({T, y.size(1)}, y.options());
+      try {
+        comm::ep_combine_partial(p, combine_float(y.scalar_type()), weights.has_value(), out.data_ptr(), stream);
+      } catch (const std::exception& e) {
+        TORCH_CHECK(false, "moe_ext ipc backend: ", e.what());
+      }
+      return {out, at::empty({0, y.size(1)}, y.options()), plan[4]};
+    }
     const Tensor slot_rows = plan[1];
     const Tensor combine_map =
         at::where(slot_rows >= 0, at::arange(T * k, slot_rows.options()).view({T, k}), at::full_like(slot_rows, -1));
@@ -288,11 +321,12 @@ class IpcComm : public torch::CustomClassHolder {
     return p;
   }
 
-  // plan = [scratch, slot_rows, stage_rows, back_map]; call = [num_experts, pad_to, capacity,
-  // max_rows, dtype_code, recv_rows].
+  // plan = [scratch, slot_rows, stage_rows, back_map, partial_map, part_rows, part_w, part_dst] (the
+  // last four empty without a partial plan); call = [num_experts, pad_to, capacity, max_rows,
+  // dtype_code, recv_rows].
   kernels::EpParams plan_params(const Tensor& idx, const std::vector<Tensor>& plan, const std::vector<int64_t>& call,
                                 int64_t row_bytes) {
-    TORCH_CHECK(plan.size() == 4 && call.size() == 6, "moe_ext ipc backend: malformed plan");
+    TORCH_CHECK(plan.size() == 8 && call.size() == 6, "moe_ext ipc backend: malformed plan");
     const Tensor& slot_rows = plan[1];
     kernels::EpParams p = call_params(slot_rows.size(0), slot_rows.size(1), call[0], call[1], call[2], call[3],
                                       row_bytes, call[4]);
@@ -304,6 +338,13 @@ class IpcComm : public torch::CustomClassHolder {
     p.stage_rows = plan[2].data_ptr<int64_t>();
     p.back_map = plan[3].data_ptr<int64_t>();
     p.recv_rows = call[5];
+    if (plan[7].numel() > 0) {
+      p.partial_map = plan[4].data_ptr<int64_t>();
+      p.part_rows = plan[5].data_ptr<int64_t>();
+      p.part_w = plan[6].data_ptr<float>();
+      p.part_dst = plan[7].data_ptr<int64_t>();
+      p.part_count = plan[7].numel();
+    }
     return p;
   }
 

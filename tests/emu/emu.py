@@ -275,14 +275,16 @@ class EpWorld:
                     exc=lib().emu_ep_exception(self.h, r).decode(), status=lib().emu_ep_status(self.h, r))
 
     def dispatch(self, xs, idxs, num_experts, pad_to=1, capacity=None, max_rows=-1, participate=None,
-                 dtype_codes=None, bad_input=None, x_scales=None, timeout_s=120.0, num_blocks=0):
+                 dtype_codes=None, bad_input=None, x_scales=None, timeout_s=120.0, num_blocks=0, weights=None):
+        """weights ([T, k] per rank): the dispatch of a partial combine (they travel with the tokens)."""
         W = self.world
         participate = participate or [1] * W
         xs = [x.contiguous() for x in xs]
         idxs = [i.contiguous() for i in idxs]
         scale_cols = x_scales[0].shape[1] if x_scales is not None else 0
         scales = [s.float().contiguous() for s in x_scales] if x_scales is not None else [None] * W
-        self._keep = (xs, idxs, scales)
+        ws = [w.float().contiguous() for w in weights] if weights is not None else [None] * W
+        self._keep = (xs, idxs, scales, ws)
         H, dtype = xs[0].shape[1], xs[0].dtype
         rb = H * xs[0].element_size()
         k = idxs[0].shape[1]
@@ -292,7 +294,7 @@ class EpWorld:
               _i64(scale_cols), _i64(k), _i64(rb), _i64(num_experts), _i64(pad_to),
               _i64(-1 if capacity is None else capacity), _i64(max_rows),
               (ctypes.c_int64 * W)(*(dtype_codes or [7] * W)), (ctypes.c_int64 * W)(*(bad_input or [0] * W)),
-              ctypes.c_double(timeout_s), num_blocks)
+              ctypes.c_double(timeout_s), num_blocks, _ptrs(ws), int(weights is not None))
         out = []
         El = num_experts // W
         for r in range(W):
@@ -305,19 +307,24 @@ class EpWorld:
                          stage_rows=self._get(r, 8, torch.int64, (xs[r].shape[0], k)))
                 if scale_cols:
                     d["recv_scale"] = self._get(r, 7, torch.float32, (rows, scale_cols))
+                if weights is not None:
+                    d["partial_map"] = self._get(r, 12, torch.int64, (xs[r].shape[0], k))
             out.append(d)
         self._call_info = (dtype, H, k, [x.shape[0] for x in xs])
         return out
 
-    def combine(self, ys, weights, participate=None, keep_rows=False, timeout_s=120.0, num_blocks=0):
+    def combine(self, ys, weights, participate=None, keep_rows=False, timeout_s=120.0, num_blocks=0, partial=False):
+        """partial: the partial combine of a dispatch given weights (weighted unless weights is None
+        or [None] * W: the rows' plain sums, as the dispatch's backward)."""
         W = self.world
         participate = participate or [1] * W
         dtype, H, k, Ts = self._call_info
         ys = [y.reshape(-1, H).contiguous() if y is not None else None for y in ys]
-        ws = [w.float().contiguous() if w is not None else None for w in weights]
+        ws = [w.float().contiguous() if w is not None else None for w in (weights or [None] * W)]
         self._keep2 = (ys, ws)
         _call("emu_ep_combine", self.h, (ctypes.c_int * W)(*participate), _ptrs(ys), _ptrs(ws),
-              _GATING_FLOAT[dtype], int(keep_rows), ctypes.c_double(timeout_s), num_blocks)
+              _GATING_FLOAT[dtype], int(keep_rows), ctypes.c_double(timeout_s), num_blocks,
+              (1 if weights is not None else 2) if partial else 0)
         out = []
         for r in range(W):
             d = self.result(r)

@@ -26,6 +26,8 @@ struct Rank {
   // The last dispatch's plan and outputs.
   k::EpParams p;
   std::vector<int64_t> scratch, slot_rows, stage_rows, back_map, combine_map;
+  std::vector<int64_t> partial_map, part_rows, part_dst;  // the partial combine's plan
+  std::vector<float> part_w;
   std::vector<int32_t> tpe;
   std::vector<unsigned char> recv_x, out, back_rows, grad_y, workspace;
   std::vector<float> recv_scale;
@@ -116,12 +118,13 @@ void emu_ep_destroy(void* h) {
 
 int64_t emu_ep_buffer_bytes(void* h) { return static_cast<int64_t>(static_cast<Ep*>(h)->layout.total); }
 
-// Per-rank arrays: participate, num_tokens, idx (+ int64 flag), x, x_scale, dtype_code, bad_input.
+// Per-rank arrays: participate, num_tokens, idx (+ int64 flag), x, x_scale, dtype_code, bad_input;
+// weights (float32 [T, k] each) with partial = 1: the plan of a partial combine too.
 int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, const void* const* idx,
                     const int* idx64, const void* const* x, const void* const* x_scale, int64_t scale_cols,
                     int64_t k_, int64_t row_bytes, int64_t num_experts, int64_t pad_to, int64_t capacity,
                     int64_t max_rows, const int64_t* dtype_code, const int64_t* bad_input, double timeout_s,
-                    int num_blocks) {
+                    int num_blocks, const float* const* weights, int partial) {
   Ep& ep = *static_cast<Ep*>(h);
   run_ranks(ep, participate, [&](int r, Rank& rank) {
     k::EpParams p = base_params(ep, r, timeout_s, num_blocks);
@@ -152,6 +155,19 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
     p.slot_rows = rank.slot_rows.data();
     p.stage_rows = rank.stage_rows.data();
     p.tokens_per_expert = rank.tpe.data();
+    if (partial) {
+      const int64_t staged = W * ep.layout.sizes.max_tokens;
+      rank.partial_map.assign(T * k_, -7);
+      rank.part_rows.assign(staged * k_, -7);
+      rank.part_w.assign(staged * k_, -7.0f);
+      rank.part_dst.assign(staged, -7);
+      p.weights = weights[r];
+      p.partial_map = rank.partial_map.data();
+      p.part_rows = rank.part_rows.data();
+      p.part_w = rank.part_w.data();
+      p.part_dst = rank.part_dst.data();
+      p.part_count = staged;
+    }
     const bool masked = max_rows >= 0;
     cudaEvent_t counted = nullptr;
     if (!masked) cudaEventCreateWithFlags(&counted, cudaEventDisableTiming);
@@ -173,14 +189,21 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
 }
 
 // dtype: kernels::PermuteFloat (0 float32, 2 float16, 3 bfloat16). y[r]: recv rows x row_bytes.
+// partial: the partial combine of a dispatch made with partial = 1: 1 weighted, 2 plain sums (the
+// weights travelled with the dispatch; a rank without tokens has none, so it is a flag).
 int emu_ep_combine(void* h, const int* participate, const void* const* y, const float* const* weights, int dtype,
-                   int keep_rows, double timeout_s, int num_blocks) {
+                   int keep_rows, double timeout_s, int num_blocks, int partial) {
   Ep& ep = *static_cast<Ep*>(h);
   run_ranks(ep, participate, [&](int r, Rank& rank) {
     k::EpParams p = plan_params(rank, timeout_s, num_blocks);
     p.y = y[r];
     p.y_row_stride = p.row_bytes;
     const int64_t T = p.num_tokens, kk = p.k;
+    if (partial) {
+      rank.out.assign(static_cast<size_t>(T * p.row_bytes) + 16, 0xEE);
+      c::ep_combine_partial(p, static_cast<k::PermuteFloat>(dtype), partial == 1, rank.out.data(), nullptr);
+      return;
+    }
     rank.combine_map.assign(T * kk, -1);
     for (int64_t i = 0; i < T * kk; ++i)
       if (rank.slot_rows[i] >= 0) rank.combine_map[i] = i;
@@ -215,7 +238,8 @@ int emu_ep_combine_grad(void* h, const int* participate, const void* const* g, c
 int64_t emu_ep_rows(void* h, int r) { return static_cast<Ep*>(h)->ranks[r].rows; }
 
 // what: 0 recv_x, 1 tokens_per_expert, 2 back_map, 3 slot_rows, 4 out, 5 back rows, 6 grad_y,
-// 7 recv_scale, 8 stage_rows, 9 the dispatch workspace (local index), 10 the plan scratch. Returns the bytes copied (dst null: the size only).
+// 7 recv_scale, 8 stage_rows, 9 the dispatch workspace (local index), 10 the plan scratch, 11 the
+// buffer, 12 partial_map. Returns the bytes copied (dst null: the size only).
 int64_t emu_ep_get(void* h, int r, int what, void* dst) {
   Rank& rank = static_cast<Ep*>(h)->ranks[r];
   const void* src = nullptr;
@@ -234,6 +258,7 @@ int64_t emu_ep_get(void* h, int r, int what, void* dst) {
     case 9: src = rank.workspace.data(), n = rank.workspace.size(); break;  // the local index
     case 10: src = rank.scratch.data(), n = rank.scratch.size() * 8; break;
     case 11: src = rank.local, n = static_cast<int64_t>(static_cast<Ep*>(h)->layout.total); break;  // the buffer
+    case 12: src = rank.partial_map.data(), n = rank.partial_map.size() * 8; break;
     default: return -1;
   }
   if (dst != nullptr && n > 0) std::memcpy(dst, src, n);

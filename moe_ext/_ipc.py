@@ -374,7 +374,7 @@ class IpcBackend:
         capacity = -1 if opts.capacity is None else opts.capacity
         call = [num_experts, opts.pad_to, capacity, max_rows, _dtype_code(x.dtype)]
         for attempt in range(2):
-            cur = self._enter([x, idx, scale])
+            cur = self._enter([x, idx, scale, w if opts.partial else None])
             with torch.cuda.stream(self.stream):
                 recv_x, recv_scale, tpe, *plan = self._run(self._c.dispatch, x, idx, scale, num_experts, opts.pad_to,
                                                             capacity, max_rows, call[-1], 0,

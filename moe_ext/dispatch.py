@@ -610,6 +610,10 @@ def _remap_rows(row_map, where):
 
 # ---- public API --------------------------------------------------------------------------------
 
+_PARTIAL_NO_GRAD = ("moe_ext: a partial combine (dispatch(partial_combine=True)) gives no gradient for the routing "
+                    "weights w: detach w, run under torch.no_grad(), or dispatch with partial_combine=False")
+
+
 def _check_modes(sync, max_tokens, x_scale, name, x):
     if not sync:
         if max_tokens is None or max_tokens < 1:
@@ -666,6 +670,8 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
         raise ValueError(f"moe_ext.dispatch: capacity must be >= 0 or None, got {capacity}")
     name = _select_backend(backend, x.device, world, group)
     _check_modes(sync, max_tokens, x_scale, name, x)
+    if partial_combine and torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad:
+        raise ValueError(_PARTIAL_NO_GRAD)  # NOTE: before any communication, not at the combine
     max_rows = masked_rows(world, max_tokens, capacity, pad_to) if not sync else None
     if name == "local":
         problem = _input_problem(x, idx, w, num_experts)
@@ -721,9 +727,7 @@ def combine(y, handle, async_op=False):
         raise ValueError(f"moe_ext.combine: y must be {list(want)} {handle.dtype} like recv_x, got "
                          f"{list(y.shape)} {y.dtype}")
     if handle.partial and torch.is_grad_enabled() and handle.weights.requires_grad:
-        raise ValueError("moe_ext.combine: a partial combine (dispatch(partial_combine=True)) gives no gradient "
-                         "for the routing weights w: detach w, run under torch.no_grad(), or dispatch with "
-                         "partial_combine=False")
+        raise ValueError(_PARTIAL_NO_GRAD)
     if handle.plan is None:
         return unpermute(y.reshape(-1, handle.hidden), handle.row_map, handle.weights)
     handle.async_op = async_op

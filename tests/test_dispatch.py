@@ -363,8 +363,11 @@ def _partial_world(rank, world, seed):
                 raise AssertionError(f"case {i} {case} sync={sync} (seed {seed + 7919 * i}): {e}") from e
     x, idx = torch.randn(3, HIDDEN), torch.zeros(3, 1, dtype=torch.long)
     w = torch.ones(3, 1, requires_grad=True)
-    y_, _, h = moe_ext.dispatch(x, idx, w, world, partial_combine=True)
-    with pytest.raises(ValueError, match="no gradient for the routing weights"):
+    with pytest.raises(ValueError, match="no gradient for the routing weights"):  # before communicating
+        moe_ext.dispatch(x, idx, w, world, partial_combine=True)
+    with torch.no_grad():
+        y_, _, h = moe_ext.dispatch(x, idx, w, world, partial_combine=True)
+    with pytest.raises(ValueError, match="no gradient for the routing weights"):  # combine checks it too
         moe_ext.combine(y_, h)
     with torch.no_grad():  # without a gradient for w it runs
         assert moe_ext.combine(y_, h).shape == (3, HIDDEN)

@@ -135,6 +135,44 @@ def test_ipc_matches_gloo(world, seed):
     assert all(line.startswith("auto -> ipc") for line in lines), lines
 
 
+def _decode_inputs(seed, rank, T, H, k, E, dev, dtype=torch.bfloat16):
+    """Static decode inputs (x, idx, w) for a captured graph, and load(i): new values, seeded per rank."""
+    x_s = torch.zeros(T, H, device=dev, dtype=dtype)
+    idx_s = torch.zeros(T, k, dtype=torch.long, device=dev)
+    w_s = torch.zeros(T, k, device=dev)
+
+    def load(i):
+        gi = torch.Generator().manual_seed(seed + 100 * i + rank)
+        x_s.copy_(torch.randn(T, H, generator=gi))
+        idx_s.copy_(torch.stack([torch.randperm(E, generator=gi)[:k] for _ in range(T)]))
+        w_s.copy_(torch.rand(T, k, generator=gi))
+
+    return x_s, idx_s, w_s, load
+
+
+def _capture(fn, dev):
+    """fn() once eagerly on a side stream (creates the communicator and its buffers: a collective, not
+    capturable), then captured: (graph, its static output)."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _check_replay(graph, out_s, fn, dev, what):
+    """A replay gives what an eager fn() gives for the inputs loaded now."""
+    graph.replay()
+    torch.cuda.synchronize(dev)
+    replayed = out_s.clone()
+    eager = fn()
+    assert torch.equal(replayed, eager), f"{what}: {(replayed - eager).abs().max()}"
+
+
 def _run_partial(x, idx, w, gout, E, backend, **kw):
     """A partial combine (w needs no gradient) and its backward to x and y."""
     x = x.clone().requires_grad_(True)
@@ -161,35 +199,17 @@ def _partial_cases(rank, world, seed):
         _compare(ref, got, what + " masked", masked=True)
     # Decode: the no-sync partial dispatch -> combine captured in a graph, replayed with new routing.
     T, H, k, E = 16, 64, 4, 4 * world
-    x_s = torch.zeros(T, H, device=dev, dtype=torch.bfloat16)
-    idx_s = torch.zeros(T, k, dtype=torch.long, device=dev)
-    w_s = torch.zeros(T, k, device=dev)
+    x_s, idx_s, w_s, load = _decode_inputs(seed, rank, T, H, k, E, dev)
 
     def step():
         recv, _, h = moe_ext.dispatch(x_s, idx_s, w_s, E, backend="ipc", sync=False, max_tokens=T, partial_combine=True)
         return moe_ext.combine(recv * 2, h)
 
-    def load(j):
-        gj = torch.Generator().manual_seed(seed + 100 * j + rank)
-        x_s.copy_(torch.randn(T, H, generator=gj))
-        idx_s.copy_(torch.stack([torch.randperm(E, generator=gj)[:k] for _ in range(T)]))
-        w_s.copy_(torch.rand(T, k, generator=gj))
-
     load(0)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_s = step()
+    graph, out_s = _capture(step, dev)
     for j in range(1, 4):
         load(j)
-        graph.replay()
-        torch.cuda.synchronize(dev)
-        replayed = out_s.clone()
-        assert torch.equal(replayed, step()), f"partial replay {j}"
+        _check_replay(graph, out_s, step, dev, f"partial replay {j}")
     del graph
     return True
 
@@ -227,9 +247,7 @@ def _graph(rank, world, seed):
     bf = torch.bfloat16
     w1 = (torch.randn(epr, H, 2 * F, generator=g) / 8).to(dev, bf)
     w2 = (torch.randn(epr, F, H, generator=g) / 8).to(dev, bf)
-    x_s = torch.zeros(T, H, device=dev, dtype=bf)
-    idx_s = torch.zeros(T, k, dtype=torch.long, device=dev)
-    w_s = torch.zeros(T, k, device=dev)
+    x_s, idx_s, w_s, load = _decode_inputs(seed, rank, T, H, k, E, dev, bf)
 
     def layer():
         recv, tpe, h = moe_ext.dispatch(x_s, idx_s, w_s, E, backend="ipc", sync=False, max_tokens=T)
@@ -237,28 +255,11 @@ def _graph(rank, world, seed):
         y = moe_ext.gemm.grouped_gemm_masked(hid, w2, tpe)
         return moe_ext.combine(y, h)
 
-    def load(i):
-        gi = torch.Generator().manual_seed(seed + 100 * i + rank)
-        x_s.copy_(torch.randn(T, H, generator=gi))
-        idx_s.copy_(torch.stack([torch.randperm(E, generator=gi)[:k] for _ in range(T)]))
-        w_s.copy_(torch.rand(T, k, generator=gi))
-
     load(0)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        layer()  # warm-up: creates the communicator and its buffers (collective, not capturable)
-    torch.cuda.current_stream(dev).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_s = layer()
+    graph, out_s = _capture(layer, dev)
     for i in range(1, 4):
         load(i)
-        graph.replay()
-        torch.cuda.synchronize(dev)
-        replayed = out_s.clone()
-        eager = layer()
-        assert torch.equal(replayed, eager), f"replay {i}: {(replayed - eager).abs().max()}"
+        _check_replay(graph, out_s, layer, dev, f"replay {i}")
     # A later call that outgrows the buffers: new ones for it, the captured ones stay for the graph.
     comm = moe_ext.communicator(device=dev)
     held = comm.nbytes
@@ -267,11 +268,7 @@ def _graph(rank, world, seed):
     moe_ext.dispatch(big, big_idx, torch.rand(40 * T, k, device=dev), E, backend="ipc", max_tokens=40 * T)
     assert comm.nbytes > held and comm._retired, "the captured buffers should have been kept"
     load(4)
-    graph.replay()
-    torch.cuda.synchronize(dev)
-    replayed = out_s.clone()
-    eager = layer()  # on the new buffers
-    assert torch.equal(replayed, eager), f"replay after growth: {(replayed - eager).abs().max()}"
+    _check_replay(graph, out_s, layer, dev, "replay after growth")  # the eager call on the new buffers
     del graph
     comm.close()
     assert comm.nbytes == 0

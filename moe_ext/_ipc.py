@@ -378,7 +378,8 @@ class IpcBackend:
             with torch.cuda.stream(self.stream):
                 recv_x, recv_scale, tpe, *plan = self._run(self._c.dispatch, x, idx, scale, num_experts, opts.pad_to,
                                                             capacity, max_rows, call[-1], 0,
-                                                            w.detach() if opts.partial else None)
+                                                            w.detach() if opts.partial else None,
+                                                            bool(opts.partial and opts.partial_grad))
             code, _, _, _, value, _, _ = self._c.error() if opts.sync else (0,) * 7
             if code != _TOO_MANY or attempt == 1:
                 break
@@ -394,7 +395,8 @@ class IpcBackend:
         self._leave(cur, [recv_x, recv_scale, tpe, row_map, *plan], opts.async_op)
         if opts.sync:
             self.check()
-        ipc_plan = _IpcPlan(idx, plan, call + [plan[3].shape[0]], recv_scale if scale is not None else None)
+        ipc_plan = _IpcPlan(idx, plan, call + [plan[3].shape[0], int(opts.partial and opts.partial_grad)],
+                            recv_scale if scale is not None else None)
         return recv_x, tpe, ipc_plan, row_map
 
     def _announce_bad_input(self, num_experts):
@@ -417,11 +419,13 @@ class IpcBackend:
 
     def scatter_grad(self, g, w, y, plan, async_op=False):
         g = g.to(y.dtype)
-        cur = self._enter([g, w])
+        weights_grad = bool(plan.call[6])  # a partial plan made for w's gradient: it comes from the experts' ranks
+        cur = self._enter([g, w, y if weights_grad else None])
         with torch.cuda.stream(self.stream):
-            grad_y = self._run(self._c.combine_grad, g, plan.idx, w.detach(), plan.tensors, plan.call)
-        self._leave(cur, [grad_y], async_op)
-        return grad_y
+            grad_y, grad_w = self._run(self._c.combine_grad, g, plan.idx, w.detach(), y if weights_grad else None,
+                                       plan.tensors, plan.call)
+        self._leave(cur, [grad_y, grad_w], async_op)
+        return grad_y, (grad_w.to(w.dtype) if weights_grad else None)
 
 
 def _ipc_problem(x, idx):

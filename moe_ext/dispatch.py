@@ -199,6 +199,9 @@ class _Plan:
     # destination's first kept slot of the token, else -1) [T, k].
     recv_w: Optional[torch.Tensor] = None
     partial_map: Optional[torch.Tensor] = None
+    # With a gradient for the weights: per routed slot [T, k] its token's row among the rows sent
+    # to the slot's rank (where the slot's dot product comes back from), else -1.
+    partial_pair: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -221,6 +224,7 @@ class DispatchHandle:
     recv_x_scale: Optional[torch.Tensor] = None  # x_scale's rows [num_rows, S], next to recv_x (x_scale= given)
     async_op: bool = False
     partial: bool = False  # partial_combine=True: one row per (token, rank) comes back
+    partial_grad: bool = False  # ... and the backward brings w's gradient from the experts' ranks
     plan: Optional[object] = None
     comm: Optional[object] = field(default=None, repr=False)  # the backend object (W > 1)
     work: object = field(default_factory=_CompletedWork, repr=False)
@@ -246,6 +250,7 @@ class _Options:
     x_scale: Optional[torch.Tensor] = None
     async_op: bool = False
     partial: bool = False
+    partial_grad: bool = False  # partial and w needs a gradient (agreed across ranks)
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -314,8 +319,9 @@ class _AllToAllBackend:
       dispatch(x, idx, ...) -> recv_x, tokens_per_expert, plan, row_map   (tokens to experts)
       combine_rows(y, plan) -> [M, H] every kept slot's row back on its source rank (also the
                                backward of dispatch, without weights)
-      scatter_grad(g, w, y, plan) -> grad_y: g and w sent once per (token, destination),
-                                    scaled into the dispatch layout on the receiver
+      scatter_grad(g, w, y, plan) -> grad_y, grad_w: g and w sent once per (token, destination),
+                                    scaled into the dispatch layout on the receiver; grad_w (a
+                                    partial plan for w's gradient, else None) from the receivers
     """
     name = "gloo"
 
@@ -389,10 +395,10 @@ class _AllToAllBackend:
         """-> recv_x, tokens_per_expert, plan, row_map; the masked layout when opts.sync is False."""
         if opts.sync:
             return self._dispatch(x, idx, w, opts.num_experts, opts.pad_to, opts.capacity, opts.requires_grad,
-                                  opts.x_scale, opts.partial)
+                                  opts.x_scale, opts.partial, opts.partial_grad)
         cap = opts.max_rows if opts.capacity is None else min(opts.capacity, opts.max_rows)
         flat, kept, plan, row_map = self._dispatch(x, idx, w, opts.num_experts, 1, cap, opts.requires_grad,
-                                                   opts.x_scale, opts.partial)
+                                                   opts.x_scale, opts.partial, opts.partial_grad)
         recv_x, where = _to_masked(flat, kept, opts.max_rows)
         plan.back_rows = where.index_select(0, plan.back_rows)
         plan.recv_row_map = _remap_rows(plan.recv_row_map, where)
@@ -401,7 +407,8 @@ class _AllToAllBackend:
             plan.recv_x_scale = _to_masked(s, kept, opts.max_rows)[0].reshape(-1, s.shape[1])
         return recv_x, kept, plan, row_map
 
-    def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad, x_scale=None, partial=False):
+    def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad, x_scale=None, partial=False,
+                  partial_grad=False):
         world = self.world
         problem = _input_problem(x, idx, w, num_experts)
         scale = None
@@ -411,7 +418,8 @@ class _AllToAllBackend:
         hidden = x.shape[1] if x.dim() == 2 else 0
         scale_cols = 0 if scale is None else scale.shape[1]
         row = torch.tensor([_MAGIC, 0, hidden, _dtype_code(x.dtype), _dtype_code(w.dtype), num_experts, k, pad_to,
-                            -1 if capacity is None else capacity, int(requires_grad), scale_cols, int(partial),
+                            -1 if capacity is None else capacity, int(requires_grad), scale_cols,
+                            int(partial) + int(partial and partial_grad),
                             int(problem is not None)], dtype=torch.int64).repeat(world, 1)
         if problem is not None:
             self._exchange_header(row, problem)  # tells the peers, then raises
@@ -468,19 +476,22 @@ class _AllToAllBackend:
         row_map = torch.full((num_tokens * k,), -1, dtype=torch.long, device=dev)
         row_map[kept_slots] = torch.arange(kept_slots.numel(), device=dev)
 
-        partial_map = None
+        partial_map = partial_pair = None
         if partial:
             # Each (destination, token) pair's row among the rows sent, in the order they return.
             pos = torch.full((world, num_tokens), -1, dtype=torch.long, device=dev)
             pos[send_dest, send_tokens] = torch.arange(send_tokens.numel(), device=dev)
             partial_map = _first_kept_per_rank(row_map.view(num_tokens, k), dest, pos)
+            if partial_grad:
+                partial_pair = torch.where(routed, pos[dest.clamp(min=0), tokens], -1)
         flat_recv_map = recv_row_map.reshape(-1)
         plan = _Plan(
             send_tokens=send_tokens, send_splits=send_splits, recv_splits=recv_splits, recv_row_map=recv_row_map,
             back_rows=flat_recv_map[flat_recv_map >= 0],
             back_send_splits=torch.bincount(arrived_source[arrived_kept], minlength=world).tolist(),
             back_recv_splits=torch.bincount(flat_dest[kept_slots], minlength=world).tolist(),
-            recv_x_scale=recv_x_scale[0] if recv_x_scale else None, recv_w=recv_w, partial_map=partial_map)
+            recv_x_scale=recv_x_scale[0] if recv_x_scale else None, recv_w=recv_w, partial_map=partial_map,
+            partial_pair=partial_pair)
         return recv_x, tokens_per_expert, plan, row_map.view(num_tokens, k)
 
     def combine_rows(self, y, plan, stage="combine"):
@@ -500,10 +511,21 @@ class _AllToAllBackend:
         return unpermute(rows, row_map, w), (rows if keep_rows else None)
 
     def scatter_grad(self, g, w, y, plan, async_op=False):
+        """-> (grad_y, grad_w): grad_w [T, k] only for a partial plan made with partial_grad (else None;
+        the per-slot combine computes it on the source from the rows it kept)."""
         g_recv, w_recv = self._exchange([g.to(y.dtype)[plan.send_tokens], w[plan.send_tokens]],
                                         plan.send_splits, plan.recv_splits, "combine-backward")
-        grad_y, _ = ops.unpermute_backward(g_recv, y, plan.recv_row_map, w_recv)
-        return grad_y
+        grad_y, dots = ops.unpermute_backward(g_recv, y, plan.recv_row_map, w_recv)
+        if plan.partial_pair is None:
+            return grad_y, None
+        # Each arrived slot's dot(y row, g) (0 for the token's slots elsewhere) goes back with its
+        # (token, rank) pair: the same products and order as the per-slot combine's backward on the
+        # source, so the same bits.
+        (back,) = self._exchange([dots], plan.recv_splits, plan.send_splits, "combine-backward")
+        pair = plan.partial_pair  # NOTE: -1 (unrouted) picks an appended zero row: back may have no rows
+        back = torch.cat([back, back.new_zeros((1, back.shape[1]))])
+        pair = torch.where(pair >= 0, pair, back.shape[0] - 1)
+        return grad_y, back[pair, torch.arange(pair.shape[1], device=pair.device).expand_as(pair)]
 
 
 def _first_kept_per_rank(row_map, dest, rows):
@@ -571,8 +593,11 @@ class _Combine(torch.autograd.Function):
         y, w, rows = ctx.saved_tensors
         handle = ctx.handle
         grad_out = grad_out.contiguous()
-        grad_y = handle.comm.scatter_grad(grad_out, w, y, handle.plan)
-        grad_w = ops.unpermute_backward(grad_out, rows, handle.row_map, w)[1] if ctx.needs_input_grad[1] else None
+        grad_y, grad_w = handle.comm.scatter_grad(grad_out, w, y, handle.plan)
+        if not ctx.needs_input_grad[1]:
+            grad_w = None
+        elif grad_w is None:
+            grad_w = ops.unpermute_backward(grad_out, rows, handle.row_map, w)[1]
         return grad_y, grad_w, None
 
 
@@ -610,8 +635,8 @@ def _remap_rows(row_map, where):
 
 # ---- public API --------------------------------------------------------------------------------
 
-_PARTIAL_NO_GRAD = ("moe_ext: a partial combine (dispatch(partial_combine=True)) gives no gradient for the routing "
-                    "weights w: detach w, run under torch.no_grad(), or dispatch with partial_combine=False")
+_PARTIAL_NO_GRAD = ("moe_ext.combine: w needs a gradient, but the partial combine's dispatch was made while it did not "
+                    "(under torch.no_grad(), or before w.requires_grad_()): dispatch again with w as it will be used")
 
 
 def _check_modes(sync, max_tokens, x_scale, name, x):
@@ -656,9 +681,10 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     source adds the partials in float32 in the order of their first slots. Fewer bytes (k rows per
     token become one per destination rank); for 16-bit rows one more rounding per partial, so out
     is no longer bit-identical to the single-rank unpermute (it still is across backends and runs;
-    a world of one gives exactly the unpermute). Inference and decode only: combine raises if w
-    needs a gradient (the per-slot rows it needs stay on the experts' ranks). Every rank must pass
-    the same value.
+    a world of one gives exactly the unpermute). The gradients: x's comes back the same way
+    (unweighted partials); y's and w's are bit-identical to the per-slot combine's (w's from
+    the dot products of y and the gradient on the experts' ranks, sent back per slot when w
+    needs a gradient at dispatch time: every rank must agree on that, as on the option itself).
     Returns recv_x in x's dtype (expert-major; inside an expert by (source rank, source token);
     padding rows zero), tokens_per_expert [E / W] int32 (padded segment sizes; valid rows when
     sync=False) and the handle for combine. Differentiable w.r.t. x (and w, through combine).
@@ -670,8 +696,9 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
         raise ValueError(f"moe_ext.dispatch: capacity must be >= 0 or None, got {capacity}")
     name = _select_backend(backend, x.device, world, group)
     _check_modes(sync, max_tokens, x_scale, name, x)
-    if partial_combine and torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad:
-        raise ValueError(_PARTIAL_NO_GRAD)  # NOTE: before any communication, not at the combine
+    # NOTE: decided here, once, and agreed in the header: the combine's backward then brings w's
+    # gradient back from the experts' ranks on every rank alike.
+    partial_grad = bool(partial_combine) and torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad
     max_rows = masked_rows(world, max_tokens, capacity, pad_to) if not sync else None
     if name == "local":
         problem = _input_problem(x, idx, w, num_experts)
@@ -693,18 +720,19 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
             s = [_to_masked(s[0], tokens_per_expert, max_rows)[0].reshape(-1, s[0].shape[1])] if s else s
         handle = DispatchHandle(row_map, w, x.shape[0], world, group, name, hidden=x.shape[1], dtype=x.dtype,
                                 num_rows=recv_x.reshape(-1, x.shape[1]).shape[0], max_rows=max_rows,
-                                recv_x_scale=s[0] if s else None, partial=bool(partial_combine))
+                                recv_x_scale=s[0] if s else None, partial=bool(partial_combine),
+                                partial_grad=partial_grad)
         return recv_x, tokens_per_expert, handle
     expert_placement(num_experts, world)  # E divisible by W: checked before any communication
     handle = DispatchHandle(None, w, x.shape[0] if x.dim() else 0, world, group, name,
                             hidden=x.shape[1] if x.dim() == 2 else 0, dtype=x.dtype, max_rows=max_rows,
-                            partial=bool(partial_combine))
+                            partial=bool(partial_combine), partial_grad=partial_grad)
     handle.comm = _make_backend(name, group, world, rank, x.device)
     # NOTE: every rank must agree on requires_grad (a rank without the backward would leave the
     # others waiting in theirs); a Function's forward runs without grad mode, so it is read here.
     requires_grad = torch.is_grad_enabled() and x.requires_grad
     opts = _Options(num_experts, pad_to, capacity, requires_grad, sync, max_tokens, max_rows, x_scale, async_op,
-                    bool(partial_combine))
+                    bool(partial_combine), partial_grad)
     recv_x, tokens_per_expert = _Dispatch.apply(x, idx, w, opts, handle)
     return recv_x, tokens_per_expert, handle
 
@@ -726,7 +754,7 @@ def combine(y, handle, async_op=False):
     if tuple(y.shape) != want or y.dtype != handle.dtype:
         raise ValueError(f"moe_ext.combine: y must be {list(want)} {handle.dtype} like recv_x, got "
                          f"{list(y.shape)} {y.dtype}")
-    if handle.partial and torch.is_grad_enabled() and handle.weights.requires_grad:
+    if handle.partial and not handle.partial_grad and torch.is_grad_enabled() and handle.weights.requires_grad:
         raise ValueError(_PARTIAL_NO_GRAD)
     if handle.plan is None:
         return unpermute(y.reshape(-1, handle.hidden), handle.row_map, handle.weights)

@@ -202,7 +202,7 @@ class _Pipeline(torch.autograd.Function):
         scattered = {}
         for c in reversed(range(n)):
             handle, _, _, y, _, _, _ = chunks[c]
-            grad_y = handle.comm.scatter_grad(gs[c], ws[c], y, handle.plan, async_op=layer.overlap)
+            grad_y, _ = handle.comm.scatter_grad(gs[c], ws[c], y, handle.plan, async_op=layer.overlap)
             scattered[c] = (grad_y, _work(handle.comm))
         grad_w = None
         if need_w:
@@ -345,8 +345,8 @@ class MoE(nn.Module):
     expert's valid count ignored) and combine. Every rank passes at most max_decode_tokens tokens
     (the same bound on every rank). decode_partial_combine=True: the decode combine sends one row
     per (token, rank) back instead of one per slot (dispatch's partial_combine: fewer bytes, one
-    more rounding per partial; decode then runs without a gradient to the router, e.g. under
-    torch.no_grad()). Routing (topk_gating), the aux losses, `load` and the
+    more rounding per partial; gradients still flow, the router's through w's from the experts'
+    ranks). Routing (topk_gating), the aux losses, `load` and the
     expert_load average are device-side updates and stay on; nothing is skipped. Not chunked.
     Limits: no expert TP (its all-gather reads counts back); on CUDA only bf16/fp16 expert weights are capturable (the float32/float64
     masked GEMM reads valid_rows back to the host); W > 1 needs the ipc backend to be capturable

@@ -173,15 +173,16 @@ def _check_replay(graph, out_s, fn, dev, what):
     assert torch.equal(replayed, eager), f"{what}: {(replayed - eager).abs().max()}"
 
 
-def _run_partial(x, idx, w, gout, E, backend, **kw):
-    """A partial combine (w needs no gradient) and its backward to x and y."""
+def _run_partial(x, idx, w, gout, E, backend, w_grad=False, **kw):
+    """A partial combine and its backward to x and y (and to w with w_grad)."""
     x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(w_grad)
     recv, tpe, h = moe_ext.dispatch(x, idx, w, E, backend=backend, partial_combine=True, **kw)
     y = (recv.float() * 1.5 - 0.25).to(recv.dtype)
     y.retain_grad()
     out = moe_ext.combine(y, h)
     (out.float() * gout.float()).sum().backward()
-    return [t.detach().cpu() for t in (recv, tpe, out, x.grad, torch.zeros(0), y.grad)]
+    return [t.detach().cpu() for t in (recv, tpe, out, x.grad, w.grad if w_grad else torch.zeros(0), y.grad)]
 
 
 def _partial_cases(rank, world, seed):
@@ -190,12 +191,17 @@ def _partial_cases(rank, world, seed):
     for i, (dtype, hidden, k, epr, max_t, pad_to, cap) in enumerate(CASES):
         E, x, idx, w, gout = _inputs(world, rank, seed + i, dtype, hidden, k, epr, max_t, k > 1)
         what = f"partial case {i} rank {rank}/{world}"
-        ref = _run_partial(x, idx, w, gout, E, "gloo", pad_to=pad_to, capacity=cap)
-        got = _run_partial(x.to(dev), idx.to(dev), w.to(dev), gout.to(dev), E, "ipc", pad_to=pad_to, capacity=cap)
+        w_grad = i % 2 == 0  # w's gradient comes back from the experts' ranks
+        dev_in = (x.to(dev), idx.to(dev), w.to(dev), gout.to(dev))
+        ref = _run_partial(x, idx, w, gout, E, "gloo", w_grad, pad_to=pad_to, capacity=cap)
+        got = _run_partial(*dev_in, E, "ipc", w_grad, pad_to=pad_to, capacity=cap)
         _compare(ref, got, what + " exact")
-        ref = _run_partial(x, idx, w, gout, E, "gloo", capacity=cap, sync=False, max_tokens=max_t)
-        got = _run_partial(x.to(dev), idx.to(dev), w.to(dev), gout.to(dev), E, "ipc", capacity=cap, sync=False,
-                           max_tokens=max_t)
+        if w_grad:  # the same dot products as the per-slot combine's backward on the source: the same bits
+            per_slot = _run(*dev_in, E, "ipc", pad_to=pad_to, capacity=cap)
+            assert torch.equal(got[4], per_slot[4]), f"{what}: partial grad_w differs from the per-slot one"
+            assert torch.equal(got[5], per_slot[5]), f"{what}: partial grad_y differs from the per-slot one"
+        ref = _run_partial(x, idx, w, gout, E, "gloo", w_grad, capacity=cap, sync=False, max_tokens=max_t)
+        got = _run_partial(*dev_in, E, "ipc", w_grad, capacity=cap, sync=False, max_tokens=max_t)
         _compare(ref, got, what + " masked", masked=True)
     # Decode: the no-sync partial dispatch -> combine captured in a graph, replayed with new routing.
     T, H, k, E = 16, 64, 4, 4 * world

@@ -309,14 +309,16 @@ def test_x_scale_travels_with_its_rows(world, seed):
     assert all(run_world(_scales_world, world, seed, seed=seed, timeout_s=120))
 
 
-def check_partial_case(case, seed, me, world, sync=True):
-    """dispatch(partial_combine=True) -> experts -> combine, and the backward to x (w detached),
-    against partial_reference on every rank's tokens in one process (bit for bit) and the float64
-    reference (within the dtype's tolerance)."""
+def check_partial_case(case, seed, me, world, sync=True, grad_w=False):
+    """dispatch(partial_combine=True) -> experts -> combine, and the backward to x (and to w with
+    grad_w), against partial_reference on every rank's tokens in one process (bit for bit), the
+    per-slot backward for w's gradient (bit for bit) and the float64 reference (within the dtype's
+    tolerance)."""
     ranks, a, b = make_inputs(case, world, seed)
     num_experts, epr = world * case.experts_per_rank, case.experts_per_rank
-    x0, idx, w, grad_out = ranks[me]
+    x0, idx, w0, grad_out = ranks[me]
     x = x0.clone().requires_grad_()
+    w = w0.clone().requires_grad_(grad_w)
     kw = dict(sync=False, max_tokens=24) if not sync else dict(pad_to=case.pad_to)
     recv_x, tpe, handle = moe_ext.dispatch(x, idx, w, num_experts, capacity=case.capacity, partial_combine=True, **kw)
     flat = recv_x.reshape(-1, HIDDEN)
@@ -350,6 +352,13 @@ def check_partial_case(case, seed, me, world, sync=True):
     if sync:  # (the masked layout's max_rows cap is not in the float64 reference)
         assert_near(out, src[me][0], 2 * TOL[case.dtype], "partial out")
         assert_near(x.grad, src[me][1], 2 * TOL[case.dtype], "partial grad x")
+    if grad_w:  # the dot products of the per-slot combine's backward, on the experts' ranks instead
+        grad_w1 = ops.unpermute_backward(torch.cat([r[3] for r in ranks]), y1.detach(), row_map, W)[1]
+        assert torch.equal(w.grad, grad_w1[toks]), "partial combine's w gradient differs from the per-slot one"
+        if sync:
+            assert_near(w.grad, src[me][2], 2 * TOL[case.dtype], "partial grad w")
+    else:
+        assert w.grad is None
     return out.shape[0]
 
 
@@ -358,22 +367,22 @@ def _partial_world(rank, world, seed):
     for i, case in enumerate(cases(world)):
         for sync in (True, False):
             try:
-                n += check_partial_case(case, seed + 7919 * i, rank, world, sync)
+                n += check_partial_case(case, seed + 7919 * i, rank, world, sync, grad_w=i % 2 == 0)
             except AssertionError as e:
                 raise AssertionError(f"case {i} {case} sync={sync} (seed {seed + 7919 * i}): {e}") from e
     x, idx = torch.randn(3, HIDDEN), torch.zeros(3, 1, dtype=torch.long)
     w = torch.ones(3, 1, requires_grad=True)
-    with pytest.raises(ValueError, match="no gradient for the routing weights"):  # before communicating
-        moe_ext.dispatch(x, idx, w, world, partial_combine=True)
-    with torch.no_grad():
+    with torch.no_grad():  # a dispatch made without w's gradient cannot give it later
         y_, _, h = moe_ext.dispatch(x, idx, w, world, partial_combine=True)
-    with pytest.raises(ValueError, match="no gradient for the routing weights"):  # combine checks it too
+    with pytest.raises(ValueError, match="dispatch was made while it did not"):
         moe_ext.combine(y_, h)
     with torch.no_grad():  # without a gradient for w it runs
         assert moe_ext.combine(y_, h).shape == (3, HIDDEN)
-    if world > 1:  # every rank must pass the same partial_combine
+    if world > 1:  # every rank must pass the same partial_combine, and agree on w's gradient
         with pytest.raises(ValueError, match="disagree on partial_combine"):
             moe_ext.dispatch(x, idx, w.detach(), world, partial_combine=rank == 0)
+        with pytest.raises(ValueError, match="disagree on partial_combine"):
+            moe_ext.dispatch(x, idx, w if rank == 0 else w.detach(), world, partial_combine=True)
     return n
 
 

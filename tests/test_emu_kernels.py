@@ -474,9 +474,10 @@ def _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, num_experts, pad_to=1, ca
         ep.close()
 
 
-def _check_ep_partial(emu, world, xs, idxs, ws, a, b, num_experts, pad_to=1, capacity=None, num_blocks=0):
+def _check_ep_partial(emu, world, xs, idxs, ws, a, b, num_experts, pad_to=1, capacity=None, num_blocks=0, gs=None):
     """The partial combine (weighted) and its unweighted form (the dispatch's backward) against the
-    single-process reference of test_dispatch, bit for bit."""
+    single-process reference of test_dispatch, bit for bit; with gs, the combine's backward with w's
+    gradient too (grad_y and grad_w equal to the per-slot unpermute_backward's, bit for bit)."""
     from test_dispatch import experts, partial_reference
     epr = num_experts // world
     X, IDX, W = torch.cat(xs), torch.cat([i.long() for i in idxs]), torch.cat(ws)
@@ -484,9 +485,11 @@ def _check_ep_partial(emu, world, xs, idxs, ws, a, b, num_experts, pad_to=1, cap
     y_all = experts(x_perm, tpe_all, 0, a, b)
     want = partial_reference(y_all, row_map, W, IDX, epr)
     want_sum = partial_reference(y_all, row_map, None, IDX, epr)
+    bounds = [0] + torch.cumsum(tpe_all.long(), 0).tolist()
     ep = _ep_world(emu, xs, idxs, num_experts)
     try:
-        res = ep.dispatch(xs, idxs, num_experts, pad_to=pad_to, capacity=capacity, num_blocks=num_blocks, weights=ws)
+        res = ep.dispatch(xs, idxs, num_experts, pad_to=pad_to, capacity=capacity, num_blocks=num_blocks, weights=ws,
+                          weights_grad=gs is not None)
         ys = []
         for r, d in enumerate(res):
             assert d["exc"] == "" and d["error"]["code"] == 0, (r, d["exc"], d["error"])
@@ -499,6 +502,18 @@ def _check_ep_partial(emu, world, xs, idxs, ws, a, b, num_experts, pad_to=1, cap
                 assert cres[r]["exc"] == "" and cres[r]["error"]["code"] == 0, cres[r]
                 assert torch.equal(cres[r]["out"], ref[t0:t0 + T]), f"rank {r}: partial combine, weighted={weighted}"
                 t0 += T
+        if gs is None:
+            return
+        grad_y_all, grad_w_all = ops.unpermute_backward(torch.cat(gs), y_all, row_map, W)
+        gres = ep.combine_grad(gs, ws, num_blocks=num_blocks, ys=ys)
+        t0 = 0
+        for r in range(world):
+            T = xs[r].shape[0]
+            assert gres[r]["exc"] == "" and gres[r]["error"]["code"] == 0, gres[r]
+            rows = slice(bounds[r * epr], bounds[(r + 1) * epr])
+            assert torch.equal(gres[r]["grad_y"], grad_y_all[rows]), f"rank {r}: partial combine's grad y"
+            assert torch.equal(gres[r]["grad_w"], grad_w_all[t0:t0 + T]), f"rank {r}: partial combine's grad w"
+            t0 += T
     finally:
         ep.close()
 
@@ -511,7 +526,7 @@ def test_ep_ipc_partial_combine(emu, seed, world):
         dt = torch.float32 if case.dtype == torch.float64 else case.dtype
         _check_ep_partial(emu, world, [r[0].to(dt) for r in ranks], [r[1] for r in ranks], [r[2].float() for r in ranks],
                           a.to(dt), b.to(dt), world * case.experts_per_rank, case.pad_to, case.capacity,
-                          num_blocks=(0, 1, 3)[i % 3])
+                          num_blocks=(0, 1, 3)[i % 3], gs=[r[3].to(dt) for r in ranks] if i % 2 == 0 else None)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -653,7 +668,8 @@ def test_ep_ipc_random_configs(emu, seed, trial):
         a, b = (1 + torch.rand(E, H, generator=gen)).to(dtype), torch.randn(E, H, generator=gen).to(dtype)
         pad_to, blocks = pick([1, 2, 4, 8]), pick([0, 1, 2, 5])
         _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, E, pad_to, cap, num_blocks=blocks)
-        _check_ep_partial(emu, world, xs, idxs, ws, a, b, E, pad_to, cap, num_blocks=blocks)
+        _check_ep_partial(emu, world, xs, idxs, ws, a, b, E, pad_to, cap, num_blocks=blocks,
+                          gs=gs if pick([False, True]) else None)
 
 
 def test_ep_ipc_scales_travel_with_rows(emu, seed):

@@ -256,15 +256,25 @@ def _decode_world(rank, world, seed, counts):
     _check_decode(rank, world, seed + 1, counts, group, torch.float32, 16, k=3, capacity_factor=1.0)
     # ep_group=None inside a world of several ranks: all experts here, no dispatch over the world
     _check_decode(rank, world, seed + 2, counts, None, torch.float64, 9)
-    # decode_partial_combine: the same output up to the order of the float64 sums; with a gradient to
-    # the router it refuses (combine cannot give one).
+    # decode_partial_combine: the same output up to the order of the float64 sums, and with a
+    # gradient the same gradients (the router's through w's, which comes back from the experts' ranks).
     layer = _layer(group, seed + 3, torch.float64, max_decode_tokens=9, decode_partial_combine=True)
     x = _inputs(seed + 3, counts, torch.float64)[rank][0]
     with torch.no_grad():
         torch.testing.assert_close(layer(x, decode=True), layer(x), rtol=1e-12, atol=1e-12)
-    if world > 1:
-        with pytest.raises(ValueError, match="no gradient for the routing weights"):
-            layer(x, decode=True)
+    grads = []
+    for decode in (True, False):
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = layer(xg, decode=decode)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append([xg.grad, layer.router.weight.grad] + [p.grad for p in layer.parameters()])
+    if x.shape[0]:
+        assert grads[0][1].abs().sum() > 0, "no gradient reached the router"
+    for got, want in zip(*grads):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="decode is not supported with expert TP"):
         moe_ext.MoE(H, F, 4, 2, None, tp_group=group, max_decode_tokens=4)(torch.zeros(2, H), decode=True)
     return True

@@ -121,12 +121,21 @@ void ep_combine_partial(const kernels::EpParams& p, kernels::PermuteFloat dtype,
 }
 
 void ep_combine_grad(const kernels::EpParams& p, kernels::EpFloat dtype, void* grad_y, int64_t grad_y_bytes,
-                     cudaStream_t stream) {
+                     float* grad_w, cudaStream_t stream) {
+  MOE_HOST_ASSERT(!p.part_grad || p.part_dst != nullptr || p.part_count == 0,
+                  "ep_combine_grad: part_grad needs the dispatch's partial plan");
+  // NOTE: every rank agreed on part_grad in the dispatch's count exchange, so all take one path.
   kernels::ep_wait(p, kernels::kEpReady, true, true, stream);  // every receiver is done with its staging
   kernels::ep_send_tokens(p, true, stream);
   kernels::ep_wait(p, kernels::kEpData, false, false, stream);
   if (grad_y_bytes > 0) MOE_CUDA_CHECK(cudaMemsetAsync(grad_y, 0, static_cast<size_t>(grad_y_bytes), stream));
-  kernels::ep_expand_grad(p, dtype, grad_y, stream);
+  if (!p.part_grad) {
+    kernels::ep_expand_grad(p, dtype, grad_y, stream);
+    return;
+  }
+  kernels::ep_expand_grad_partial(p, dtype, grad_y, stream);
+  kernels::ep_wait(p, kernels::kEpBack, false, false, stream);
+  kernels::ep_gather_slot_dots(p, grad_w, stream);
 }
 
 }  // namespace moe_ext::comm

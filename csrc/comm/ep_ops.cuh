@@ -6,7 +6,8 @@
 //            (SymmetricBuffer::recv_total after synchronising on `counted`) and allocates recv_x,
 //            then ep_dispatch_finish (expansion into recv_x).
 // combine:   ep_combine (barrier, expert rows back, wait, the weighted sum of each token's k rows).
-// backward of combine: ep_combine_grad (barrier, gradient rows out, wait, expansion with weights).
+// backward of combine: ep_combine_grad (barrier, gradient rows out, wait, expansion with weights;
+//            for a partial plan with w's gradient, also each slot's dot product back to its source).
 // partial combine: ep_combine_partial (barrier, one summed row per (token, rank) back, wait, the
 //            plain sum of each token's partials).
 #pragma once
@@ -51,8 +52,10 @@ void ep_combine_partial(const kernels::EpParams& p, kernels::PermuteFloat dtype,
                         cudaStream_t stream);
 
 // grad_y (zeroed here) = the dispatch layout of g [T, hidden] scaled by each slot's weight.
-// p: the dispatch's params with x = g (y's dtype), weights = w [T, k] float32.
+// p: the dispatch's params with x = g (y's dtype), weights = w [T, k] float32. With part_grad (a
+// partial plan made for w's gradient; p.y = the combine's y) also grad_w [T, k] float32, each kept
+// slot's dot(y row, g[t]) computed on its expert's rank (ep.cuh); grad_w unused otherwise.
 void ep_combine_grad(const kernels::EpParams& p, kernels::EpFloat dtype, void* grad_y, int64_t grad_y_bytes,
-                     cudaStream_t stream);
+                     float* grad_w, cudaStream_t stream);
 
 }  // namespace moe_ext::comm

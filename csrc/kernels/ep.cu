@@ -126,6 +126,13 @@ __device__ __forceinline__ void warp_copy(char* __restrict__ dst, const char* __
   for (; v < n; v += kWarp) d[v] = s[v];
 }
 
+// 16 bytes of T moved as one access. An aggregate of T, not a uint4 read through a T pointer:
+// that punning breaks strict aliasing, and a host compiler (the emulation) does reorder it.
+template <typename T>
+struct alignas(16) Vec16 {
+  T v[16 / sizeof(T)];
+};
+
 __device__ __forceinline__ void warp_zero(char* dst, int64_t bytes, int lane) {
   uint4* d = reinterpret_cast<uint4*>(dst);
   for (int64_t v = lane; v < bytes / 16; v += kWarp) d[v] = make_uint4(0, 0, 0, 0);
@@ -210,7 +217,7 @@ __global__ void __launch_bounds__(kCountThreads) exchange_counts_kernel(EpParams
           case kHdrWorld: v = W; break;
           case kHdrScaleCols: v = p.scale_cols; break;
           case kHdrBadInput: v = p.bad_input; break;
-          case kHdrPartial: v = p.part_dst != nullptr; break;
+          case kHdrPartial: v = p.part_dst == nullptr ? 0 : 1 + p.part_grad; break;
           default: break;
         }
       } else if (i < kHdrLen + W) {
@@ -595,7 +602,7 @@ __global__ void __launch_bounds__(kRowThreads) send_partials_kernel(EpParams p, 
         for (unsigned m = here; m != 0;) {  // m is the same on every lane
           int64_t r[kLoads];
           Acc wj[kLoads];
-          uint4 buf[kLoads];
+          Vec16<T> buf[kLoads];
 #pragma unroll
           for (int u = 0; u < kLoads; ++u) {
             r[u] = -1;
@@ -610,27 +617,97 @@ __global__ void __launch_bounds__(kRowThreads) send_partials_kernel(EpParams p, 
 #pragma unroll
           for (int u = 0; u < kLoads; ++u)
             if (r[u] >= 0 && v < vecs)
-              buf[u] = *reinterpret_cast<const uint4*>(static_cast<const char*>(p.y) + r[u] * p.y_row_stride + v * 16);
+              buf[u] = *reinterpret_cast<const Vec16<T>*>(static_cast<const char*>(p.y) + r[u] * p.y_row_stride + v * 16);
 #pragma unroll
           for (int u = 0; u < kLoads; ++u) {
             if (r[u] < 0 || v >= vecs) continue;
-            const T* val = reinterpret_cast<const T*>(&buf[u]);
 #pragma unroll
             for (int e = 0; e < kVec; ++e)
-              acc[e] = add_rn(acc[e], weighted ? mul_rn(wj[u], to_acc(val[e])) : to_acc(val[e]));
+              acc[e] = add_rn(acc[e], weighted ? mul_rn(wj[u], to_acc(buf[u].v[e])) : to_acc(buf[u].v[e]));
           }
         }
         if (v < vecs) {
-          uint4 out;
-          T* o = reinterpret_cast<T*>(&out);
+          Vec16<T> out;
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) o[e] = cast_out<T>(acc[e]);
-          *reinterpret_cast<uint4*>(dst + v * 16) = out;
+          for (int e = 0; e < kVec; ++e) out.v[e] = cast_out<T>(acc[e]);
+          *reinterpret_cast<Vec16<T>*>(dst + v * 16) = out;
         }
       }
     }
   }
   signal_when_done(p, kEpBack, seq);
+}
+
+// The partial combine's backward on the experts' side, one warp per staged gradient row with
+// rows here: grad_y[row] = cast(w * g) for each of its slots here (as expand_grad), and each
+// slot's dot(y[row], g), into the first 4 bytes of the slot's row t * k + j in its source's back
+// staging. The dot is unpermute_backward's, bit for bit: float64 products, each lane adding its
+// 16-byte vectors' parts in increasing order, then a butterfly over the warp, rounded to float32.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) expand_grad_partial_kernel(EpParams p, T* __restrict__ grad_y) {
+  using Acc = acc_type<T>;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const EpLayout& L = p.layout;
+  const uint64_t seq = *reinterpret_cast<volatile unsigned long long*>(&p.control->seq);
+  if (failed(p)) {  // NaN rather than zeros; no flag: the sources time out or have failed themselves
+    poison_rows(grad_y, p.recv_rows * p.row_bytes);
+  } else {
+    const int lane = threadIdx.x % kWarp;
+    const int64_t vecs = p.row_bytes / 16;
+    // NOTE: the plan indexes staging rows by the dispatch's max_tokens; the gradient was staged
+    // with the buffer's current one (it may have grown since).
+    const int64_t plan_tokens = p.part_count / p.world;
+    const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp; g < p.part_count;
+         g += warps) {
+      const int64_t code = p.part_dst[g];
+      if (code < 0) continue;
+      const int64_t staged = (g / plan_tokens) * L.sizes.max_tokens + g % plan_tokens;
+      const T* src = reinterpret_cast<const T*>(p.local + L.payload + staged * L.sizes.row_bytes);
+      const int64_t mine = lane < p.k ? p.part_rows[g * p.k + lane] : -1;
+      const unsigned here = __ballot_sync(kFull, mine >= 0);
+      // The partial went to the first slot here, t * k + j0: the token's slots start j0 before it.
+      const int64_t slot0 = (code & ((int64_t{1} << kBackShift) - 1)) - (__ffs(here) - 1);
+      char* back = p.peers[code >> kBackShift] + L.back;
+      for (unsigned m = here; m != 0; m &= m - 1) {
+        const int j = __ffs(m) - 1;
+        const int64_t r = __shfl_sync(kFull, mine, j);
+        const Acc wj = p.part_w[g * p.k + j];
+        const T* yr = reinterpret_cast<const T*>(static_cast<const char*>(p.y) + r * p.y_row_stride);
+        T* dst = grad_y + r * (p.row_bytes / static_cast<int64_t>(sizeof(T)));
+        double dot = 0.0;
+        for (int64_t v = lane; v < vecs; v += kWarp) {
+          const Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(src + v * kVec);
+          const Vec16<T> yv = *reinterpret_cast<const Vec16<T>*>(yr + v * kVec);
+          Vec16<T> o;
+          double part = 0.0;
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            const Acc ge = to_acc(gv.v[e]);
+            o.v[e] = cast_out<T>(mul_rn(wj, ge));
+            part += static_cast<double>(to_acc(yv.v[e])) * static_cast<double>(ge);
+          }
+          dot += part;
+          *reinterpret_cast<Vec16<T>*>(dst + v * kVec) = o;
+        }
+#pragma unroll
+        for (int off = kWarp / 2; off > 0; off /= 2) dot += __shfl_xor_sync(kFull, dot, off);
+        if (lane == 0) *reinterpret_cast<float*>(back + (slot0 + j) * L.sizes.row_bytes) = static_cast<float>(dot);
+      }
+    }
+  }
+  signal_when_done(p, kEpBack, seq);
+}
+
+// grad_w[t, j] = the dot an expert rank wrote for kept slot (t, j), 0 for the others; NaN after a
+// failure (the back staging is poisoned then too).
+__global__ void __launch_bounds__(kRowThreads) gather_slot_dots_kernel(EpParams p, float* __restrict__ grad_w) {
+  const bool bad = failed(p);
+  const int64_t n = p.num_tokens * p.k, threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += threads) {
+    const float d = *reinterpret_cast<const float*>(p.local + p.layout.back + i * p.layout.sizes.row_bytes);
+    grad_w[i] = bad ? __int_as_float(0x7fffffff) : (p.slot_rows[i] >= 0 ? d : 0.f);
+  }
 }
 
 unsigned data_grid(const EpParams& p, int64_t items) {
@@ -761,6 +838,38 @@ void ep_send_back(const EpParams& p, cudaStream_t stream) {
   MOE_HOST_ASSERT(p.y_row_stride % 16 == 0, "ep_send_back: y rows must be 16-byte aligned");
   const int64_t rows = p.max_rows >= 0 ? (p.num_experts / p.world) * p.max_rows : p.recv_rows;
   send_back_kernel<<<data_grid(p, rows), kRowThreads, 0, stream>>>(p);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_expand_grad_partial(const EpParams& p, EpFloat dtype, void* grad_y, cudaStream_t stream) {
+  check_params(p);
+  MOE_HOST_ASSERT(p.y_row_stride % 16 == 0, "ep_expand_grad_partial: y rows must be 16-byte aligned");
+  MOE_HOST_ASSERT(p.part_count % p.world == 0 && (p.part_count == 0 || (p.part_rows && p.part_w && p.part_dst)),
+                  "ep_expand_grad_partial: the dispatch's partial plan is needed");
+  // NOTE: at least one block, even with nothing to expand: the flag must still be raised.
+  const unsigned grid = data_grid(p, p.part_count);
+  switch (dtype) {
+    case EpFloat::kFloat32:
+      expand_grad_partial_kernel<float><<<grid, kRowThreads, 0, stream>>>(p, static_cast<float*>(grad_y));
+      break;
+    case EpFloat::kFloat16:
+      expand_grad_partial_kernel<__half><<<grid, kRowThreads, 0, stream>>>(p, static_cast<__half*>(grad_y));
+      break;
+    case EpFloat::kBFloat16:
+      expand_grad_partial_kernel<__nv_bfloat16>
+          <<<grid, kRowThreads, 0, stream>>>(p, static_cast<__nv_bfloat16*>(grad_y));
+      break;
+  }
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ep_gather_slot_dots(const EpParams& p, float* grad_w, cudaStream_t stream) {
+  check_params(p);
+  const int64_t n = p.num_tokens * p.k;
+  if (n == 0) return;
+  MOE_HOST_ASSERT(grad_w && p.slot_rows, "ep_gather_slot_dots: grad_w and slot_rows needed");
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n + kRowThreads - 1) / kRowThreads, 4096));
+  gather_slot_dots_kernel<<<grid, kRowThreads, 0, stream>>>(p, grad_w);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 

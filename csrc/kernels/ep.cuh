@@ -29,7 +29,10 @@
 // float32 and slot order, the weighted rows of a token's slots it holds and sends one row per
 // (token, rank) instead of one per slot: ep_wait(kEpReady, signal), ep_send_partials (to the
 // source's back staging at the row of the token's first kept slot there), ep_wait(kEpBack), then
-// the caller sums each token's partials with unpermute over partial_map, without weights.
+// the caller sums each token's partials with unpermute over partial_map, without weights. Its
+// backward with w's gradient (part_grad): ep_wait(kEpReady, signal), ep_send_tokens(grad),
+// ep_wait(kEpData), ep_expand_grad_partial (grad_y, and each slot's dot product to its source),
+// ep_wait(kEpBack), ep_gather_slot_dots.
 //
 // Failures: every wait gives up after timeout_ns; the first error (timeout, ranks that
 // disagree, a rank with more tokens than the buffer holds) is recorded in EpControl::status
@@ -65,7 +68,7 @@ enum EpHeader : int {
   kHdrScaleCols,
   kHdrBadInput,  // the kind of call: 0 real, 1 this rank's inputs are invalid (it says why itself),
                  // 2 a request to grow the buffers (moe_ext/_ipc.py); compared first
-  kHdrPartial,   // 1: a dispatch for the partial combine (part_dst given)
+  kHdrPartial,   // 1: a dispatch for the partial combine (part_dst given), 2: and w's gradient (part_grad)
   kHdrLen = 16
 };
 
@@ -184,6 +187,7 @@ struct EpParams {
   float* part_w = nullptr;
   int64_t* part_dst = nullptr;
   int64_t part_count = 0;
+  bool part_grad = false;  // the combine's backward brings w's gradient back (agreed in the header)
 
   // Combine.
   const void* y = nullptr;  // expert outputs in recv_x's layout, rows y_row_stride bytes apart
@@ -213,6 +217,13 @@ enum class EpFloat : int { kFloat32, kFloat16, kBFloat16 };
 // by the caller): the receiving half of the combine's backward, as unpermute_backward computes it.
 void ep_expand_grad(const EpParams& p, EpFloat dtype, void* grad_y, cudaStream_t stream);
 void ep_send_back(const EpParams& p, cudaStream_t stream);
+// The partial combine's backward on the experts' side (a plan made with part_grad): grad_y as
+// ep_expand_grad, and every kept slot's dot(y[row], g) (unpermute_backward's, bit for bit) into the
+// first 4 bytes of its row t * k + j in its source's back staging; then raises kEpBack. p.y: the
+// combine's expert outputs.
+void ep_expand_grad_partial(const EpParams& p, EpFloat dtype, void* grad_y, cudaStream_t stream);
+// After ep_wait(kEpBack): grad_w [T, k] float32 = those dots on the kept slots, 0 elsewhere.
+void ep_gather_slot_dots(const EpParams& p, float* grad_w, cudaStream_t stream);
 // The partial combine's send: every staged token's weighted (or, weighted = false, plain) float32
 // sum of its rows here, cast to `dtype`, into its source's back staging (p.y / y_row_stride: the
 // expert outputs; p.part_*: the dispatch's partial plan).

@@ -141,7 +141,8 @@ class IpcComm : public torch::CustomClassHolder {
   //     recorded by the kernels leaves recv_x with 0 rows (exact layout): the caller reads error().
   std::vector<Tensor> dispatch(const Tensor& x, const Tensor& idx_in, const c10::optional<Tensor>& x_scale,
                                int64_t num_experts, int64_t pad_to, int64_t capacity, int64_t max_rows,
-                               int64_t dtype_code, int64_t bad_input, const c10::optional<Tensor>& weights) {
+                               int64_t dtype_code, int64_t bad_input, const c10::optional<Tensor>& weights,
+                               bool part_grad) {
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     TORCH_CHECK(x.is_cuda() && x.dim() == 2, "moe_ext ipc backend: x must be a 2-D CUDA tensor");
@@ -194,6 +195,7 @@ class IpcComm : public torch::CustomClassHolder {
       p.part_w = part_w.data_ptr<float>();
       p.part_dst = part_dst.data_ptr<int64_t>();
       p.part_count = staged;
+      p.part_grad = part_grad;
     }
     const bool masked = max_rows >= 0;
     cudaEvent_t counted = nullptr;
@@ -278,9 +280,12 @@ class IpcComm : public torch::CustomClassHolder {
   }
 
   // The combine's backward on the experts' side: grad_y in the dispatch layout (recv_x's rows),
-  // grad_y[row of (t, j)] = cast(w[t, j] * g[t]), zero elsewhere.
-  Tensor combine_grad(const Tensor& g_in, const Tensor& idx, const Tensor& weights, const std::vector<Tensor>& plan,
-                      const std::vector<int64_t>& call) {
+  // grad_y[row of (t, j)] = cast(w[t, j] * g[t]), zero elsewhere. For a partial plan made for w's
+  // gradient (y = the combine's y, needed then), also grad_w [T, k] float32 from the experts'
+  // ranks (else an empty tensor).
+  std::vector<Tensor> combine_grad(const Tensor& g_in, const Tensor& idx, const Tensor& weights,
+                                   const c10::optional<Tensor>& y_in, const std::vector<Tensor>& plan,
+                                   const std::vector<int64_t>& call) {
     const c10::cuda::CUDAGuard guard(g_in.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     const Tensor g = aligned_rows(g_in.contiguous());
@@ -290,13 +295,22 @@ class IpcComm : public torch::CustomClassHolder {
     p.x_row_stride = g.size(1) * g.element_size();
     p.weights = w.data_ptr<float>();
     Tensor grad_y = at::empty({p.recv_rows, g.size(1)}, g.options());
+    Tensor y, grad_w = at::empty({p.part_grad ? p.num_tokens : 0, p.k}, g.options().dtype(at::kFloat));
+    if (p.part_grad) {
+      TORCH_CHECK(y_in.has_value(), "moe_ext ipc backend: the partial combine's backward needs y for w's gradient");
+      y = aligned_rows(y_in->reshape({-1, y_in->size(-1)}).contiguous());
+      TORCH_CHECK(y.size(0) == p.recv_rows && y.size(1) == g.size(1) && y.scalar_type() == g.scalar_type(),
+                  "moe_ext ipc backend: y must be the combine's, in recv_x's layout");
+      p.y = y.data_ptr();
+      p.y_row_stride = y.size(1) * y.element_size();
+    }
     try {
       comm::ep_combine_grad(p, ep_float(g.scalar_type()), grad_y.data_ptr(), grad_y.numel() * grad_y.element_size(),
-                            stream);
+                            p.part_grad ? grad_w.data_ptr<float>() : nullptr, stream);
     } catch (const std::exception& e) {
       TORCH_CHECK(false, "moe_ext ipc backend: ", e.what());
     }
-    return grad_y;
+    return {grad_y, grad_w};
   }
 
  private:
@@ -323,10 +337,10 @@ class IpcComm : public torch::CustomClassHolder {
 
   // plan = [scratch, slot_rows, stage_rows, back_map, partial_map, part_rows, part_w, part_dst] (the
   // last four empty without a partial plan); call = [num_experts, pad_to, capacity, max_rows,
-  // dtype_code, recv_rows].
+  // dtype_code, recv_rows, part_grad].
   kernels::EpParams plan_params(const Tensor& idx, const std::vector<Tensor>& plan, const std::vector<int64_t>& call,
                                 int64_t row_bytes) {
-    TORCH_CHECK(plan.size() == 8 && call.size() == 6, "moe_ext ipc backend: malformed plan");
+    TORCH_CHECK(plan.size() == 8 && call.size() == 7, "moe_ext ipc backend: malformed plan");
     const Tensor& slot_rows = plan[1];
     kernels::EpParams p = call_params(slot_rows.size(0), slot_rows.size(1), call[0], call[1], call[2], call[3],
                                       row_bytes, call[4]);
@@ -344,6 +358,7 @@ class IpcComm : public torch::CustomClassHolder {
       p.part_w = plan[6].data_ptr<float>();
       p.part_dst = plan[7].data_ptr<int64_t>();
       p.part_count = plan[7].numel();
+      p.part_grad = call[6] != 0;
     }
     return p;
   }

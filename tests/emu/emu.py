@@ -275,8 +275,10 @@ class EpWorld:
                     exc=lib().emu_ep_exception(self.h, r).decode(), status=lib().emu_ep_status(self.h, r))
 
     def dispatch(self, xs, idxs, num_experts, pad_to=1, capacity=None, max_rows=-1, participate=None,
-                 dtype_codes=None, bad_input=None, x_scales=None, timeout_s=120.0, num_blocks=0, weights=None):
-        """weights ([T, k] per rank): the dispatch of a partial combine (they travel with the tokens)."""
+                 dtype_codes=None, bad_input=None, x_scales=None, timeout_s=120.0, num_blocks=0, weights=None,
+                 weights_grad=False):
+        """weights ([T, k] per rank): the dispatch of a partial combine (they travel with the tokens);
+        weights_grad: its backward brings w's gradient back too (combine_grad's grad_w)."""
         W = self.world
         participate = participate or [1] * W
         xs = [x.contiguous() for x in xs]
@@ -294,7 +296,8 @@ class EpWorld:
               _i64(scale_cols), _i64(k), _i64(rb), _i64(num_experts), _i64(pad_to),
               _i64(-1 if capacity is None else capacity), _i64(max_rows),
               (ctypes.c_int64 * W)(*(dtype_codes or [7] * W)), (ctypes.c_int64 * W)(*(bad_input or [0] * W)),
-              ctypes.c_double(timeout_s), num_blocks, _ptrs(ws), int(weights is not None))
+              ctypes.c_double(timeout_s), num_blocks, _ptrs(ws),
+              (2 if weights_grad else 1) if weights is not None else 0)
         out = []
         El = num_experts // W
         for r in range(W):
@@ -311,6 +314,7 @@ class EpWorld:
                     d["partial_map"] = self._get(r, 12, torch.int64, (xs[r].shape[0], k))
             out.append(d)
         self._call_info = (dtype, H, k, [x.shape[0] for x in xs])
+        self._weights_grad = weights is not None and weights_grad
         return out
 
     def combine(self, ys, weights, participate=None, keep_rows=False, timeout_s=120.0, num_blocks=0, partial=False):
@@ -335,20 +339,24 @@ class EpWorld:
             out.append(d)
         return out
 
-    def combine_grad(self, gs, weights, participate=None, timeout_s=120.0, num_blocks=0):
+    def combine_grad(self, gs, weights, participate=None, timeout_s=120.0, num_blocks=0, ys=None):
+        """ys: the combine's expert outputs per rank (a dispatch with weights_grad: d["grad_w"] too)."""
         W = self.world
         participate = participate or [1] * W
         dtype, H, k, Ts = self._call_info
         gs = [g.contiguous() for g in gs]
         ws = [w.float().contiguous() for w in weights]
-        self._keep2 = (gs, ws)
+        ys = [y.reshape(-1, H).contiguous() if y is not None else None for y in (ys or [None] * W)]
+        self._keep2 = (gs, ws, ys)
         _call("emu_ep_combine_grad", self.h, (ctypes.c_int * W)(*participate), _ptrs(gs), _ptrs(ws),
-              _EP_FLOAT[dtype], ctypes.c_double(timeout_s), num_blocks)
+              _EP_FLOAT[dtype], ctypes.c_double(timeout_s), num_blocks, _ptrs(ys))
         out = []
         for r in range(W):
             d = self.result(r)
             if participate[r]:
                 d["grad_y"] = self._get(r, 6, dtype, (lib().emu_ep_rows(self.h, r), H))
+                if self._weights_grad:
+                    d["grad_w"] = self._get(r, 13, torch.float32, (Ts[r], k))
             out.append(d)
         return out
 

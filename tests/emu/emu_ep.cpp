@@ -27,7 +27,7 @@ struct Rank {
   k::EpParams p;
   std::vector<int64_t> scratch, slot_rows, stage_rows, back_map, combine_map;
   std::vector<int64_t> partial_map, part_rows, part_dst;  // the partial combine's plan
-  std::vector<float> part_w;
+  std::vector<float> part_w, grad_w;
   std::vector<int32_t> tpe;
   std::vector<unsigned char> recv_x, out, back_rows, grad_y, workspace;
   std::vector<float> recv_scale;
@@ -125,6 +125,7 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
                     int64_t k_, int64_t row_bytes, int64_t num_experts, int64_t pad_to, int64_t capacity,
                     int64_t max_rows, const int64_t* dtype_code, const int64_t* bad_input, double timeout_s,
                     int num_blocks, const float* const* weights, int partial) {
+  // partial: 1 the plan of a partial combine, 2 and of w's gradient through it (part_grad)
   Ep& ep = *static_cast<Ep*>(h);
   run_ranks(ep, participate, [&](int r, Rank& rank) {
     k::EpParams p = base_params(ep, r, timeout_s, num_blocks);
@@ -167,6 +168,7 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
       p.part_w = rank.part_w.data();
       p.part_dst = rank.part_dst.data();
       p.part_count = staged;
+      p.part_grad = partial == 2;
     }
     const bool masked = max_rows >= 0;
     cudaEvent_t counted = nullptr;
@@ -220,17 +222,22 @@ int emu_ep_combine(void* h, const int* participate, const void* const* y, const 
   return 0;
 }
 
-// dtype: kernels::EpFloat (0 float32, 1 float16, 2 bfloat16). g[r]: [T, row_bytes]; weights float32.
+// dtype: kernels::EpFloat (0 float32, 1 float16, 2 bfloat16). g[r]: [T, row_bytes]; weights float32;
+// y[r]: the combine's expert outputs (recv rows x row_bytes; a part_grad plan's w gradient needs them).
 int emu_ep_combine_grad(void* h, const int* participate, const void* const* g, const float* const* weights, int dtype,
-                        double timeout_s, int num_blocks) {
+                        double timeout_s, int num_blocks, const void* const* y) {
   Ep& ep = *static_cast<Ep*>(h);
   run_ranks(ep, participate, [&](int r, Rank& rank) {
     k::EpParams p = plan_params(rank, timeout_s, num_blocks);
     p.x = g[r];
     p.x_row_stride = p.row_bytes;
     p.weights = weights[r];
+    p.y = y[r];
+    p.y_row_stride = p.row_bytes;
     rank.grad_y.assign(static_cast<size_t>(p.recv_rows * p.row_bytes) + 16, 0xEE);
-    c::ep_combine_grad(p, static_cast<k::EpFloat>(dtype), rank.grad_y.data(), p.recv_rows * p.row_bytes, nullptr);
+    rank.grad_w.assign(p.num_tokens * p.k + 1, -7.0f);
+    c::ep_combine_grad(p, static_cast<k::EpFloat>(dtype), rank.grad_y.data(), p.recv_rows * p.row_bytes,
+                       rank.grad_w.data(), nullptr);
   });
   return 0;
 }
@@ -239,7 +246,7 @@ int64_t emu_ep_rows(void* h, int r) { return static_cast<Ep*>(h)->ranks[r].rows;
 
 // what: 0 recv_x, 1 tokens_per_expert, 2 back_map, 3 slot_rows, 4 out, 5 back rows, 6 grad_y,
 // 7 recv_scale, 8 stage_rows, 9 the dispatch workspace (local index), 10 the plan scratch, 11 the
-// buffer, 12 partial_map. Returns the bytes copied (dst null: the size only).
+// buffer, 12 partial_map, 13 grad_w. Returns the bytes copied (dst null: the size only).
 int64_t emu_ep_get(void* h, int r, int what, void* dst) {
   Rank& rank = static_cast<Ep*>(h)->ranks[r];
   const void* src = nullptr;
@@ -259,6 +266,7 @@ int64_t emu_ep_get(void* h, int r, int what, void* dst) {
     case 10: src = rank.scratch.data(), n = rank.scratch.size() * 8; break;
     case 11: src = rank.local, n = static_cast<int64_t>(static_cast<Ep*>(h)->layout.total); break;  // the buffer
     case 12: src = rank.partial_map.data(), n = rank.partial_map.size() * 8; break;
+    case 13: src = rank.grad_w.data(), n = rank.p.num_tokens * rank.p.k * 4; break;
     default: return -1;
   }
   if (dst != nullptr && n > 0) std::memcpy(dst, src, n);

@@ -650,7 +650,7 @@ def _check_modes(sync, max_tokens, x_scale, name, x):
 
 
 def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False, pad_to=1, capacity=None,
-             sync=True, max_tokens=None, x_scale=None, partial_combine=False):
+             sync=True, max_tokens=None, x_scale=None, partial_combine=False, *, _partial_grad=None):
     """Sends every token to the ranks owning its experts; rows arrive grouped by local expert.
 
     x: [T, H] (T may differ per rank and be 0); idx: [T, k] int32/int64 global expert ids
@@ -698,7 +698,10 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     _check_modes(sync, max_tokens, x_scale, name, x)
     # NOTE: decided here, once, and agreed in the header: the combine's backward then brings w's
     # gradient back from the experts' ranks on every rank alike.
-    partial_grad = bool(partial_combine) and torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad
+    # (_partial_grad: the same decision made by a caller running without grad mode, MoE's pipeline.)
+    if _partial_grad is None:
+        _partial_grad = torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad
+    partial_grad = bool(partial_combine) and bool(_partial_grad)
     max_rows = masked_rows(world, max_tokens, capacity, pad_to) if not sync else None
     if name == "local":
         problem = _input_problem(x, idx, w, num_experts)

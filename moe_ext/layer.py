@@ -155,8 +155,8 @@ class _Pipeline(torch.autograd.Function):
         started, chunks, works = {}, [], []
 
         def start(c):
-            if c < n:
-                started[c] = layer._dispatch(xs[c], ss[c], ws[c], async_op=overlap)
+            if c < n:  # NOTE: grad mode is off in here; a partial combine must know whether w needs a gradient
+                started[c] = layer._dispatch(xs[c], ss[c], ws[c], async_op=overlap, _partial_grad=keep_rows)
 
         # NOTE: an exact-layout dispatch holds the host until its count exchange is through, and the
         # communication stream runs in call order, so it waits for everything queued there before
@@ -202,17 +202,19 @@ class _Pipeline(torch.autograd.Function):
         scattered = {}
         for c in reversed(range(n)):
             handle, _, _, y, _, _, _ = chunks[c]
-            grad_y, _ = handle.comm.scatter_grad(gs[c], ws[c], y, handle.plan, async_op=layer.overlap)
-            scattered[c] = (grad_y, _work(handle.comm))
+            # NOTE: a partial combine's plan brings w's gradient back with grad_y (partial_combine=True)
+            grad_y, gw = handle.comm.scatter_grad(gs[c], ws[c], y, handle.plan, async_op=layer.overlap)
+            scattered[c] = (grad_y, gw, _work(handle.comm))
         grad_w = None
-        if need_w:
+        if need_w and not layer.partial_combine:
             grad_w = torch.cat([ops.unpermute_backward(gs[c], chunks[c][4], chunks[c][0].row_map, ws[c])[1]
                                 for c in range(n)])
+        gws = {}
         # 2. Per chunk: its experts' backward, then its x gradient on the way home (async).
         rows, homes = {}, {}
         for c in reversed(range(n)):
             handle, x, h, _, _, tps, pre = chunks[c]
-            grad_y, work = scattered.pop(c)
+            grad_y, gws[c], work = scattered.pop(c)
             work.wait()
             grad_y = grad_y.contiguous()
             grad_h = ops.grouped_gemm(grad_y, w2, tps, True, "none")
@@ -247,6 +249,8 @@ class _Pipeline(torch.autograd.Function):
             for c in range(n):
                 homes[c][1].wait()
             grad_x2 = torch.cat([homes[c][0] for c in range(n)])
+        if need_w and layer.partial_combine:
+            grad_w = torch.cat([gws[c] for c in range(n)])
         return grad_x2, grad_w, grad_w1, grad_w2, None, None, None
 
 
@@ -336,6 +340,11 @@ class MoE(nn.Module):
     the backend's own stream. Backward, with overlap=True: every chunk's gradient scatter starts
     before any expert backward is queued, each chunk's expert backward waits only for its own,
     and its x gradient travels home (async) during the next chunk's expert backward.
+    partial_combine=True: the layer's combines (and the dispatches' backward) send one row per
+    (token, rank) back instead of one per slot (dispatch's partial_combine): fewer bytes wherever
+    a token has several experts on one rank. For 16-bit rows one more rounding per partial, so
+    results differ from partial_combine=False by rounding; every num_chunks / overlap still gives
+    the same bits, and the routing weights' gradient is the per-slot one, bit for bit.
 
     Decode (max_decode_tokens, decode): forward(x, decode=True) (or layer.decode = True, e.g.
     on every MoE of a model) runs without any host synchronisation, so the whole forward can be
@@ -371,7 +380,8 @@ class MoE(nn.Module):
                  noise_std=0.0, expert_bias=False, routed_scaling_factor=1.0, shared_ffn_hidden=0,
                  shared_expert_gate=False, router_dtype=None, pad_to=1, backend="auto", load_decay=0.9,
                  num_chunks=1, overlap=True, comm_sms=24, max_decode_tokens=None, tp_dispatch="gather",
-                 recompute_activation=False, decode_partial_combine=False, device=None, dtype=None):
+                 recompute_activation=False, partial_combine=False, decode_partial_combine=False, device=None,
+                 dtype=None):
         super().__init__()
         world, rank = _ep_world(ep_group)
         tp_world, tp_rank = _ep_world(tp_group)
@@ -408,6 +418,7 @@ class MoE(nn.Module):
         self.max_decode_tokens, self.decode = max_decode_tokens, False
         self.tp_dispatch = tp_dispatch
         self.recompute_activation = bool(recompute_activation)
+        self.partial_combine = bool(partial_combine)
         self.decode_partial_combine = bool(decode_partial_combine)
 
         kw = dict(device=device, dtype=dtype)
@@ -580,10 +591,12 @@ class MoE(nn.Module):
         rows it received, and combine sums the k * tp partial rows of each token with the weights."""
         virtual, wv = par.direct_tp_slots(slots, w, self.num_local_experts, self.tp_world)
         recv_x, tokens_per_slot, handle = dispatch(x2, virtual, wv, self.layout.num_slots * self.tp_world,
-                                                   group=dist.group.WORLD, backend=self.backend, pad_to=self.pad_to)
+                                                   group=dist.group.WORLD, backend=self.backend, pad_to=self.pad_to,
+                                                   partial_combine=self.partial_combine)
         return combine(self.experts(recv_x, tokens_per_slot, keep), handle), tokens_per_slot
 
     def _dispatch(self, x2, slots, w, **kw):
+        kw.setdefault("partial_combine", self.partial_combine)
         return dispatch(x2, slots, w, self.layout.num_slots, group=self.ep_group, backend=self.backend,
                         pad_to=self.pad_to, **kw)
 

@@ -172,9 +172,9 @@ def test_decode_cuda_graph_ipc_world_of_two(seed):
     assert all(run_world(_graph_world, 2, seed, seed=seed, timeout_s=150))
 
 
-def _pipeline_world(rank, world, seed):
+def _pipeline_world(rank, world, seed, partial_combine=False):
     torch.cuda.set_device(0)
-    layer = _layer(torch.bfloat16, dist.group.WORLD, seed)
+    layer = _layer(torch.bfloat16, dist.group.WORLD, seed, partial_combine=partial_combine)
     T = (37, 0)[rank]
     g = torch.Generator().manual_seed(seed + rank)
     x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
@@ -197,5 +197,6 @@ def _pipeline_world(rank, world, seed):
     return True
 
 
-def test_chunked_pipeline_ipc_world_of_two(seed):
-    assert all(run_world(_pipeline_world, 2, seed, seed=seed, timeout_s=150))
+@pytest.mark.parametrize("partial_combine", [False, True])
+def test_chunked_pipeline_ipc_world_of_two(seed, partial_combine):
+    assert all(run_world(_pipeline_world, 2, seed, partial_combine, seed=seed, timeout_s=150))

@@ -182,6 +182,21 @@ def _check_rounding_only(rank, world, seed, counts, group):
         torch.testing.assert_close(got[name], value, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def _check_partial_combine(rank, world, seed, counts, group):
+    """partial_combine=True: every chunking gives the same bits (bfloat16, with pad_to=4 and capacity
+    drops), and in float64 the results are the per-slot layer's up to the order of the sums, the
+    router's gradient bit for bit (w's gradient is the same dot products)."""
+    _check_chunks(rank, world, seed, counts, group, dict(pad_to=4, k=3, capacity_factor=0.75, partial_combine=True),
+                  torch.bfloat16, False)
+    x, gout = _inputs(seed, counts, torch.float64)[rank]
+    want = _step(_layer(group, seed, torch.float64, pad_to=4, k=3), x, gout)
+    for n in (1, 3):
+        got = _step(_layer(group, seed, torch.float64, pad_to=4, k=3, partial_combine=True), x, gout, n)
+        assert torch.equal(got["grad router.weight"], want["grad router.weight"]), f"rank {rank}, num_chunks={n}"
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-12, atol=1e-12, msg=f"{name}, num_chunks={n}")
+
+
 def _pipeline_world(rank, world, seed, counts):
     group = dist.group.WORLD
     for i, (kw, dtype, three_d) in enumerate(CONFIGS):
@@ -190,6 +205,7 @@ def _pipeline_world(rank, world, seed, counts):
     _check_chunks(rank, world, seed, counts, group, kw, dtype, three_d, x_grad=False)
     _check_call_order(rank, world, seed, counts, group)
     _check_against_reference(rank, world, seed, counts, group)
+    _check_partial_combine(rank, world, seed, counts, group)
     _check_rounding_only(rank, world, seed, counts, group)
     if world == 4:  # replicated experts: replicas are chosen on the whole batch, before chunking
         placement = {0: [0, 3], 1: [1], 2: [2, 0], 3: [3], 4: [0], 5: [1, 2], 6: [2], 7: [3, 1]}

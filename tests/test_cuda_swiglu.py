@@ -18,6 +18,12 @@ def _poison(nbytes):
     del bufs
 
 
+def _cpu_tol(dtype):
+    """Against the CPU op: the same operations, so at most expf's last bits apart before the rounding."""
+    rtol, atol = {torch.float64: (1e-15, 0), torch.float32: (1e-6, 1e-7)}.get(dtype, (ulp_tol(dtype)[0], 1e-5))
+    return dict(rtol=rtol, atol=atol)
+
+
 def _run(grad, h):
     _poison(h.numel() * h.element_size())
     return ops.swiglu_backward(grad.cuda(), h.cuda())
@@ -33,10 +39,7 @@ def test_matches_cpu_and_float64(seed, dtype, rows, n):
     got = _run(grad, h).cpu()
     rtol, atol = ulp_tol(dtype)
     torch.testing.assert_close(got.double(), reference(grad, h), rtol=rtol, atol=atol)
-    # Against the CPU op: the same operations, so at most expf's last bits apart before the rounding.
-    cpu = ops.swiglu_backward(grad, h)
-    close = {torch.float64: (1e-15, 0), torch.float32: (1e-6, 1e-7)}.get(dtype, (ulp_tol(dtype)[0], 1e-5))
-    torch.testing.assert_close(got, cpu, rtol=close[0], atol=close[1])
+    torch.testing.assert_close(got, ops.swiglu_backward(grad, h), **_cpu_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -118,8 +121,7 @@ def test_forward_matches_cpu_and_float64(seed, dtype, rows, n):
     assert got.shape == (rows, n) and got.dtype == dtype
     rtol, atol = ulp_tol(dtype)
     torch.testing.assert_close(got.double(), forward_reference(h), rtol=rtol, atol=atol)
-    close = {torch.float64: (1e-15, 0), torch.float32: (1e-6, 1e-7)}.get(dtype, (ulp_tol(dtype)[0], 1e-5))
-    torch.testing.assert_close(got, ops.swiglu(h), rtol=close[0], atol=close[1])
+    torch.testing.assert_close(got, ops.swiglu(h), **_cpu_tol(dtype))
 
 
 def test_forward_views_misaligned_graph_and_autograd(seed):

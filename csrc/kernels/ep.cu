@@ -8,6 +8,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace moe_ext::kernels {
 namespace {
@@ -710,6 +711,16 @@ __global__ void __launch_bounds__(kRowThreads) gather_slot_dots_kernel(EpParams 
   }
 }
 
+// Calls f(tag) with tag a null T* for the element type T of `dtype` (the row kernels' template argument).
+template <typename F>
+void with_ep_type(EpFloat dtype, F&& f) {
+  switch (dtype) {
+    case EpFloat::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case EpFloat::kFloat16: f(static_cast<__half*>(nullptr)); break;
+    case EpFloat::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+  }
+}
+
 unsigned data_grid(const EpParams& p, int64_t items) {
   const int64_t most = p.num_blocks > 0 ? p.num_blocks : sm_count();
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(most, (items + kRowWarps - 1) / kRowWarps)));
@@ -819,17 +830,10 @@ void ep_expand(const EpParams& p, cudaStream_t stream) {
 void ep_expand_grad(const EpParams& p, EpFloat dtype, void* grad_y, cudaStream_t stream) {
   check_params(p);
   const unsigned grid = data_grid(p, p.world * p.layout.sizes.max_tokens);
-  switch (dtype) {
-    case EpFloat::kFloat32:
-      expand_grad_kernel<float><<<grid, kRowThreads, 0, stream>>>(p, static_cast<float*>(grad_y));
-      break;
-    case EpFloat::kFloat16:
-      expand_grad_kernel<__half><<<grid, kRowThreads, 0, stream>>>(p, static_cast<__half*>(grad_y));
-      break;
-    case EpFloat::kBFloat16:
-      expand_grad_kernel<__nv_bfloat16><<<grid, kRowThreads, 0, stream>>>(p, static_cast<__nv_bfloat16*>(grad_y));
-      break;
-  }
+  with_ep_type(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    expand_grad_kernel<T><<<grid, kRowThreads, 0, stream>>>(p, static_cast<T*>(grad_y));
+  });
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -848,18 +852,10 @@ void ep_expand_grad_partial(const EpParams& p, EpFloat dtype, void* grad_y, cuda
                   "ep_expand_grad_partial: the dispatch's partial plan is needed");
   // NOTE: at least one block, even with nothing to expand: the flag must still be raised.
   const unsigned grid = data_grid(p, p.part_count);
-  switch (dtype) {
-    case EpFloat::kFloat32:
-      expand_grad_partial_kernel<float><<<grid, kRowThreads, 0, stream>>>(p, static_cast<float*>(grad_y));
-      break;
-    case EpFloat::kFloat16:
-      expand_grad_partial_kernel<__half><<<grid, kRowThreads, 0, stream>>>(p, static_cast<__half*>(grad_y));
-      break;
-    case EpFloat::kBFloat16:
-      expand_grad_partial_kernel<__nv_bfloat16>
-          <<<grid, kRowThreads, 0, stream>>>(p, static_cast<__nv_bfloat16*>(grad_y));
-      break;
-  }
+  with_ep_type(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    expand_grad_partial_kernel<T><<<grid, kRowThreads, 0, stream>>>(p, static_cast<T*>(grad_y));
+  });
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -880,13 +876,10 @@ void ep_send_partials(const EpParams& p, EpFloat dtype, bool weighted, cudaStrea
                   "ep_send_partials: the dispatch's partial plan is needed");
   // NOTE: at least one block, even with nothing to send: the flag must still be raised.
   const unsigned grid = data_grid(p, p.part_count);
-  switch (dtype) {
-    case EpFloat::kFloat32: send_partials_kernel<float><<<grid, kRowThreads, 0, stream>>>(p, weighted); break;
-    case EpFloat::kFloat16: send_partials_kernel<__half><<<grid, kRowThreads, 0, stream>>>(p, weighted); break;
-    case EpFloat::kBFloat16:
-      send_partials_kernel<__nv_bfloat16><<<grid, kRowThreads, 0, stream>>>(p, weighted);
-      break;
-  }
+  with_ep_type(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    send_partials_kernel<T><<<grid, kRowThreads, 0, stream>>>(p, weighted);
+  });
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 

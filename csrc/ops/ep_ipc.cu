@@ -56,6 +56,17 @@ Tensor aligned_rows(const Tensor& t) {
   return t.clone(at::MemoryFormat::Contiguous);
 }
 
+// The expert outputs y in recv_x's layout as the kernels read them ([recv_rows, H], 16-byte aligned
+// rows), bound to p (combine, and the partial combine's backward for w's gradient).
+Tensor bind_y(kernels::EpParams& p, const Tensor& y_in, const char* who) {
+  const Tensor y = aligned_rows(y_in.reshape({-1, y_in.size(-1)}).contiguous());
+  TORCH_CHECK(y.size(0) == p.recv_rows, "moe_ext ipc backend: ", who, "'s y has ", y.size(0),
+              " rows, the dispatch delivered ", p.recv_rows);
+  p.y = y.data_ptr();
+  p.y_row_stride = y.size(1) * y.element_size();
+  return y;
+}
+
 kernels::EpFloat ep_float(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kernels::EpFloat::kFloat32;
@@ -240,12 +251,8 @@ class IpcComm : public torch::CustomClassHolder {
                               const std::vector<Tensor>& plan, const std::vector<int64_t>& call, bool keep_rows) {
     const c10::cuda::CUDAGuard guard(y_in.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    const Tensor y = aligned_rows(y_in.reshape({-1, y_in.size(-1)}).contiguous());
-    kernels::EpParams p = plan_params(idx, plan, call, y.size(1) * y.element_size());
-    p.y = y.data_ptr();
-    p.y_row_stride = y.size(1) * y.element_size();
-    TORCH_CHECK(y.size(0) == p.recv_rows, "moe_ext ipc backend: combine's y has ", y.size(0),
-                " rows, the dispatch delivered ", p.recv_rows);
+    kernels::EpParams p = plan_params(idx, plan, call, y_in.size(-1) * y_in.element_size());
+    const Tensor y = bind_y(p, y_in, "combine");
     const int64_t T = p.num_tokens, k = p.k;
     if (p.part_dst != nullptr) {
       TORCH_CHECK(!keep_rows, "moe_ext ipc backend: a partial combine keeps no per-slot rows");
@@ -298,11 +305,9 @@ class IpcComm : public torch::CustomClassHolder {
     Tensor y, grad_w = at::empty({p.part_grad ? p.num_tokens : 0, p.k}, g.options().dtype(at::kFloat));
     if (p.part_grad) {
       TORCH_CHECK(y_in.has_value(), "moe_ext ipc backend: the partial combine's backward needs y for w's gradient");
-      y = aligned_rows(y_in->reshape({-1, y_in->size(-1)}).contiguous());
-      TORCH_CHECK(y.size(0) == p.recv_rows && y.size(1) == g.size(1) && y.scalar_type() == g.scalar_type(),
+      y = bind_y(p, *y_in, "combine_grad");
+      TORCH_CHECK(y.size(1) == g.size(1) && y.scalar_type() == g.scalar_type(),
                   "moe_ext ipc backend: y must be the combine's, in recv_x's layout");
-      p.y = y.data_ptr();
-      p.y_row_stride = y.size(1) * y.element_size();
     }
     try {
       comm::ep_combine_grad(p, ep_float(g.scalar_type()), grad_y.data_ptr(), grad_y.numel() * grad_y.element_size(),

@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -116,7 +117,13 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 # The C++ standard is the one torch's cpp_extension picks (C++20). -ffp-contract=off: the CPU ops
 # are the bit-exact reference of the CUDA kernels (which round every product and sum: __fmul_rn,
 # __fadd_rn), so a*b+c must not become one fused multiply-add where the target has FMA (aarch64).
-cxx_flags = ["-O3", "-ffp-contract=off"]
+# -fno-trapping-math changes no result (nothing reads the floating-point exception flags); without
+# it GCC keeps a branch-free select such as exp_rn's clamps out of vectorised loops.
+cxx_flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
+# at::parallel_for is inline: without -fopenmp here its `#pragma omp parallel` is dropped and every
+# CPU op runs on one thread. The linker finds torch's own libgomp first (torch/lib is on its path).
+omp_flags = ["-fopenmp"] if sys.platform.startswith("linux") else []
+cxx_flags += omp_flags
 use_compilers_with_shared_libstdcxx()
 if want_cuda():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
@@ -129,7 +136,7 @@ if want_cuda():
     include_dirs += cutlass
     nccl_inc, nccl_lib, nccl_rpath = nccl_paths()
     include_dirs.append(nccl_inc)
-    link_args = [f"-L{nccl_lib}", "-l:libnccl.so.2"] + ([f"-Wl,-rpath,{nccl_rpath}"] if nccl_rpath else [])
+    link_args = [f"-L{nccl_lib}", "-l:libnccl.so.2"] + ([f"-Wl,-rpath,{nccl_rpath}"] if nccl_rpath else []) + omp_flags
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DMOE_EXT_WITH_CUDA"]
     ext = CUDAExtension(
         "moe_ext._C",
@@ -139,7 +146,8 @@ if want_cuda():
         extra_link_args=link_args,
     )
 else:
-    ext = CppExtension("moe_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("moe_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=omp_flags)
 
 setup(
     packages=find_packages(include=["moe_ext", "moe_ext.*"]),

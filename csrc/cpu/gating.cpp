@@ -2,6 +2,7 @@
 // and the Switch/GShard aux loss, DeepSeek-V3 sequence aux loss and router z-loss; plus the
 // backward that recomputes the selection (it is deterministic) instead of saving it.
 #include "cpu/cpu_ops.h"
+#include "kernels/exp_rn.cuh"
 #include "ops/checks.h"
 
 #include <ATen/ATen.h>
@@ -13,12 +14,108 @@
 #include <numeric>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
+#define MOE_EXT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MOE_EXT_VECTOR_CLONES
+#endif
+
 namespace moe_ext::cpu {
 namespace {
 
 // NOTE: reductions over tokens sum fixed blocks first, then the blocks in order, so the losses
 // do not depend on the number of threads. Blocks never straddle a sequence (seq aux loss).
 constexpr int64_t kTokenBlock = 128;
+
+// ---- row scores -----------------------------------------------------------------------------
+// Sums run over kLanes interleaved partial sums, folded in order: a fixed order (the same bits for
+// any thread count and any vector width) that the compiler can vectorise. float32 rows use exp_rn
+// in loops cloned for AVX-512 and AVX2 (every clone gives the same bits: -ffp-contract=off).
+constexpr int64_t kLanes = 16;
+
+template <typename acc_t>
+acc_t fold(const acc_t (&part)[kLanes]) {
+  acc_t v = 0;
+  for (int64_t i = 0; i < kLanes; ++i) v += part[i];
+  return v;
+}
+
+// max over the row; NaN never wins (as std::max(m, x) ignores a NaN x), -inf if nothing else.
+template <typename acc_t>
+acc_t row_max(const acc_t* __restrict__ l, int64_t n) {
+  acc_t part[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) part[i] = -std::numeric_limits<acc_t>::infinity();
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes)
+    for (int64_t i = 0; i < kLanes; ++i) part[i] = l[e + i] > part[i] ? l[e + i] : part[i];
+  for (; e < n; ++e) part[0] = l[e] > part[0] ? l[e] : part[0];
+  acc_t m = part[0];
+  for (int64_t i = 1; i < kLanes; ++i) m = part[i] > m ? part[i] : m;
+  return m;
+}
+
+// The float32 row loops below take kLanes columns at a time, the last ones padded with -inf (its
+// terms are exp(-inf) = 0 and 1 / (1 + exp(inf)) = 0, which change no sum): column e always adds
+// into part[e % kLanes], and a row of fewer than kLanes experts is vectorised too.
+template <typename F>
+inline void padded_tail(const float* l, float* out, int64_t e, int64_t n, F&& block) {
+  if (e == n) return;
+  float lt[kLanes], ot[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) lt[i] = e + i < n ? l[e + i] : -std::numeric_limits<float>::infinity();
+  block(lt, ot);
+  for (int64_t i = 0; e + i < n; ++i) out[e + i] = ot[i];
+}
+
+// ex[e] = exp(l[e] - m); returns their sum.
+MOE_EXT_VECTOR_CLONES float exp_shifted_f32(const float* __restrict__ l, float m, float* __restrict__ ex, int64_t n) {
+  float part[kLanes] = {};
+  auto block = [&](const float* __restrict__ lb, float* __restrict__ eb) {
+    for (int64_t i = 0; i < kLanes; ++i) {
+      eb[i] = kernels::exp_rn(lb[i] - m);
+      part[i] += eb[i];
+    }
+  };
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) block(l + e, ex + e);
+  padded_tail(l, ex, e, n, block);
+  return fold(part);
+}
+
+// s[e] = 1 / (1 + exp(-l[e])); returns their sum.
+MOE_EXT_VECTOR_CLONES float sigmoid_f32(const float* __restrict__ l, float* __restrict__ s, int64_t n) {
+  float part[kLanes] = {};
+  auto block = [&](const float* __restrict__ lb, float* __restrict__ sb) {
+    for (int64_t i = 0; i < kLanes; ++i) {
+      sb[i] = 1.0f / (1.0f + kernels::exp_rn(-lb[i]));
+      part[i] += sb[i];
+    }
+  };
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) block(l + e, s + e);
+  padded_tail(l, s, e, n, block);
+  return fold(part);
+}
+
+float exp_shifted(const float* l, float m, float* ex, int64_t n) { return exp_shifted_f32(l, m, ex, n); }
+float sigmoid_scores(const float* l, float* s, int64_t n) { return sigmoid_f32(l, s, n); }
+
+double exp_shifted(const double* l, double m, double* ex, int64_t n) {
+  double part[kLanes] = {};
+  for (int64_t e = 0; e < n; ++e) {
+    ex[e] = std::exp(l[e] - m);
+    part[e % kLanes] += ex[e];
+  }
+  return fold(part);
+}
+
+double sigmoid_scores(const double* l, double* s, int64_t n) {
+  double part[kLanes] = {};
+  for (int64_t e = 0; e < n; ++e) {
+    s[e] = 1.0 / (1.0 + std::exp(-l[e]));
+    part[e % kLanes] += s[e];
+  }
+  return fold(part);
+}
 
 template <typename acc_t>
 struct Router {
@@ -28,81 +125,82 @@ struct Router {
   const acc_t* bias;  // nullptr: no bias
 
   // Per-thread scratch, sized once.
-  std::vector<acc_t> s, sel, group_score;
-  std::vector<int64_t> order, groups;
-  std::vector<char> allowed;
+  std::vector<acc_t> s, ex, key, group_score, top_key;
+  std::vector<int64_t> top;
+  std::vector<char> group_on;
+  acc_t inv_z = 0;  // 1 / sum(ex) of the last row: softmax(l)[e] = ex[e] * inv_z
 
   Router(int64_t E, int64_t k_, int64_t G, int64_t tg, ScoreFn f, bool renorm, const acc_t* b)
       : num_experts(E), k(k_), num_groups(G), topk_groups(tg), fn(f), renormalize(renorm), bias(b),
-        s(E), sel(E), group_score(G > 0 ? G : 0), order(E), groups(G > 0 ? G : 0), allowed(E, 1) {}
+        s(E), ex(E), key(E), group_score(G > 0 ? G : 0), top_key(k_), top(k_), group_on(G > 0 ? G : 0) {}
 
-  static acc_t key(acc_t v) { return std::isnan(v) ? -std::numeric_limits<acc_t>::infinity() : v; }
-
-  // Larger key first, lower index on ties.
-  static bool before(acc_t va, int64_t a, acc_t vb, int64_t b) {
-    const acc_t ka = key(va), kb = key(vb);
-    return ka > kb || (ka == kb && a < b);
-  }
-
-  // Fills s (scores), returns logsumexp of the row. pnorm (the normalised score for the aux
-  // losses) is s for softmax and s / sum(s) for sigmoid; *score_sum receives sum(s).
+  // Fills s (scores), returns logsumexp of the row; *score_sum receives sum(s). The normalised
+  // score of the aux losses is s for softmax and s / sum(s) for sigmoid.
   acc_t scores(const acc_t* l, acc_t* score_sum) {
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t e = 0; e < num_experts; ++e) m = std::max(m, l[e]);
-    acc_t z = 0;
-    for (int64_t e = 0; e < num_experts; ++e) z += std::exp(l[e] - m);
+    const int64_t E = num_experts;
+    const acc_t m = row_max(l, E);
+    const acc_t z = exp_shifted(l, m, ex.data(), E);
     const acc_t lse = m + std::log(z);
-    acc_t sum = 0;
+    inv_z = acc_t(1) / z;
     if (fn == ScoreFn::kSoftmax) {
-      for (int64_t e = 0; e < num_experts; ++e) s[e] = std::exp(l[e] - lse);
-      sum = 1;
+      for (int64_t e = 0; e < E; ++e) s[e] = ex[e] * inv_z;
+      *score_sum = 1;
     } else {
-      for (int64_t e = 0; e < num_experts; ++e) {
-        s[e] = acc_t(1) / (acc_t(1) + std::exp(-l[e]));
-        sum += s[e];
-      }
+      *score_sum = sigmoid_scores(l, s.data(), E);
     }
-    *score_sum = sum;
     return lse;
   }
 
-  // Selects k experts from s (plus bias, within the best groups) into out_idx, best first.
+  // Selects k experts from s (plus bias, within the best groups) into out_idx, best first: larger
+  // key first, lower index on ties, NaN ordered as -inf.
   void select(int32_t* out_idx) {
-    for (int64_t e = 0; e < num_experts; ++e) sel[e] = bias ? s[e] + bias[e] : s[e];
-    int64_t num_candidates = 0;
-    if (num_groups > 0) {
-      const int64_t gsize = num_experts / num_groups;
-      for (int64_t g = 0; g < num_groups; ++g) {
-        // Group score: sum of the top-2 biased scores in the group (top-1 for groups of one).
-        acc_t best = -std::numeric_limits<acc_t>::infinity(), second = best;
-        int64_t best_e = -1;
-        for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) {
-          if (best_e < 0 || before(sel[e], e, best, best_e)) {
-            second = best;
-            best = sel[e];
-            best_e = e;
-          } else if (key(sel[e]) > key(second)) {
-            second = sel[e];
-          }
-        }
-        group_score[g] = gsize >= 2 ? key(best) + key(second) : key(best);
-        groups[g] = g;
-      }
-      std::partial_sort(groups.begin(), groups.begin() + topk_groups, groups.end(), [&](int64_t a, int64_t b) {
-        return before(group_score[a], a, group_score[b], b);
-      });
-      std::fill(allowed.begin(), allowed.end(), 0);
-      for (int64_t i = 0; i < topk_groups; ++i)
-        for (int64_t e = groups[i] * gsize; e < (groups[i] + 1) * gsize; ++e) allowed[e] = 1;
-      for (int64_t e = 0; e < num_experts; ++e)
-        if (allowed[e]) order[num_candidates++] = e;
-    } else {
-      std::iota(order.begin(), order.end(), int64_t(0));
-      num_candidates = num_experts;
+    const int64_t E = num_experts;
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t v = bias ? s[e] + bias[e] : s[e];
+      key[e] = v != v ? kNegInf : v;
     }
-    std::partial_sort(order.begin(), order.begin() + k, order.begin() + num_candidates,
-                      [&](int64_t a, int64_t b) { return before(sel[a], a, sel[b], b); });
-    for (int64_t j = 0; j < k; ++j) out_idx[j] = static_cast<int32_t>(order[j]);
+    if (num_groups > 0) {
+      // Group score: the sum of the group's two largest keys (the largest alone for groups of one).
+      const int64_t gs = E / num_groups;
+      for (int64_t g = 0; g < num_groups; ++g) {
+        acc_t b1 = kNegInf, b2 = kNegInf;
+        for (int64_t e = g * gs; e < (g + 1) * gs; ++e) {
+          const acc_t x = key[e];
+          b2 = std::max(b2, std::min(b1, x));
+          b1 = std::max(b1, x);
+        }
+        const acc_t v = gs >= 2 ? b1 + b2 : b1;  // inf + -inf is NaN: ordered as -inf too
+        group_score[g] = v != v ? kNegInf : v;
+        group_on[g] = 0;
+      }
+      for (int64_t i = 0; i < topk_groups; ++i) {  // the best groups, ties to the lower one
+        int64_t best = -1;
+        for (int64_t g = 0; g < num_groups; ++g)
+          if (!group_on[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
+        group_on[best] = 1;
+      }
+    }
+    // Top k of the allowed experts by insertion: a candidate goes after every kept one with a key
+    // >= its own (the lower index wins ties); most candidates fail the first comparison, with the
+    // k-th best so far. k <= the allowed experts (checked).
+    const int64_t G = num_groups > 0 ? num_groups : 1, gsize = E / G;
+    int64_t n = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      if (num_groups > 0 && !group_on[g]) continue;
+      for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) {
+        const acc_t x = key[e];
+        if (n == k && !(x > top_key[k - 1])) continue;
+        int64_t i = n < k ? n++ : k - 1;
+        for (; i > 0 && x > top_key[i - 1]; --i) {
+          top[i] = top[i - 1];
+          top_key[i] = top_key[i - 1];
+        }
+        top[i] = e;
+        top_key[i] = x;
+      }
+    }
+    for (int64_t j = 0; j < k; ++j) out_idx[j] = static_cast<int32_t>(top[j]);
   }
 };
 
@@ -337,7 +435,7 @@ at::Tensor gating_backward_impl(const at::Tensor& grad_weights, double g_aux, do
       }
       if (g_z != 0) {
         const acc_t zs = static_cast<acc_t>(z_scale) * lse;
-        for (int64_t e = 0; e < E; ++e) g[e] += zs * std::exp(lp[t * E + e] - lse);
+        for (int64_t e = 0; e < E; ++e) g[e] += zs * (r.ex[e] * r.inv_z);  // zs * softmax(l)
       }
     }
   });

@@ -1,30 +1,117 @@
 // CPU SwiGLU forward and gradient: the reference of csrc/kernels/swiglu.cu, operation for operation.
+// In float32 (also for float16 / bfloat16 rows, computed in float32) the exp is exp_rn, which the
+// kernel uses too, so both give the same bits; the row loops are branch-free and vectorise
+// (cloned for AVX-512 and AVX2 on x86-64). float64 uses std::exp (the kernel: CUDA's exp).
 #include "cpu/cpu_ops.h"
+#include "kernels/exp_rn.cuh"
 #include "ops/checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
+// Every clone computes the same bits: IEEE operations, each rounded on its own (-ffp-contract=off).
+#define MOE_EXT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MOE_EXT_VECTOR_CLONES
+#endif
 
 namespace moe_ext::cpu {
 namespace {
 
+using kernels::exp_rn;
+
 int64_t rows_per_task(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+// ---- float32 columns ----------------------------------------------------------------------------
+MOE_EXT_VECTOR_CLONES void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                      float* __restrict__ out, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float x = gate[c];
+    out[c] = (x / (1.0f + exp_rn(-x))) * up[c];
+  }
+}
+
+MOE_EXT_VECTOR_CLONES void swiglu_grad_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                           const float* __restrict__ g, float* __restrict__ d_gate,
+                                           float* __restrict__ d_up, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float x = gate[c], u = up[c], gc = g[c];
+    const float sig = 1.0f / (1.0f + exp_rn(-x));
+    const float silu = x * sig;
+    const float dsilu = sig * (1.0f + x * (1.0f - sig));
+    d_gate[c] = (gc * u) * dsilu;
+    d_up[c] = gc * silu;
+  }
+}
+
+// float16 / bfloat16 columns go through float32 buffers of kChunk columns.
+constexpr int64_t kChunk = 256;
+
+// bfloat16 <-> float32 on the bits, as c10::BFloat16 converts (round to nearest even, NaN to
+// 0x7FC0), in loops the compiler vectorises.
+MOE_EXT_VECTOR_CLONES void bf16_to_f32(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, sizeof u);
+  }
+}
+
+MOE_EXT_VECTOR_CLONES void f32_to_bf16(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof u);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    dst[i] = static_cast<uint16_t>(src[i] != src[i] ? 0x7FC0u : rounded);
+  }
+}
+
+template <typename T>
+const float* as_f32(const T* src, float* buf, int64_t m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    bf16_to_f32(reinterpret_cast<const uint16_t*>(src), buf, m);
+    return buf;
+  } else {
+    for (int64_t i = 0; i < m; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+}
+
+template <typename T>
+float* out_f32(T* dst, float* buf) {
+  if constexpr (std::is_same_v<T, float>) return dst;
+  else return buf;
+}
+
+template <typename T>
+void store(const float* buf, T* dst, int64_t m) {
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    f32_to_bf16(buf, reinterpret_cast<uint16_t*>(dst), m);
+  else if constexpr (!std::is_same_v<T, float>)
+    for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<T>(buf[i]);  // rounded to nearest, as cast_out
+}
 
 template <typename T>
 void swiglu_rows(const T* h, T* out, int64_t rows, int64_t n) {
-  using acc_t = at::opmath_type<T>;
   at::parallel_for(0, rows, rows_per_task(n), [&](int64_t r0, int64_t r1) {
+    float bg[kChunk], bu[kChunk], bo[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
       const T* hr = h + r * 2 * n;
       T* o = out + r * n;
-      for (int64_t c = 0; c < n; ++c) {
-        const acc_t x = static_cast<acc_t>(hr[c]);
-        o[c] = static_cast<T>((x / (acc_t(1) + std::exp(-x))) * static_cast<acc_t>(hr[n + c]));
+      for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - c0);
+        float* dst = out_f32(o + c0, bo);
+        swiglu_f32(as_f32(hr + c0, bg, m), as_f32(hr + n + c0, bu, m), dst, m);
+        store(bo, o + c0, m);
       }
     }
   });
@@ -32,19 +119,49 @@ void swiglu_rows(const T* h, T* out, int64_t rows, int64_t n) {
 
 template <typename TH, typename TG>
 void swiglu_backward_rows(const TG* grad, const TH* h, TH* out, int64_t rows, int64_t n) {
-  using acc_t = at::opmath_type<TH>;
   at::parallel_for(0, rows, rows_per_task(n), [&](int64_t r0, int64_t r1) {
+    float bg[kChunk], bu[kChunk], bgr[kChunk], bdg[kChunk], bdu[kChunk];
     for (int64_t r = r0; r < r1; ++r) {
       const TH* hr = h + r * 2 * n;
       const TG* gr = grad + r * n;
       TH* o = out + r * 2 * n;
+      for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - c0);
+        float* dg = out_f32(o + c0, bdg);
+        float* du = out_f32(o + n + c0, bdu);
+        swiglu_grad_f32(as_f32(hr + c0, bg, m), as_f32(hr + n + c0, bu, m), as_f32(gr + c0, bgr, m), dg, du, m);
+        store(bdg, o + c0, m);
+        store(bdu, o + n + c0, m);
+      }
+    }
+  });
+}
+
+// ---- float64 ------------------------------------------------------------------------------------
+void swiglu_rows(const double* h, double* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, rows_per_task(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const double* hr = h + r * 2 * n;
       for (int64_t c = 0; c < n; ++c) {
-        const acc_t x = static_cast<acc_t>(hr[c]), u = static_cast<acc_t>(hr[n + c]), g = static_cast<acc_t>(gr[c]);
-        const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-x));
-        const acc_t silu = x * sig;
-        const acc_t dsilu = sig * (acc_t(1) + x * (acc_t(1) - sig));
-        o[c] = static_cast<TH>((g * u) * dsilu);
-        o[n + c] = static_cast<TH>(g * silu);
+        const double x = hr[c];
+        out[r * n + c] = (x / (1.0 + std::exp(-x))) * hr[n + c];
+      }
+    }
+  });
+}
+
+void swiglu_backward_rows(const double* grad, const double* h, double* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, rows_per_task(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const double* hr = h + r * 2 * n;
+      double* o = out + r * 2 * n;
+      for (int64_t c = 0; c < n; ++c) {
+        const double x = hr[c], u = hr[n + c], g = grad[r * n + c];
+        const double sig = 1.0 / (1.0 + std::exp(-x));
+        const double silu = x * sig;
+        const double dsilu = sig * (1.0 + x * (1.0 - sig));
+        o[c] = (g * u) * dsilu;
+        o[n + c] = g * silu;
       }
     }
   });
@@ -54,8 +171,8 @@ template <typename TH>
 void dispatch_grad(const at::Tensor& grad, const at::Tensor& h, at::Tensor& out) {
   const int64_t rows = h.size(0), n = h.size(1) / 2;
   if (grad.scalar_type() == h.scalar_type())
-    swiglu_backward_rows<TH, TH>(grad.data_ptr<TH>(), h.data_ptr<TH>(), out.data_ptr<TH>(), rows, n);
-  else
+    swiglu_backward_rows(grad.data_ptr<TH>(), h.data_ptr<TH>(), out.data_ptr<TH>(), rows, n);
+  else if constexpr (!std::is_same_v<TH, double>)
     swiglu_backward_rows<TH, float>(grad.data_ptr<float>(), h.data_ptr<TH>(), out.data_ptr<TH>(), rows, n);
 }
 

@@ -3,6 +3,7 @@
 // column).
 #include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
+#include "kernels/exp_rn.cuh"
 #include "kernels/float_cast.cuh"
 #include "kernels/swiglu.cuh"
 
@@ -16,10 +17,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// NOTE: every operation rounded on its own (float_cast.cuh's *_rn) and expf (not __expf, which
-// flushes tiny results): the same sequence as the CPU op, so the two differ only where expf and
-// the host's exp do.
-__device__ __forceinline__ float exp_(float a) { return expf(a); }
+// NOTE: every operation rounded on its own (float_cast.cuh's *_rn), and in float32 exp_rn
+// (exp_rn.cuh), which the CPU op calls too: the same sequence, so the two give the same bits.
+// float64 uses exp, as the CPU op uses the host's: they may differ in the last bit.
+__device__ __forceinline__ float exp_(float a) { return exp_rn(a); }
 __device__ __forceinline__ double exp_(double a) { return ::exp(a); }
 
 template <typename T, int V>
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const acc_t x = to_acc(gate.v[j]);
-      a.v[j] = cast_out<T>(mul_rn(div_rn(x, add_rn(acc_t(1), exp_(-x))), to_acc(up.v[j])));  // the GEMM epilogue's silu
+      a.v[j] = cast_out<T>(mul_rn(div_rn(x, add_rn(acc_t(1), exp_(-x))), to_acc(up.v[j])));
     }
     *reinterpret_cast<Vec<T, V>*>(out + r * n + c) = a;
   });

@@ -28,10 +28,12 @@ struct SwigluForwardParams {
   int64_t n = 0;
 };
 
-// out = silu(gate) * up, computed in float32 (float64 for float64) as the grouped GEMM's epilogue
-// computes it (silu(x) = x / (1 + exp(-x)), then one product, rounded once to dtype) and as the
-// CPU op (csrc/cpu/swiglu.cpp). Reads h once, writes out once: at rows = 32768, n = 14336, 2.8 GB,
-// 0.96 ms at the copy ceiling. Asynchronous on `stream`; CUDA-graph capturable.
+// out = silu(gate) * up, computed in float32 (float64 for float64) with the grouped GEMM
+// epilogue's formula (silu(x) = x / (1 + exp(-x)), then one product, rounded once to dtype) and
+// the CPU op's operations (csrc/cpu/swiglu.cpp): in float32 the exp is exp_rn (exp_rn.cuh), so
+// the CPU op gives the same bits; the GEMM epilogue keeps CUDA's expf (within 2 ulp of each
+// other). Reads h once, writes out once: at rows = 32768, n = 14336, 2.8 GB, 0.96 ms at the copy
+// ceiling. Asynchronous on `stream`; CUDA-graph capturable.
 void swiglu_forward(const SwigluForwardParams& p, cudaStream_t stream);
 
 struct SwigluBackwardParams {

@@ -52,6 +52,11 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& grad_out, c
 // (float64 for float64), rounded once to h's dtype: [rows, n].
 at::Tensor swiglu(const at::Tensor& h);
 
+// The same through the dispatcher on any device: the fused "swiglu" epilogue of the ATen grouped
+// GEMMs (the CPU ops, and float32 / float64 on CUDA) is the SwiGLU op itself, so a fused forward
+// and an unfused one give the same bits.
+at::Tensor swiglu_any_device(const at::Tensor& h);
+
 // The SwiGLU gradient: dL/dh = [g * up * silu'(gate) | g * silu(gate)] for h = [gate | up] [rows, 2n]
 // and g [rows, n]; in float32 (float64 for float64), h's dtype out.
 at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h);

@@ -57,7 +57,7 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
     const at::Tensor b_e = trans_b ? b[e].t().to(acc) : b[e].to(acc);
     at::Tensor h = at::mm(a_e, b_e);
     if (bias.has_value()) h.add_((*bias)[e].to(acc));
-    if (act == Activation::kSwiglu) h = at::silu(h.narrow(1, 0, n_out)) * h.narrow(1, n_out, n_out);
+    if (act == Activation::kSwiglu) h = cpu::swiglu_any_device(h);
     if (row_scale.has_value()) h.mul_(row_scale->narrow(0, off[e], rows).to(acc).unsqueeze(1));
     out.narrow(0, off[e], rows).copy_(h);
   }

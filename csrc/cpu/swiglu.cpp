@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
@@ -186,6 +187,14 @@ at::Tensor swiglu(const at::Tensor& h_in) {
     swiglu_rows(h.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, n);
   });
   return out;
+}
+
+at::Tensor swiglu_any_device(const at::Tensor& h) {
+  if (h.device().is_cpu()) return swiglu(h);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("moe_ext::swiglu", "")
+                             .typed<at::Tensor(const at::Tensor&)>();
+  return op.call(h);
 }
 
 at::Tensor swiglu_backward(const at::Tensor& grad_in, const at::Tensor& h_in) {

@@ -42,6 +42,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <type_traits>
 
@@ -498,8 +499,11 @@ template <typename T, int kVec>
 __device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
   using Raw = typename RawVec<sizeof(T) * kVec>::type;
   static_assert(sizeof(Raw) == sizeof(Pack<T, kVec>), "one access per pack");
+  // NOTE: memcpy, not a store through a Raw lvalue into the pack: reading that back as T breaks
+  // strict aliasing (the host-compiled emulation may reorder it); on the GPU it is register moves.
+  const Raw raw = __ldg(reinterpret_cast<const Raw*>(p));
   Pack<T, kVec> pack;
-  *reinterpret_cast<Raw*>(&pack) = __ldg(reinterpret_cast<const Raw*>(p));
+  memcpy(&pack, &raw, sizeof(pack));
   return pack;
 }
 

@@ -4,6 +4,8 @@
 // are in moe_ext/_gemm_masked.py.
 #include "ops/grouped_gemm_masked.h"
 
+#include "cpu/cpu_ops.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -59,7 +61,7 @@ at::Tensor grouped_gemm_masked_aten(const at::Tensor& a, const at::Tensor& b, co
     const at::Tensor b_e = trans_b ? b[e].t().to(acc) : b[e].to(acc);
     at::Tensor h = at::mm(a_e, b_e);
     if (bias.has_value()) h.add_((*bias)[e].to(acc));
-    if (act == Activation::kSwiglu) h = at::silu(h.narrow(1, 0, n_out)) * h.narrow(1, n_out, n_out);
+    if (act == Activation::kSwiglu) h = cpu::swiglu_any_device(h);
     if (row_scale.has_value()) h.mul_((*row_scale)[e].narrow(0, 0, v[e]).to(acc).unsqueeze(1));
     out[e].narrow(0, 0, v[e]).copy_(h);
   }

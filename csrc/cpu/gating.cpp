@@ -2,7 +2,7 @@
 // and the Switch/GShard aux loss, DeepSeek-V3 sequence aux loss and router z-loss; plus the
 // backward that recomputes the selection (it is deterministic) instead of saving it.
 #include "cpu/cpu_ops.h"
-#include "kernels/exp_rn.cuh"
+#include "cpu/vec.h"
 #include "ops/checks.h"
 
 #include <ATen/ATen.h>
@@ -11,14 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
-#define MOE_EXT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MOE_EXT_VECTOR_CLONES
-#endif
 
 namespace moe_ext::cpu {
 namespace {
@@ -54,68 +47,55 @@ acc_t row_max(const acc_t* __restrict__ l, int64_t n) {
   return m;
 }
 
-// The float32 row loops below take kLanes columns at a time, the last ones padded with -inf (its
-// terms are exp(-inf) = 0 and 1 / (1 + exp(inf)) = 0, which change no sum): column e always adds
-// into part[e % kLanes], and a row of fewer than kLanes experts is vectorised too.
-template <typename F>
-inline void padded_tail(const float* l, float* out, int64_t e, int64_t n, F&& block) {
-  if (e == n) return;
-  float lt[kLanes], ot[kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) lt[i] = e + i < n ? l[e + i] : -std::numeric_limits<float>::infinity();
-  block(lt, ot);
-  for (int64_t i = 0; e + i < n; ++i) out[e + i] = ot[i];
+// The row loops below take kLanes columns at a time, the last ones padded with -inf (its terms are
+// exp(-inf) = 0 and 1 / (1 + exp(inf)) = 0, which change no sum): column e always adds into
+// part[e % kLanes], and a row of fewer than kLanes experts is vectorised too.
+template <typename A, typename F>
+inline A padded_rows(const A* l, A* out, int64_t n, F&& block) {
+  A part[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= n; e += kLanes) block(l + e, out + e, part);
+  if (e < n) {
+    A lt[kLanes], ot[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) lt[i] = e + i < n ? l[e + i] : -std::numeric_limits<A>::infinity();
+    block(lt, ot, part);
+    for (int64_t i = 0; e + i < n; ++i) out[e + i] = ot[i];
+  }
+  return fold(part);
 }
 
 // ex[e] = exp(l[e] - m); returns their sum.
-MOE_EXT_VECTOR_CLONES float exp_shifted_f32(const float* __restrict__ l, float m, float* __restrict__ ex, int64_t n) {
-  float part[kLanes] = {};
-  auto block = [&](const float* __restrict__ lb, float* __restrict__ eb) {
+template <typename A>
+inline A exp_shifted_cols(const A* __restrict__ l, A m, A* __restrict__ ex, int64_t n) {
+  return padded_rows(l, ex, n, [m](const A* __restrict__ lb, A* __restrict__ eb, A (&part)[kLanes]) {
     for (int64_t i = 0; i < kLanes; ++i) {
-      eb[i] = kernels::exp_rn(lb[i] - m);
+      eb[i] = exp_acc(lb[i] - m);
       part[i] += eb[i];
     }
-  };
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) block(l + e, ex + e);
-  padded_tail(l, ex, e, n, block);
-  return fold(part);
+  });
 }
 
 // s[e] = 1 / (1 + exp(-l[e])); returns their sum.
-MOE_EXT_VECTOR_CLONES float sigmoid_f32(const float* __restrict__ l, float* __restrict__ s, int64_t n) {
-  float part[kLanes] = {};
-  auto block = [&](const float* __restrict__ lb, float* __restrict__ sb) {
+template <typename A>
+inline A sigmoid_cols(const A* __restrict__ l, A* __restrict__ s, int64_t n) {
+  return padded_rows(l, s, n, [](const A* __restrict__ lb, A* __restrict__ sb, A (&part)[kLanes]) {
     for (int64_t i = 0; i < kLanes; ++i) {
-      sb[i] = 1.0f / (1.0f + kernels::exp_rn(-lb[i]));
+      sb[i] = A(1) / (A(1) + exp_acc(-lb[i]));
       part[i] += sb[i];
     }
-  };
-  int64_t e = 0;
-  for (; e + kLanes <= n; e += kLanes) block(l + e, s + e);
-  padded_tail(l, s, e, n, block);
-  return fold(part);
+  });
 }
+
+// float32: cloned for the vector units.
+MOE_EXT_VECTOR_CLONES float exp_shifted_f32(const float* l, float m, float* ex, int64_t n) {
+  return exp_shifted_cols(l, m, ex, n);
+}
+MOE_EXT_VECTOR_CLONES float sigmoid_f32(const float* l, float* s, int64_t n) { return sigmoid_cols(l, s, n); }
 
 float exp_shifted(const float* l, float m, float* ex, int64_t n) { return exp_shifted_f32(l, m, ex, n); }
 float sigmoid_scores(const float* l, float* s, int64_t n) { return sigmoid_f32(l, s, n); }
-
-double exp_shifted(const double* l, double m, double* ex, int64_t n) {
-  double part[kLanes] = {};
-  for (int64_t e = 0; e < n; ++e) {
-    ex[e] = std::exp(l[e] - m);
-    part[e % kLanes] += ex[e];
-  }
-  return fold(part);
-}
-
-double sigmoid_scores(const double* l, double* s, int64_t n) {
-  double part[kLanes] = {};
-  for (int64_t e = 0; e < n; ++e) {
-    s[e] = 1.0 / (1.0 + std::exp(-l[e]));
-    part[e % kLanes] += s[e];
-  }
-  return fold(part);
-}
+double exp_shifted(const double* l, double m, double* ex, int64_t n) { return exp_shifted_cols(l, m, ex, n); }
+double sigmoid_scores(const double* l, double* s, int64_t n) { return sigmoid_cols(l, s, n); }
 
 template <typename acc_t>
 struct Router {
@@ -154,7 +134,7 @@ struct Router {
   // Selects k experts from s (plus bias, within the best groups) into out_idx, best first: larger
   // key first, lower index on ties, NaN ordered as -inf.
   void select(int32_t* out_idx) {
-    const int64_t E = num_experts;
+    const int64_t E = num_experts, G = num_groups > 0 ? num_groups : 1, gsize = E / G;
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t e = 0; e < E; ++e) {
       const acc_t v = bias ? s[e] + bias[e] : s[e];
@@ -162,15 +142,14 @@ struct Router {
     }
     if (num_groups > 0) {
       // Group score: the sum of the group's two largest keys (the largest alone for groups of one).
-      const int64_t gs = E / num_groups;
       for (int64_t g = 0; g < num_groups; ++g) {
         acc_t b1 = kNegInf, b2 = kNegInf;
-        for (int64_t e = g * gs; e < (g + 1) * gs; ++e) {
+        for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) {
           const acc_t x = key[e];
           b2 = std::max(b2, std::min(b1, x));
           b1 = std::max(b1, x);
         }
-        const acc_t v = gs >= 2 ? b1 + b2 : b1;  // inf + -inf is NaN: ordered as -inf too
+        const acc_t v = gsize >= 2 ? b1 + b2 : b1;  // inf + -inf is NaN: ordered as -inf too
         group_score[g] = v != v ? kNegInf : v;
         group_on[g] = 0;
       }
@@ -184,7 +163,6 @@ struct Router {
     // Top k of the allowed experts by insertion: a candidate goes after every kept one with a key
     // >= its own (the lower index wins ties); most candidates fail the first comparison, with the
     // k-th best so far. k <= the allowed experts (checked).
-    const int64_t G = num_groups > 0 ? num_groups : 1, gsize = E / G;
     int64_t n = 0;
     for (int64_t g = 0; g < G; ++g) {
       if (num_groups > 0 && !group_on[g]) continue;

@@ -3,7 +3,7 @@
 // kernel uses too, so both give the same bits; the row loops are branch-free and vectorise
 // (cloned for AVX-512 and AVX2 on x86-64). float64 uses std::exp (the kernel: CUDA's exp).
 #include "cpu/cpu_ops.h"
-#include "kernels/exp_rn.cuh"
+#include "cpu/vec.h"
 #include "ops/checks.h"
 
 #include <ATen/ATen.h>
@@ -17,40 +17,43 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
-// Every clone computes the same bits: IEEE operations, each rounded on its own (-ffp-contract=off).
-#define MOE_EXT_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MOE_EXT_VECTOR_CLONES
-#endif
-
 namespace moe_ext::cpu {
 namespace {
 
-using kernels::exp_rn;
-
 int64_t rows_per_task(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
-// ---- float32 columns ----------------------------------------------------------------------------
+// ---- columns of one row, in the accumulation type A --------------------------------------------
+template <typename A>
+inline void swiglu_cols(const A* __restrict__ gate, const A* __restrict__ up, A* __restrict__ out, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const A x = gate[c];
+    out[c] = (x / (A(1) + exp_acc(-x))) * up[c];
+  }
+}
+
+template <typename A>
+inline void swiglu_grad_cols(const A* __restrict__ gate, const A* __restrict__ up, const A* __restrict__ g,
+                             A* __restrict__ d_gate, A* __restrict__ d_up, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const A x = gate[c], u = up[c], gc = g[c];
+    const A sig = A(1) / (A(1) + exp_acc(-x));
+    const A silu = x * sig;
+    const A dsilu = sig * (A(1) + x * (A(1) - sig));
+    d_gate[c] = (gc * u) * dsilu;
+    d_up[c] = gc * silu;
+  }
+}
+
+// float32: cloned for the vector units.
 MOE_EXT_VECTOR_CLONES void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
                                       float* __restrict__ out, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    const float x = gate[c];
-    out[c] = (x / (1.0f + exp_rn(-x))) * up[c];
-  }
+  swiglu_cols(gate, up, out, n);
 }
 
 MOE_EXT_VECTOR_CLONES void swiglu_grad_f32(const float* __restrict__ gate, const float* __restrict__ up,
                                            const float* __restrict__ g, float* __restrict__ d_gate,
                                            float* __restrict__ d_up, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    const float x = gate[c], u = up[c], gc = g[c];
-    const float sig = 1.0f / (1.0f + exp_rn(-x));
-    const float silu = x * sig;
-    const float dsilu = sig * (1.0f + x * (1.0f - sig));
-    d_gate[c] = (gc * u) * dsilu;
-    d_up[c] = gc * silu;
-  }
+  swiglu_grad_cols(gate, up, g, d_gate, d_up, n);
 }
 
 // float16 / bfloat16 columns go through float32 buffers of kChunk columns.
@@ -138,33 +141,17 @@ void swiglu_backward_rows(const TG* grad, const TH* h, TH* out, int64_t rows, in
   });
 }
 
-// ---- float64 ------------------------------------------------------------------------------------
+// ---- float64: the same columns, without buffers ---------------------------------------------------
 void swiglu_rows(const double* h, double* out, int64_t rows, int64_t n) {
   at::parallel_for(0, rows, rows_per_task(n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const double* hr = h + r * 2 * n;
-      for (int64_t c = 0; c < n; ++c) {
-        const double x = hr[c];
-        out[r * n + c] = (x / (1.0 + std::exp(-x))) * hr[n + c];
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r) swiglu_cols(h + r * 2 * n, h + r * 2 * n + n, out + r * n, n);
   });
 }
 
 void swiglu_backward_rows(const double* grad, const double* h, double* out, int64_t rows, int64_t n) {
   at::parallel_for(0, rows, rows_per_task(n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const double* hr = h + r * 2 * n;
-      double* o = out + r * 2 * n;
-      for (int64_t c = 0; c < n; ++c) {
-        const double x = hr[c], u = hr[n + c], g = grad[r * n + c];
-        const double sig = 1.0 / (1.0 + std::exp(-x));
-        const double silu = x * sig;
-        const double dsilu = sig * (1.0 + x * (1.0 - sig));
-        o[c] = (g * u) * dsilu;
-        o[n + c] = g * silu;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      swiglu_grad_cols(h + r * 2 * n, h + r * 2 * n + n, grad + r * n, out + r * 2 * n, out + r * 2 * n + n, n);
   });
 }
 

@@ -6,7 +6,8 @@
 Cases:
   layer    moe_ext.MoE forward + backward, Mixtral shape (T=16384 H=4096 F=14336 E=8 k=2, bf16),
            once as built (the activation kept) and once with recompute_activation=True
-  gating   topk_gating at T=16384 E=256 k=8, groups 8/4, sigmoid, expert bias (DeepSeek-V3)
+  gating   topk_gating at T=16384 E=256 k=8, groups 8/4, sigmoid, expert bias (DeepSeek-V3), and the
+           same at T=128 (decode: where the launches and the cross-tile kernel, not the rows, cost)
   permute  permute (no host sync) then unpermute at T=16384 H=7168 k=8 E=256, bf16: the index
            kernels against the row copies
 Each case runs --warmup calls, then --iters calls under the profiler; the table lists every
@@ -112,7 +113,8 @@ def main(argv=None):
                 label = f"layer fwd+bwd {shapes['layer']}" + (" recompute_activation" if recompute else "")
                 cases.append((label, layer_case(shapes["layer"], device, dtype, recompute)))
         elif name == "gating":
-            cases.append((f"gating {shapes['gating']} groups 8/4 sigmoid bias", gating_case(shapes["gating"], device)))
+            for shape in (shapes["gating"], dict(shapes["gating"], T=128)):
+                cases.append((f"gating {shape} groups 8/4 sigmoid bias", gating_case(shape, device)))
         elif name == "permute":
             cases.append((f"permute + unpermute {shapes['permute']}", permute_case(shapes["permute"], device, dtype)))
         else:

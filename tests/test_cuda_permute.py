@@ -259,9 +259,6 @@ def test_unpermute_skips_out_of_range_rows(seed):
     _assert_bits(ops.unpermute(y, row_map_bad, w), ref, "unpermute with rows out of range")
 
 
-_GW_TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("weights", [None, "f32", "same"])
 @pytest.mark.parametrize("T,H,k,E,pad_to,capacity", [
@@ -277,10 +274,8 @@ def test_unpermute_backward_matches_cpu(seed, dtype, weights, T, H, k, E, pad_to
     gy, gw = ops.unpermute_backward(g, y, row_map, w)
     _assert_bits(gy, ref_gy, f"grad_y {dtype} weights={weights}")  # rows with no slot: zero
     assert gw.dtype == ref_gw.dtype and gw.shape == ref_gw.shape
-    if w is not None:
-        tol = _GW_TOL[w.dtype]
-        scale = max(1.0, float(H) ** 0.5)
-        torch.testing.assert_close(gw.cpu().double(), ref_gw.double(), rtol=tol, atol=tol * scale)
+    if w is not None:  # the CPU op adds the float64 dot products in the kernel's lane order, unfused
+        _assert_bits(gw, ref_gw, f"grad_w {dtype} weights={weights}")
 
 
 def test_unpermute_backward_grad_out_dtype_and_layout(seed):
@@ -292,7 +287,7 @@ def test_unpermute_backward_grad_out_dtype_and_layout(seed):
     ref_gy, ref_gw = ops.unpermute_backward(g.cpu(), y.cpu(), row_map.cpu(), w.cpu())
     gy, gw = ops.unpermute_backward(g, y, row_map, w)
     _assert_bits(gy, ref_gy, "grad_y")
-    torch.testing.assert_close(gw.cpu(), ref_gw, rtol=1e-5, atol=1e-4)
+    _assert_bits(gw, ref_gw, "grad_w")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -347,8 +347,8 @@ def test_unpermute_matches_cpu(emu, seed, dtype, H, k, weighted):
     gy, gw = emu.unpermute_backward(g, y, row_map, w)
     cgy, cgw = ops.unpermute_backward(g, y, row_map, w)
     assert torch.equal(gy, cgy)
-    if weighted:
-        torch.testing.assert_close(gw, cgw, rtol=1e-6, atol=1e-6)
+    if weighted:  # the CPU op adds the dot products in the kernel's lane order: the same bits
+        assert torch.equal(gw, cgw)
 
 
 def test_unpermute_strided_empty_and_poison(emu, seed):
@@ -363,7 +363,8 @@ def test_unpermute_strided_empty_and_poison(emu, seed):
     gy, gw = emu.unpermute_backward(g, y, row_map, w)
     cgy, cgw = ops.unpermute_backward(g, y.contiguous(), row_map, w)
     assert torch.equal(gy, cgy)
-    torch.testing.assert_close(gw, cgw, rtol=1e-6, atol=1e-6)
+    # y's rows lie 3H apart there, y.contiguous() here: both 16-byte aligned, the same lane order.
+    assert torch.equal(gw, cgw)
     out = emu.unpermute(y, row_map, w, poison_if=1)
     assert out.isnan().all()
     assert torch.equal(emu.unpermute(y, row_map, w, poison_if=0), ops.unpermute(y.contiguous(), row_map, w))

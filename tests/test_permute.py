@@ -103,6 +103,38 @@ def test_unpermute_is_exact_fp32_sum_in_slot_order(seed):
     assert torch.equal(moe_ext.unpermute(y, row_map, w), acc.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_rows_convert_like_torch(dtype):
+    """The CPU ops convert 16-bit rows on the bits (vectorised): every bit pattern widens exactly,
+    and float32 sums round to nearest even like torch's own conversion, subnormals, overflow to
+    infinity and ties included; NaN stays NaN."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    y = bits.view(dtype).reshape(-1, 8)  # every pattern once
+    R = y.shape[0]
+    row_map = torch.arange(R).unsqueeze(1)
+    out = moe_ext.unpermute(y, row_map)  # 0.0 + y in float32, narrowed back: y (-0.0 becomes +0.0)
+    want = (torch.zeros(R, 8) + y.float()).to(dtype)
+    nan = y.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert torch.equal(out.view(torch.int16)[~nan & (y != 0)], y.view(torch.int16)[~nan & (y != 0)])
+    # Sums of two rows: round-to-nearest-even of an exact float32 sum (most patterns, every exponent).
+    perm = torch.randperm(R)
+    a, b = y, y[perm]
+    got = moe_ext.unpermute(torch.cat([a, b]), torch.stack([torch.arange(R), R + torch.arange(R)], 1))
+    want = (a.float() + b.float()).to(dtype)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    # Weighted: float32 products and sums of random scale, rounded once.
+    w = torch.rand(R, 2) * 3
+    got = moe_ext.unpermute(torch.cat([a, b]), torch.stack([torch.arange(R), R + torch.arange(R)], 1), w)
+    want = (torch.zeros(R, 8) + w[:, :1] * a.float() + w[:, 1:] * b.float()).to(dtype)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+
+
 def test_roundtrip_identity(seed):
     T, H, k, E = 40, 16, 2, 8
     x = torch.randn(T, H, dtype=torch.float64)

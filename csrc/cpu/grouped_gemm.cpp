@@ -55,11 +55,15 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
     if (rows == 0) continue;
     const at::Tensor a_e = a.narrow(0, off[e], rows).to(acc);
     const at::Tensor b_e = trans_b ? b[e].t().to(acc) : b[e].to(acc);
-    at::Tensor h = at::mm(a_e, b_e);
+    at::Tensor out_e = out.narrow(0, off[e], rows);
+    // Written in place where the output is the accumulator (float32 / float64, no SwiGLU): the
+    // same product, bias and scale, without a temporary and a copy.
+    const bool direct = acc == a.scalar_type() && act != Activation::kSwiglu;
+    at::Tensor h = direct ? at::mm_out(out_e, a_e, b_e) : at::mm(a_e, b_e);
     if (bias.has_value()) h.add_((*bias)[e].to(acc));
     if (act == Activation::kSwiglu) h = cpu::swiglu_any_device(h);
     if (row_scale.has_value()) h.mul_(row_scale->narrow(0, off[e], rows).to(acc).unsqueeze(1));
-    out.narrow(0, off[e], rows).copy_(h);
+    if (!direct) out_e.copy_(h);
   }
   if (off[E] < M) out.narrow(0, off[E], M - off[E]).zero_();
   return out;
@@ -80,7 +84,12 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& a, const at::Tensor& grad_out, c
     }
     const at::Tensor a_e = a.narrow(0, off[e], rows).to(acc);
     const at::Tensor g_e = grad_out.narrow(0, off[e], rows).to(acc);
-    out[e].copy_(trans_b ? at::mm(g_e.t(), a_e) : at::mm(a_e.t(), g_e));
+    if (acc == a.scalar_type()) {
+      at::Tensor out_e = out[e];
+      trans_b ? at::mm_out(out_e, g_e.t(), a_e) : at::mm_out(out_e, a_e.t(), g_e);
+    } else {
+      out[e].copy_(trans_b ? at::mm(g_e.t(), a_e) : at::mm(a_e.t(), g_e));
+    }
   }
   return out;
 }

@@ -2,6 +2,7 @@
 // permute is a counting sort of the (token, slot) pairs by expert, stable in token order; rows
 // are copied as raw bytes, so every dtype (fp8 included) travels unchanged.
 #include "cpu/cpu_ops.h"
+#include "cpu/vec.h"
 #include "ops/checks.h"
 
 #include <ATen/ATen.h>
@@ -9,6 +10,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -23,6 +26,68 @@ void check_row_map_values(const char* op, const at::Tensor& row_map, int64_t num
   for (int64_t i = 0; i < row_map.numel(); ++i)
     TORCH_CHECK(rm[i] >= -1 && rm[i] < num_rows, op, ": row_map holds row ", rm[i], " at flat position ", i,
                 ", outside [-1, ", num_rows, ")");
+}
+
+// ---- unpermute's rows, vectorised (one clone per instruction set) ---------------------------------
+template <typename T, typename A>
+MOE_EXT_VECTOR_CLONES void add_scaled_row(A* __restrict__ acc, A w, const T* __restrict__ y, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) acc[h] += w * widen(y[h]);
+}
+
+template <typename T, typename A>
+MOE_EXT_VECTOR_CLONES void add_row(A* __restrict__ acc, const T* __restrict__ y, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) acc[h] += widen(y[h]);
+}
+
+template <typename T, typename A>
+MOE_EXT_VECTOR_CLONES void store_row(const A* __restrict__ acc, T* __restrict__ out, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) out[h] = narrow_to<T>(acc[h]);
+}
+
+template <typename T, typename A>
+MOE_EXT_VECTOR_CLONES void scale_row(const T* __restrict__ g, A w, T* __restrict__ out, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) out[h] = narrow_to<T>(w * widen(g[h]));
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// dot(y, g) in float64, added in the order of the CUDA kernel (permute.cu, unpermute_backward_kernel),
+// so that the weights' gradient has its bits: lane l of a warp takes the VEC-element vectors l, l+32,
+// l+64, ..., sums each vector's products in order and adds the sum to its total; then a butterfly
+// over the 32 lanes. (Products of float32 values are exact in float64.) 32 independent sums are
+// also what a CPU pipeline wants, where one running sum waits on every add.
+template <int VEC, typename T>
+MOE_EXT_VECTOR_CLONES double lane_dot_vec(const T* __restrict__ y, const T* __restrict__ g, int64_t n) {
+  constexpr int kLanes = 32;
+  double lane[kLanes] = {};
+  double prod[kLanes * VEC], part[kLanes];
+  const int64_t nv = n / VEC;
+  for (int64_t v0 = 0; v0 < nv; v0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, nv - v0));
+    const T* yb = y + v0 * VEC;
+    const T* gb = g + v0 * VEC;
+    // Products first (contiguous, vectorised), then each lane's sum in element order.
+    for (int i = 0; i < lanes * VEC; ++i) prod[i] = static_cast<double>(widen(yb[i])) * static_cast<double>(widen(gb[i]));
+    for (int i = lanes * VEC; i < kLanes * VEC; ++i) prod[i] = 0.0;
+    for (int l = 0; l < kLanes; ++l) part[l] = 0.0;
+    for (int e = 0; e < VEC; ++e)
+      for (int l = 0; l < kLanes; ++l) part[l] += prod[l * VEC + e];
+    // Lanes past the row's last vector add nothing (0.0 + 0.0 keeps their +0.0).
+    for (int l = 0; l < kLanes; ++l) lane[l] += part[l];
+  }
+  for (int off = kLanes / 2; off > 0; off /= 2)
+    for (int l = 0; l < off; ++l) lane[l] += lane[l + off];
+  return lane[0];
+}
+
+template <typename T>
+double lane_dot(const T* y, const T* g, int64_t n, int vec) {
+  switch (vec) {
+    case 8: return lane_dot_vec<8>(y, g, n);
+    case 4: return lane_dot_vec<4>(y, g, n);
+    case 2: return lane_dot_vec<2>(y, g, n);
+    default: return lane_dot_vec<1>(y, g, n);
+  }
 }
 
 }  // namespace
@@ -106,15 +171,10 @@ at::Tensor unpermute(const at::Tensor& y, const at::Tensor& row_map_in, const c1
         for (int64_t j = 0; j < k; ++j) {
           const int64_t r = rm[t * k + j];
           if (r < 0) continue;
-          const scalar_t* yr = yp + r * ys;
-          if (wp) {
-            const acc_t wj = wp[t * k + j];
-            for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(yr[h]);
-          } else {
-            for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<acc_t>(yr[h]);
-          }
+          if (wp) add_scaled_row(acc.data(), wp[t * k + j], yp + r * ys, H);
+          else add_row(acc.data(), yp + r * ys, H);
         }
-        for (int64_t h = 0; h < H; ++h) op[t * H + h] = static_cast<scalar_t>(acc[h]);
+        store_row(acc.data(), op + t * H, H);
       }
     });
   });
@@ -128,8 +188,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
   const at::Tensor row_map = row_map_in.contiguous();
   check_row_map_values("moe_ext.unpermute_backward", row_map, R);
   const at::Tensor grad_out = grad_out_in.to(y.scalar_type()).contiguous();
-  at::Tensor grad_y = at::zeros({R, H}, y.options());
+  at::Tensor grad_y = at::empty({R, H}, y.options());
   at::Tensor grad_w = weights.has_value() ? at::empty({T, k}, weights->options()) : at::empty({0}, y.options());
+  // Rows no slot maps to get zeros at the end (written once, not zeroed and then overwritten).
+  std::vector<uint8_t> touched(R, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_ext_unpermute_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor w = weights.has_value() ? weights->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
@@ -142,6 +204,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
     const int64_t ys = y.stride(0);
     const scalar_t* gp = grad_out.data_ptr<scalar_t>();
     scalar_t* gyp = grad_y.data_ptr<scalar_t>();
+    // The CUDA kernel's vector width for these pointers and strides: its dot products add in that order.
+    const int64_t es = static_cast<int64_t>(sizeof(scalar_t));
+    const bool wide = (H * es) % 16 == 0 && (R <= 1 || (ys * es) % 16 == 0) && aligned16(yp) && aligned16(gp) &&
+                      aligned16(gyp);
+    const int vec = wide ? static_cast<int>(16 / es) : 1;
     at::parallel_for(0, T, row_grain(H * k * sizeof(scalar_t)), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const scalar_t* g = gp + t * H;
@@ -151,14 +218,11 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
             if (gwp) gwp[t * k + j] = 0;
             continue;
           }
+          touched[r] = 1;
           scalar_t* gy = gyp + r * H;
           if (wp) {
-            const acc_t wj = wp[t * k + j];
-            for (int64_t h = 0; h < H; ++h) gy[h] = static_cast<scalar_t>(wj * static_cast<acc_t>(g[h]));
-            const scalar_t* yr = yp + r * ys;
-            double dot = 0;
-            for (int64_t h = 0; h < H; ++h) dot += static_cast<double>(yr[h]) * static_cast<double>(g[h]);
-            gwp[t * k + j] = dot;
+            scale_row(g, wp[t * k + j], gy, H);
+            gwp[t * k + j] = lane_dot(yp + r * ys, g, H, vec);
           } else {
             std::memcpy(gy, g, H * sizeof(scalar_t));
           }
@@ -166,6 +230,12 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
       }
     });
     if (gw.defined()) grad_w.copy_(gw);
+  });
+  char* gy_bytes = static_cast<char*>(grad_y.data_ptr());
+  const int64_t row_bytes = H * grad_y.element_size();
+  at::parallel_for(0, R, row_grain(row_bytes), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      if (!touched[r]) std::memset(gy_bytes + r * row_bytes, 0, row_bytes);
   });
   return {grad_y, grad_w};
 }

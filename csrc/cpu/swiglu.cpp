@@ -59,33 +59,31 @@ MOE_EXT_VECTOR_CLONES void swiglu_grad_f32(const float* __restrict__ gate, const
 // float16 / bfloat16 columns go through float32 buffers of kChunk columns.
 constexpr int64_t kChunk = 256;
 
-// bfloat16 <-> float32 on the bits, as c10::BFloat16 converts (round to nearest even, NaN to
-// 0x7FC0), in loops the compiler vectorises.
-MOE_EXT_VECTOR_CLONES void bf16_to_f32(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) {
-    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &u, sizeof u);
-  }
+// 16-bit rows <-> float32 (vec.h's conversions, as c10 converts), in loops the compiler vectorises.
+MOE_EXT_VECTOR_CLONES void half_to_f32_n(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) dst[i] = half_to_f32(src[i]);
 }
 
-MOE_EXT_VECTOR_CLONES void f32_to_bf16(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof u);
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    dst[i] = static_cast<uint16_t>(src[i] != src[i] ? 0x7FC0u : rounded);
-  }
+MOE_EXT_VECTOR_CLONES void f32_to_half_n(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) dst[i] = f32_to_half(src[i]);
+}
+
+MOE_EXT_VECTOR_CLONES void bf16_to_f32_n(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+MOE_EXT_VECTOR_CLONES void f32_to_bf16_n(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
 template <typename T>
 const float* as_f32(const T* src, float* buf, int64_t m) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    bf16_to_f32(reinterpret_cast<const uint16_t*>(src), buf, m);
-    return buf;
   } else {
-    for (int64_t i = 0; i < m; ++i) buf[i] = static_cast<float>(src[i]);
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    if constexpr (std::is_same_v<T, at::BFloat16>) bf16_to_f32_n(bits, buf, m);
+    else half_to_f32_n(bits, buf, m);
     return buf;
   }
 }
@@ -98,10 +96,8 @@ float* out_f32(T* dst, float* buf) {
 
 template <typename T>
 void store(const float* buf, T* dst, int64_t m) {
-  if constexpr (std::is_same_v<T, at::BFloat16>)
-    f32_to_bf16(buf, reinterpret_cast<uint16_t*>(dst), m);
-  else if constexpr (!std::is_same_v<T, float>)
-    for (int64_t i = 0; i < m; ++i) dst[i] = static_cast<T>(buf[i]);  // rounded to nearest, as cast_out
+  if constexpr (std::is_same_v<T, at::BFloat16>) f32_to_bf16_n(buf, reinterpret_cast<uint16_t*>(dst), m);
+  else if constexpr (std::is_same_v<T, at::Half>) f32_to_half_n(buf, reinterpret_cast<uint16_t*>(dst), m);
 }
 
 template <typename T>

@@ -686,9 +686,10 @@ __global__ void __launch_bounds__(kRowThreads) expand_grad_partial_kernel(EpPara
           for (int e = 0; e < kVec; ++e) {
             const Acc ge = to_acc(gv.v[e]);
             o.v[e] = cast_out<T>(mul_rn(wj, ge));
-            part += static_cast<double>(to_acc(yv.v[e])) * static_cast<double>(ge);
+            // No FMA (float64 rows): unpermute_backward_kernel's and the CPU op's rounding.
+            part = add_rn(part, mul_rn(static_cast<double>(to_acc(yv.v[e])), static_cast<double>(ge)));
           }
-          dot += part;
+          dot = add_rn(dot, part);
           *reinterpret_cast<Vec16<T>*>(dst + v * kVec) = o;
         }
 #pragma unroll

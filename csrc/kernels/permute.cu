@@ -646,16 +646,17 @@ __global__ void __launch_bounds__(kRowThreads, kGatherMinBlocks)
             T* dst = grad_y + rows[jj] * hidden + v * kVec;
             if constexpr (kWeights) {
               Pack<T, kVec> o;
-              // The dot in float64 throughout, as permute.cuh promises and the CPU op computes it
-              // (products of float32 values are exact in float64).
+              // The dot in float64 throughout, as permute.cuh promises, in the order the CPU op adds
+              // it (products of float32 values are exact in float64; float64 products are rounded
+              // on their own: no FMA, as on the CPU).
               double part = 0.0;
 #pragma unroll
               for (int e = 0; e < kVec; ++e) {
                 const Acc gv = to_acc(g[u].v[e]);
                 o.v[e] = cast_out<T>(mul_rn(ws[jj], gv));
-                part += static_cast<double>(to_acc(ybuf[u][jj].v[e])) * static_cast<double>(gv);
+                part = add_rn(part, mul_rn(static_cast<double>(to_acc(ybuf[u][jj].v[e])), static_cast<double>(gv)));
               }
-              dot[jj] += part;
+              dot[jj] = add_rn(dot[jj], part);
               store_pack<T, kVec>(dst, o);
             } else {
               store_pack<T, kVec>(dst, g[u]);

@@ -99,7 +99,9 @@ void unpermute(const UnpermuteParams& p, cudaStream_t stream);
 
 // grad_y[row] = cast(weights[t, j] * grad_out[t]) (grad_out[t] itself without weights) for every
 // slot (t, j) with a row, zero for rows no slot points to; grad_weights[t, j] = dot(y[row],
-// grad_out[t]) accumulated in float64 (0 for slots without a row).
+// grad_out[t]) accumulated in float64 (0 for slots without a row), in a fixed order that the CPU
+// op reproduces: lane l of a warp sums the products of 16-byte vectors l, l+32, ... (each vector's
+// in element order, no FMA), then a butterfly over the lanes.
 struct UnpermuteBackwardParams {
   PermuteFloat dtype = PermuteFloat::kBFloat16;
   const void* grad_out = nullptr;  // [num_tokens, hidden] contiguous, the element type of y

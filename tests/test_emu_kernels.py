@@ -438,13 +438,14 @@ def _single_process(xs, idxs, ws, gs, num_experts, pad_to, capacity, fn):
     return x_perm, tpe, y, out, grad_y
 
 
-def _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, num_experts, pad_to=1, capacity=None, num_blocks=0):
+def _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, num_experts, pad_to=1, capacity=None, num_blocks=0,
+                   max_tokens=None):
     from test_dispatch import experts
     epr = num_experts // world
     fn = lambda x, t, first: experts(x, t, first, a, b)  # noqa: E731
     x_perm, tpe_all, y_all, out_all, grad_y_all = _single_process(xs, idxs, ws, gs, num_experts, pad_to, capacity, fn)
     bounds = [0] + torch.cumsum(tpe_all.long(), 0).tolist()
-    ep = _ep_world(emu, xs, idxs, num_experts)
+    ep = _ep_world(emu, xs, idxs, num_experts, max_tokens=max_tokens)
     try:
         res = ep.dispatch(xs, idxs, num_experts, pad_to=pad_to, capacity=capacity, num_blocks=num_blocks)
         ys = []
@@ -475,7 +476,8 @@ def _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, num_experts, pad_to=1, ca
         ep.close()
 
 
-def _check_ep_partial(emu, world, xs, idxs, ws, a, b, num_experts, pad_to=1, capacity=None, num_blocks=0, gs=None):
+def _check_ep_partial(emu, world, xs, idxs, ws, a, b, num_experts, pad_to=1, capacity=None, num_blocks=0, gs=None,
+                      max_tokens=None):
     """The partial combine (weighted) and its unweighted form (the dispatch's backward) against the
     single-process reference of test_dispatch, bit for bit; with gs, the combine's backward with w's
     gradient too (grad_y and grad_w equal to the per-slot unpermute_backward's, bit for bit)."""
@@ -487,7 +489,7 @@ def _check_ep_partial(emu, world, xs, idxs, ws, a, b, num_experts, pad_to=1, cap
     want = partial_reference(y_all, row_map, W, IDX, epr)
     want_sum = partial_reference(y_all, row_map, None, IDX, epr)
     bounds = [0] + torch.cumsum(tpe_all.long(), 0).tolist()
-    ep = _ep_world(emu, xs, idxs, num_experts)
+    ep = _ep_world(emu, xs, idxs, num_experts, max_tokens=max_tokens)
     try:
         res = ep.dispatch(xs, idxs, num_experts, pad_to=pad_to, capacity=capacity, num_blocks=num_blocks, weights=ws,
                           weights_grad=gs is not None)
@@ -528,6 +530,26 @@ def test_ep_ipc_partial_combine(emu, seed, world):
         _check_ep_partial(emu, world, [r[0].to(dt) for r in ranks], [r[1] for r in ranks], [r[2].float() for r in ranks],
                           a.to(dt), b.to(dt), world * case.experts_per_rank, case.pad_to, case.capacity,
                           num_blocks=(0, 1, 3)[i % 3], gs=[r[3].to(dt) for r in ranks] if i % 2 == 0 else None)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ep_ipc_oversized_buffer(emu, seed, world):
+    """A buffer sized for far more tokens than arrive (grown by an earlier, longer call): the
+    kernels walk only the staged tokens that arrived, and the partial plan marks every other
+    slot empty; one or two blocks, so each warp crosses from source to source."""
+    from test_dispatch import cases, make_inputs
+    for i, case in enumerate(cases(world)[:4]):
+        ranks, a, b = make_inputs(case, world, seed + i)
+        dt = torch.float32 if case.dtype == torch.float64 else case.dtype
+        xs, idxs = [r[0].to(dt) for r in ranks], [r[1] for r in ranks]
+        ws, gs = [r[2].float() for r in ranks], [r[3].to(dt) for r in ranks]
+        big = 5 * max(1, max(x.shape[0] for x in xs)) + 3
+        E = world * case.experts_per_rank
+        blocks = 1 + i % 2
+        _check_ep_case(emu, world, xs, idxs, ws, gs, a.to(dt), b.to(dt), E, case.pad_to, case.capacity,
+                       num_blocks=blocks, max_tokens=big)
+        _check_ep_partial(emu, world, xs, idxs, ws, a.to(dt), b.to(dt), E, case.pad_to, case.capacity,
+                          num_blocks=blocks, gs=gs, max_tokens=big)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

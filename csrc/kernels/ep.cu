@@ -442,6 +442,38 @@ __global__ void __launch_bounds__(kCountThreads) wait_kernel(EpParams p, int pha
   if (failed(p)) poison_rows(p.local + p.layout.back, p.num_tokens * p.k * p.layout.sizes.row_bytes);
 }
 
+// The staged tokens that arrived, spread over the grid's warps in (source, token) order:
+// f(g, s, i) for staging slot g = s * max_tokens + i, i < recv_tok[s]. NOTE: slots past a
+// source's count cost nothing (no warp visits them, no division per slot): a buffer grown for a
+// long prefill must not make every decode step walk world * max_tokens empty slots.
+template <typename F>
+__device__ __forceinline__ void for_each_received(const int64_t* recv_tok, int64_t world, int64_t max_tokens, F&& f) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  int64_t s = 0, base = 0;  // the source of flat index v, and the flat index of its first token
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;; v += warps) {
+    while (s < world && v >= base + recv_tok[s]) base += recv_tok[s++];
+    if (s >= world) return;
+    f(s * max_tokens + (v - base), s, v - base);
+  }
+}
+
+// The warp's share g = w, w + warps, ... of [0, count), 32 of them read at once: f(g, code) for
+// each with code = codes[g] >= 0, in increasing g. Empty entries cost a lane, not a warp iteration.
+template <typename F>
+__device__ __forceinline__ void for_each_coded(const int64_t* codes, int64_t count, F&& f) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t g0 = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp; g0 < count;
+       g0 += warps * kWarp) {
+    const int64_t mine = g0 + lane * warps;
+    const int64_t code = mine < count ? codes[mine] : -1;
+    for (unsigned live = __ballot_sync(kFull, code >= 0); live != 0; live &= live - 1) {
+      const int b = __ffs(live) - 1;
+      f(g0 + b * warps, __shfl_sync(kFull, code, b));
+    }
+  }
+}
+
 // One warp per staged token: copied into the recv rows of each of its slots here.
 __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
   if (failed(p)) {
@@ -460,14 +492,14 @@ __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
   const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t meta_cols = L.sizes.max_k + 1;
-  const int64_t staged = p.world * L.sizes.max_tokens;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; g < staged; g += warps) {
-    const int64_t s = g / L.sizes.max_tokens, i = g % L.sizes.max_tokens;
-    if (i >= sc.recv_tok[s]) {
-      if (p.part_dst != nullptr && lane == 0) p.part_dst[g] = -1;
-      continue;
-    }
+  if (p.part_dst != nullptr) {  // the plan's slots that nothing arrived in
+    const int64_t threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t s = 0; s < p.world; ++s)
+      for (int64_t i = sc.recv_tok[s] + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+           i < L.sizes.max_tokens; i += threads)
+        p.part_dst[s * L.sizes.max_tokens + i] = -1;
+  }
+  for_each_received(sc.recv_tok, p.world, L.sizes.max_tokens, [&](int64_t g, int64_t s, int64_t) {
     const int64_t* meta = reinterpret_cast<const int64_t*>(p.local + L.meta) + g * meta_cols;
     const int64_t t = meta[L.sizes.max_k];
     const int64_t mine = lane < p.k ? meta[lane] : -1;
@@ -495,7 +527,7 @@ __global__ void __launch_bounds__(kRowThreads) expand_kernel(EpParams p) {
         for (int64_t c = lane; c < p.scale_cols; c += kWarp) p.recv_scale[r * p.scale_cols + c] = ssrc[c];
       }
     }
-  }
+  });
   if (p.max_rows >= 0) return;  // masked: rows past each expert's count are never read
   // Exact layout: the padding rows of each expert are zero and map back nowhere.
   const int64_t El = p.num_experts / p.world;
@@ -518,14 +550,10 @@ __global__ void __launch_bounds__(kRowThreads) expand_grad_kernel(EpParams p, T*
   }
   const EpLayout& L = p.layout;
   const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
   const int64_t meta_cols = L.sizes.max_k + 1;
-  const int64_t staged = p.world * L.sizes.max_tokens;
   const int64_t hidden = p.row_bytes / static_cast<int64_t>(sizeof(T));
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; g < staged; g += warps) {
-    const int64_t s = g / L.sizes.max_tokens, i = g % L.sizes.max_tokens;
-    if (i >= sc.recv_tok[s]) continue;
+  for_each_received(sc.recv_tok, p.world, L.sizes.max_tokens, [&](int64_t g, int64_t, int64_t) {
     const int64_t* meta = reinterpret_cast<const int64_t*>(p.local + L.meta) + g * meta_cols;
     const float* w = reinterpret_cast<const float*>(p.local + L.weights) + g * L.sizes.max_k;
     const T* src = reinterpret_cast<const T*>(p.local + L.payload + g * L.sizes.row_bytes);
@@ -536,7 +564,7 @@ __global__ void __launch_bounds__(kRowThreads) expand_grad_kernel(EpParams p, T*
       T* dst = grad_y + r * hidden;
       for (int64_t h = lane; h < hidden; h += kWarp) dst[h] = from_acc<T>(wj * to_acc(src[h]));
     }
-  }
+  });
 }
 
 // One warp per kept row of each local expert: back to its source's back staging.
@@ -582,11 +610,7 @@ __global__ void __launch_bounds__(kRowThreads) send_partials_kernel(EpParams p, 
   if (!failed(p)) {
     const int lane = threadIdx.x % kWarp;
     const int64_t vecs = p.row_bytes / 16;
-    const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp; g < p.part_count;
-         g += warps) {
-      const int64_t code = p.part_dst[g];
-      if (code < 0) continue;
+    for_each_coded(p.part_dst, p.part_count, [&](int64_t g, int64_t code) {
       int64_t row = -1;
       Acc w = Acc(1);
       if (lane < p.k) {
@@ -634,7 +658,7 @@ __global__ void __launch_bounds__(kRowThreads) send_partials_kernel(EpParams p, 
           *reinterpret_cast<Vec16<T>*>(dst + v * 16) = out;
         }
       }
-    }
+    });
   }
   signal_when_done(p, kEpBack, seq);
 }
@@ -658,11 +682,7 @@ __global__ void __launch_bounds__(kRowThreads) expand_grad_partial_kernel(EpPara
     // NOTE: the plan indexes staging rows by the dispatch's max_tokens; the gradient was staged
     // with the buffer's current one (it may have grown since).
     const int64_t plan_tokens = p.part_count / p.world;
-    const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp; g < p.part_count;
-         g += warps) {
-      const int64_t code = p.part_dst[g];
-      if (code < 0) continue;
+    for_each_coded(p.part_dst, p.part_count, [&](int64_t g, int64_t code) {
       const int64_t staged = (g / plan_tokens) * L.sizes.max_tokens + g % plan_tokens;
       const T* src = reinterpret_cast<const T*>(p.local + L.payload + staged * L.sizes.row_bytes);
       const int64_t mine = lane < p.k ? p.part_rows[g * p.k + lane] : -1;
@@ -696,7 +716,7 @@ __global__ void __launch_bounds__(kRowThreads) expand_grad_partial_kernel(EpPara
         for (int off = kWarp / 2; off > 0; off /= 2) dot += __shfl_xor_sync(kFull, dot, off);
         if (lane == 0) *reinterpret_cast<float*>(back + (slot0 + j) * L.sizes.row_bytes) = static_cast<float>(dot);
       }
-    }
+    });
   }
   signal_when_done(p, kEpBack, seq);
 }

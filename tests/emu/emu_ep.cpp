@@ -9,6 +9,7 @@
 #include "kernels/ep.cuh"
 
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -184,6 +185,12 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
     p.back_map = rank.back_map.data();
     p.recv_scale = scale_cols > 0 ? rank.recv_scale.data() : nullptr;
     c::ep_dispatch_finish(p, nullptr);
+    // The plan's contract: every slot written, a code or -1 (nothing arrived there), none left as
+    // it was (-7): the partial kernels read every one of them.
+    if (partial && rank.error.code == k::kEpOk)
+      for (size_t g = 0; g < rank.part_dst.size(); ++g)
+        if (rank.part_dst[g] < -1)
+          throw std::runtime_error("ep_dispatch left part_dst[" + std::to_string(g) + "] unwritten");
     rank.rows = rows;
     rank.p = p;
   });

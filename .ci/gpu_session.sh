@@ -294,6 +294,8 @@ phase_bench_py() {
     --json "$J/ep_py_2_decode.json"
   run bench_ep_py_2_decode_partial 120 python bench/ep_bench.py --ranks 2 --tokens 128 --masked --partial \
     --iters 200 --json "$J/ep_py_2_decode_partial.json"
+  run bench_ep_py_2_decode_grown 120 python bench/ep_bench.py --ranks 2 --tokens 128 --masked --grow-to 4096 \
+    --num-sms 16 --iters 200 --json "$J/ep_py_2_decode_grown.json"  # vs the fresh buffer: RESULTS.md, session 13
   run bench_ep_tp 150 python bench/ep_tp_bench.py --ep 2 --tp 2 --device cuda --tokens 4096 --hidden 4096 --ffn 2048 \
     --experts 32 --k 4 --json "$J/ep_tp.json"
   run demo_cuda_w2 180 python -m moe_ext demo --device cuda --world 2 --steps 100 --no-progress --png none --skip-check

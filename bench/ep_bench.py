@@ -14,7 +14,8 @@ ranks: dispatch moves one row per (token, destination rank) pair, combine one ro
 "busbw" = 2 x bytes / time, compared with the 2.95 TB/s copy ceiling of GPU.md ("%ceil"). In the
 same run, rank 0 times the baseline a single process would need to move the same rows on the
 same GPU: torch index_select of them (one read + one write each). --profile N lists rank 0's
-kernels over N more calls (bench/profile_kernels.py's table).
+kernels over N more calls (bench/profile_kernels.py's table). --grow-to N sizes the buffer for N
+tokens first (a decode step after a long prefill: the kernels must not pay for the empty slots).
 Results are checked against the gloo backend on CPU before timing (--no-check skips).
 """
 import argparse
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--partial", action="store_true",
                    help="dispatch(partial_combine=True): combine sends one row per (token, rank), not per slot")
     p.add_argument("--num-sms", type=int, default=0, help="blocks of the data kernels (0: every SM)")
+    p.add_argument("--grow-to", type=int, default=0, metavar="N",
+                   help="first one dispatch + combine of N tokens per rank, so that the buffer is sized for N "
+                        "(a decode step after a long prefill), then the timed calls of --tokens")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--one-gpu-per-rank", action="store_true")
@@ -94,6 +98,15 @@ def _rank(rank, args, store, results):
     comm = moe_ext.communicator(device=device, backend=args.backend)
     if args.backend == "ipc":
         comm.num_sms = args.num_sms
+    if args.grow_to > args.tokens:
+        g = torch.Generator().manual_seed(99 + rank)
+        gx = torch.randn(args.grow_to, args.hidden, generator=g).to(x.dtype).to(device)
+        gidx = torch.rand(args.grow_to, E, generator=g).topk(args.k, dim=1).indices.to(device)
+        gw = torch.rand(args.grow_to, args.k, generator=g).to(device)
+        grow_kw = dict(kw, max_tokens=args.grow_to) if args.masked else kw
+        recv, _, h = moe_ext.dispatch(gx, gidx, gw, E, backend=args.backend, **grow_kw)
+        moe_ext.combine(recv, h)
+        torch.cuda.synchronize(device)
     wrong = 0
     if not args.no_check:
         recv, tpe, h = moe_ext.dispatch(xd, idxd, wd, E, backend=args.backend, **kw)

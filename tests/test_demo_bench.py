@@ -158,7 +158,9 @@ def test_profile_kernels_small_cpu(tmp_path):
     subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--iters", "1", "--warmup", "1",
                     "--json", str(out)], check=True, capture_output=True, timeout=180)
     cases = json.loads(out.read_text())["cases"]
-    assert len(cases) == 4 and all(c["total_us"] > 0 for c in cases.values())
+    # layer (kept, recomputed), gating (full, decode), permute
+    assert len(cases) == 5 and all(c["total_us"] > 0 for c in cases.values())
+    assert sum(label.startswith("gating") and "'T': 128" in label for label in cases) == 1
     kept, recomputed = (next(c for label, c in cases.items() if label.startswith("layer") and tag(label))
                         for tag in (lambda s: "recompute" not in s, lambda s: "recompute" in s))
     names = lambda c: {k["name"] for k in c["kernels"]}  # noqa: E731

@@ -10,8 +10,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 

@@ -28,6 +28,10 @@ def _child(rank, world_size, store_file, seed, pg_timeout_s, fn, args, results):
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
+    except BaseException:  # noqa: B902
+        results.put((rank, None, traceback.format_exc()))  # None: the rendezvous failed, before fn
+        return
+    try:
         try:
             torch.manual_seed(seed + rank)
             results.put((rank, True, fn(rank, world_size, *args)))
@@ -35,6 +39,10 @@ def _child(rank, world_size, store_file, seed, pg_timeout_s, fn, args, results):
             dist.destroy_process_group()
     except BaseException:  # noqa: B902  (report everything, KeyboardInterrupt included)
         results.put((rank, False, traceback.format_exc()))
+
+
+class _RendezvousFailed(AssertionError):
+    """Every failed rank failed inside gloo's own rendezvous, before any test code ran."""
 
 
 FAILURE_GRACE_S = 15.0  # how long the other ranks may still report after one failed
@@ -46,6 +54,15 @@ def run_world(fn, world_size, *args, seed=0, timeout_s=90.0, pg_timeout_s=30.0):
     pg_timeout_s: the process group's timeout (how long a collective waits for a missing peer).
     timeout_s: hard limit for the whole world; past it every rank is killed and the call fails.
     """
+    try:
+        return _run_world_once(fn, world_size, args, seed, timeout_s, pg_timeout_s)
+    except _RendezvousFailed:
+        # NOTE: on a loaded machine gloo's TCP rendezvous itself can fail ("connectFullMesh failed
+        # ... Connection closed by peer") before fn runs on any rank: one more try, a fresh world.
+        return _run_world_once(fn, world_size, args, seed, timeout_s, pg_timeout_s)
+
+
+def _run_world_once(fn, world_size, args, seed, timeout_s, pg_timeout_s):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     tmp = tempfile.mkdtemp(prefix="moe_ext_dist_")
@@ -55,7 +72,12 @@ def run_world(fn, world_size, *args, seed=0, timeout_s=90.0, pg_timeout_s=30.0):
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
-    done, failures, grace = {}, {}, False
+    done, failures, grace, rendezvous = {}, {}, False, set()
+
+    def failed():
+        msg = "\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items()))
+        return _RendezvousFailed(msg) if set(failures) <= rendezvous else AssertionError(msg)
+
     try:
         while len(done) + len(failures) < world_size:
             if failures and not grace:
@@ -74,14 +96,16 @@ def run_world(fn, world_size, *args, seed=0, timeout_s=90.0, pg_timeout_s=30.0):
                     missing = [r for r in range(world_size) if r not in done and r not in failures]
                     if failures:
                         late = f"\n--- ranks {missing} had not finished by then (killed)" if missing else ""
-                        raise AssertionError(
-                            "\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())) + late) from None
+                        err = failed()
+                        raise type(err)(str(err) + late) from None
                     raise AssertionError(f"world of {world_size} ranks did not finish within {timeout_s:.0f} s; "
                                          f"ranks still running: {missing}") from None
                 continue
             (done if ok else failures)[rank] = value
+            if ok is None:
+                rendezvous.add(rank)
         if failures:
-            raise AssertionError("\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(failures.items())))
+            raise failed()
         return [done[r] for r in range(world_size)]
     finally:
         for p in procs:

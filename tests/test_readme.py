@@ -106,3 +106,29 @@ def test_readme_names_exist():
         for part in name.split(".")[1:]:
             assert hasattr(obj, part), f"README.md names {name}, but {part!r} is not there"
             obj = getattr(obj, part)
+
+
+def test_readme_cli_flags_exist(capsys):
+    """Every --flag README.md writes on a line after `moe-ext <command>` is one of that command's."""
+    import re
+
+    from moe_ext import cli
+
+    lines = README.read_text().splitlines()
+    wanted = {}
+    for i, line in enumerate(lines):
+        for m in re.finditer(r"moe-ext (demo|check|bench|plan)\b", line):
+            text = line[m.end():]
+            j = i
+            while text.rstrip().endswith("\\") and j + 1 < len(lines):  # a continued shell command
+                j += 1
+                text += " " + lines[j]
+            wanted.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+    assert {"check", "plan"} <= {c for c, flags in wanted.items() if flags}
+    for command, flags in wanted.items():
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        help_text = capsys.readouterr().out
+        for flag in sorted(flags):
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}\b", help_text), \
+                f"README.md shows `moe-ext {command} ... {flag}`, which `moe-ext {command} --help` does not list"

@@ -552,17 +552,25 @@ __global__ void __launch_bounds__(kRowThreads) expand_grad_kernel(EpParams p, T*
   const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
   const int lane = threadIdx.x % kWarp;
   const int64_t meta_cols = L.sizes.max_k + 1;
-  const int64_t hidden = p.row_bytes / static_cast<int64_t>(sizeof(T));
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const int64_t vecs = p.row_bytes / 16;  // NOTE: rows are a multiple of 16 bytes (check_params)
   for_each_received(sc.recv_tok, p.world, L.sizes.max_tokens, [&](int64_t g, int64_t, int64_t) {
     const int64_t* meta = reinterpret_cast<const int64_t*>(p.local + L.meta) + g * meta_cols;
     const float* w = reinterpret_cast<const float*>(p.local + L.weights) + g * L.sizes.max_k;
-    const T* src = reinterpret_cast<const T*>(p.local + L.payload + g * L.sizes.row_bytes);
+    const char* src = p.local + L.payload + g * L.sizes.row_bytes;
     for (int j = 0; j < p.k; ++j) {
       const int64_t r = meta[j];
       if (r < 0 || r >= p.recv_rows) continue;
       const float wj = w[j];
-      T* dst = grad_y + r * hidden;
-      for (int64_t h = lane; h < hidden; h += kWarp) dst[h] = from_acc<T>(wj * to_acc(src[h]));
+      char* dst = reinterpret_cast<char*>(grad_y) + r * p.row_bytes;
+      // 16-byte vectors (the element-wise loop issued 8x the memory instructions for 16-bit rows).
+      for (int64_t v = lane; v < vecs; v += kWarp) {
+        const Vec16<T> x = *reinterpret_cast<const Vec16<T>*>(src + v * 16);
+        Vec16<T> o;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) o.v[e] = from_acc<T>(mul_rn(wj, to_acc(x.v[e])));
+        *reinterpret_cast<Vec16<T>*>(dst + v * 16) = o;
+      }
     }
   });
 }

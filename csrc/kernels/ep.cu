@@ -442,19 +442,30 @@ __global__ void __launch_bounds__(kCountThreads) wait_kernel(EpParams p, int pha
   if (failed(p)) poison_rows(p.local + p.layout.back, p.num_tokens * p.k * p.layout.sizes.row_bytes);
 }
 
-// The staged tokens that arrived, spread over the grid's warps in (source, token) order:
-// f(g, s, i) for staging slot g = s * max_tokens + i, i < recv_tok[s]. NOTE: slots past a
-// source's count cost nothing (no warp visits them, no division per slot): a buffer grown for a
-// long prefill must not make every decode step walk world * max_tokens empty slots.
+// Items (segment s, index i < count(s)) of consecutive segments, spread over the grid's warps in
+// (segment, index) order: f(s, i). NOTE: the walk costs O(segments + items / warps) per warp, never
+// a visit (or a division) per slot of a worst-case-sized layout: a buffer grown for a long prefill,
+// or one hot expert's rows setting the width of every expert, must not make the kernels walk the
+// empty slots.
+template <typename C, typename F>
+__device__ __forceinline__ void for_each_in_segments(int64_t segments, C&& count, F&& f) {
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  int64_t s = 0, base = 0, n = segments > 0 ? count(0) : 0;  // v's segment, its first index, its count
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;; v += warps) {
+    while (s < segments && v >= base + n) {
+      base += n;
+      n = ++s < segments ? count(s) : 0;
+    }
+    if (s >= segments) return;
+    f(s, v - base);
+  }
+}
+
+// The staged tokens that arrived: f(g, s, i) for staging slot g = s * max_tokens + i, i < recv_tok[s].
 template <typename F>
 __device__ __forceinline__ void for_each_received(const int64_t* recv_tok, int64_t world, int64_t max_tokens, F&& f) {
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-  int64_t s = 0, base = 0;  // the source of flat index v, and the flat index of its first token
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;; v += warps) {
-    while (s < world && v >= base + recv_tok[s]) base += recv_tok[s++];
-    if (s >= world) return;
-    f(s * max_tokens + (v - base), s, v - base);
-  }
+  for_each_in_segments(world, [&](int64_t s) { return recv_tok[s]; },
+                       [&](int64_t s, int64_t i) { f(s * max_tokens + i, s, i); });
 }
 
 // The warp's share g = w, w + warps, ... of [0, count), 32 of them read at once: f(g, code) for
@@ -583,23 +594,18 @@ __global__ void __launch_bounds__(kRowThreads) send_back_kernel(EpParams p) {
     const Scratch sc = carve_scratch(p.scratch, p.world, p.num_experts);
     const int lane = threadIdx.x % kWarp;
     const int64_t El = p.num_experts / p.world;
-    const int64_t warps = static_cast<int64_t>(gridDim.x) * kRowWarps;
-    const int64_t rows_per_expert = p.max_rows >= 0 ? p.max_rows : 0;
-    // Rows are walked as (expert, i) over the largest segment so that warps spread evenly.
-    int64_t widest = rows_per_expert;
-    if (p.max_rows < 0)
-      for (int64_t el = 0; el < El; ++el) widest = max(widest, sc.recv_kept[el]);
-    const int64_t items = El * widest;
-    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp; g < items; g += warps) {
-      const int64_t el = g / widest, i = g % widest;
-      if (i >= sc.recv_kept[el]) continue;
+    // The kept rows of every local expert (at most max_rows each in the masked layout).
+    const auto kept = [&](int64_t el) {
+      return p.max_rows >= 0 ? min(sc.recv_kept[el], p.max_rows) : sc.recv_kept[el];
+    };
+    for_each_in_segments(El, kept, [&](int64_t el, int64_t i) {
       const int64_t r = sc.recv_base[el] + i;
       const int64_t code = p.back_map[r];
-      if (code < 0) continue;
+      if (code < 0) return;
       const int64_t s = code >> kBackShift, slot = code & ((int64_t{1} << kBackShift) - 1);
       warp_copy(p.peers[s] + L.back + slot * L.sizes.row_bytes, static_cast<const char*>(p.y) + r * p.y_row_stride,
                 p.row_bytes, lane);
-    }
+    });
   }
   signal_when_done(p, kEpBack, seq);
 }

@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 namespace moe_ext::cpu {
@@ -59,21 +58,15 @@ MOE_EXT_VECTOR_CLONES void swiglu_grad_f32(const float* __restrict__ gate, const
 // float16 / bfloat16 columns go through float32 buffers of kChunk columns.
 constexpr int64_t kChunk = 256;
 
-// 16-bit rows <-> float32 (vec.h's conversions, as c10 converts), in loops the compiler vectorises.
-MOE_EXT_VECTOR_CLONES void half_to_f32_n(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) dst[i] = half_to_f32(src[i]);
+// 16-bit columns <-> float32 (vec.h's conversions, as c10 converts), in loops the compiler vectorises.
+template <typename T>
+MOE_EXT_VECTOR_CLONES void widen_n(const T* __restrict__ src, float* __restrict__ dst, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) dst[i] = widen(src[i]);
 }
 
-MOE_EXT_VECTOR_CLONES void f32_to_half_n(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) dst[i] = f32_to_half(src[i]);
-}
-
-MOE_EXT_VECTOR_CLONES void bf16_to_f32_n(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) dst[i] = bf16_to_f32(src[i]);
-}
-
-MOE_EXT_VECTOR_CLONES void f32_to_bf16_n(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) dst[i] = f32_to_bf16(src[i]);
+template <typename T>
+MOE_EXT_VECTOR_CLONES void narrow_n(const float* __restrict__ src, T* __restrict__ dst, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) dst[i] = narrow_to<T>(src[i]);
 }
 
 template <typename T>
@@ -81,9 +74,7 @@ const float* as_f32(const T* src, float* buf, int64_t m) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-    if constexpr (std::is_same_v<T, at::BFloat16>) bf16_to_f32_n(bits, buf, m);
-    else half_to_f32_n(bits, buf, m);
+    widen_n(src, buf, m);
     return buf;
   }
 }
@@ -96,8 +87,7 @@ float* out_f32(T* dst, float* buf) {
 
 template <typename T>
 void store(const float* buf, T* dst, int64_t m) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) f32_to_bf16_n(buf, reinterpret_cast<uint16_t*>(dst), m);
-  else if constexpr (std::is_same_v<T, at::Half>) f32_to_half_n(buf, reinterpret_cast<uint16_t*>(dst), m);
+  if constexpr (!std::is_same_v<T, float>) narrow_n(buf, dst, m);
 }
 
 template <typename T>

@@ -9,7 +9,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__INTEL_COMPILER)
@@ -33,17 +32,9 @@ inline double exp_acc(double x) { return std::exp(x); }
 // with its payload on the way up. Written with selects instead of branches, so that loops of them
 // vectorise; c10's own (a call per element in practice) made the float16 rows 3x slower than the
 // bfloat16 ones.
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-inline float f32_from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+// The float32 <-> bits moves of exp_rn (memcpy on the host).
+using kernels::exp_rn_detail::bits;
+using kernels::exp_rn_detail::from_bits;
 
 inline float half_to_f32(uint16_t h) {
   const uint32_t sign = (static_cast<uint32_t>(h) & 0x8000u) << 16;
@@ -53,12 +44,12 @@ inline float half_to_f32(uint16_t h) {
   r = em >= 0x7C00u ? r + (112u << 23) : r;
   r = em > 0x7C00u ? r | 0x00400000u : r;
   // Zero / subnormal: em units of 2^-24, exact in float32.
-  const uint32_t sub = f32_bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
-  return f32_from_bits(sign | (em < 0x0400u ? sub : r));
+  const uint32_t sub = bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
+  return from_bits(sign | (em < 0x0400u ? sub : r));
 }
 
 inline uint16_t f32_to_half(float f) {
-  const uint32_t x = f32_bits(f);
+  const uint32_t x = bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t a = x & 0x7FFFFFFFu;
   // Normal half (|f| >= 2^-14): rebias, round the 13 dropped bits to nearest even; a carry out of
@@ -67,15 +58,15 @@ inline uint16_t f32_to_half(float f) {
   n = a >= 0x477FF000u ? 0x7C00u : n;
   // Subnormal half: adding 0.5f leaves |f| rounded (to nearest even) to the float32 ulp of 0.5,
   // 2^-24, the half's subnormal step; the bits above 0.5f count the steps (0x400 = 2^-14 exactly).
-  const uint32_t s = f32_bits(f32_from_bits(a) + 0.5f) - f32_bits(0.5f);
+  const uint32_t s = bits(from_bits(a) + 0.5f) - bits(0.5f);
   const uint32_t mag = a > 0x7F800000u ? 0x7E00u : (a < 0x38800000u ? s : n);
   return static_cast<uint16_t>(sign | mag);
 }
 
-inline float bf16_to_f32(uint16_t b) { return f32_from_bits(static_cast<uint32_t>(b) << 16); }
+inline float bf16_to_f32(uint16_t b) { return from_bits(static_cast<uint32_t>(b) << 16); }
 
 inline uint16_t f32_to_bf16(float f) {
-  const uint32_t u = f32_bits(f);
+  const uint32_t u = bits(f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
 }

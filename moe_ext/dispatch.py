@@ -199,9 +199,14 @@ class _Plan:
     # destination's first kept slot of the token, else -1) [T, k].
     recv_w: Optional[torch.Tensor] = None
     partial_map: Optional[torch.Tensor] = None
-    # With a gradient for the weights: per routed slot [T, k] its token's row among the rows sent
-    # to the slot's rank (where the slot's dot product comes back from), else -1.
+    # With a gradient for the weights: per kept slot [T, k] its token's row among the partials
+    # coming back from the slot's rank (where the slot's dot product comes back from), else -1.
     partial_pair: Optional[torch.Tensor] = None
+    # Which arrived tokens [N_recv] have a kept slot here (only they send a partial back), and the
+    # partials' splits: sent to each source, received from each destination.
+    partial_live: Optional[torch.Tensor] = None
+    partial_send_splits: Optional[List[int]] = None
+    partial_recv_splits: Optional[List[int]] = None
 
 
 @dataclass
@@ -476,14 +481,25 @@ class _AllToAllBackend:
         row_map = torch.full((num_tokens * k,), -1, dtype=torch.long, device=dev)
         row_map[kept_slots] = torch.arange(kept_slots.numel(), device=dev)
 
-        partial_map = partial_pair = None
+        partial_map = partial_pair = partial_live = None
+        partial_send_splits = partial_recv_splits = None
         if partial:
-            # Each (destination, token) pair's row among the rows sent, in the order they return.
+            # Only the (destination, token) pairs with a kept slot send a partial back (a pair whose
+            # slots were all dropped would send a row of zeros): here, the arrived tokens with a kept
+            # slot; on the source, each such pair's row among those coming back, in (destination,
+            # token) order.
+            partial_live = (recv_row_map >= 0).any(1)
+            partial_send_splits = torch.bincount(source[partial_live], minlength=world).tolist()
+            kept_pairs = torch.zeros(world, num_tokens, dtype=torch.bool, device=dev)
+            kept_pairs[flat_dest[kept_slots], kept_slots // k] = True
+            live_dest, live_tokens = kept_pairs.nonzero(as_tuple=True)
+            partial_recv_splits = kept_pairs.sum(1).tolist()
             pos = torch.full((world, num_tokens), -1, dtype=torch.long, device=dev)
-            pos[send_dest, send_tokens] = torch.arange(send_tokens.numel(), device=dev)
-            partial_map = _first_kept_per_rank(row_map.view(num_tokens, k), dest, pos)
+            pos[live_dest, live_tokens] = torch.arange(live_tokens.numel(), device=dev)
+            kept_map = row_map.view(num_tokens, k)
+            partial_map = _first_kept_per_rank(kept_map, dest, pos)
             if partial_grad:
-                partial_pair = torch.where(routed, pos[dest.clamp(min=0), tokens], -1)
+                partial_pair = torch.where(kept_map >= 0, pos[dest.clamp(min=0), tokens], -1)
         flat_recv_map = recv_row_map.reshape(-1)
         plan = _Plan(
             send_tokens=send_tokens, send_splits=send_splits, recv_splits=recv_splits, recv_row_map=recv_row_map,
@@ -491,7 +507,8 @@ class _AllToAllBackend:
             back_send_splits=torch.bincount(arrived_source[arrived_kept], minlength=world).tolist(),
             back_recv_splits=torch.bincount(flat_dest[kept_slots], minlength=world).tolist(),
             recv_x_scale=recv_x_scale[0] if recv_x_scale else None, recv_w=recv_w, partial_map=partial_map,
-            partial_pair=partial_pair)
+            partial_pair=partial_pair, partial_live=partial_live, partial_send_splits=partial_send_splits,
+            partial_recv_splits=partial_recv_splits)
         return recv_x, tokens_per_expert, plan, row_map.view(num_tokens, k)
 
     def combine_rows(self, y, plan, stage="combine"):
@@ -504,8 +521,9 @@ class _AllToAllBackend:
         A partial plan sends back one row per (token, rank) instead (see dispatch's partial_combine;
         the dispatch carried the weights, w only says whether to use them; no rows are kept)."""
         if plan.partial_map is not None:
-            part = unpermute(y, plan.recv_row_map, plan.recv_w if w is not None else None)
-            (rows,) = self._exchange([part], plan.recv_splits, plan.send_splits, stage)
+            live = plan.partial_live
+            part = unpermute(y, plan.recv_row_map[live], plan.recv_w[live] if w is not None else None)
+            (rows,) = self._exchange([part], plan.partial_send_splits, plan.partial_recv_splits, stage)
             return unpermute(rows, plan.partial_map), None
         rows = self.combine_rows(y, plan, stage)
         return unpermute(rows, row_map, w), (rows if keep_rows else None)
@@ -521,8 +539,9 @@ class _AllToAllBackend:
         # Each arrived slot's dot(y row, g) (0 for the token's slots elsewhere) goes back with its
         # (token, rank) pair: the same products and order as the per-slot combine's backward on the
         # source, so the same bits.
-        (back,) = self._exchange([dots], plan.recv_splits, plan.send_splits, "combine-backward")
-        pair = plan.partial_pair  # NOTE: -1 (unrouted) picks an appended zero row: back may have no rows
+        (back,) = self._exchange([dots[plan.partial_live]], plan.partial_send_splits, plan.partial_recv_splits,
+                                 "combine-backward")
+        pair = plan.partial_pair  # NOTE: -1 (not kept) picks an appended zero row: back may have no rows
         back = torch.cat([back, back.new_zeros((1, back.shape[1]))])
         pair = torch.where(pair >= 0, pair, back.shape[0] - 1)
         return grad_y, back[pair, torch.arange(pair.shape[1], device=pair.device).expand_as(pair)]

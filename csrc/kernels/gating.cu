@@ -384,9 +384,9 @@ void check_problem(const GatingProblem& q) {
                   "topk_gating: seq_len must divide num_tokens");
 }
 
-template <typename scalar_t, typename acc_t>
-RouteArgs<acc_t> route_args(const GatingProblem& q, const Layout& L) {
-  RouteArgs<acc_t> a;
+// The fields both row kernels read.
+template <typename acc_t>
+void set_row_args(RowArgs<acc_t>& a, const GatingProblem& q, const Layout& L) {
   a.logits = q.logits;
   a.noise = static_cast<const acc_t*>(q.noise);
   a.bias = static_cast<const acc_t*>(q.expert_bias);
@@ -397,7 +397,6 @@ RouteArgs<acc_t> route_args(const GatingProblem& q, const Layout& L) {
   a.renormalize = q.renormalize;
   a.groups = make_groups(q.num_experts, q.num_groups, q.topk_groups);
   a.seq_len_arg = q.seq_len;
-  return a;
 }
 
 template <typename scalar_t>
@@ -407,7 +406,8 @@ void forward_typed(const GatingForwardParams& p, cudaStream_t stream) {
   const Layout L = make_layout(q.num_tokens, q.seq_len);
   const ForwardWorkspace<acc_t> ws = ForwardWorkspace<acc_t>::carve(p.workspace, L, q.num_experts);
 
-  RouteArgs<acc_t> r = route_args<scalar_t, acc_t>(q, L);
+  RouteArgs<acc_t> r;
+  set_row_args(r, q, L);
   r.weights = static_cast<acc_t*>(p.weights);
   r.idx = p.idx;
   r.positions = p.positions;
@@ -460,7 +460,8 @@ void backward_typed(const GatingBackwardParams& p, cudaStream_t stream) {
   const acc_t* g_seq = static_cast<const acc_t*>(p.grad_seq_aux_loss);
 
   // Pre-drop counts, only when a balancing-loss gradient is nonzero (decided on the device).
-  RouteArgs<acc_t> r = route_args<scalar_t, acc_t>(q, L);
+  RouteArgs<acc_t> r;
+  set_row_args(r, q, L);
   r.tile_counts = ws.counts;
   r.grad_aux = g_aux;
   r.grad_seq = g_seq;
@@ -482,16 +483,7 @@ void backward_typed(const GatingBackwardParams& p, cudaStream_t stream) {
   MOE_CUDA_CHECK(cudaGetLastError());
 
   GradArgs<acc_t> g;
-  g.logits = q.logits;
-  g.noise = static_cast<const acc_t*>(q.noise);
-  g.bias = static_cast<const acc_t*>(q.expert_bias);
-  g.L = L;
-  g.E = static_cast<int>(q.num_experts);
-  g.k = static_cast<int>(q.k);
-  g.sigmoid = q.score == GatingScore::kSigmoid;
-  g.renormalize = q.renormalize;
-  g.groups = make_groups(q.num_experts, q.num_groups, q.topk_groups);
-  g.seq_len_arg = q.seq_len;
+  set_row_args(g, q, L);
   g.grad_weights = static_cast<const acc_t*>(p.grad_weights);
   g.grad_aux = g_aux;
   g.grad_seq = g_seq;

@@ -540,6 +540,12 @@ __device__ __forceinline__ void select_groups(key_t* gbuf, const GroupArgs& g, i
 // Per-lane group position of its first expert, computed once per kernel.
 struct LaneGroup {
   int first = 0, bound = 0;
+  __device__ LaneGroup(const GroupArgs& g, int base) {
+    if (g.G > 0) {
+      first = base / g.size;
+      bound = (first + 1) * g.size;
+    }
+  }
 };
 
 // Selects the row's k experts from its keys (in registers, this lane's chunk). kbuf/gbuf: this
@@ -638,9 +644,9 @@ struct WarpSmem {
   }
 };
 
-// ---- the routing kernel (forward, and the backward's counting pass) -----------------------------
+// ---- what both row kernels read ----------------------------------------------------------------
 template <typename acc_t>
-struct RouteArgs {
+struct RowArgs {
   const void* logits = nullptr;
   const acc_t* noise = nullptr;
   const acc_t* bias = nullptr;
@@ -650,6 +656,40 @@ struct RouteArgs {
   GroupArgs groups;
   int warps = kRouteWarps;
   size_t warp_smem = 0;  // bytes per warp (WarpSmem::bytes)
+  int64_t seq_len_arg = 0;
+};
+
+// This lane's chunk of expert_bias (0 past E or without a bias).
+template <typename acc_t, int VPT>
+__device__ __forceinline__ void lane_bias(const acc_t* bias, int base, int E, acc_t (&out)[VPT]) {
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) out[i] = (bias != nullptr && base + i < E) ? bias[base + i] : acc_t(0);
+}
+
+// This lane's chunk of a row's logits in the accumulation type, the noise added (when given);
+// -inf past E, where no expert is.
+template <typename scalar_t, int VPT>
+__device__ __forceinline__ void lane_logits(const typename Types<scalar_t>::bits_t (&raw)[VPT],
+                                            const typename Types<typename Types<scalar_t>::acc_t>::bits_t (&noise)[VPT],
+                                            bool has_noise, int base, int E,
+                                            typename Types<scalar_t>::acc_t (&l)[VPT]) {
+  using acc_t = typename Types<scalar_t>::acc_t;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) l[i] = to_acc<scalar_t>(raw[i]);
+  if (has_noise) {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) l[i] = Math<acc_t>::add(l[i], to_acc<acc_t>(noise[i]));
+  }
+  if (base + VPT > E) {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      if (base + i >= E) l[i] = -INFINITY;
+  }
+}
+
+// ---- the routing kernel (forward, and the backward's counting pass) -----------------------------
+template <typename acc_t>
+struct RouteArgs : RowArgs<acc_t> {
   // Outputs; null ones are skipped. The backward's counting pass sets only tile_counts.
   acc_t* weights = nullptr;     // [T, k] before drops
   int32_t* idx = nullptr;       // [T, k] before drops
@@ -660,7 +700,6 @@ struct RouteArgs {
   // Counting pass only: skip the whole pass when neither loss gradient needs the counts.
   const acc_t* grad_aux = nullptr;
   const acc_t* grad_seq = nullptr;
-  int64_t seq_len_arg = 0;
 };
 
 // The backward needs pre-drop counts only when a balancing-loss gradient can be nonzero.
@@ -711,13 +750,8 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp)
 
   const int base = lane * VPT;
   acc_t bias[VPT];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) bias[i] = (a.bias != nullptr && base + i < E) ? a.bias[base + i] : acc_t(0);
-  LaneGroup lg;
-  if (a.groups.G > 0) {
-    lg.first = base / a.groups.size;
-    lg.bound = (lg.first + 1) * a.groups.size;
-  }
+  lane_bias(a.bias, base, E, bias);
+  const LaneGroup lg(a.groups, base);
   acc_t pacc[VPT];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) pacc[i] = 0;
@@ -740,17 +774,7 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp)
     const int64_t t = t0 + r;
 
     acc_t l[VPT];
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) l[i] = to_acc<scalar_t>(cur[i]);
-    if (a.noise != nullptr) {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) l[i] = M::add(l[i], to_acc<acc_t>(ncur[i]));
-    }
-    if (base + VPT > E) {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i)
-        if (base + i >= E) l[i] = -INFINITY;
-    }
+    lane_logits<scalar_t>(cur, ncur, a.noise != nullptr, base, E, l);
     RowScores<acc_t, VPT> sc;
     row_scores(l, a.sigmoid, sc);
     if (a.tile_p != nullptr) {
@@ -818,17 +842,7 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp)
 
 // ---- the gradient kernel ------------------------------------------------------------------------
 template <typename acc_t>
-struct GradArgs {
-  const void* logits = nullptr;
-  const acc_t* noise = nullptr;
-  const acc_t* bias = nullptr;
-  Layout L;
-  int E = 0, k = 0;
-  bool sigmoid = false, renormalize = true;
-  GroupArgs groups;
-  int warps = kRouteWarps;
-  size_t warp_smem = 0;
-  int64_t seq_len_arg = 0;
+struct GradArgs : RowArgs<acc_t> {
   const acc_t* grad_weights = nullptr;  // [T, k]
   const acc_t* grad_aux = nullptr;      // [] each, read on the device
   const acc_t* grad_seq = nullptr;
@@ -881,20 +895,11 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp)
   bits_t raw[VPT];
   Chunk<bits_t, VPT>::load(reinterpret_cast<const bits_t*>(static_cast<const scalar_t*>(a.logits) + off), base, E,
                            vec_logits, raw);
-  acc_t l[VPT];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) l[i] = to_acc<scalar_t>(raw[i]);
-  if (a.noise != nullptr) {
-    abits_t nraw[VPT];
+  abits_t nraw[VPT];
+  if (a.noise != nullptr)
     Chunk<abits_t, VPT>::load(reinterpret_cast<const abits_t*>(a.noise + off), base, E, vec_noise, nraw);
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) l[i] = M::add(l[i], to_acc<acc_t>(nraw[i]));
-  }
-  if (base + VPT > E) {
-#pragma unroll
-    for (int i = 0; i < VPT; ++i)
-      if (base + i >= E) l[i] = -INFINITY;
-  }
+  acc_t l[VPT];
+  lane_logits<scalar_t>(raw, nraw, a.noise != nullptr, base, E, l);
   RowScores<acc_t, VPT> sc;
   row_scores(l, a.sigmoid, sc);
 
@@ -910,13 +915,8 @@ __global__ void __launch_bounds__(kRouteWarps* kWarp)
   int chosen = kept;
   if (__any_sync(kFull, lane < k && (kept < 0 || kept >= E))) {
     acc_t bias[VPT];
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) bias[i] = (a.bias != nullptr && base + i < E) ? a.bias[base + i] : acc_t(0);
-    LaneGroup lg;
-    if (a.groups.G > 0) {
-      lg.first = base / a.groups.size;
-      lg.bound = (lg.first + 1) * a.groups.size;
-    }
+    lane_bias(a.bias, base, E, bias);
+    const LaneGroup lg(a.groups, base);
     key_t key[VPT];
     make_keys(sc.s, bias, a.bias != nullptr, base, E, key);
     chosen = select_experts<acc_t, VPT>(key, kbuf, gbuf, a.groups, lg, lane, E, k);

@@ -1,6 +1,7 @@
 // comm::NcclComm (nccl_comm.cuh): host code only, in a .cu so that setup.py and CMake compile it
 // with the CUDA build (csrc/comm/*.cu) and link it against the NCCL that torch loads.
 #include "comm/nccl_comm.cuh"
+#include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
 
 #include <chrono>
@@ -12,6 +13,8 @@
 namespace moe_ext::comm {
 namespace {
 
+using kernels::DeviceScope;
+
 using Clock = std::chrono::steady_clock;
 
 std::string describe(ncclResult_t r, ncclComm_t comm) {
@@ -20,21 +23,6 @@ std::string describe(ncclResult_t r, ncclComm_t comm) {
   if (last != nullptr && *last != '\0') s += std::string(" (") + last + ")";
   return s;
 }
-
-// Sets the current CUDA device for a scope and restores the caller's.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    MOE_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) MOE_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceScope() { cudaSetDevice(previous_); }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 // The pause between two polls: yields for the first ~2000 polls (an exchange of a few KB
 // finishes in tens of microseconds), then sleeps 100 us (a long wait costs no CPU core).

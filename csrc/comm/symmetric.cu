@@ -1,5 +1,6 @@
 // SymmetricBuffer: allocation, CUDA IPC export/import, teardown. See symmetric.cuh.
 #include "comm/symmetric.cuh"
+#include "kernels/device_info.cuh"
 #include "kernels/exception.cuh"
 
 #include <atomic>
@@ -7,22 +8,7 @@
 
 namespace moe_ext::comm {
 
-namespace {
-
-// Restores the caller's current device on scope exit.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    MOE_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != device) MOE_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~DeviceScope() { cudaSetDevice(previous_); }
-
- private:
-  int previous_ = 0;
-};
-
-}  // namespace
+using kernels::DeviceScope;
 
 SymmetricBuffer::SymmetricBuffer(int device, int world, int rank, const kernels::EpSizes& sizes)
     : device_(device), world_(world), rank_(rank), layout_(kernels::ep_layout(sizes)) {

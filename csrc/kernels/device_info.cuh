@@ -33,4 +33,19 @@ inline int device_sm_count(int device) {
 
 inline int sm_count() { return device_sm_count(current_device()); }
 
+// Makes `device` current for a scope and restores the caller's device at its end.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    MOE_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (previous_ != device) MOE_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }  // NOTE: no throwing from a destructor
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 }  // namespace moe_ext::kernels

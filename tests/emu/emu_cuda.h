@@ -155,6 +155,10 @@ inline cudaError_t cudaGetDevice(int* d) {
   *d = emu::device;
   return cudaSuccess;
 }
+inline cudaError_t cudaSetDevice(int d) {  // (device_info.cuh's DeviceScope)
+  emu::device = d;
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   *v = a == cudaDevAttrMultiProcessorCount ? emu::sm_count : emu::smem_optin;
   return cudaSuccess;

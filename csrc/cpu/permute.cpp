@@ -49,6 +49,41 @@ MOE_EXT_VECTOR_CLONES void scale_row(const T* __restrict__ g, A w, T* __restrict
   for (int64_t h = 0; h < n; ++h) out[h] = narrow_to<T>(w * widen(g[h]));
 }
 
+// float16 rows: converted in blocks through float32 buffers (vec.h's widen_n / narrow_n, F16C where
+// the CPU has it; an element-wise float16 conversion is ~15 operations), then the float32 loops
+// above: the same arithmetic on the same values.
+constexpr int64_t kBlock = 512;
+
+void add_scaled_row(float* acc, float w, const c10::Half* y, int64_t n) {
+  float buf[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    widen_n(y + b, buf, m);
+    add_scaled_row(acc + b, w, static_cast<const float*>(buf), m);
+  }
+}
+
+void add_row(float* acc, const c10::Half* y, int64_t n) {
+  float buf[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    widen_n(y + b, buf, m);
+    add_row(acc + b, static_cast<const float*>(buf), m);
+  }
+}
+
+void store_row(const float* acc, c10::Half* out, int64_t n) { narrow_n(acc, out, n); }
+
+void scale_row(const c10::Half* g, float w, c10::Half* out, int64_t n) {
+  float gb[kBlock], ob[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    widen_n(g + b, gb, m);
+    scale_row(static_cast<const float*>(gb), w, ob, m);
+    narrow_n(ob, out + b, m);
+  }
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // dot(y, g) in float64, added in the order of the CUDA kernel (permute.cu, unpermute_backward_kernel),
@@ -56,10 +91,13 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 // l+64, ..., sums each vector's products in order and adds the sum to its total; then a butterfly
 // over the 32 lanes. (Products of float32 values are exact in float64.) 32 independent sums are
 // also what a CPU pipeline wants, where one running sum waits on every add.
+constexpr int kLanes = 32;
+
+// Adds rows y, g of n elements (a multiple of VEC) to the lanes' sums, vector 0 on lane 0. Inlined
+// into each caller's clone, where `lane` is a local array that stays in registers.
 template <int VEC, typename T>
-MOE_EXT_VECTOR_CLONES double lane_dot_vec(const T* __restrict__ y, const T* __restrict__ g, int64_t n) {
-  constexpr int kLanes = 32;
-  double lane[kLanes] = {};
+__attribute__((always_inline)) inline void lane_dot_chunks(double (&lane)[kLanes], const T* __restrict__ y,
+                                                           const T* __restrict__ g, int64_t n) {
   double prod[kLanes * VEC], part[kLanes];
   const int64_t nv = n / VEC;
   for (int64_t v0 = 0; v0 < nv; v0 += kLanes) {
@@ -75,9 +113,34 @@ MOE_EXT_VECTOR_CLONES double lane_dot_vec(const T* __restrict__ y, const T* __re
     // Lanes past the row's last vector add nothing (0.0 + 0.0 keeps their +0.0).
     for (int l = 0; l < kLanes; ++l) lane[l] += part[l];
   }
+}
+
+inline double lane_butterfly(double (&lane)[kLanes]) {
   for (int off = kLanes / 2; off > 0; off /= 2)
     for (int l = 0; l < off; ++l) lane[l] += lane[l + off];
   return lane[0];
+}
+
+template <int VEC, typename T>
+MOE_EXT_VECTOR_CLONES double lane_dot_vec(const T* __restrict__ y, const T* __restrict__ g, int64_t n) {
+  double lane[kLanes] = {};
+  lane_dot_chunks<VEC>(lane, y, g, n);
+  return lane_butterfly(lane);
+}
+
+// float16 in blocks of float32 (kBlock is a multiple of kLanes * VEC: each block starts on lane 0).
+template <int VEC>
+MOE_EXT_VECTOR_CLONES double lane_dot_vec(const c10::Half* y, const c10::Half* g, int64_t n) {
+  static_assert(kBlock % (kLanes * VEC) == 0);
+  double lane[kLanes] = {};
+  float yb[kBlock], gb[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    widen_n(y + b, yb, m);
+    widen_n(g + b, gb, m);
+    lane_dot_chunks<VEC>(lane, static_cast<const float*>(yb), static_cast<const float*>(gb), m);
+  }
+  return lane_butterfly(lane);
 }
 
 template <typename T>

@@ -58,17 +58,6 @@ MOE_EXT_VECTOR_CLONES void swiglu_grad_f32(const float* __restrict__ gate, const
 // float16 / bfloat16 columns go through float32 buffers of kChunk columns.
 constexpr int64_t kChunk = 256;
 
-// 16-bit columns <-> float32 (vec.h's conversions, as c10 converts), in loops the compiler vectorises.
-template <typename T>
-MOE_EXT_VECTOR_CLONES void widen_n(const T* __restrict__ src, float* __restrict__ dst, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) dst[i] = widen(src[i]);
-}
-
-template <typename T>
-MOE_EXT_VECTOR_CLONES void narrow_n(const float* __restrict__ src, T* __restrict__ dst, int64_t m) {
-  for (int64_t i = 0; i < m; ++i) dst[i] = narrow_to<T>(src[i]);
-}
-
 template <typename T>
 const float* as_f32(const T* src, float* buf, int64_t m) {
   if constexpr (std::is_same_v<T, float>) {

@@ -89,4 +89,11 @@ inline T narrow_to(double x) {
   return static_cast<T>(x);
 }
 
+// n 16-bit elements <-> float32, the bits of widen / narrow_to (vec.cpp: float16 through F16C
+// where the CPU has it).
+void widen_n(const c10::Half* src, float* dst, int64_t n);
+void widen_n(const c10::BFloat16* src, float* dst, int64_t n);
+void narrow_n(const float* src, c10::Half* dst, int64_t n);
+void narrow_n(const float* src, c10::BFloat16* dst, int64_t n);
+
 }  // namespace moe_ext::cpu

@@ -261,6 +261,9 @@ phase_bench() {
   if [[ -x $B/bench_gating ]]; then
     run bench_gemm_cpp 240 $B/bench_grouped_gemm -J "$J/bench_grouped_gemm.json"
     run bench_gating_cpp 90 $B/bench_gating -d fp32 -J "$J/bench_gating.json"  # fp32 logits: the issue's baseline
+    # Is the routing kernel latency-bound (smaller tiles / more blocks help) or issue-bound?
+    run bench_gating_shapes 90 $B/bench_gating -d fp32 -s 16384x256x8x8x4,16384x8x2,128x256x8x8x4 \
+      --tile-rows 0,8,16,32 --warps 0,4 -J "$J/bench_gating_shapes.json"
     run bench_permute_cpp 120 $B/bench_permute -s 16384x7168x8 -J "$J/bench_permute.json"
     run bench_wgrad_cpp 180 $B/bench_grouped_gemm -g 1 -l uniform -s 32768x8x4096x14336,32768x32x7168x4096,32768x32x2048x7168 -J "$J/bench_wgrad.json"
     MOE_EXT_SM90_MMA_IN_FLIGHT=1 run bench_wgrad_cpp_inflight 180 $B/bench_grouped_gemm -g 1 -l uniform \

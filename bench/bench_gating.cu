@@ -5,6 +5,7 @@
 //   bench_gating -d fp32                                  # the issue's four cases (below)
 //   bench_gating -d fp32 -s 16384x256x8x8x4,4096x64x6x0x0 # T x E x k x groups x topk_groups
 //   bench_gating -d bf16 -b 128 -e 64K -E 256 -k 8 -g 8 -G 4 --backward 1
+//   bench_gating -d fp32 --tile-rows 8,16,32,64 --warps 4,8  # launch shapes of the routing kernel
 //
 // Default cases: T = 16384 and 128 (decode) for E=256 k=8 with 8 groups / 4 chosen (DeepSeek-V3:
 // sigmoid scores, expert bias) and E=8 k=2 (Mixtral: softmax). --score/--bias/--cf override.
@@ -19,6 +20,9 @@
 //   T=16384 E=8   k=2:       0.52 MB + 0.4 MB -> 0.3 us floor; predicted ~4 us (three launches,
 //                            one warp per row with 8 of 32 lanes busy).
 //   T=128   E=8   k=2:       predicted ~3 us.
+// --tile-rows / --warps: every combination of rows per tile and warps per routing block is timed
+// (GatingProblem's tuning knobs; 0 = the default, which --tile-rows 0 --warps 0 times): is the
+// routing kernel latency-bound (more, smaller tiles help) or issue-bound (they do not)?
 // '#wrong' compares with a float64 host reference: indices exactly (rows whose float64 keys hold
 // a near-tie closer than 1e-5 of the row's scale at a place the choice depends on are not
 // compared: float32 has no defined order there), positions and tokens_per_expert exactly,
@@ -47,6 +51,8 @@ struct Config {
   int64_t bias = -1;           // -1: auto (with sigmoid)
   double capacity_factor = 0;
   bool backward = false;
+  int64_t tile_rows = 0;  // GatingProblem::tile_rows / route_warps of this run (0: default)
+  int64_t warps = 0;
 };
 
 constexpr uint64_t kSeed = 1234;
@@ -171,6 +177,7 @@ int run_case(moe_bench::Bench& bench, const Case& c, const Config& cfg, mk::Gati
   q.num_tokens = T, q.num_experts = E, q.k = k;
   q.renormalize = true;
   q.num_groups = c.groups, q.topk_groups = c.topk_groups;
+  q.tile_rows = cfg.tile_rows, q.route_warps = static_cast<int>(cfg.warps);
   DeviceBuffer<uint8_t> ws(mk::gating_forward_workspace_bytes(q));
   mk::GatingForwardParams p;
   p.problem = q;
@@ -203,6 +210,8 @@ int run_case(moe_bench::Bench& bench, const Case& c, const Config& cfg, mk::Gati
   std::string shape = "T=" + std::to_string(T) + " E=" + std::to_string(E) + " k=" + std::to_string(k);
   if (c.groups > 0) shape += " g=" + std::to_string(c.groups) + "/" + std::to_string(c.topk_groups);
   shape += sigmoid ? " sig" : " smax";
+  if (cfg.tile_rows > 0 || cfg.warps > 0)
+    shape += " rows=" + std::to_string(cfg.tile_rows) + " warps=" + std::to_string(cfg.warps);
   bench.row(shape + " fwd", t, bytes, 0, wrong);
 
   if (cfg.backward) {
@@ -240,6 +249,9 @@ int main(int argc, char** argv) {
   cli.add_int("", "--bias", &cfg.bias, "expert bias: 1, 0, or -1 for auto (with sigmoid)");
   cli.add_double("", "--cf", &cfg.capacity_factor, "capacity factor (0: no capacity)");
   cli.add_int("", "--backward", &backward, "also time the backward (1)");
+  std::string tile_rows = "0", warps = "0";
+  cli.add_string("", "--tile-rows", &tile_rows, "rows per routing tile, a list (8..64, powers of two; 0: default)");
+  cli.add_string("", "--warps", &warps, "warps per routing block, a list (1..8; 0: default)");
   const moe_bench::Options opts = cli.parse(argc, argv, /*min=*/0, /*max=*/0);
   cfg.backward = backward != 0;
   return moe_bench::guarded_main([&] {
@@ -252,13 +264,17 @@ int main(int argc, char** argv) {
     for (int64_t t : opts.sweep()) cases.push_back({t, experts, k, groups, topk_groups});
     if (cases.empty())
       cases = {{16384, 256, 8, 8, 4}, {128, 256, 8, 8, 4}, {16384, 8, 2, 0, 0}, {128, 8, 2, 0, 0}};
-    for (const Case& c : cases) {
-      switch (opts.dtype) {
-        case moe_bench::DType::kF32: run_case<float>(bench, c, cfg, mk::GatingFloat::kFloat32); break;
-        case moe_bench::DType::kBF16: run_case<__nv_bfloat16>(bench, c, cfg, mk::GatingFloat::kBFloat16); break;
-        case moe_bench::DType::kF16: run_case<__half>(bench, c, cfg, mk::GatingFloat::kFloat16); break;
-      }
-    }
+    for (const Case& c : cases)
+      for (const int64_t rows : moe_bench::parse_list(tile_rows, "--tile-rows"))
+        for (const int64_t w : moe_bench::parse_list(warps, "--warps")) {
+          Config run = cfg;
+          run.tile_rows = rows, run.warps = w;
+          switch (opts.dtype) {
+            case moe_bench::DType::kF32: run_case<float>(bench, c, run, mk::GatingFloat::kFloat32); break;
+            case moe_bench::DType::kBF16: run_case<__nv_bfloat16>(bench, c, run, mk::GatingFloat::kBFloat16); break;
+            case moe_bench::DType::kF16: run_case<__half>(bench, c, run, mk::GatingFloat::kFloat16); break;
+          }
+        }
     return bench.finish();
   });
 }

@@ -113,6 +113,20 @@ inline bool parse_shape(const std::string& text, std::vector<int64_t>* out) {
   return !out->empty();
 }
 
+// "8,16,32" -> {8, 16, 32} (a flag's list of values); throws naming the flag on a bad one.
+inline std::vector<int64_t> parse_list(const std::string& text, const std::string& flag) {
+  std::vector<int64_t> out;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    const size_t comma = std::min(text.find(',', pos), text.size());
+    int64_t v;
+    if (!parse_size(text.substr(pos, comma - pos), &v)) throw std::runtime_error("bad value in " + flag + " " + text);
+    out.push_back(v);
+    pos = comma + 1;
+  }
+  return out;
+}
+
 // Flags common to every benchmark plus the ones a benchmark adds. A hand-rolled parser rather
 // than getopt_long so that a benchmark's extra flags join the same table and the same -h text.
 class Cli {

@@ -194,6 +194,37 @@ def test_gating_deterministic(emu, seed):
     assert torch.equal(g1, g2)
 
 
+def test_gating_launch_shapes_agree(emu, seed):
+    """GatingProblem's tuning knobs (rows per tile, warps per routing block; bench_gating sweeps
+    them) move no routing decision: idx, positions, counts and weights equal the default launch's
+    bits, the losses (other summation orders) agree to rounding, and so does the backward."""
+    T, E, k = 1000, 256, 8
+    opts = dict(score="sigmoid", capacity_factor=0.9, seq_len=500, num_groups=8, topk_groups=4,
+                expert_bias=torch.randn(E) * 0.02)
+    logits = _draw(T, E, k, **opts)
+    args = _gating_args(opts)
+    bargs = {n: v for n, v in args.items() if n not in ("capacity_factor", "noise")}
+    gw = torch.randn(T, k)
+    want = emu.topk_gating(logits, k, **args)
+    want_g = emu.topk_gating_backward(gw, 0.3, 0.2, 0.1, logits, None, want[1], **bargs)
+    try:
+        for rows, warps in [(8, 8), (16, 3), (32, 1), (64, 8)]:
+            emu.gating_tuning(rows, warps)
+            got = emu.topk_gating(logits, k, **args)
+            for name, a, b in zip(("weights", "idx", "positions", "tokens_per_expert"), got[:4], want[:4]):
+                assert torch.equal(a, b), f"{name} differs with {rows} rows per tile, {warps} warps"
+            for a, b in zip(got[4:], want[4:]):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+            g = emu.topk_gating_backward(gw, 0.3, 0.2, 0.1, logits, None, got[1], **bargs)
+            torch.testing.assert_close(g, want_g, rtol=1e-6, atol=1e-9)
+        for rows, warps, name in [(5, 0, "tile_rows"), (0, 9, "route_warps")]:
+            emu.gating_tuning(rows, warps)
+            with pytest.raises(emu.EmuError, match=name):
+                emu.topk_gating(logits, k, **args)
+    finally:
+        emu.gating_tuning(0, 0)
+
+
 BACKWARD_OPTS = [
     dict(),
     dict(capacity_factor=0.75),

@@ -382,6 +382,10 @@ void check_problem(const GatingProblem& q) {
   }
   MOE_HOST_ASSERT(q.seq_len >= 0 && (q.seq_len == 0 || q.num_tokens % q.seq_len == 0),
                   "topk_gating: seq_len must divide num_tokens");
+  MOE_HOST_ASSERT(q.tile_rows == 0 || (q.tile_rows >= kMinTileRows && q.tile_rows <= kMaxTileRows &&
+                                       (q.tile_rows & (q.tile_rows - 1)) == 0),
+                  "topk_gating: tile_rows must be 0 or a power of two in [8, 64]");
+  MOE_HOST_ASSERT(q.route_warps >= 0 && q.route_warps <= kRouteWarps, "topk_gating: route_warps must be in [0, 8]");
 }
 
 // The fields both row kernels read.
@@ -397,13 +401,14 @@ void set_row_args(RowArgs<acc_t>& a, const GatingProblem& q, const Layout& L) {
   a.renormalize = q.renormalize;
   a.groups = make_groups(q.num_experts, q.num_groups, q.topk_groups);
   a.seq_len_arg = q.seq_len;
+  if (q.route_warps > 0) a.warps = q.route_warps;
 }
 
 template <typename scalar_t>
 void forward_typed(const GatingForwardParams& p, cudaStream_t stream) {
   using acc_t = typename Types<scalar_t>::acc_t;
   const GatingProblem& q = p.problem;
-  const Layout L = make_layout(q.num_tokens, q.seq_len);
+  const Layout L = make_layout(q.num_tokens, q.seq_len, q.tile_rows);
   const ForwardWorkspace<acc_t> ws = ForwardWorkspace<acc_t>::carve(p.workspace, L, q.num_experts);
 
   RouteArgs<acc_t> r;
@@ -453,7 +458,7 @@ template <typename scalar_t>
 void backward_typed(const GatingBackwardParams& p, cudaStream_t stream) {
   using acc_t = typename Types<scalar_t>::acc_t;
   const GatingProblem& q = p.problem;
-  const Layout L = make_layout(q.num_tokens, q.seq_len);
+  const Layout L = make_layout(q.num_tokens, q.seq_len, q.tile_rows);
   const bool seq = q.seq_len > 0;
   const BackwardWorkspace ws = BackwardWorkspace::carve(p.workspace, L, q.num_experts, seq);
   const acc_t* g_aux = static_cast<const acc_t*>(p.grad_aux_loss);
@@ -501,13 +506,13 @@ void backward_typed(const GatingBackwardParams& p, cudaStream_t stream) {
 using namespace gating_detail;
 
 size_t gating_forward_workspace_bytes(const GatingProblem& q) {
-  const Layout L = make_layout(q.num_tokens, q.seq_len);
+  const Layout L = make_layout(q.num_tokens, q.seq_len, q.tile_rows);
   return q.dtype == GatingFloat::kFloat64 ? ForwardWorkspace<double>::bytes(L, q.num_experts)
                                           : ForwardWorkspace<float>::bytes(L, q.num_experts);
 }
 
 size_t gating_backward_workspace_bytes(const GatingProblem& q) {
-  return BackwardWorkspace::bytes(make_layout(q.num_tokens, q.seq_len), q.num_experts, q.seq_len > 0);
+  return BackwardWorkspace::bytes(make_layout(q.num_tokens, q.seq_len, q.tile_rows), q.num_experts, q.seq_len > 0);
 }
 
 void gating_forward(const GatingForwardParams& p, cudaStream_t stream) {

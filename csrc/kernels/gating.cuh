@@ -40,6 +40,13 @@ struct GatingProblem {
   int64_t num_groups = 0;   // 0: no group limit; else a divisor of num_experts
   int64_t topk_groups = 0;  // groups allowed per token (with num_groups)
   int64_t seq_len = 0;      // > 0: the sequence aux loss over sequences of seq_len tokens (divides num_tokens)
+  // Launch shape, for tuning experiments (bench_gating --tile-rows / --warps); 0: the defaults.
+  // tile_rows: tokens per block of the routing kernel, a power of two in [8, 64] (by default it
+  // depends only on num_tokens, so that the losses' summation order is the same everywhere);
+  // route_warps: warps per routing block, 1 to 8 (default 8, fewer where shared memory is short).
+  // The integer outputs and the weights do not depend on them, the losses' last bits do.
+  int64_t tile_rows = 0;
+  int route_warps = 0;
 };
 
 struct GatingForwardParams {

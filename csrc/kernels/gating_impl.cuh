@@ -59,12 +59,13 @@ struct Layout {
   }
 };
 
-inline Layout make_layout(int64_t num_tokens, int64_t seq_len) {
+inline Layout make_layout(int64_t num_tokens, int64_t seq_len, int64_t tile_rows = 0) {
   Layout L;
   L.num_tokens = num_tokens;
   // About 256 tiles when T allows (two per SM on an H100), between 8 and 64 rows each.
   int64_t rows = kMinTileRows;
   while (rows < kMaxTileRows && rows * 2 * 256 <= num_tokens) rows *= 2;
+  if (tile_rows > 0) rows = tile_rows;  // (a tuning experiment's choice, checked by the caller)
   L.rows_per_tile = rows;
   L.seq_len = seq_len > 0 ? seq_len : num_tokens;
   L.num_seqs = L.seq_len > 0 ? num_tokens / L.seq_len : 0;
@@ -654,7 +655,7 @@ struct RowArgs {
   int E = 0, k = 0;
   bool sigmoid = false, renormalize = true;
   GroupArgs groups;
-  int warps = kRouteWarps;
+  int warps = kRouteWarps;  // the routing kernel: at most this many (RowArgs from GatingProblem::route_warps)
   size_t warp_smem = 0;  // bytes per warp (WarpSmem::bytes)
   int64_t seq_len_arg = 0;
 };
@@ -1050,7 +1051,7 @@ void launch_route(RouteArgs<typename Types<scalar_t>::acc_t> a, cudaStream_t str
   MOE_GATING_SWITCH_VPT(pick_vpt(a.E), {
     a.groups.lanes = aligned_group_lanes(a.groups, kVPT);
     a.warp_smem = WarpSmem<acc_t>::bytes(kVPT, a.groups.lanes ? 0 : a.groups.G, false);
-    a.warps = fit_warps(route_block_smem(a.L, a.E, a.k, kRouteWarps), a.warp_smem);
+    a.warps = std::min(a.warps, fit_warps(route_block_smem(a.L, a.E, a.k, kRouteWarps), a.warp_smem));
     const size_t smem = route_block_smem(a.L, a.E, a.k, a.warps) + a.warp_smem * a.warps;
     static int configured[64] = {};
     auto kernel = route_kernel<scalar_t, kVPT>;

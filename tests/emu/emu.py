@@ -96,6 +96,11 @@ def gating_capacity(capacity_factor, T, k, E):
     return max(1, math.ceil(capacity_factor * T * k / E - 1e-9))
 
 
+def gating_tuning(tile_rows=0, route_warps=0):
+    """GatingProblem's launch-shape knobs (tile_rows, route_warps) for the next gating calls; 0: default."""
+    lib().emu_gating_tuning(_i64(tile_rows), int(route_warps))
+
+
 def topk_gating(logits, k, score="softmax", renormalize=True, expert_bias=None, num_groups=0, topk_groups=0,
                 capacity_factor=0.0, noise=None, seq_len=0):
     logits = logits.contiguous()

@@ -17,6 +17,10 @@ std::string emu_api_error;
 
 namespace {
 
+// GatingProblem's launch-shape knobs for the next gating calls (emu_gating_tuning).
+int64_t g_tile_rows = 0;
+int g_route_warps = 0;
+
 k::GatingProblem problem(int dtype, int score, const void* logits, const void* noise, const void* bias, int64_t T,
                          int64_t E, int64_t kk, int renorm, int64_t G, int64_t TG, int64_t seq_len) {
   k::GatingProblem q;
@@ -32,6 +36,8 @@ k::GatingProblem problem(int dtype, int score, const void* logits, const void* n
   q.num_groups = G;
   q.topk_groups = TG;
   q.seq_len = seq_len;
+  q.tile_rows = g_tile_rows;
+  q.route_warps = g_route_warps;
   return q;
 }
 }  // namespace
@@ -52,6 +58,11 @@ int emu_set_device(int sms, int smem_optin) {
   emu::sm_count = sms;
   emu::smem_optin = smem_optin;
   return 0;
+}
+
+void emu_gating_tuning(int64_t tile_rows, int route_warps) {
+  g_tile_rows = tile_rows;
+  g_route_warps = route_warps;
 }
 
 size_t emu_gating_forward_workspace(int dtype, int64_t T, int64_t E, int64_t kk, int64_t G, int64_t TG,

@@ -342,7 +342,11 @@ def _skewed_rebalance(rank, world, seed, report):
     predicted = placement.rank_loads(load.numpy() * 1.0)
     report["skew"] = dict(before=before, after=after, predicted=[round(float(v), 1) for v in predicted],
                           counts=placement.replica_counts.tolist())
-    assert max(after) <= 0.75 * max(before), f"rebalance did not lower the max rank load: {before} -> {after}"
+    # Near the even split, and below the skewed start. (Not "max(after) <= 0.75 * max(before)": a
+    # mildly skewed draw, [105, 78, 100, 37] in one CI run, cannot go below 80 = the mean.)
+    mean = sum(after) / len(after)
+    assert max(after) < max(before) and max(after) <= 1.25 * mean, \
+        f"rebalance did not balance the rank loads: {before} -> {after}"
 
 
 def _world(rank, world, seed):

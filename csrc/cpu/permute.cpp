@@ -54,34 +54,33 @@ MOE_EXT_VECTOR_CLONES void scale_row(const T* __restrict__ g, A w, T* __restrict
 // above: the same arithmetic on the same values.
 constexpr int64_t kBlock = 512;
 
-void add_scaled_row(float* acc, float w, const c10::Half* y, int64_t n) {
+// f(yb, b, m) for each block [b, b + m) of the float16 row y, widened into yb.
+template <typename F>
+void widened_blocks(const c10::Half* y, int64_t n, F&& f) {
   float buf[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t m = std::min(kBlock, n - b);
     widen_n(y + b, buf, m);
-    add_scaled_row(acc + b, w, static_cast<const float*>(buf), m);
+    f(static_cast<const float*>(buf), b, m);
   }
 }
 
+void add_scaled_row(float* acc, float w, const c10::Half* y, int64_t n) {
+  widened_blocks(y, n, [&](const float* yb, int64_t b, int64_t m) { add_scaled_row(acc + b, w, yb, m); });
+}
+
 void add_row(float* acc, const c10::Half* y, int64_t n) {
-  float buf[kBlock];
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t m = std::min(kBlock, n - b);
-    widen_n(y + b, buf, m);
-    add_row(acc + b, static_cast<const float*>(buf), m);
-  }
+  widened_blocks(y, n, [&](const float* yb, int64_t b, int64_t m) { add_row(acc + b, yb, m); });
 }
 
 void store_row(const float* acc, c10::Half* out, int64_t n) { narrow_n(acc, out, n); }
 
 void scale_row(const c10::Half* g, float w, c10::Half* out, int64_t n) {
-  float gb[kBlock], ob[kBlock];
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t m = std::min(kBlock, n - b);
-    widen_n(g + b, gb, m);
-    scale_row(static_cast<const float*>(gb), w, ob, m);
+  widened_blocks(g, n, [&](const float* gb, int64_t b, int64_t m) {
+    float ob[kBlock];
+    scale_row(gb, w, ob, m);
     narrow_n(ob, out + b, m);
-  }
+  });
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

@@ -55,13 +55,26 @@ def _update_expert_bias_fake(expert_bias, tokens_per_expert, rate):
     _same_device("tokens_per_expert", tokens_per_expert, "expert_bias", expert_bias)
 
 
+@torch.library.register_fake("moe_ext::accumulate_load_")
+def _accumulate_load_fake(load, load_ema, tokens_per_expert, decay):
+    torch._check(load.dim() == 1 and tuple(load_ema.shape) == (load.shape[0] + 1,)
+                 and tuple(tokens_per_expert.shape) == tuple(load.shape),
+                 lambda: "moe_ext.accumulate_load_: load [E], load_ema [E + 1] and tokens_per_expert [E] expected")
+    _same_device("moe_ext.accumulate_load_: load_ema", load_ema, "load", load)
+    _same_device("moe_ext.accumulate_load_: tokens_per_expert", tokens_per_expert, "load", load)
+
+
 @torch.library.register_fake("moe_ext::permute")
-def _permute_fake(x, idx, num_experts, pad_to, capacity, exact):
+def _permute_fake(x, idx, num_experts, pad_to, capacity, exact, max_rows=-1):
     torch._check(x.dim() == 2, lambda: "moe_ext.permute: x must be 2-D [num_tokens, hidden]")
     torch._check(idx.dim() == 2 and idx.shape[0] == x.shape[0], lambda: "moe_ext.permute: idx must be [num_tokens, k]")
     _same_device("moe_ext.permute: idx", idx, "x", x)
+    torch._check(max_rows == -1 or (max_rows >= 1 and pad_to == 1),
+                 lambda: "moe_ext.permute: max_rows must be None or >= 1, with pad_to 1")
     num_tokens, k = idx.shape
-    if exact:
+    if max_rows >= 1:
+        rows = num_experts * max_rows
+    elif exact:
         rows = torch.library.get_ctx().new_dynamic_size()
     else:
         rows = permute_max_rows(num_tokens, k, num_experts, pad_to, capacity)
@@ -169,7 +182,7 @@ def _permute_setup(ctx, inputs, output):
 def _permute_backward(ctx, g_xperm, _g_row_map, _g_tpe):
     (row_map,) = ctx.saved_tensors
     grad_x = None if g_xperm is None else ops.unpermute(g_xperm.contiguous(), row_map, None)
-    return grad_x, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None
 
 
 torch.library.register_autograd("moe_ext::permute", _permute_backward, setup_context=_permute_setup)

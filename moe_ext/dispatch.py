@@ -733,13 +733,9 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
             # NOTE: sync=True explicitly: permute's own default on CUDA is the worst-case size.
             recv_x, row_map, tokens_per_expert, *s = permute(x, idx, num_experts, pad_to=pad_to, capacity=capacity,
                                                              sync=True, x_scale=scale)
-        else:
-            cap = max_rows if capacity is None else min(capacity, max_rows)
-            flat, row_map, tokens_per_expert, *s = permute(x, idx, num_experts, capacity=cap, sync=False,
-                                                           x_scale=scale)
-            recv_x, where = _to_masked(flat, tokens_per_expert, max_rows)
-            row_map = _remap_rows(row_map, where)
-            s = [_to_masked(s[0], tokens_per_expert, max_rows)[0].reshape(-1, s[0].shape[1])] if s else s
+        else:  # NOTE: the masked layout straight from permute's kernels (no host sync, as on the ipc backend)
+            recv_x, row_map, tokens_per_expert, *s = permute(x, idx, num_experts, capacity=capacity, x_scale=scale,
+                                                             max_rows=max_rows)
         handle = DispatchHandle(row_map, w, x.shape[0], world, group, name, hidden=x.shape[1], dtype=x.dtype,
                                 num_rows=recv_x.reshape(-1, x.shape[1]).shape[0], max_rows=max_rows,
                                 recv_x_scale=s[0] if s else None, partial=bool(partial_combine),

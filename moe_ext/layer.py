@@ -568,13 +568,10 @@ class MoE(nn.Module):
         self.stats = stats
         with torch.no_grad():  # NOTE: device-side updates only (no host sync: decode mode captures them)
             tpe = stats.tokens_per_expert.to(self.load.device)
-            self.load += tpe.to(torch.int64)
-            d = self.load_decay
             if self._load_ema.device != tpe.device:
                 self._load_ema = self._load_ema.to(tpe.device)
-            self._load_ema.mul_(d)
-            self._load_ema[:-1].add_(tpe.to(torch.float64), alpha=1.0 - d)
-            self._load_ema[-1].add_(1.0 - d)
+            # load += tpe; _load_ema = d * _load_ema + (1 - d) * [tpe, 1]: one kernel, not six
+            ops.accumulate_load_(self.load, self._load_ema, tpe, self.load_decay)
             self.tokens_per_slot = tokens_per_slot.detach()
         return out.view(shape)
 
@@ -662,14 +659,8 @@ class MoE(nn.Module):
         when ep_group is None). Returns recv_x [S, max_rows, H] (rows of slot s in token order, then
         zeros), valid rows [S] int32 and row_map [T, k] (row of each slot in recv_x viewed [S * max_rows, H]).
         Device ops only; an expert gets at most one row per token, so T <= max_rows drops nothing."""
-        S, k = self.layout.num_slots, slots.shape[1]
-        _, flat_rows, valid = permute(x2, slots, S, sync=False)
-        first = torch.cumsum(valid, 0) - valid  # the first flat row of each slot
-        slot = slots.long().clamp(min=0)
-        row_map = torch.where(flat_rows >= 0, slot * max_rows + flat_rows - first[slot], -1)
-        where = torch.where(row_map >= 0, row_map, S * max_rows).view(-1)  # NOTE: unrouted -> a spare row
-        recv_x = x2.new_zeros(S * max_rows + 1, self.hidden).index_copy(0, where, x2.repeat_interleave(k, 0))
-        return recv_x[:-1].view(S, max_rows, self.hidden), valid, row_map
+        recv_x, row_map, valid = permute(x2, slots, self.layout.num_slots, max_rows=max_rows)
+        return recv_x, valid, row_map
 
     # ---- load statistics ---------------------------------------------------------------------
 

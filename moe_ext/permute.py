@@ -5,7 +5,7 @@ import torch
 from ._ops import ops
 
 
-def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None, x_scale=None):
+def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None, x_scale=None, max_rows=None):
     """Groups token rows by expert.
 
     x: [T, H] any dtype (rows move as bytes); idx: [T, k] int32/int64 expert ids, -1 = not routed.
@@ -20,16 +20,28 @@ def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None, x_scale=Non
     at them without a sync and treats them as not routed.
     x_scale: optional [T, S] per-row scales (e.g. of fp8 e4m3 rows) that travel with their rows:
     then a fourth output [R, S] holds them in x_perm's layout (zero on padding rows).
+    max_rows: the masked layout that grouped_gemm_masked reads (dispatch's sync=False layout at a
+    world of one): x_perm is [E, max_rows, H], expert e's rows first in token order, then zeros;
+    each expert keeps its first max_rows slots (min(capacity, max_rows) with a capacity);
+    tokens_per_expert holds the kept (valid) rows, and row_map the rows of x_perm viewed as
+    [E * max_rows, H]. Its size is known without looking at idx: no host synchronisation on CUDA
+    (unless sync=True, which only adds the check of the ids). Takes no pad_to.
     """
     if pad_to < 1:
         raise ValueError(f"moe_ext.permute: pad_to must be >= 1, got {pad_to}")
     if capacity is not None and capacity < 0:
         raise ValueError(f"moe_ext.permute: capacity must be >= 0 or None, got {capacity}")
+    if max_rows is not None and (max_rows < 1 or pad_to != 1):
+        raise ValueError(f"moe_ext.permute: max_rows must be None or >= 1, with pad_to 1; got max_rows={max_rows}, "
+                         f"pad_to={pad_to}")
     exact = (x.device.type == "cpu") if sync is None else bool(sync)
     cap = -1 if capacity is None else capacity
-    out = ops.permute(x, idx, num_experts, pad_to, cap, exact)
+    if max_rows is None:
+        out = ops.permute(x, idx, num_experts, pad_to, cap, exact)
+    else:
+        out = ops.permute(x, idx, num_experts, pad_to, cap, exact, max_rows)
     if x_scale is None:
-        return out
+        return _masked_view(out, max_rows)
     if x_scale.dim() != 2 or x_scale.shape[0] != x.shape[0]:
         raise ValueError(f"moe_ext.permute: x_scale must be [num_tokens={x.shape[0]}, S], got {tuple(x_scale.shape)}")
     if x_scale.device != x.device:
@@ -42,7 +54,14 @@ def permute(x, idx, num_experts, pad_to=1, capacity=None, sync=None, x_scale=Non
     rows = torch.where(row_map >= 0, row_map, R).reshape(-1)
     s_perm = x_scale.new_zeros((R + 1, x_scale.shape[1]))
     s_perm.index_copy_(0, rows, x_scale.repeat_interleave(k, dim=0))
-    return (*out, s_perm[:R])
+    return (*_masked_view(out, max_rows), s_perm[:R])
+
+
+def _masked_view(out, max_rows):
+    if max_rows is None:
+        return out
+    x_perm, row_map, tokens_per_expert = out
+    return x_perm.view(tokens_per_expert.shape[0], max_rows, x_perm.shape[1]), row_map, tokens_per_expert
 
 
 def unpermute(y_perm, row_map, weights=None):

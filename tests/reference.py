@@ -88,6 +88,23 @@ def permute(x, idx, num_experts, pad_to=1, capacity=None):
     return x_perm, row_map, torch.tensor(sizes, dtype=torch.int32)
 
 
+def permute_masked(x, idx, num_experts, max_rows, capacity=None):
+    """The masked layout: [E, max_rows, ...] with expert e's first min(capacity, max_rows) slots in
+    token order, then zeros. Returns (x_perm, row_map into the flat [E * max_rows] rows, kept rows)."""
+    T, k = idx.shape
+    idx = idx.long()
+    keep = max_rows if capacity is None else min(capacity, max_rows)
+    x_perm = torch.zeros((num_experts, max_rows) + tuple(x.shape[1:]), dtype=x.dtype)
+    row_map = torch.full((T, k), -1, dtype=torch.long)
+    kept = []
+    for e in range(num_experts):
+        slots = (idx.flatten() == e).nonzero().flatten()[:keep]
+        x_perm[e, :len(slots)] = x[slots // k]
+        row_map.view(-1)[slots] = e * max_rows + torch.arange(len(slots))
+        kept.append(len(slots))
+    return x_perm, row_map, torch.tensor(kept, dtype=torch.int32)
+
+
 def unpermute(y, row_map, weights=None):
     """sum_j w[t, j] * y[row_map[t, j]] in float64."""
     T, k = row_map.shape

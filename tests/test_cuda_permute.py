@@ -209,6 +209,51 @@ def test_permute_python_wrapper_defaults_to_no_sync(seed):
     assert torch.equal(x_perm[: exact.shape[0]], exact) and (x_perm[exact.shape[0]:] == 0).all()
 
 
+@pytest.mark.parametrize("T,H,k,E,max_rows,capacity", [
+    (0, 8, 2, 4, 3, None), (1, 40, 1, 1, 1, None), (4097, 2048, 8, 256, 40, None), (777, 136, 2, 8, 777, None),
+    (3000, 7168, 2, 8, 200, 150), (5000, 16, 4, 13000, 2, None)])
+def test_permute_masked_layout_matches_cpu(seed, T, H, k, E, max_rows, capacity):
+    # The masked layout [E, max_rows, H] (decode at a world of one): bit for bit the CPU op's, its
+    # unused rows zero (poisoned first), without a host synchronisation: captured in a CUDA graph.
+    x, idx = _rows(T, H, torch.bfloat16, "cuda"), _routing(T, k, E).cuda()
+    if T:
+        idx[: T // 2, 0] = E - 1  # one expert past max_rows
+    cap = -1 if capacity is None else capacity
+    ref = ops.permute(x.cpu(), idx.cpu(), E, 1, cap, True, max_rows)
+    for exact in (True, False):
+        _poison(_nbytes(*ref), 0xFF)
+        got = ops.permute(x, idx, E, 1, cap, exact, max_rows)
+        for g, r, name in zip(got, ref, ("x_perm", "row_map", "tokens_per_expert")):
+            _assert_bits(g, r, f"exact={exact} {name}")
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        moe_ext.permute(x, idx, E, capacity=capacity, max_rows=max_rows)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        outs = moe_ext.permute(x, idx, E, capacity=capacity, max_rows=max_rows)
+    idx.copy_(_routing(T, k, E).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = ops.permute(x.cpu(), idx.cpu(), E, 1, cap, True, max_rows)
+    assert outs[0].shape == (E, max_rows, H)
+    for g, r, name in zip(outs, (ref[0].view(E, max_rows, H), *ref[1:]), ("x_perm", "row_map", "tokens_per_expert")):
+        _assert_bits(g, r, f"replay {name}")
+
+
+def test_accumulate_load_matches_cpu(seed):
+    E = 300
+    load, ema = torch.randint(0, 10 ** 6, (E,)), torch.rand(E + 1, dtype=torch.float64)
+    tpe = torch.randint(0, 5000, (E,), dtype=torch.int32)
+    want = (load.clone(), ema.clone())
+    ops.accumulate_load_(*want, tpe, 0.9)
+    got = (load.cuda(), ema.cuda())
+    ops.accumulate_load_(*got, tpe.cuda(), 0.9)
+    _assert_bits(got[0], want[0], "load")
+    _assert_bits(got[1], want[1], "load_ema")
+
+
 # ---- unpermute and its backward ----------------------------------------------------------------------
 
 def _permuted(T, H, k, E, pad_to, capacity, dtype, exact=False, drop=0.1):

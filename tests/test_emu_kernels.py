@@ -277,6 +277,24 @@ def test_update_expert_bias(emu, seed):
     assert torch.equal(got, expect)
 
 
+@pytest.mark.parametrize("E", [1, 8, 255, 256, 300])
+def test_accumulate_load(emu, seed, E):
+    # The layer's load statistics in one launch: the same bits as the CPU op, which the Python
+    # reference below reproduces (float ops in Python round each product and sum).
+    load = torch.randint(0, 10 ** 6, (E,))
+    ema = torch.rand(E + 1, dtype=torch.float64) * 100
+    tpe = torch.randint(0, 5000, (E,), dtype=torch.int32)
+    for decay in (0.9, 0.0, 0.37):
+        want_load, want_ema = load.clone(), ema.clone()
+        ops.accumulate_load_(want_load, want_ema, tpe, decay)
+        got_load, got_ema = emu.accumulate_load_(load.clone(), ema.clone(), tpe, decay)
+        assert torch.equal(got_load, want_load) and torch.equal(got_ema, want_ema)
+        w = 1.0 - decay
+        ref = [float(m) * decay + float(t) * w for m, t in zip(ema[:E].tolist(), tpe.tolist())]
+        ref.append(float(ema[E]) * decay + w)
+        assert want_ema.tolist() == ref and torch.equal(want_load, load + tpe)
+
+
 # ---- permute / unpermute -----------------------------------------------------------------------------
 
 def _route(T, k, E, dtype=torch.int64, unrouted=0.1, skew=False):
@@ -317,6 +335,26 @@ def test_permute_matches_cpu(emu, seed, dtype, T, H, k, E):
         assert torch.equal(rmw, crm) and torch.equal(tpew, ctpe)
         assert torch.equal(xw[:total].view(torch.uint8), cx.view(torch.uint8))
         assert (xw[total:].view(torch.uint8) == 0).all()
+
+
+@pytest.mark.parametrize("sms", [2, 132])
+def test_permute_masked_layout_matches_cpu(emu, seed, sms):
+    # The masked layout (max_rows): each expert's segment max_rows long from e * max_rows, its
+    # unused rows zero (the outputs are poisoned first), kept rows in tokens_per_expert.
+    emu.set_device(sms=sms)
+    try:
+        for T, H, k, E, max_rows, cap, skew in ((0, 8, 2, 4, 3, -1, False), (1, 40, 1, 1, 1, -1, False),
+                                                (300, 16, 8, 64, 40, -1, True), (5000, 8, 2, 8, 5000, -1, True),
+                                                (700, 24, 4, 13000, 2, 1, False), (257, 136, 2, 5, 60, 90, True)):
+            idx = _route(T, k, E, skew=skew and E > 1)
+            x = _rows(T, H, torch.bfloat16)
+            xp, rm, tpe, total, invalid = emu.permute(x, idx, E, 1, cap, exact=False, max_rows=max_rows)
+            cx, crm, ctpe = ops.permute(x, idx, E, 1, cap, True, max_rows)
+            assert xp.shape == (E * max_rows, H) and total == E * max_rows and invalid == 0
+            assert torch.equal(rm, crm) and torch.equal(tpe, ctpe)
+            assert torch.equal(xp.view(torch.uint8), cx.view(torch.uint8))
+    finally:
+        emu.set_device()
 
 
 def test_permute_strided_rows_and_invalid_ids(emu, seed):

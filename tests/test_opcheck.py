@@ -23,7 +23,8 @@ def _permute_samples():
     idx = torch.randint(-1, 6, (10, 2), dtype=torch.int32)
     x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
     return [(x, idx, 6, 1, -1, True), (x, idx, 6, 4, 2, True), (x, idx, 6, 4, -1, False),
-            (torch.randn(0, 8), idx[:0], 6, 1, -1, True)]
+            (torch.randn(0, 8), idx[:0], 6, 1, -1, True), (x, idx, 6, 1, -1, True, 3), (x, idx, 6, 1, 2, False, 5),
+            (torch.randn(0, 8), idx[:0], 6, 1, -1, False, 2)]
 
 
 def _unpermute_samples():
@@ -75,5 +76,7 @@ def test_opcheck_backward_ops():
     y, row_map, w2 = _unpermute_samples()[0]
     torch.library.opcheck(ops.unpermute_backward.default, (torch.randn(10, 16, dtype=torch.float64), y.detach(),
                                                            row_map, w2.detach()))
+    torch.library.opcheck(ops.accumulate_load_.default, (torch.randint(0, 9, (6,)), torch.rand(7, dtype=torch.float64),
+                                                        torch.randint(0, 9, (6,), dtype=torch.int32), 0.9))
     torch.library.opcheck(ops.grouped_gemm_wgrad.default,
                           (torch.randn(20, 8), torch.randn(20, 6), torch.tensor([7, 0, 13]), 3, True))

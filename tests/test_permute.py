@@ -58,6 +58,68 @@ def test_permute_worst_case_size(seed, pad_to, capacity):
     assert torch.equal(padded[1], exact[1]) and torch.equal(padded[2], exact[2])
 
 
+MASKED_CASES = [
+    # T, H, k, E, max_rows, capacity, skew
+    (0, 8, 2, 4, 3, None, False),
+    (1, 8, 1, 1, 1, None, False),
+    (37, 8, 8, 5, 64, None, False),  # room for every slot
+    (64, 24, 2, 8, 5, None, False),  # max_rows drops
+    (64, 24, 2, 8, 7, 3, False),  # capacity below max_rows
+    (64, 24, 2, 8, 2, 6, True),  # max_rows below capacity
+    (101, 16, 4, 8, 101, None, True),  # one expert gets every token
+]
+
+
+@pytest.mark.parametrize("T,H,k,E,max_rows,capacity,skew", MASKED_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_permute_masked_layout_matches_reference(seed, T, H, k, E, max_rows, capacity, skew, dtype):
+    x = torch.randn(T, H).to(dtype)
+    idx = _routing(T, k, E, skew=skew)
+    x_perm, row_map, valid = moe_ext.permute(x, idx, E, capacity=capacity, max_rows=max_rows)
+    r_perm, r_map, r_valid = ref.permute_masked(x, idx, E, max_rows, capacity)
+    assert x_perm.shape == (E, max_rows, H) and x_perm.dtype == dtype
+    assert torch.equal(row_map, r_map) and torch.equal(valid, r_valid) and valid.dtype == torch.int32
+    assert torch.equal(x_perm, r_perm)
+    # The same rows as the contiguous layout with that capacity, each expert's segment moved.
+    cap = max_rows if capacity is None else min(capacity, max_rows)
+    flat, flat_map, tpe = moe_ext.permute(x, idx, E, capacity=cap)
+    assert torch.equal(valid, tpe)
+    starts = torch.cumsum(tpe.long(), 0) - tpe.long()
+    for e in range(E):
+        assert torch.equal(x_perm[e, :int(tpe[e])], flat[int(starts[e]):int(starts[e] + tpe[e])])
+    # Back through unpermute: the same sums as from the contiguous layout.
+    w = torch.rand(T, k, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(moe_ext.unpermute(x_perm.view(-1, H), row_map, w), moe_ext.unpermute(flat, flat_map, w))
+
+
+def test_permute_masked_gradcheck_scales_and_errors(seed):
+    T, H, k, E, max_rows = 9, 5, 2, 3, 4
+    idx = _routing(T, k, E, drop=0.2, skew=True)
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda x_: moe_ext.permute(x_, idx, E, max_rows=max_rows)[0], (x,))
+    scale = torch.rand(T, 3) + 0.5
+    x_perm, row_map, valid, s_perm = moe_ext.permute(x.detach(), idx, E, max_rows=max_rows, x_scale=scale)
+    assert s_perm.shape == (E * max_rows, 3)
+    for t in range(T):
+        for j in range(k):
+            r = int(row_map[t, j])
+            if r >= 0:
+                assert torch.equal(s_perm[r], scale[t]) and torch.equal(x_perm.view(-1, H)[r], x[t].detach())
+    empty = torch.ones(E * max_rows, dtype=torch.bool)
+    empty[row_map[row_map >= 0]] = False
+    assert (s_perm[empty] == 0).all() and (x_perm.view(-1, H)[empty] == 0).all()
+    with pytest.raises(ValueError, match="max_rows"):
+        moe_ext.permute(x, idx, E, max_rows=0)
+    with pytest.raises(ValueError, match="pad_to"):
+        moe_ext.permute(x, idx, E, pad_to=2, max_rows=4)
+    with pytest.raises(RuntimeError, match="pad_to"):
+        torch.ops.moe_ext.permute(x, idx, E, 2, -1, True, 4)
+    with pytest.raises(RuntimeError, match="outside"):
+        bad = idx.clone()
+        bad[0, 0] = E
+        moe_ext.permute(x, bad, E, max_rows=max_rows)
+
+
 def test_permute_moves_bytes_of_any_dtype(seed):
     idx = _routing(20, 2, 4)
     for dtype in [torch.int8, torch.int64] + ([torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else []):

@@ -13,6 +13,7 @@ namespace moe_ext::cpu {
 // Auxiliary-loss-free balancing, in place: expert_bias[e] += rate * sign(mean - load[e]), the sign
 // taken exactly (sum(load) - E * load[e] in int64).
 void update_expert_bias(at::Tensor& expert_bias, const at::Tensor& tokens_per_expert, double rate);
+void accumulate_load(at::Tensor& load, at::Tensor& load_ema, const at::Tensor& tokens_per_expert, double decay);
 
 // -> (weights[T,k], idx[T,k] int32, positions[T,k] int32, tokens_per_expert[E] int32,
 //     aux_loss, seq_aux_loss, z_loss)
@@ -28,10 +29,12 @@ at::Tensor topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor
                                 const c10::optional<at::Tensor>& expert_bias, int64_t num_groups,
                                 int64_t topk_groups, int64_t seq_len);
 
-// -> (x_perm[R,H], row_map[T,k] int64, tokens_per_expert[E] int32 (segment sizes, padded))
+// -> (x_perm[R,H], row_map[T,k] int64, tokens_per_expert[E] int32 (segment sizes, padded)); with
+// max_rows >= 1 the masked layout: R = E * max_rows, expert e's kept rows from e * max_rows, the
+// rest of its segment zero, tokens_per_expert the kept rows.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& x, const at::Tensor& idx,
                                                        int64_t num_experts, int64_t pad_to, int64_t capacity,
-                                                       bool exact);
+                                                       bool exact, int64_t max_rows = -1);
 
 at::Tensor unpermute(const at::Tensor& y, const at::Tensor& row_map, const c10::optional<at::Tensor>& weights);
 

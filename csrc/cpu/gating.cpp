@@ -465,4 +465,19 @@ void update_expert_bias(at::Tensor& expert_bias, const at::Tensor& tokens_per_ex
   }
 }
 
+void accumulate_load(at::Tensor& load, at::Tensor& load_ema, const at::Tensor& tokens_per_expert, double decay) {
+  const int64_t E = load.numel();
+  const auto tpe = tokens_per_expert.contiguous();
+  const int32_t* t = tpe.data_ptr<int32_t>();
+  int64_t* l = load.data_ptr<int64_t>();
+  double* m = load_ema.data_ptr<double>();
+  const double w = 1.0 - decay;
+  // NOTE: built with -ffp-contract=off: each product and the sum are rounded, as in the CUDA kernel.
+  for (int64_t e = 0; e < E; ++e) {
+    l[e] += t[e];
+    m[e] = m[e] * decay + static_cast<double>(t[e]) * w;
+  }
+  m[E] = m[E] * decay + w;
+}
+
 }  // namespace moe_ext::cpu

@@ -156,8 +156,10 @@ double lane_dot(const T* y, const T* g, int64_t n, int vec) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& x, const at::Tensor& idx_in,
                                                        int64_t num_experts, int64_t pad_to, int64_t capacity,
-                                                       bool exact) {
+                                                       bool exact, int64_t max_rows) {
   const int64_t T = x.size(0), H = x.size(1), k = idx_in.size(1), E = num_experts;
+  const bool masked = max_rows >= 1;
+  if (masked) capacity = capacity < 0 ? max_rows : std::min(capacity, max_rows);
   const at::Tensor idx = idx_in.to(at::kLong).contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
 
@@ -183,12 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& x, cons
   int32_t* tpe = tokens_per_expert.data_ptr<int32_t>();
   for (int64_t e = 0; e < E; ++e) {
     kept[e] = capacity >= 0 ? std::min(seen[e], capacity) : seen[e];
-    const int64_t seg = (kept[e] + pad_to - 1) / pad_to * pad_to;
+    const int64_t seg = masked ? max_rows : (kept[e] + pad_to - 1) / pad_to * pad_to;
     offset[e + 1] = offset[e] + seg;
-    tpe[e] = static_cast<int32_t>(seg);
+    tpe[e] = static_cast<int32_t>(masked ? kept[e] : seg);
   }
   const int64_t total = offset[E];
-  const int64_t rows = exact ? total : permute_max_rows(T, k, E, pad_to, capacity);
+  const int64_t rows = exact || masked ? total : permute_max_rows(T, k, E, pad_to, capacity);
   for (int64_t i = 0; i < T * k; ++i)
     if (rm[i] >= 0) rm[i] += offset[ip[i]];
 

@@ -404,6 +404,17 @@ void set_row_args(RowArgs<acc_t>& a, const GatingProblem& q, const Layout& L) {
   if (q.route_warps > 0) a.warps = q.route_warps;
 }
 
+__global__ void __launch_bounds__(256) load_accumulate_kernel(int64_t* load, double* ema, const int32_t* tpe,
+                                                              int64_t E, double decay, double weight) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e < E) {
+    load[e] += tpe[e];
+    ema[e] = __dadd_rn(__dmul_rn(ema[e], decay), __dmul_rn(static_cast<double>(tpe[e]), weight));
+  } else if (e == E) {
+    ema[E] = __dadd_rn(__dmul_rn(ema[E], decay), weight);
+  }
+}
+
 template <typename scalar_t>
 void forward_typed(const GatingForwardParams& p, cudaStream_t stream) {
   using acc_t = typename Types<scalar_t>::acc_t;
@@ -551,6 +562,15 @@ void update_expert_bias(float* expert_bias, const int64_t* tokens_per_expert, in
                         cudaStream_t stream) {
   MOE_HOST_ASSERT(num_experts >= 1 && num_experts < (int64_t{1} << 31), "update_expert_bias: bad num_experts");
   bias_update_kernel<<<1, 1024, 0, stream>>>(expert_bias, tokens_per_expert, static_cast<int>(num_experts), rate);
+  MOE_CUDA_CHECK(cudaGetLastError());
+}
+
+void accumulate_load(int64_t* load, double* load_ema, const int32_t* tokens_per_expert, int64_t num_experts,
+                     double decay, cudaStream_t stream) {
+  MOE_HOST_ASSERT(num_experts >= 1 && num_experts < (int64_t{1} << 31), "accumulate_load: bad num_experts");
+  const unsigned blocks = static_cast<unsigned>((num_experts + 1 + 255) / 256);
+  load_accumulate_kernel<<<blocks, 256, 0, stream>>>(load, load_ema, tokens_per_expert, num_experts, decay,
+                                                     1.0 - decay);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -87,4 +87,11 @@ void gating_backward(const GatingBackwardParams& p, cudaStream_t stream);
 void update_expert_bias(float* expert_bias, const int64_t* tokens_per_expert, int64_t num_experts, float rate,
                         cudaStream_t stream);
 
+// The MoE layer's load statistics after a forward, one launch: load[e] += tokens_per_expert[e]
+// (int64), and the running average's sums load_ema[e] = load_ema[e] * decay + (1 - decay) *
+// tokens_per_expert[e] for e < E, load_ema[E] = load_ema[E] * decay + (1 - decay) (the weight seen),
+// each product and the sum rounded separately (float64, no FMA) as the CPU op computes them.
+void accumulate_load(int64_t* load, double* load_ema, const int32_t* tokens_per_expert, int64_t num_experts,
+                     double decay, cudaStream_t stream);
+
 }  // namespace moe_ext::kernels

@@ -9,7 +9,9 @@
 //                         place (the tile's first position inside expert e), and the kept count
 //                         min(count, capacity).
 //   3. offsets_kernel     one block: padded segment sizes, their exclusive scan in int64
-//                         (offsets[E+1]), tokens_per_expert and the total.
+//                         (offsets[E+1]), tokens_per_expert and the total. In the masked
+//                         layout (max_rows) every segment is max_rows long and
+//                         tokens_per_expert holds the kept rows.
 //   4. rank_kernel        per tile, per chunk: a stable block radix sort of (expert, local slot)
 //                         gives each slot its rank among the chunk's slots of the same expert in
 //                         token order; position = tile base + rank; past capacity -> row -1,
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(kIndexThreads)
 }
 
 __global__ void __launch_bounds__(kOffsetsThreads)
-    offsets_kernel(const int64_t* __restrict__ kept, int64_t num_experts, int64_t pad_to,
+    offsets_kernel(const int64_t* __restrict__ kept, int64_t num_experts, int64_t pad_to, int64_t max_rows,
                    int64_t* __restrict__ offsets, int32_t* __restrict__ tokens_per_expert,
                    int64_t* __restrict__ total_rows) {
   using Scan = cub::BlockScan<int64_t, kOffsetsThreads>;
@@ -209,12 +211,12 @@ __global__ void __launch_bounds__(kOffsetsThreads)
   int64_t carry = 0;
   for (int64_t e0 = 0; e0 < num_experts; e0 += kOffsetsThreads) {
     const int64_t e = e0 + threadIdx.x;
-    const int64_t seg = e < num_experts ? (kept[e] + pad_to - 1) / pad_to * pad_to : 0;
+    const int64_t seg = e >= num_experts ? 0 : max_rows >= 1 ? max_rows : (kept[e] + pad_to - 1) / pad_to * pad_to;
     int64_t excl, aggregate;
     Scan(tmp).ExclusiveSum(seg, excl, aggregate);
     if (e < num_experts) {
       offsets[e] = carry + excl;
-      tokens_per_expert[e] = static_cast<int32_t>(seg);
+      tokens_per_expert[e] = static_cast<int32_t>(max_rows >= 1 ? kept[e] : seg);
     }
     carry += aggregate;
     __syncthreads();  // tmp is reused by the next chunk
@@ -405,8 +407,9 @@ void launch_rows(const PermuteParams& p, const Workspace& ws, cudaStream_t strea
   if (p.out_rows > 0) {
     const unsigned grid = static_cast<unsigned>(std::max<int64_t>(
         1, std::min<int64_t>(int64_t{sm_count()} * 8, std::max(p.num_experts, ceil_div(p.out_rows, kRowWarps)))));
-    zero_rows_kernel<V><<<grid, kRowThreads, 0, stream>>>(ws.offsets, ws.kept, p.num_experts, p.pad_to > 1,
-                                                          p.out_rows, row_vecs, static_cast<char*>(p.x_perm));
+    zero_rows_kernel<V><<<grid, kRowThreads, 0, stream>>>(ws.offsets, ws.kept, p.num_experts,
+                                                          p.pad_to > 1 || p.max_rows >= 1, p.out_rows, row_vecs,
+                                                          static_cast<char*>(p.x_perm));
     MOE_CUDA_CHECK(cudaGetLastError());
   }
 }
@@ -417,10 +420,18 @@ void check_permute_params(const PermuteParams& p) {
                   "permute: num_experts must be in [1, 2^31)");
   MOE_HOST_ASSERT(p.pad_to >= 1, "permute: pad_to must be >= 1");
   MOE_HOST_ASSERT(p.capacity >= -1, "permute: capacity must be -1 (none) or >= 0");
+  MOE_HOST_ASSERT(p.max_rows == -1 || (p.max_rows >= 1 && p.pad_to == 1),
+                  "permute: max_rows must be -1 (contiguous layout) or >= 1 with pad_to 1");
   MOE_HOST_ASSERT(p.workspace != nullptr, "permute: workspace is null");
   MOE_HOST_ASSERT(p.num_tokens * p.k == 0 || (p.idx != nullptr && p.row_map != nullptr),
                   "permute: idx and row_map are required");
   MOE_HOST_ASSERT(p.tokens_per_expert != nullptr, "permute: tokens_per_expert is null");
+}
+
+// The capacity the index kernels apply: the masked layout's segments hold max_rows slots at most.
+int64_t kept_limit(const PermuteParams& p) {
+  if (p.max_rows < 1) return p.capacity;
+  return p.capacity < 0 ? p.max_rows : std::min(p.capacity, p.max_rows);
 }
 
 template <typename IdxT>
@@ -443,10 +454,10 @@ void route_impl(const PermuteParams& p, cudaStream_t stream) {
   }
   const int64_t scan_blocks = ceil_div(E * kWarpSize, kIndexThreads);
   expert_scan_kernel<<<static_cast<unsigned>(scan_blocks), kIndexThreads, 0, stream>>>(
-      ws.counts, E, tiling.num_tiles, p.capacity, ws.kept);
+      ws.counts, E, tiling.num_tiles, kept_limit(p), ws.kept);
   MOE_CUDA_CHECK(cudaGetLastError());
-  offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(ws.kept, E, p.pad_to, ws.offsets, p.tokens_per_expert,
-                                                    p.total_rows);
+  offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(ws.kept, E, p.pad_to, p.max_rows, ws.offsets,
+                                                    p.tokens_per_expert, p.total_rows);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -459,7 +470,7 @@ void rank_impl(const PermuteParams& p, cudaStream_t stream) {
   int end_bit = 0;  // keys are in [0, E]: enough bits for E itself
   while ((int64_t{1} << end_bit) <= E) ++end_bit;
   rank_kernel<IdxT><<<static_cast<unsigned>(tiling.num_tiles), kIndexThreads, 0, stream>>>(
-      static_cast<const IdxT*>(p.idx), num_slots, E, p.capacity, tiling.tile, tiling.num_tiles, end_bit, ws.counts,
+      static_cast<const IdxT*>(p.idx), num_slots, E, kept_limit(p), tiling.tile, tiling.num_tiles, end_bit, ws.counts,
       ws.offsets, p.row_map);
   MOE_CUDA_CHECK(cudaGetLastError());
 }
@@ -796,6 +807,8 @@ void permute_scatter(const PermuteParams& p, cudaStream_t stream) {
   MOE_HOST_ASSERT(p.row_bytes >= 0 && p.out_rows >= 0, "permute: negative row_bytes or out_rows");
   MOE_HOST_ASSERT(p.row_bytes == 0 || p.out_rows == 0 || p.x_perm != nullptr, "permute: x_perm is null");
   MOE_HOST_ASSERT(p.row_bytes == 0 || p.num_tokens == 0 || p.x != nullptr, "permute: x is null");
+  MOE_HOST_ASSERT(p.max_rows < 1 || p.out_rows == p.num_experts * p.max_rows,
+                  "permute: the masked layout has num_experts * max_rows rows");
   if (p.idx_is_int64) rank_impl<int64_t>(p, stream);
   else rank_impl<int32_t>(p, stream);
   if (p.row_bytes == 0) return;

@@ -33,6 +33,12 @@ struct PermuteParams {
   int64_t num_experts = 0;
   int64_t pad_to = 1;     // each expert's segment is rounded up to a multiple of this
   int64_t capacity = -1;  // each expert keeps its first `capacity` slots in token order; -1: all
+  // The masked layout (the grouped GEMM's decode input) when >= 1: expert e's rows are
+  // [e * max_rows, e * max_rows + kept_e), every segment max_rows long (its unused rows zero),
+  // each expert keeps at most max_rows slots (with capacity: at most min(capacity, max_rows)),
+  // tokens_per_expert holds the kept (valid) rows, and out_rows must be num_experts * max_rows.
+  // Needs pad_to 1. -1: the contiguous layout.
+  int64_t max_rows = -1;
 
   // Rows: x is [num_tokens] rows of row_bytes bytes, x_row_stride bytes apart; they move as raw
   // bytes (any element type). The widest access in {16, 8, 4, 2, 1} bytes that divides

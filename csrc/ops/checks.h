@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace moe_ext {
@@ -116,6 +117,28 @@ inline void check_update_expert_bias(const at::Tensor& expert_bias, const at::Te
               ", got ", tokens_per_expert.device());
 }
 
+// accumulate_load_: load [E] int64 and load_ema [E + 1] float64 (both contiguous, updated in place),
+// tokens_per_expert [E] int32, all on one device; decay in [0, 1].
+inline void check_accumulate_load(const at::Tensor& load, const at::Tensor& load_ema,
+                                  const at::Tensor& tokens_per_expert, double decay) {
+  const char* op = "moe_ext.accumulate_load_";
+  TORCH_CHECK(load.dim() == 1 && load.numel() >= 1 && load.scalar_type() == at::kLong && load.is_contiguous(), op,
+              ": load must be a contiguous int64 [E] tensor with E >= 1, got ", load.scalar_type(), " of shape ",
+              load.sizes());
+  const int64_t E = load.numel();
+  TORCH_CHECK(load_ema.dim() == 1 && load_ema.numel() == E + 1 && load_ema.scalar_type() == at::kDouble &&
+                  load_ema.is_contiguous(),
+              op, ": load_ema must be a contiguous float64 [E + 1 = ", E + 1, "] tensor, got ", load_ema.scalar_type(),
+              " of shape ", load_ema.sizes());
+  TORCH_CHECK(tokens_per_expert.dim() == 1 && tokens_per_expert.numel() == E &&
+                  tokens_per_expert.scalar_type() == at::kInt,
+              op, ": tokens_per_expert must be an int32 [E = ", E, "] tensor, got ", tokens_per_expert.scalar_type(),
+              " of shape ", tokens_per_expert.sizes());
+  check_same_device(load, "load", load_ema, "load_ema");
+  check_same_device(load, "load", tokens_per_expert, "tokens_per_expert");
+  TORCH_CHECK(decay >= 0.0 && decay <= 1.0, op, ": decay must be in [0, 1], got ", decay);
+}
+
 inline void check_topk_gating_backward(const at::Tensor& grad_weights, const at::Tensor& grad_aux,
                                        const at::Tensor& grad_seq_aux, const at::Tensor& grad_z,
                                        const at::Tensor& logits, const c10::optional<at::Tensor>& noise,
@@ -167,13 +190,19 @@ inline int64_t permute_max_rows(int64_t num_tokens, int64_t k, int64_t num_exper
 }
 
 inline void check_permute(const at::Tensor& x, const at::Tensor& idx, int64_t num_experts, int64_t pad_to,
-                          int64_t capacity) {
+                          int64_t capacity, int64_t max_rows) {
   check_rows_tensor("moe_ext.permute", x, "x");
   check_routing_idx("moe_ext.permute", idx, x.size(0));
   check_same_device(x, "x", idx, "idx");
   TORCH_CHECK(num_experts >= 1, "moe_ext.permute: num_experts must be >= 1, got ", num_experts);
   TORCH_CHECK(pad_to >= 1, "moe_ext.permute: pad_to must be >= 1, got ", pad_to);
   TORCH_CHECK(capacity >= -1, "moe_ext.permute: capacity must be None or >= 0, got ", capacity);
+  TORCH_CHECK(max_rows == -1 || max_rows >= 1, "moe_ext.permute: max_rows must be None or >= 1, got ", max_rows);
+  TORCH_CHECK(max_rows == -1 || pad_to == 1, "moe_ext.permute: the masked layout (max_rows) takes no pad_to, got pad_to=",
+              pad_to);
+  TORCH_CHECK(max_rows == -1 || num_experts <= std::numeric_limits<int64_t>::max() / max_rows,
+              "moe_ext.permute: num_experts * max_rows overflows int64 (num_experts=", num_experts,
+              ", max_rows=", max_rows, ")");
 }
 
 inline void check_unpermute(const at::Tensor& y, const at::Tensor& row_map, const c10::optional<at::Tensor>& w) {

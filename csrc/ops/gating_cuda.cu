@@ -163,12 +163,21 @@ void update_expert_bias_cuda(Tensor& expert_bias, const Tensor& tokens_per_exper
                               static_cast<float>(rate), c10::cuda::getCurrentCUDAStream().stream());
 }
 
+void accumulate_load_cuda(Tensor& load, Tensor& load_ema, const Tensor& tokens_per_expert, double decay) {
+  check_accumulate_load(load, load_ema, tokens_per_expert, decay);
+  const c10::cuda::CUDAGuard guard(load.device());
+  const Tensor tpe = tokens_per_expert.contiguous();
+  kernels::accumulate_load(load.data_ptr<int64_t>(), load_ema.data_ptr<double>(), tpe.data_ptr<int32_t>(), load.numel(),
+                           decay, c10::cuda::getCurrentCUDAStream().stream());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
   m.impl("topk_gating", &topk_gating_cuda);
   m.impl("topk_gating_backward", &topk_gating_backward_cuda);
   m.impl("update_expert_bias_", &update_expert_bias_cuda);
+  m.impl("accumulate_load_", &accumulate_load_cuda);
 }
 
 }  // namespace moe_ext

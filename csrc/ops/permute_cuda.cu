@@ -24,8 +24,8 @@ using Tensor = at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 
 std::tuple<Tensor, Tensor, Tensor> permute_cuda(const Tensor& x, const Tensor& idx_in, int64_t num_experts,
-                                                int64_t pad_to, int64_t capacity, bool exact) {
-  check_permute(x, idx_in, num_experts, pad_to, capacity);
+                                                int64_t pad_to, int64_t capacity, bool exact, int64_t max_rows) {
+  check_permute(x, idx_in, num_experts, pad_to, capacity, max_rows);
   TORCH_CHECK(x.is_cuda(), "moe_ext.permute: x must be a CUDA tensor here, got ", x.device());
   TORCH_CHECK(num_experts < (int64_t{1} << 31), "moe_ext.permute: num_experts must be < 2^31, got ", num_experts);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -47,6 +47,7 @@ std::tuple<Tensor, Tensor, Tensor> permute_cuda(const Tensor& x, const Tensor& i
   p.num_experts = E;
   p.pad_to = pad_to;
   p.capacity = capacity;
+  p.max_rows = max_rows;
   p.x = x.data_ptr();
   p.row_bytes = H * static_cast<int64_t>(x.element_size());
   p.x_row_stride = x.stride(0) * static_cast<int64_t>(x.element_size());
@@ -58,10 +59,10 @@ std::tuple<Tensor, Tensor, Tensor> permute_cuda(const Tensor& x, const Tensor& i
   kernels::permute_route(p, stream);
 
   // NOTE: exact mode's one device-to-host read (16 bytes); the worst case needs none.
-  int64_t rows = permute_max_rows(T, k, E, pad_to, capacity);
+  int64_t rows = max_rows >= 1 ? E * max_rows : permute_max_rows(T, k, E, pad_to, capacity);
   if (exact) {
     const Tensor host = total.cpu();
-    rows = host.data_ptr<int64_t>()[0];
+    rows = host.data_ptr<int64_t>()[0];  // E * max_rows in the masked layout
     const int64_t invalid = host.data_ptr<int64_t>()[1];
     TORCH_CHECK(invalid == 0, "moe_ext.permute: idx holds ", invalid, " expert id(s) outside [-1, num_experts=", E,
                 ")");

@@ -39,9 +39,9 @@ Tensor topk_gating_backward_cpu(const Tensor& grad_weights, const Tensor& grad_a
 }
 
 std::tuple<Tensor, Tensor, Tensor> permute_cpu(const Tensor& x, const Tensor& idx, int64_t num_experts,
-                                               int64_t pad_to, int64_t capacity, bool exact) {
-  check_permute(x, idx, num_experts, pad_to, capacity);
-  return cpu::permute(x, idx, num_experts, pad_to, capacity, exact);
+                                               int64_t pad_to, int64_t capacity, bool exact, int64_t max_rows) {
+  check_permute(x, idx, num_experts, pad_to, capacity, max_rows);
+  return cpu::permute(x, idx, num_experts, pad_to, capacity, exact, max_rows);
 }
 
 Tensor unpermute_cpu(const Tensor& y, const Tensor& row_map, const OptTensor& weights) {
@@ -66,6 +66,11 @@ Tensor grouped_gemm_wgrad_aten(const Tensor& a, const Tensor& grad_out, const Te
                               bool trans_b) {
   check_grouped_gemm_wgrad(a, grad_out, sizes, num_experts);
   return cpu::grouped_gemm_wgrad(a, grad_out, sizes, num_experts, trans_b);
+}
+
+void accumulate_load_cpu(Tensor& load, Tensor& load_ema, const Tensor& tokens_per_expert, double decay) {
+  check_accumulate_load(load, load_ema, tokens_per_expert, decay);
+  cpu::accumulate_load(load, load_ema, tokens_per_expert, decay);
 }
 
 void update_expert_bias_cpu(Tensor& expert_bias, const Tensor& tokens_per_expert, double rate) {
@@ -96,8 +101,9 @@ TORCH_LIBRARY(moe_ext, m) {
       "Tensor grad_z_loss, Tensor logits, Tensor? noise, Tensor idx, str score, bool renormalize, "
       "Tensor? expert_bias, int num_groups, int topk_groups, int seq_len) -> Tensor");
   m.def("update_expert_bias_(Tensor(a!) expert_bias, Tensor tokens_per_expert, float rate) -> ()");
+  m.def("accumulate_load_(Tensor(a!) load, Tensor(b!) load_ema, Tensor tokens_per_expert, float decay) -> ()");
   m.def(
-      "permute(Tensor x, Tensor idx, int num_experts, int pad_to, int capacity, bool exact) -> "
+      "permute(Tensor x, Tensor idx, int num_experts, int pad_to, int capacity, bool exact, int max_rows=-1) -> "
       "(Tensor x_perm, Tensor row_map, Tensor tokens_per_expert)");
   m.def("unpermute(Tensor y, Tensor row_map, Tensor? weights) -> Tensor");
   m.def(
@@ -117,6 +123,7 @@ TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("topk_gating", &topk_gating_cpu);
   m.impl("topk_gating_backward", &topk_gating_backward_cpu);
   m.impl("update_expert_bias_", &update_expert_bias_cpu);
+  m.impl("accumulate_load_", &accumulate_load_cpu);
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
   m.impl("unpermute_backward", &unpermute_backward_cpu);

@@ -148,6 +148,12 @@ def topk_gating_backward(grad_weights, grad_aux, grad_seq_aux, grad_z, logits, n
     return grad
 
 
+def accumulate_load_(load, load_ema, tokens_per_expert, decay):
+    tpe = tokens_per_expert.to(torch.int32).contiguous()
+    _call("emu_accumulate_load", _p(load), _p(load_ema), _p(tpe), _i64(load.numel()), ctypes.c_double(decay))
+    return load, load_ema
+
+
 def update_expert_bias_(expert_bias, tokens_per_expert, rate):
     load = tokens_per_expert.to(torch.int64).contiguous()
     _call("emu_update_expert_bias", _p(expert_bias), _p(load), _i64(expert_bias.numel()), ctypes.c_float(rate))
@@ -161,8 +167,9 @@ def permute_max_rows(T, k, E, pad_to, capacity):
     return n + min(n, E) * (pad_to - 1)
 
 
-def permute(x, idx, num_experts, pad_to=1, capacity=-1, exact=True):
-    """Returns (x_perm, row_map, tokens_per_expert, total_rows, invalid_ids)."""
+def permute(x, idx, num_experts, pad_to=1, capacity=-1, exact=True, max_rows=-1):
+    """Returns (x_perm, row_map, tokens_per_expert, total_rows, invalid_ids); x_perm is
+    [num_experts * max_rows, H] in the masked layout (max_rows >= 1)."""
     T, H = x.shape
     k = idx.shape[1]
     idx = idx.contiguous()
@@ -171,11 +178,15 @@ def permute(x, idx, num_experts, pad_to=1, capacity=-1, exact=True):
     tpe = o.new((num_experts,), torch.int32)
     total = o.new((2,), torch.int64)
     ws = o.new((lib().emu_permute_workspace(_i64(T), _i64(k), _i64(num_experts)),), torch.uint8)
-    args = (_p(idx), int(idx.dtype == torch.int64), _i64(T), _i64(k), _i64(num_experts), _i64(pad_to), _i64(capacity))
+    args = (_p(idx), int(idx.dtype == torch.int64), _i64(T), _i64(k), _i64(num_experts), _i64(pad_to), _i64(capacity),
+            _i64(max_rows))
     tot_p = ctypes.c_void_p(total.data_ptr())
     inv_p = ctypes.c_void_p(total.data_ptr() + 8)
     _call("emu_permute_route", *args, _p(row_map), _p(tpe), tot_p, inv_p, _p(ws))
-    rows = int(total[0]) if exact else permute_max_rows(T, k, num_experts, pad_to, capacity)
+    if max_rows >= 1:
+        rows = num_experts * max_rows
+    else:
+        rows = int(total[0]) if exact else permute_max_rows(T, k, num_experts, pad_to, capacity)
     x_perm = o.new((rows, H), x.dtype)
     es = x.element_size()
     _call("emu_permute_scatter", *args, _p(x), _i64(H * es), _i64(x.stride(0) * es), _p(x_perm), _i64(rows),

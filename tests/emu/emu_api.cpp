@@ -117,21 +117,27 @@ int emu_update_expert_bias(float* bias, const int64_t* load, int64_t E, float ra
   return emu_guarded([&] { k::update_expert_bias(bias, load, E, rate, nullptr); });
 }
 
+int emu_accumulate_load(int64_t* load, double* ema, const int32_t* tpe, int64_t E, double decay) {
+  return emu_guarded([&] { k::accumulate_load(load, ema, tpe, E, decay, nullptr); });
+}
+
 size_t emu_permute_workspace(int64_t T, int64_t kk, int64_t E) { return k::permute_workspace_bytes(T, kk, E); }
 
 // The index fields through permute.cuh's own helper; the caller adds what its half reads.
 static k::PermuteParams permute_params(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to,
-                                       int64_t capacity, int64_t* row_map, int32_t* tpe, void* workspace) {
+                                       int64_t capacity, int64_t max_rows, int64_t* row_map, int32_t* tpe,
+                                       void* workspace) {
   k::PermuteParams p = k::permute_index_params(idx, idx64 != 0, T, kk, E, row_map, tpe, workspace);
   p.pad_to = pad_to;
   p.capacity = capacity;
+  p.max_rows = max_rows;
   return p;
 }
 
 int emu_permute_route(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to, int64_t capacity,
-                      int64_t* row_map, int32_t* tpe, int64_t* total, int64_t* invalid, void* workspace) {
+                      int64_t max_rows, int64_t* row_map, int32_t* tpe, int64_t* total, int64_t* invalid, void* workspace) {
   return emu_guarded([&] {
-    k::PermuteParams p = permute_params(idx, idx64, T, kk, E, pad_to, capacity, row_map, tpe, workspace);
+    k::PermuteParams p = permute_params(idx, idx64, T, kk, E, pad_to, capacity, max_rows, row_map, tpe, workspace);
     p.total_rows = total;
     p.invalid_ids = invalid;
     k::permute_route(p, nullptr);
@@ -139,10 +145,10 @@ int emu_permute_route(const void* idx, int idx64, int64_t T, int64_t kk, int64_t
 }
 
 int emu_permute_scatter(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to,
-                        int64_t capacity, const void* x, int64_t row_bytes, int64_t x_row_stride, void* x_perm,
+                        int64_t capacity, int64_t max_rows, const void* x, int64_t row_bytes, int64_t x_row_stride, void* x_perm,
                         int64_t out_rows, int64_t* row_map, int32_t* tpe, void* workspace) {
   return emu_guarded([&] {
-    k::PermuteParams p = permute_params(idx, idx64, T, kk, E, pad_to, capacity, row_map, tpe, workspace);
+    k::PermuteParams p = permute_params(idx, idx64, T, kk, E, pad_to, capacity, max_rows, row_map, tpe, workspace);
     p.x = x;
     p.row_bytes = row_bytes;
     p.x_row_stride = x_row_stride;

@@ -290,6 +290,11 @@ phase_bench_py() {
   run bench_gemm_py 300 python bench/grouped_gemm_bench.py --kernels portable,sm90,sm90:1 --json "$J/gemm_py.json"
   run bench_gating_py 120 python bench/gating_bench.py --json "$J/gating_py.json"
   run bench_permute_py 120 python bench/permute_bench.py --json "$J/permute_py.json"
+  run bench_layer_decode 150 python bench/layer_decode_bench.py --json "$J/layer_decode.json"  # world-1 decode steps
+  # decode-sized permute: the one-block index (default) against the multi-kernel one (RESULTS.md, session 15)
+  run bench_permute_decode 60 python bench/permute_bench.py --tokens 128 --iters 200 --json "$J/permute_decode.json"
+  run bench_permute_decode_general 60 env MOE_EXT_PERMUTE_SMALL_INDEX=0 python bench/permute_bench.py --tokens 128 \
+    --iters 200 --json "$J/permute_decode_general.json"
   start_mps
   run bench_ep_py_8 150 python bench/ep_bench.py --ranks 8 --profile 3 --json "$J/ep_py_8.json"
   run bench_ep_py_8_partial 150 python bench/ep_bench.py --ranks 8 --partial --json "$J/ep_py_8_partial.json"

@@ -357,6 +357,29 @@ def test_permute_masked_layout_matches_cpu(emu, seed, sms):
         emu.set_device()
 
 
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_permute_small_index_equals_general(emu, seed, idx_dtype):
+    # Calls of <= 2048 slots (decode) index in one block: every output, the row count and the
+    # invalid-id count equal the multi-kernel index's and the CPU op's, for every layout option.
+    cases = ((0, 4, 1, -1, -1), (1, 1, 1, -1, -1), (128, 8, 1, -1, -1), (256, 8, 16, 3, -1), (2048, 1, 128, -1, -1),
+             (100, 2, 1, -1, 7), (100, 2, 1, 4, 7), (700, 2, 8, 50, -1), (31, 3, 4, 0, -1))
+    for (T, k, pad_to, cap, max_rows), E in zip(cases, (8, 256, 13, 10240, 1, 3, 64, 10241, 5)):
+        idx = _route(T, k, E, idx_dtype, skew=E > 1)
+        if T > 2:
+            idx[1, 0], idx[2, k - 1] = E, -7  # out of range: not routed, and counted
+        x = _rows(T, 24, torch.bfloat16)
+        small = emu.permute(x, idx, E, pad_to, cap, exact=True, max_rows=max_rows)
+        general = emu.permute(x, idx, E, pad_to, cap, exact=True, max_rows=max_rows, small_index=False)
+        for a, b in zip(small[:3], general[:3]):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        assert small[3:] == general[3:] and small[4] == (2 if T > 2 else 0)
+        clean = idx.clone()
+        clean[(clean < -1) | (clean >= E)] = -1
+        cx, crm, ctpe = ops.permute(x, clean, E, pad_to, cap, True, max_rows)
+        assert torch.equal(small[1], crm) and torch.equal(small[2], ctpe)
+        assert torch.equal(small[0].view(torch.uint8), cx.view(torch.uint8))
+
+
 def test_permute_strided_rows_and_invalid_ids(emu, seed):
     T, H, k, E = 500, 48, 4, 32
     big = torch.randn(T, 2 * H).bfloat16()

@@ -14,6 +14,7 @@
 // them; 32 turns per 1024 slots.
 #include "kernels/ep.cuh"
 #include "kernels/exception.cuh"
+#include "kernels/slot_rank.cuh"
 
 #include <cub/block/block_scan.cuh>
 
@@ -26,7 +27,6 @@ namespace {
 
 constexpr int kThreads = 1024;
 constexpr int kWarp = 32;
-constexpr unsigned kFull = 0xffffffffu;
 // Dynamic shared memory for the counters: under 48 KiB with room for the scan's static storage.
 constexpr int64_t kMaxCountBytes = 40 * 1024;
 
@@ -45,18 +45,6 @@ __device__ void scan_in_place(int* counts, int64_t n) {
     carry += total;
     __syncthreads();
   }
-}
-
-// Ranks `key` (-1: none) among the block's slots with the same key, in slot order, against the
-// running counters `count`; the warp `w` whose turn it is advances them.
-__device__ __forceinline__ int rank_in_turn(int key, int* count) {
-  const int lane = threadIdx.x % kWarp;
-  const unsigned peers = __match_any_sync(kFull, key);
-  const int before = __popc(peers & ((1u << lane) - 1u));
-  const int r = key >= 0 ? count[key] + before : -1;
-  __syncwarp();  // every lane has read its counter before the group's first lane advances it
-  if (key >= 0 && before == 0) count[key] += __popc(peers);
-  return r;
 }
 
 template <typename IdxT>

@@ -21,6 +21,9 @@
 //                         alignment allows) and stored to each of its k rows.
 //   6. zero_rows_kernel   padding rows [offsets[e] + kept[e], offsets[e+1]) and the tail
 //                         [offsets[E], out_rows) of a worst-case-sized output are zeroed.
+// Small calls (num_tokens * k <= kSmallSlots, the decode case, and E <= kSmallMaxExperts) run
+// steps 1-4 as one block instead (small_index_kernel): warps rank their slots in turns against
+// shared-memory counters, then the block scans the segments; 3 launches in all instead of 6.
 // Every position comes from counts and stable ranks, never from the order atomics happen to
 // run in: the output is deterministic and equal to the CPU op's.
 //
@@ -33,6 +36,7 @@
 #include "kernels/exception.cuh"
 #include "kernels/float_cast.cuh"
 #include "kernels/permute.cuh"
+#include "kernels/slot_rank.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -44,6 +48,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <type_traits>
@@ -291,6 +296,73 @@ __global__ void __launch_bounds__(kIndexThreads)
   }
 }
 
+// Steps 1-4 for a small call in one block of kSmallThreads: the rank of every slot among its
+// expert's slots in slot order (rank_in_turn), kept counts, segments and their int64 offsets, and
+// row_map, all as the multi-kernel path computes them.
+constexpr int kSmallThreads = 512;  // (1024 threads would cap registers at 64: the int64 scan spilled)
+constexpr int64_t kSmallSlots = 2048;
+constexpr int64_t kSmallMaxExperts = 10240;  // int32 counters: 40 KiB of shared memory
+
+template <typename IdxT>
+__global__ void __launch_bounds__(kSmallThreads)
+    small_index_kernel(const IdxT* __restrict__ idx, int64_t num_slots, int64_t num_experts, int64_t capacity,
+                       int64_t pad_to, int64_t max_rows, int64_t* __restrict__ kept, int64_t* __restrict__ offsets,
+                       int32_t* __restrict__ tokens_per_expert, int64_t* __restrict__ total_rows,
+                       int64_t* __restrict__ invalid_ids, int64_t* __restrict__ row_map) {
+  extern __shared__ int s_count[];  // [num_experts]
+  __shared__ int s_invalid;
+  using Scan = cub::BlockScan<int64_t, kSmallThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  for (int64_t e = threadIdx.x; e < num_experts; e += kSmallThreads) s_count[e] = 0;
+  if (threadIdx.x == 0) s_invalid = 0;
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarpSize;
+  for (int64_t base = 0; base < num_slots; base += kSmallThreads) {
+    const int64_t s = base + threadIdx.x;
+    const int64_t raw = s < num_slots ? static_cast<int64_t>(idx[s]) : -1;
+    const int key = (raw >= 0 && raw < num_experts) ? static_cast<int>(raw) : -1;
+    if (raw < -1 || raw >= num_experts) atomicAdd(&s_invalid, 1);
+    int r = -1;
+#pragma unroll 1
+    for (int turn = 0; turn < kSmallThreads / kWarpSize; ++turn) {
+      if (warp == turn) r = rank_in_turn(key, s_count);
+      __syncthreads();
+    }
+    if (s < num_slots) row_map[s] = (r >= 0 && (capacity < 0 || r < capacity)) ? r : -1;  // the offset comes below
+  }
+  __syncthreads();
+
+  int64_t carry = 0;
+  for (int64_t e0 = 0; e0 < num_experts; e0 += kSmallThreads) {
+    const int64_t e = e0 + threadIdx.x;
+    int64_t k_e = 0, seg = 0;
+    if (e < num_experts) {
+      k_e = capacity >= 0 ? min(static_cast<int64_t>(s_count[e]), capacity) : s_count[e];
+      seg = max_rows >= 1 ? max_rows : (k_e + pad_to - 1) / pad_to * pad_to;
+    }
+    int64_t excl, aggregate;
+    Scan(tmp).ExclusiveSum(seg, excl, aggregate);
+    if (e < num_experts) {
+      kept[e] = k_e;
+      offsets[e] = carry + excl;
+      tokens_per_expert[e] = static_cast<int32_t>(max_rows >= 1 ? k_e : seg);
+    }
+    carry += aggregate;
+    __syncthreads();  // tmp is reused by the next chunk
+  }
+  if (threadIdx.x == 0) {
+    offsets[num_experts] = carry;
+    if (total_rows != nullptr) *total_rows = carry;
+    if (invalid_ids != nullptr) *invalid_ids = s_invalid;
+  }
+  __syncthreads();  // NOTE: the offsets written above are read by other threads of the block
+  for (int64_t s = threadIdx.x; s < num_slots; s += kSmallThreads) {
+    const int64_t r = row_map[s];
+    if (r >= 0) row_map[s] = r + offsets[static_cast<int64_t>(idx[s])];
+  }
+}
+
 // ---- permute: row stage --------------------------------------------------------------------------
 
 template <int kBytes>
@@ -434,11 +506,31 @@ int64_t kept_limit(const PermuteParams& p) {
   return p.capacity < 0 ? p.max_rows : std::min(p.capacity, p.max_rows);
 }
 
+bool small_index_disabled() {
+  static const bool disabled = [] {
+    const char* env = std::getenv("MOE_EXT_PERMUTE_SMALL_INDEX");
+    return env != nullptr && std::strcmp(env, "0") == 0;
+  }();
+  return disabled;
+}
+
+bool small_index(const PermuteParams& p) {
+  return p.small_index && !small_index_disabled() && p.num_tokens * p.k <= kSmallSlots &&
+         p.num_experts <= kSmallMaxExperts;
+}
+
 template <typename IdxT>
 void route_impl(const PermuteParams& p, cudaStream_t stream) {
   const int64_t num_slots = p.num_tokens * p.k, E = p.num_experts;
   const Tiling tiling = make_tiling(num_slots, E);
   const Workspace ws = carve(p.workspace, E, tiling.num_tiles);
+  if (small_index(p)) {
+    small_index_kernel<IdxT><<<1, kSmallThreads, E * sizeof(int), stream>>>(
+        static_cast<const IdxT*>(p.idx), num_slots, E, kept_limit(p), p.pad_to, p.max_rows, ws.kept, ws.offsets,
+        p.tokens_per_expert, p.total_rows, p.invalid_ids, p.row_map);
+    MOE_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   if (p.invalid_ids != nullptr) MOE_CUDA_CHECK(cudaMemsetAsync(p.invalid_ids, 0, sizeof(int64_t), stream));
   if (tiling.num_tiles > 0) {
     const IdxT* idx = static_cast<const IdxT*>(p.idx);
@@ -465,7 +557,7 @@ template <typename IdxT>
 void rank_impl(const PermuteParams& p, cudaStream_t stream) {
   const int64_t num_slots = p.num_tokens * p.k, E = p.num_experts;
   const Tiling tiling = make_tiling(num_slots, E);
-  if (tiling.num_tiles == 0) return;
+  if (tiling.num_tiles == 0 || small_index(p)) return;  // (the small kernel wrote row_map whole)
   const Workspace ws = carve(p.workspace, E, tiling.num_tiles);
   int end_bit = 0;  // keys are in [0, E]: enough bits for E itself
   while ((int64_t{1} << end_bit) <= E) ++end_bit;

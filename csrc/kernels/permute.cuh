@@ -39,6 +39,10 @@ struct PermuteParams {
   // tokens_per_expert holds the kept (valid) rows, and out_rows must be num_experts * max_rows.
   // Needs pad_to 1. -1: the contiguous layout.
   int64_t max_rows = -1;
+  // Calls of at most 2048 slots run their index in one block (the decode case); false forces the
+  // multi-kernel index (the same results: for tests and comparisons), as does the environment
+  // variable MOE_EXT_PERMUTE_SMALL_INDEX=0 for every call.
+  bool small_index = true;
 
   // Rows: x is [num_tokens] rows of row_bytes bytes, x_row_stride bytes apart; they move as raw
   // bytes (any element type). The widest access in {16, 8, 4, 2, 1} bytes that divides

@@ -167,9 +167,10 @@ def permute_max_rows(T, k, E, pad_to, capacity):
     return n + min(n, E) * (pad_to - 1)
 
 
-def permute(x, idx, num_experts, pad_to=1, capacity=-1, exact=True, max_rows=-1):
+def permute(x, idx, num_experts, pad_to=1, capacity=-1, exact=True, max_rows=-1, small_index=True):
     """Returns (x_perm, row_map, tokens_per_expert, total_rows, invalid_ids); x_perm is
-    [num_experts * max_rows, H] in the masked layout (max_rows >= 1)."""
+    [num_experts * max_rows, H] in the masked layout (max_rows >= 1). small_index=False forces the
+    multi-kernel index on calls the one-block index would take."""
     T, H = x.shape
     k = idx.shape[1]
     idx = idx.contiguous()
@@ -179,7 +180,7 @@ def permute(x, idx, num_experts, pad_to=1, capacity=-1, exact=True, max_rows=-1)
     total = o.new((2,), torch.int64)
     ws = o.new((lib().emu_permute_workspace(_i64(T), _i64(k), _i64(num_experts)),), torch.uint8)
     args = (_p(idx), int(idx.dtype == torch.int64), _i64(T), _i64(k), _i64(num_experts), _i64(pad_to), _i64(capacity),
-            _i64(max_rows))
+            _i64(max_rows), int(small_index))
     tot_p = ctypes.c_void_p(total.data_ptr())
     inv_p = ctypes.c_void_p(total.data_ptr() + 8)
     _call("emu_permute_route", *args, _p(row_map), _p(tpe), tot_p, inv_p, _p(ws))

@@ -125,19 +125,21 @@ size_t emu_permute_workspace(int64_t T, int64_t kk, int64_t E) { return k::permu
 
 // The index fields through permute.cuh's own helper; the caller adds what its half reads.
 static k::PermuteParams permute_params(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to,
-                                       int64_t capacity, int64_t max_rows, int64_t* row_map, int32_t* tpe,
-                                       void* workspace) {
+                                       int64_t capacity, int64_t max_rows, int small_index, int64_t* row_map,
+                                       int32_t* tpe, void* workspace) {
   k::PermuteParams p = k::permute_index_params(idx, idx64 != 0, T, kk, E, row_map, tpe, workspace);
   p.pad_to = pad_to;
   p.capacity = capacity;
   p.max_rows = max_rows;
+  p.small_index = small_index != 0;
   return p;
 }
 
 int emu_permute_route(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to, int64_t capacity,
-                      int64_t max_rows, int64_t* row_map, int32_t* tpe, int64_t* total, int64_t* invalid, void* workspace) {
+                      int64_t max_rows, int small_index, int64_t* row_map, int32_t* tpe, int64_t* total, int64_t* invalid, void* workspace) {
   return emu_guarded([&] {
-    k::PermuteParams p = permute_params(idx, idx64, T, kk, E, pad_to, capacity, max_rows, row_map, tpe, workspace);
+    k::PermuteParams p =
+        permute_params(idx, idx64, T, kk, E, pad_to, capacity, max_rows, small_index, row_map, tpe, workspace);
     p.total_rows = total;
     p.invalid_ids = invalid;
     k::permute_route(p, nullptr);
@@ -145,10 +147,11 @@ int emu_permute_route(const void* idx, int idx64, int64_t T, int64_t kk, int64_t
 }
 
 int emu_permute_scatter(const void* idx, int idx64, int64_t T, int64_t kk, int64_t E, int64_t pad_to,
-                        int64_t capacity, int64_t max_rows, const void* x, int64_t row_bytes, int64_t x_row_stride, void* x_perm,
+                        int64_t capacity, int64_t max_rows, int small_index, const void* x, int64_t row_bytes, int64_t x_row_stride, void* x_perm,
                         int64_t out_rows, int64_t* row_map, int32_t* tpe, void* workspace) {
   return emu_guarded([&] {
-    k::PermuteParams p = permute_params(idx, idx64, T, kk, E, pad_to, capacity, max_rows, row_map, tpe, workspace);
+    k::PermuteParams p =
+        permute_params(idx, idx64, T, kk, E, pad_to, capacity, max_rows, small_index, row_map, tpe, workspace);
     p.x = x;
     p.row_bytes = row_bytes;
     p.x_row_stride = x_row_stride;

@@ -20,8 +20,7 @@
 // with, for the ipc rows:
 //   dispatch = ep_dispatch_begin, then in the exact layout cudaEventSynchronize(counted) +
 //     SymmetricBuffer::recv_total() + recv_x grown if needed, then ep_dispatch_finish
-//   (untimed, after the dispatch's end event: combine_map[t, j] = t * k + j where
-//     slot_rows[t, j] >= 0, else -1)
+//   (the dispatch's kernels also write the combine's row map, EpParams::slot_map)
 //   combine = ep_combine(y = the unmodified recv_x, float32 weights)
 // so the exact layout's host read of the row count is inside the dispatch time. --masked uses
 // the no-sync layout, max_rows = ranks * T rows per local expert (every row fits: a token has
@@ -48,8 +47,8 @@
 //   combine: every kept expert row gathered into that order, alltoallv back to its source, and
 //     unpermute there (the k rows of a token summed in float32 with the weights, slot order).
 //   The two extra index passes are the plan a combine needs, so they count in the dispatch time
-//   (the ipc rows' combine_map is outside both times). Every wait is NcclComm::wait, bounded by
-//   --ep-timeout-s.
+//   (the ipc dispatch writes its combine map in its send kernel). Every wait is NcclComm::wait,
+//   bounded by --ep-timeout-s.
 //
 // Bytes (issue 7, "Target"), the same for both backends:
 //   dispatch: the payload bytes the ranks send: one row (hidden * element size) per (token,
@@ -462,12 +461,6 @@ std::string ep_error_text(const kernels::EpError& e) {
   return buf;
 }
 
-__global__ void combine_map_kernel(const int64_t* __restrict__ slot_rows, int64_t n, int64_t* __restrict__ map) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    map[i] = slot_rows[i] >= 0 ? i : -1;
-}
-
 struct Row {  // one table row, rank 0's
   std::string backend;
   Case c;
@@ -808,6 +801,7 @@ class RankRunner {
     p.scratch = scratch.get();
     p.slot_rows = slot_rows.get();
     p.stage_rows = stage_rows.get();
+    p.slot_map = combine_map.get();
     p.tokens_per_expert = tpe.get();
     if (cfg_.masked) {
       const int64_t cap = El * max_rows;
@@ -831,11 +825,6 @@ class RankRunner {
       comm::ep_dispatch_finish(p, stream_);
     };
     auto dispatch_done = [&] {
-      if (T * k > 0) {  // untimed: after the dispatch's end event, before the combine's start
-        combine_map_kernel<<<grid_for(T * k, kThreads), kThreads, 0, stream_>>>(slot_rows.get(), T * k,
-                                                                                combine_map.get());
-        MOE_CUDA_CHECK(cudaGetLastError());
-      }
       MOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
       check_ep("dispatch");
     };

@@ -387,11 +387,7 @@ class IpcBackend:
             grown = list(self._sizes)
             grown[3] = max(int(value), (grown[3] * 3 + 1) // 2)
             self._allocate(tuple(grown))
-        with torch.cuda.stream(self.stream):  # NOTE: the dispatch's kernels write slot_rows on this stream
-            slot_rows = plan[1]
-            row_map = torch.where(slot_rows >= 0,
-                                  torch.arange(slot_rows.numel(), device=slot_rows.device).view_as(slot_rows),
-                                  torch.full_like(slot_rows, -1))
+        row_map = plan[8]  # t * k + j where slot (t, j) has a row, else -1: written by the dispatch's kernels
         self._leave(cur, [recv_x, recv_scale, tpe, row_map, *plan], opts.async_op)
         if opts.sync:
             self.check()

@@ -378,6 +378,7 @@ __global__ void __launch_bounds__(kRowThreads) send_tokens_kernel(EpParams p, bo
           }
           p.slot_rows[s] = row;
           p.stage_rows[s] = stage;
+          if (p.slot_map != nullptr) p.slot_map[s] = row >= 0 ? s : -1;
         }
       }
       if (!grad && p.partial_map != nullptr) {

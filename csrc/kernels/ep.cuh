@@ -171,6 +171,8 @@ struct EpParams {
                                          // this rank's tokens to that destination (else -1)
   int64_t* partial_map = nullptr;        // [T, k] or null: t * k + j on each destination's first kept
                                          // slot of the token, else -1 (the partial combine's row map)
+  int64_t* slot_map = nullptr;           // [T, k] or null: t * k + j where the slot has a row (slot_rows
+                                         // >= 0), else -1 (the per-slot combine's row map; dispatch)
 
   // Receiving side.
   void* recv_x = nullptr;             // exact: [recv_rows] rows; masked: [El * max_rows] rows

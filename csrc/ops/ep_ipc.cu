@@ -147,8 +147,10 @@ class IpcComm : public torch::CustomClassHolder {
   }
 
   // -> [recv_x, recv_scale (empty without x_scale), tokens_per_expert, scratch, slot_rows,
-  //     stage_rows, back_map, partial_map, part_rows, part_w, part_dst] (the last four empty
-  //     without `weights`: given, they travel with the tokens for a partial combine). An error
+  //     stage_rows, back_map, partial_map, part_rows, part_w, part_dst, slot_map] (partial_map to
+  //     part_dst empty without `weights`: given, they travel with the tokens for a partial
+  //     combine; slot_map: t * k + j where slot (t, j) has a row, else -1, the per-slot
+  //     combine's row map, written by the dispatch's kernels rather than three more launches). An error
   //     recorded by the kernels leaves recv_x with 0 rows (exact layout): the caller reads error().
   std::vector<Tensor> dispatch(const Tensor& x, const Tensor& idx_in, const c10::optional<Tensor>& x_scale,
                                int64_t num_experts, int64_t pad_to, int64_t capacity, int64_t max_rows,
@@ -179,7 +181,7 @@ class IpcComm : public torch::CustomClassHolder {
     }
     const auto iopt = x.options().dtype(at::kLong);
     Tensor scratch = at::empty({kernels::ep_scratch_len(W, num_experts)}, iopt);
-    Tensor slot_rows = at::empty({T, k}, iopt), stage_rows = at::empty({T, k}, iopt);
+    Tensor slot_rows = at::empty({T, k}, iopt), stage_rows = at::empty({T, k}, iopt), slot_map = at::empty({T, k}, iopt);
     // NOTE: zeros, not empty: if the count exchange fails (a peer times out) the kernels stop
     // before writing the counts, and a no-sync caller runs its expert GEMMs before the error is
     // seen at the next call; zero counts make those compute nothing instead of reading garbage.
@@ -189,6 +191,7 @@ class IpcComm : public torch::CustomClassHolder {
     p.scratch = scratch.data_ptr<int64_t>();
     p.slot_rows = slot_rows.data_ptr<int64_t>();
     p.stage_rows = stage_rows.data_ptr<int64_t>();
+    p.slot_map = slot_map.data_ptr<int64_t>();
     p.tokens_per_expert = tpe.data_ptr<int32_t>();
     Tensor w, partial_map, part_rows, part_w, part_dst;
     if (weights.has_value()) {
@@ -238,7 +241,8 @@ class IpcComm : public torch::CustomClassHolder {
     const Tensor none = at::empty({0}, iopt);
     return {recv_x, recv_scale.defined() ? recv_scale : at::empty({0}, x.options().dtype(at::kFloat)), tpe, scratch,
             slot_rows, stage_rows, back_map, partial_map.defined() ? partial_map : none,
-            part_rows.defined() ? part_rows : none, part_w.defined() ? part_w : none, part_dst.defined() ? part_dst : none};
+            part_rows.defined() ? part_rows : none, part_w.defined() ? part_w : none, part_dst.defined() ? part_dst : none,
+            slot_map};
   }
 
   // out [T, H] = sum_j w[t, j] * y[row of (t, j)] (plain sum without weights); also the k rows
@@ -264,9 +268,7 @@ class IpcComm : public torch::CustomClassHolder {
       }
       return {out, at::empty({0, y.size(1)}, y.options()), plan[4]};
     }
-    const Tensor slot_rows = plan[1];
-    const Tensor combine_map =
-        at::where(slot_rows >= 0, at::arange(T * k, slot_rows.options()).view({T, k}), at::full_like(slot_rows, -1));
+    const Tensor& combine_map = plan[8];
     Tensor w;
     if (weights.has_value()) w = weights->to(at::kFloat).contiguous();
     Tensor out = at::empty({T, y.size(1)}, y.options());
@@ -340,12 +342,12 @@ class IpcComm : public torch::CustomClassHolder {
     return p;
   }
 
-  // plan = [scratch, slot_rows, stage_rows, back_map, partial_map, part_rows, part_w, part_dst] (the
-  // last four empty without a partial plan); call = [num_experts, pad_to, capacity, max_rows,
-  // dtype_code, recv_rows, part_grad].
+  // plan = [scratch, slot_rows, stage_rows, back_map, partial_map, part_rows, part_w, part_dst,
+  // slot_map] (partial_map to part_dst empty without a partial plan); call = [num_experts, pad_to,
+  // capacity, max_rows, dtype_code, recv_rows, part_grad].
   kernels::EpParams plan_params(const Tensor& idx, const std::vector<Tensor>& plan, const std::vector<int64_t>& call,
                                 int64_t row_bytes) {
-    TORCH_CHECK(plan.size() == 8 && call.size() == 7, "moe_ext ipc backend: malformed plan");
+    TORCH_CHECK(plan.size() == 9 && call.size() == 7, "moe_ext ipc backend: malformed plan");
     const Tensor& slot_rows = plan[1];
     kernels::EpParams p = call_params(slot_rows.size(0), slot_rows.size(1), call[0], call[1], call[2], call[3],
                                       row_bytes, call[4]);

@@ -26,7 +26,7 @@ struct Rank {
   int64_t host_words[2] = {0, 0};
   // The last dispatch's plan and outputs.
   k::EpParams p;
-  std::vector<int64_t> scratch, slot_rows, stage_rows, back_map, combine_map;
+  std::vector<int64_t> scratch, slot_rows, stage_rows, back_map, slot_map;
   std::vector<int64_t> partial_map, part_rows, part_dst;  // the partial combine's plan
   std::vector<float> part_w, grad_w;
   std::vector<int32_t> tpe;
@@ -151,11 +151,13 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
     rank.scratch.assign(k::ep_scratch_len(W, num_experts), -7);
     rank.slot_rows.assign(T * k_, -7);
     rank.stage_rows.assign(T * k_, -7);
+    rank.slot_map.assign(T * k_, -7);
     rank.tpe.assign(El, 0);
     rank.workspace.assign(c::ep_dispatch_workspace_bytes(T, k_, num_experts, W), 0xEE);
     p.scratch = rank.scratch.data();
     p.slot_rows = rank.slot_rows.data();
     p.stage_rows = rank.stage_rows.data();
+    p.slot_map = rank.slot_map.data();
     p.tokens_per_expert = rank.tpe.data();
     if (partial) {
       const int64_t staged = W * ep.layout.sizes.max_tokens;
@@ -191,6 +193,13 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
       for (size_t g = 0; g < rank.part_dst.size(); ++g)
         if (rank.part_dst[g] < -1)
           throw std::runtime_error("ep_dispatch left part_dst[" + std::to_string(g) + "] unwritten");
+    // slot_map: the combine's row map, t * k + j on every slot with a row, -1 on the others.
+    if (rank.error.code == k::kEpOk)
+      for (int64_t i = 0; i < T * k_; ++i)
+        if (rank.slot_map[i] != (rank.slot_rows[i] >= 0 ? i : -1))
+          throw std::runtime_error("ep_dispatch wrote slot_map[" + std::to_string(i) + "] = " +
+                                   std::to_string(rank.slot_map[i]) + " for slot row " +
+                                   std::to_string(rank.slot_rows[i]));
     rank.rows = rows;
     rank.p = p;
   });
@@ -213,12 +222,8 @@ int emu_ep_combine(void* h, const int* participate, const void* const* y, const 
       c::ep_combine_partial(p, static_cast<k::PermuteFloat>(dtype), partial == 1, rank.out.data(), nullptr);
       return;
     }
-    rank.combine_map.assign(T * kk, -1);
-    for (int64_t i = 0; i < T * kk; ++i)
-      if (rank.slot_rows[i] >= 0) rank.combine_map[i] = i;
     rank.out.assign(static_cast<size_t>(T * p.row_bytes) + 16, 0xEE);
-    c::ep_combine(p, static_cast<k::PermuteFloat>(dtype), rank.combine_map.data(), weights[r], rank.out.data(),
-                  nullptr);
+    c::ep_combine(p, static_cast<k::PermuteFloat>(dtype), rank.slot_map.data(), weights[r], rank.out.data(), nullptr);
     if (keep_rows) {
       const k::EpSizes& s = ep.layout.sizes;
       rank.back_rows.assign(static_cast<size_t>(T * kk * p.row_bytes), 0);

@@ -822,6 +822,7 @@ def test_ep_ipc_failures_name_the_rank(emu, seed):
         for r in (0, 1):
             assert res[r]["error"]["code"] == 1 and res[r]["error"]["rank"] == 2, res[r]
             assert res[r]["recv_x"].shape[0] == 0
+            assert (res[r]["tpe"] == 0).all()  # poisoned before: a no-sync caller's GEMMs then compute nothing
         # The communicator stays broken: combine's output is NaN, never a plausible sum.
         cres = ep.combine([res[0]["recv_x"], res[1]["recv_x"], None], [torch.rand(T, k) for T in Ts],
                           participate=[1, 1, 0], timeout_s=0.3)
@@ -849,7 +850,7 @@ def test_ep_ipc_failures_name_the_rank(emu, seed):
             e = res[r]["error"]
             assert e["code"] == 2 and e["rank"] == 1 and e["field"] == 12 and e["value"] == 1, e
         assert res[1]["error"]["field"] == 12 and res[1]["error"]["mine"] == 1
-        assert all(d["recv_x"].shape[0] == 0 for d in res)
+        assert all(d["recv_x"].shape[0] == 0 and (d["tpe"] == 0).all() for d in res)
     finally:
         ep.close()
     # A rank that misses a combine after a good dispatch: the others time out naming it, and their

@@ -194,6 +194,10 @@ __global__ void __launch_bounds__(kCountThreads) exchange_counts_kernel(EpParams
     s_seq = ++p.control->seq;
     s_bad = 0;
   }
+  // NOTE: zero first, failed or not: a no-sync caller runs its expert GEMMs on these counts before
+  // it can see an error (at its next call), and zero counts make them compute nothing.
+  if (p.tokens_per_expert != nullptr)
+    for (int64_t el = threadIdx.x; el < El; el += blockDim.x) p.tokens_per_expert[el] = 0;
   __syncthreads();
   const uint64_t seq = s_seq;
   if (failed(p)) return;

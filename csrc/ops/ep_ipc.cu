@@ -182,10 +182,9 @@ class IpcComm : public torch::CustomClassHolder {
     const auto iopt = x.options().dtype(at::kLong);
     Tensor scratch = at::empty({kernels::ep_scratch_len(W, num_experts)}, iopt);
     Tensor slot_rows = at::empty({T, k}, iopt), stage_rows = at::empty({T, k}, iopt), slot_map = at::empty({T, k}, iopt);
-    // NOTE: zeros, not empty: if the count exchange fails (a peer times out) the kernels stop
-    // before writing the counts, and a no-sync caller runs its expert GEMMs before the error is
-    // seen at the next call; zero counts make those compute nothing instead of reading garbage.
-    Tensor tpe = at::zeros({El}, x.options().dtype(at::kInt));
+    // NOTE: the count exchange zeroes it before anything can fail (no memset launch here): a
+    // no-sync caller runs its expert GEMMs before it sees an error, on zero counts then.
+    Tensor tpe = at::empty({El}, x.options().dtype(at::kInt));
     Tensor workspace = at::empty(
         {static_cast<int64_t>(comm::ep_dispatch_workspace_bytes(T, k, num_experts, W))}, x.options().dtype(at::kByte));
     p.scratch = scratch.data_ptr<int64_t>();

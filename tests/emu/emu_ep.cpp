@@ -152,7 +152,7 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
     rank.slot_rows.assign(T * k_, -7);
     rank.stage_rows.assign(T * k_, -7);
     rank.slot_map.assign(T * k_, -7);
-    rank.tpe.assign(El, 0);
+    rank.tpe.assign(El, -7);  // poisoned: the count exchange zeroes it, failed or not
     rank.workspace.assign(c::ep_dispatch_workspace_bytes(T, k_, num_experts, W), 0xEE);
     p.scratch = rank.scratch.data();
     p.slot_rows = rank.slot_rows.data();

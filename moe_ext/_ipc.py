@@ -367,19 +367,15 @@ class IpcBackend:
         # NOTE: never this rank's own T here: the ranks must size their buffers alike. A rank with
         # more tokens than the buffer holds is seen by all in the count exchange; all grow then.
         self.reserve(opts.max_tokens or 0, row_bytes, k, num_experts, scale_cols)
-        # NOTE: a copy, not the caller's tensor: combine and the backward re-read idx (the plan), and
-        # an in-place change of the caller's idx in between would silently misroute them.
-        idx = idx.clone(memory_format=torch.contiguous_format)
         max_rows = -1 if opts.sync else opts.max_rows
         capacity = -1 if opts.capacity is None else opts.capacity
         call = [num_experts, opts.pad_to, capacity, max_rows, _dtype_code(x.dtype)]
         for attempt in range(2):
             cur = self._enter([x, idx, scale, w if opts.partial else None])
             with torch.cuda.stream(self.stream):
-                recv_x, recv_scale, tpe, *plan = self._run(self._c.dispatch, x, idx, scale, num_experts, opts.pad_to,
-                                                            capacity, max_rows, call[-1], 0,
-                                                            w.detach() if opts.partial else None,
-                                                            bool(opts.partial and opts.partial_grad))
+                recv_x, recv_scale, tpe, *plan, idx_copy = self._run(
+                    self._c.dispatch, x, idx, scale, num_experts, opts.pad_to, capacity, max_rows, call[-1], 0,
+                    w.detach() if opts.partial else None, bool(opts.partial and opts.partial_grad))
             code, _, _, _, value, _, _ = self._c.error() if opts.sync else (0,) * 7
             if code != _TOO_MANY or attempt == 1:
                 break
@@ -388,10 +384,12 @@ class IpcBackend:
             grown[3] = max(int(value), (grown[3] * 3 + 1) // 2)
             self._allocate(tuple(grown))
         row_map = plan[8]  # t * k + j where slot (t, j) has a row, else -1: written by the dispatch's kernels
-        self._leave(cur, [recv_x, recv_scale, tpe, row_map, *plan], opts.async_op)
+        self._leave(cur, [recv_x, recv_scale, tpe, idx_copy, *plan], opts.async_op)
         if opts.sync:
             self.check()
-        ipc_plan = _IpcPlan(idx, plan, call + [plan[3].shape[0], int(opts.partial and opts.partial_grad)],
+        # NOTE: the plan keeps the dispatch's copy of idx, not the caller's tensor: combine and the
+        # backward re-read it, and an in-place change of the caller's idx in between would misroute them.
+        ipc_plan = _IpcPlan(idx_copy, plan, call + [plan[3].shape[0], int(opts.partial and opts.partial_grad)],
                             recv_scale if scale is not None else None)
         return recv_x, tpe, ipc_plan, row_map
 

@@ -62,12 +62,14 @@ def _inputs(world, rank, seed, dtype, hidden, k, epr, max_t, skew=False, min_t=1
     return E, x, idx, w, gout
 
 
-def _run(x, idx, w, gout, E, backend, **kw):
+def _run(x, idx, w, gout, E, backend, clobber_idx=False, **kw):
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
     recv, tpe, h = moe_ext.dispatch(x, idx, w, E, backend=backend, **kw)
     if kw.get("async_op"):
         h.wait()
+    if clobber_idx:  # the plan keeps the dispatch's own copy: combine and backward must not see this
+        idx.fill_(-1)
     # NOTE: not detached: x's gradient flows back through it (dispatch's backward, a combine)
     y = (recv.float() * 1.5 - 0.25).to(recv.dtype)  # an "expert"
     y.retain_grad()
@@ -105,7 +107,8 @@ def _world_cases(rank, world, seed):
             E, x, idx, w, gout = _inputs(world, rank, seed + i, dtype, hidden, k, epr, max_t, skew and k > 1)
             what = f"case {i} skew={skew} rank {rank}/{world}"
             ref = _run(x, idx, w, gout, E, "gloo", pad_to=pad_to, capacity=cap)
-            got = _run(x.to(dev), idx.to(dev), w.to(dev), gout.to(dev), E, "ipc", pad_to=pad_to, capacity=cap)
+            got = _run(x.to(dev), idx.to(dev), w.to(dev), gout.to(dev), E, "ipc", pad_to=pad_to, capacity=cap,
+                       clobber_idx=True)
             _compare(ref, got, what + " exact")
             mt = max_t
             ref = _run(x, idx, w, gout, E, "gloo", capacity=cap, sync=False, max_tokens=mt)

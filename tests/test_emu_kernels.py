@@ -539,7 +539,10 @@ def _check_ep_case(emu, world, xs, idxs, ws, gs, a, b, num_experts, pad_to=1, ca
     bounds = [0] + torch.cumsum(tpe_all.long(), 0).tolist()
     ep = _ep_world(emu, xs, idxs, num_experts, max_tokens=max_tokens)
     try:
-        res = ep.dispatch(xs, idxs, num_experts, pad_to=pad_to, capacity=capacity, num_blocks=num_blocks)
+        callers = [i.clone() for i in idxs]
+        res = ep.dispatch(xs, callers, num_experts, pad_to=pad_to, capacity=capacity, num_blocks=num_blocks)
+        for i in callers:  # the plan reads the dispatch's own copy of idx (EpParams::idx_copy), not these
+            i.fill_(-1)
         ys = []
         for r, d in enumerate(res):
             assert d["exc"] == "" and d["error"]["code"] == 0, (r, d["exc"], d["error"])

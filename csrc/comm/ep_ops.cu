@@ -84,8 +84,11 @@ void ep_dispatch_begin(kernels::EpParams& p, void* workspace, cudaEvent_t counte
   // among this rank's tokens to a destination (keys: its first slot on each destination).
   // A small call (decode) does it in one launch instead of about nine.
   if (kernels::ep_small_index_fits(p)) {
-    kernels::ep_small_index(p, w.expert_rows, w.hist, w.dest_rows, w.tok, stream);
+    kernels::ep_small_index(p, w.expert_rows, w.hist, w.dest_rows, w.tok, stream);  // (and idx_copy)
   } else {
+    if (p.idx_copy != nullptr && p.num_tokens * p.k > 0)
+      MOE_CUDA_CHECK(cudaMemcpyAsync(p.idx_copy, p.idx, (p.idx_is_int64 ? 8 : 4) * p.num_tokens * p.k,
+                                     cudaMemcpyDeviceToDevice, stream));
     kernels::ep_destination_keys(p, w.dest_keys, stream);
     index_pass(p.idx, p.idx_is_int64, p.num_tokens, p.k, p.num_experts, w.expert_rows, w.hist, w.permute, stream);
     index_pass(w.dest_keys, true, p.num_tokens, p.k, p.world, w.dest_rows, w.tok, w.permute, stream);

@@ -155,6 +155,9 @@ struct EpParams {
   // This rank's tokens.
   const void* idx = nullptr;  // [T, k] int32 or int64 global expert ids, -1 = not routed
   bool idx_is_int64 = true;
+  void* idx_copy = nullptr;   // [T, k] like idx, or null: the dispatch copies idx here (the plan the
+                              // combine reads, safe from later changes to the caller's idx); the
+                              // one-block index writes it as it reads idx, else a device copy
   const void* x = nullptr;    // [T] rows of row_bytes, x_row_stride bytes apart (16-byte aligned)
   int64_t x_row_stride = 0;
   const float* x_scale = nullptr;  // [T, scale_cols] or null
@@ -200,8 +203,8 @@ struct EpParams {
 void ep_destination_keys(const EpParams& p, int64_t* dest_keys, cudaStream_t stream);
 // The whole local index of a small dispatch (T * k <= kEpSmallIndexSlots) in one launch
 // (ep_index.cu): the expert_rows / hist and dest_rows / tok that ep_destination_keys and two
-// permute index passes give. ep_small_index_fits: whether it applies (MOE_EXT_EP_SMALL_INDEX=0
-// turns it off).
+// permute index passes give, and p.idx_copy when set. ep_small_index_fits: whether it applies
+// (MOE_EXT_EP_SMALL_INDEX=0 turns it off).
 constexpr int64_t kEpSmallIndexSlots = 2048;
 bool ep_small_index_fits(const EpParams& p);
 void ep_small_index(const EpParams& p, int64_t* expert_rows, int32_t* hist, int64_t* dest_rows, int32_t* tok,

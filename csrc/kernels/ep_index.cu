@@ -51,7 +51,8 @@ template <typename IdxT>
 __global__ void __launch_bounds__(kThreads)
     small_index_kernel(const IdxT* __restrict__ idx, int64_t num_tokens, int64_t k, int64_t num_experts,
                        int64_t local_experts, int world, int64_t* __restrict__ expert_rows,
-                       int32_t* __restrict__ hist, int64_t* __restrict__ dest_rows, int32_t* __restrict__ tok) {
+                       int32_t* __restrict__ hist, int64_t* __restrict__ dest_rows, int32_t* __restrict__ tok,
+                       IdxT* __restrict__ idx_copy) {
   extern __shared__ int s_count[];  // [num_experts] then [world]
   int* ce = s_count;
   int* cd = s_count + num_experts;
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
     if (s < n) {
+      if (idx_copy != nullptr) idx_copy[s] = idx[s];
       expert_rows[s] = re;  // ranks for now; the offsets are added below
       dest_rows[s] = rd;
     }
@@ -131,11 +133,11 @@ void ep_small_index(const EpParams& p, int64_t* expert_rows, int32_t* hist, int6
   if (p.idx_is_int64)
     small_index_kernel<int64_t><<<1, kThreads, smem, stream>>>(static_cast<const int64_t*>(p.idx), p.num_tokens,
                                                                p.k, p.num_experts, el, p.world, expert_rows, hist,
-                                                               dest_rows, tok);
+                                                               dest_rows, tok, static_cast<int64_t*>(p.idx_copy));
   else
     small_index_kernel<int32_t><<<1, kThreads, smem, stream>>>(static_cast<const int32_t*>(p.idx), p.num_tokens,
                                                                p.k, p.num_experts, el, p.world, expert_rows, hist,
-                                                               dest_rows, tok);
+                                                               dest_rows, tok, static_cast<int32_t*>(p.idx_copy));
   MOE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -150,7 +150,8 @@ class IpcComm : public torch::CustomClassHolder {
   //     stage_rows, back_map, partial_map, part_rows, part_w, part_dst, slot_map] (partial_map to
   //     part_dst empty without `weights`: given, they travel with the tokens for a partial
   //     combine; slot_map: t * k + j where slot (t, j) has a row, else -1, the per-slot
-  //     combine's row map, written by the dispatch's kernels rather than three more launches). An error
+  //     combine's row map, written by the dispatch's kernels rather than three more launches), then
+  //     idx_copy (idx as the plan keeps it: the caller may change its own afterwards). An error
   //     recorded by the kernels leaves recv_x with 0 rows (exact layout): the caller reads error().
   std::vector<Tensor> dispatch(const Tensor& x, const Tensor& idx_in, const c10::optional<Tensor>& x_scale,
                                int64_t num_experts, int64_t pad_to, int64_t capacity, int64_t max_rows,
@@ -191,6 +192,8 @@ class IpcComm : public torch::CustomClassHolder {
     p.slot_rows = slot_rows.data_ptr<int64_t>();
     p.stage_rows = stage_rows.data_ptr<int64_t>();
     p.slot_map = slot_map.data_ptr<int64_t>();
+    Tensor idx_copy = at::empty({T, k}, idx.options());
+    p.idx_copy = idx_copy.data_ptr();
     p.tokens_per_expert = tpe.data_ptr<int32_t>();
     Tensor w, partial_map, part_rows, part_w, part_dst;
     if (weights.has_value()) {
@@ -241,7 +244,7 @@ class IpcComm : public torch::CustomClassHolder {
     return {recv_x, recv_scale.defined() ? recv_scale : at::empty({0}, x.options().dtype(at::kFloat)), tpe, scratch,
             slot_rows, stage_rows, back_map, partial_map.defined() ? partial_map : none,
             part_rows.defined() ? part_rows : none, part_w.defined() ? part_w : none, part_dst.defined() ? part_dst : none,
-            slot_map};
+            slot_map, idx_copy};
   }
 
   // out [T, H] = sum_j w[t, j] * y[row of (t, j)] (plain sum without weights); also the k rows

@@ -9,6 +9,7 @@
 #include "kernels/ep.cuh"
 
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -30,7 +31,7 @@ struct Rank {
   std::vector<int64_t> partial_map, part_rows, part_dst;  // the partial combine's plan
   std::vector<float> part_w, grad_w;
   std::vector<int32_t> tpe;
-  std::vector<unsigned char> recv_x, out, back_rows, grad_y, workspace;
+  std::vector<unsigned char> recv_x, out, back_rows, grad_y, workspace, idx_copy;
   std::vector<float> recv_scale;
   int64_t rows = 0;
   std::string exc;
@@ -158,6 +159,9 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
     p.slot_rows = rank.slot_rows.data();
     p.stage_rows = rank.stage_rows.data();
     p.slot_map = rank.slot_map.data();
+    const size_t idx_bytes = static_cast<size_t>(T * k_) * (idx64[r] ? 8 : 4);
+    rank.idx_copy.assign(idx_bytes + 1, 0xEE);  // (+1: a valid pointer when T = 0)
+    p.idx_copy = rank.idx_copy.data();
     p.tokens_per_expert = rank.tpe.data();
     if (partial) {
       const int64_t staged = W * ep.layout.sizes.max_tokens;
@@ -200,6 +204,10 @@ int emu_ep_dispatch(void* h, const int* participate, const int64_t* num_tokens, 
           throw std::runtime_error("ep_dispatch wrote slot_map[" + std::to_string(i) + "] = " +
                                    std::to_string(rank.slot_map[i]) + " for slot row " +
                                    std::to_string(rank.slot_rows[i]));
+    // idx_copy: the plan's idx (what the combine and the backward read), written by the dispatch.
+    if (idx_bytes > 0 && std::memcmp(rank.idx_copy.data(), idx[r], idx_bytes) != 0)
+      throw std::runtime_error("ep_dispatch left idx_copy unlike idx");
+    p.idx = rank.idx_copy.data();
     rank.rows = rows;
     rank.p = p;
   });

@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cuda_timer import CudaTimer
 
 import moe_ext
 
@@ -47,40 +48,14 @@ def torch_decode(layer, x):
     return out.to(x.dtype)
 
 
-def timed(fn, iters, device, flush_buf):
-    """Median microseconds of fn() (CUDA events on CUDA, perf_counter on the CPU)."""
-    if device.type == "cpu":
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(times)
+def cpu_timed(fn, iters):
+    """Median microseconds of fn() on the CPU."""
     times = []
-    for i in range(iters):
-        if flush_buf is not None:
-            flush_buf.fill_(i & 0xFF)
-        torch.cuda.synchronize()  # NOTE: the host's launch overhead falls inside the events
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    for _ in range(iters):
+        t0 = time.perf_counter()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append((time.perf_counter() - t0) * 1e6)
     return statistics.median(times)
-
-
-def graphed(fn, device):
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def main():
@@ -97,10 +72,11 @@ def main():
         print("layer_decode_bench: no CUDA device; skipped")
         return 0
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    flush = None
-    if device.type == "cuda" and not args.no_flush:
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
-        flush = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+    if device.type == "cuda":
+        timer = CudaTimer(args.iters, 5, not args.no_flush)
+        eager, graph = (lambda fn: timer.eager(fn)[0]), (lambda fn: timer.graph(fn)[0])
+    else:
+        eager, graph = (lambda fn: cpu_timed(fn, args.iters)), (lambda fn: float("nan"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# layer_decode_bench: {name}, torch {torch.__version__}, {dtype}, median of {args.iters}")
     print(f"# {'shape':<12} {'T':>4} {'floor us':>9} {'decode eager':>13} {'decode graph':>13} "
@@ -117,20 +93,20 @@ def main():
                 _, idx, _ = layer.route(x)
                 used = int(torch.unique(idx[idx >= 0]).numel())
                 floor_us = used * 3 * H * Fh * layer.w1.element_size() / 2.95e12 * 1e6
-                t = {"decode eager": timed(lambda: layer(x, decode=True), args.iters, device, flush),
-                     "fwd eager": timed(lambda: layer(x), args.iters, device, flush),
-                     "torch eager": timed(lambda: torch_decode(layer, x), args.iters, device, flush)}
-                t["decode graph"] = (timed(graphed(lambda: layer(x, decode=True), device), args.iters, device, flush)
-                                     if device.type == "cuda" else float("nan"))
+                t = {"decode eager": eager(lambda: layer(x, decode=True)), "fwd eager": eager(lambda: layer(x)),
+                     "torch eager": eager(lambda: torch_decode(layer, x)),
+                     "decode graph": graph(lambda: layer(x, decode=True))}
                 torch.testing.assert_close(layer(x, decode=True).float(), torch_decode(layer, x).float(),
                                            rtol=2e-2, atol=2e-2)
             print(f"  {shape:<12} {T:>4} {floor_us:9.1f} {t['decode eager']:13.1f} {t['decode graph']:13.1f} "
                   f"{t['fwd eager']:10.1f} {t['torch eager']:12.1f} {floor_us / t['decode graph']:11.0%}")
+            times = {key.replace(" ", "_") + "_us": v for key, v in t.items()}
             rows.append(dict(shape=shape, T=T, H=H, F=Fh, E=E, k=k, experts_used=used, floor_us=floor_us,
-                             device=name, dtype=str(dtype), **{key.replace(" ", "_") + "_us": v for key, v in t.items()}))
+                             device=name, dtype=str(dtype), **times))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(benchmark="layer_decode_bench", device=name, torch=torch.__version__, rows=rows), f, indent=2)
+            json.dump(dict(benchmark="layer_decode_bench", device=name, torch=torch.__version__, rows=rows), f,
+                      indent=2)
     return 0
 
 

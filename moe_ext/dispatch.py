@@ -401,19 +401,16 @@ class _AllToAllBackend:
         if opts.sync:
             return self._dispatch(x, idx, w, opts.num_experts, opts.pad_to, opts.capacity, opts.requires_grad,
                                   opts.x_scale, opts.partial, opts.partial_grad)
+        # NOTE: the capacity the header carries is the effective one, so that ranks with different
+        # max_tokens (hence max_rows) disagree in the exchange rather than mis-size their layouts.
         cap = opts.max_rows if opts.capacity is None else min(opts.capacity, opts.max_rows)
-        flat, kept, plan, row_map = self._dispatch(x, idx, w, opts.num_experts, 1, cap, opts.requires_grad,
-                                                   opts.x_scale, opts.partial, opts.partial_grad)
-        recv_x, where = _to_masked(flat, kept, opts.max_rows)
-        plan.back_rows = where.index_select(0, plan.back_rows)
-        plan.recv_row_map = _remap_rows(plan.recv_row_map, where)
-        if plan.recv_x_scale is not None:
-            s = plan.recv_x_scale
-            plan.recv_x_scale = _to_masked(s, kept, opts.max_rows)[0].reshape(-1, s.shape[1])
-        return recv_x, kept, plan, row_map
+        return self._dispatch(x, idx, w, opts.num_experts, 1, cap, opts.requires_grad, opts.x_scale, opts.partial,
+                              opts.partial_grad, max_rows=opts.max_rows)
 
     def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad, x_scale=None, partial=False,
-                  partial_grad=False):
+                  partial_grad=False, max_rows=None):
+        """The exact layout, or with max_rows the masked one (straight from the receiver's permute:
+        every row index of the plan is then a row of recv_x viewed [E_local * max_rows, H])."""
         world = self.world
         problem = _input_problem(x, idx, w, num_experts)
         scale = None
@@ -458,7 +455,7 @@ class _AllToAllBackend:
         recv_scale = rest
         recv_x, recv_row_map, tokens_per_expert, *recv_x_scale = permute(
             recv_tok, recv_experts, num_experts // world, pad_to=pad_to, capacity=capacity, sync=True,
-            x_scale=recv_scale[0] if recv_scale else None)
+            x_scale=recv_scale[0] if recv_scale else None, max_rows=max_rows)
 
         # Slots that arrived here, by (source, token, slot); which were kept (capacity drops the rest).
         source = torch.repeat_interleave(torch.arange(world, device=dev),
@@ -630,26 +627,6 @@ def masked_rows(world_size, max_tokens, capacity=None, pad_to=1):
     """
     rows = capacity if capacity is not None else world_size * max_tokens
     return max(1, -(-rows // pad_to) * pad_to)
-
-
-def _to_masked(recv_x, kept, max_rows):
-    """recv_x [R, H] expert-major (pad_to=1, kept[e] rows each) -> ([E, max_rows, H] with rows past
-    kept zero, the [R] index of every row in it). Device ops only, no host synchronisation."""
-    E, H = kept.shape[0], recv_x.shape[1]
-    ends = torch.cumsum(kept.long(), 0)
-    rows = torch.arange(recv_x.shape[0], device=recv_x.device)
-    e = torch.searchsorted(ends, rows, right=True)
-    where = e * max_rows + rows - (ends - kept.long()).index_select(0, e.clamp(max=max(E - 1, 0)))
-    where = torch.where(e < E, where, E * max_rows)  # NOTE: rows past the total land in a spare row
-    out = recv_x.new_zeros((E * max_rows + 1, H))
-    out.index_copy_(0, where, recv_x)
-    return out[:-1].view(E, max_rows, H), where
-
-
-def _remap_rows(row_map, where):
-    """row_map's rows (-1 = none) renamed through `where` (old row -> new row)."""
-    return torch.where(row_map >= 0, where.index_select(0, row_map.clamp(min=0).reshape(-1)).view_as(row_map),
-                       row_map)
 
 
 # ---- public API --------------------------------------------------------------------------------

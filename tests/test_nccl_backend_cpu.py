@@ -356,8 +356,8 @@ def test_base_protocol_makes_tensors_where_the_device_context_says():
 
     redirected = {getattr(f, "__name__", "") for f in _device_constructors()}
     used = set()
-    for obj in [dispatch_mod._AllToAllBackend, dispatch_mod.expert_placement, dispatch_mod._to_masked,
-                dispatch_mod._remap_rows, dispatch_mod._view_as, dispatch_mod._input_problem]:
+    for obj in [dispatch_mod._AllToAllBackend, dispatch_mod.expert_placement, dispatch_mod._view_as,
+                dispatch_mod._input_problem]:
         for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(obj)))):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):

@@ -404,6 +404,14 @@ void set_row_args(RowArgs<acc_t>& a, const GatingProblem& q, const Layout& L) {
   if (q.route_warps > 0) a.warps = q.route_warps;
 }
 
+// T = 0: tokens_per_expert and the three losses are zero (one launch; a rank without tokens in an
+// EP decode step calls this every step).
+template <typename acc_t>
+__global__ void __launch_bounds__(1024) zero_outputs_kernel(int32_t* tpe, int E, acc_t* aux, acc_t* seq, acc_t* z) {
+  for (int e = threadIdx.x; e < E; e += blockDim.x) tpe[e] = 0;
+  if (threadIdx.x == 0) *aux = *seq = *z = acc_t(0);
+}
+
 __global__ void __launch_bounds__(256) load_accumulate_kernel(int64_t* load, double* ema, const int32_t* tpe,
                                                               int64_t E, double decay, double weight) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -529,11 +537,17 @@ size_t gating_backward_workspace_bytes(const GatingProblem& q) {
 void gating_forward(const GatingForwardParams& p, cudaStream_t stream) {
   const GatingProblem& q = p.problem;
   check_problem(q);
-  const size_t acc_size = q.dtype == GatingFloat::kFloat64 ? sizeof(double) : sizeof(float);
   if (q.num_tokens == 0) {
-    MOE_CUDA_CHECK(cudaMemsetAsync(p.tokens_per_expert, 0, sizeof(int32_t) * q.num_experts, stream));
-    for (void* loss : {p.aux_loss, p.seq_aux_loss, p.z_loss})
-      MOE_CUDA_CHECK(cudaMemsetAsync(loss, 0, acc_size, stream));  // all-zero bits are 0.0
+    const int E = static_cast<int>(q.num_experts);
+    if (q.dtype == GatingFloat::kFloat64)
+      zero_outputs_kernel<double><<<1, 1024, 0, stream>>>(p.tokens_per_expert, E, static_cast<double*>(p.aux_loss),
+                                                          static_cast<double*>(p.seq_aux_loss),
+                                                          static_cast<double*>(p.z_loss));
+    else
+      zero_outputs_kernel<float><<<1, 1024, 0, stream>>>(p.tokens_per_expert, E, static_cast<float*>(p.aux_loss),
+                                                         static_cast<float*>(p.seq_aux_loss),
+                                                         static_cast<float*>(p.z_loss));
+    MOE_CUDA_CHECK(cudaGetLastError());
     return;
   }
   switch (q.dtype) {

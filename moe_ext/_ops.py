@@ -55,6 +55,16 @@ def _update_expert_bias_fake(expert_bias, tokens_per_expert, rate):
     _same_device("tokens_per_expert", tokens_per_expert, "expert_bias", expert_bias)
 
 
+@torch.library.register_fake("moe_ext::route_to_replicas")
+def _route_to_replicas_fake(idx, replica_counts, replica_slots, rank):
+    torch._check(replica_counts.dim() == 1 and replica_slots.dim() == 2
+                 and replica_slots.shape[0] == replica_counts.shape[0],
+                 lambda: "moe_ext.route_to_replicas: replica_counts [E] and replica_slots [E, C] expected")
+    _same_device("moe_ext.route_to_replicas: replica_counts", replica_counts, "idx", idx)
+    _same_device("moe_ext.route_to_replicas: replica_slots", replica_slots, "idx", idx)
+    return torch.empty_like(idx, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("moe_ext::accumulate_load_")
 def _accumulate_load_fake(load, load_ema, tokens_per_expert, decay):
     torch._check(load.dim() == 1 and tuple(load_ema.shape) == (load.shape[0] + 1,)

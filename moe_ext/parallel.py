@@ -65,6 +65,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ._ipc import _ipc_problem
+from ._ops import ops
 from .dispatch import _view_as, combine, dispatch
 
 
@@ -246,22 +247,11 @@ def route_to_replicas(idx, replica_counts, replica_slots, rank):
 
     The n-th assignment to expert e in (token, slot) order goes to replica (n + rank) mod
     replica_counts[e] (replica_slots[e] lists them by rank). replica_counts / replica_slots:
-    the ExpertLayout's tables on idx's device. Integer ops only, no host synchronisation.
+    the ExpertLayout's tables on idx's device. No host synchronisation: on CUDA a decode-sized
+    call (<= 2048 slots) is one kernel (csrc/kernels/replicas.cu), a captured decode graph's
+    lookup included.
     """
-    num_experts = replica_counts.numel()
-    flat = idx.reshape(-1).long()
-    routed = flat >= 0
-    key = torch.where(routed, flat, num_experts)  # unrouted sort last
-    order = torch.argsort(key, stable=True)
-    # NOTE: not torch.bincount, whose output size depends on the data (a host sync on CUDA).
-    seg = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(0, key, torch.ones_like(key))
-    start = torch.cumsum(seg, 0) - seg
-    n = torch.empty_like(flat)
-    n[order] = torch.arange(flat.numel(), device=flat.device) - start[key[order]]
-    e = flat.clamp(min=0)
-    choice = (n + rank) % replica_counts[e]
-    phys = torch.where(routed, replica_slots[e, choice], -1)
-    return phys.view(idx.shape).to(idx.dtype)
+    return ops.route_to_replicas(idx, replica_counts, replica_slots, int(rank))
 
 
 # ---- row exchanges -----------------------------------------------------------------------------

@@ -117,3 +117,30 @@ def _hybrid(rank, world, seed):
 def test_hybrid_layouts_bfloat16_match_ep(seed):
     results = run_world(_hybrid, 4, seed, seed=seed, timeout_s=200)
     assert all(r == {"tp": True, "replicas": True} for r in results)
+
+
+def test_route_to_replicas_cuda_matches_cpu(seed):
+    # The one-block kernel (<= 2048 slots) and the tensor-op path above it: the CPU op's slots; the
+    # small call captured in a CUDA graph and replayed with new routing.
+    from moe_ext.parallel import ExpertLayout, route_to_replicas
+    ranks, per_rank = 4, 5
+    E = ranks * per_rank - 2
+    layout = ExpertLayout.build([[(r * per_rank + j) % E for j in range(per_rank)] for r in range(ranks)], E, ranks)
+    counts, slots = layout.replica_counts.cuda(), layout.replica_slots.cuda()
+    for T, k in ((0, 2), (1, 1), (256, 8), (2048, 1), (4096, 4)):
+        for dtype in (torch.int32, torch.int64):
+            idx = torch.randint(-1, E, (T, k), dtype=dtype)
+            for rank in range(ranks):
+                want = route_to_replicas(idx, layout.replica_counts, layout.replica_slots, rank)
+                got = route_to_replicas(idx.cuda(), counts, slots, rank)
+                assert got.dtype == dtype and torch.equal(got.cpu(), want), (T, k, rank)
+    idx = torch.randint(-1, E, (128, 8)).cuda()
+    route_to_replicas(idx, counts, slots, 1)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = route_to_replicas(idx, counts, slots, 1)
+    idx.copy_(torch.randint(-1, E, (128, 8)))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), route_to_replicas(idx.cpu(), layout.replica_counts, layout.replica_slots, 1))

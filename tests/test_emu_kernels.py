@@ -277,6 +277,24 @@ def test_update_expert_bias(emu, seed):
     assert torch.equal(got, expect)
 
 
+def test_route_to_replicas(emu, seed):
+    # The one-block replica choice: the CPU op's slots for every (token, slot), int32 and int64 ids,
+    # up to its 2048 slots; poisoned outputs.
+    from moe_ext.parallel import ExpertLayout
+    for ranks, per_rank, T, k in ((1, 4, 0, 2), (2, 3, 1, 1), (4, 3, 300, 4), (8, 5, 256, 8), (3, 4, 2048, 1)):
+        E = ranks * per_rank - (ranks > 1)  # with several ranks the first expert gets a second replica
+        layout = ExpertLayout.build([[(r * per_rank + j) % E for j in range(per_rank)] for r in range(ranks)], E,
+                                    ranks)
+        for dtype in (torch.int32, torch.int64):
+            idx = torch.randint(-1, E, (T, k), dtype=dtype)
+            if T > 4:
+                idx[: T // 2, 0] = 0  # a hot expert with replicas
+            for rank in range(ranks):
+                want = ops.route_to_replicas(idx, layout.replica_counts, layout.replica_slots, rank)
+                got = emu.route_to_replicas(idx, layout.replica_counts, layout.replica_slots, rank)
+                assert got.dtype == dtype and torch.equal(got, want), (ranks, T, k, rank)
+
+
 @pytest.mark.parametrize("E", [1, 8, 255, 256, 300])
 def test_accumulate_load(emu, seed, E):
     # The layer's load statistics in one launch: the same bits as the CPU op, which the Python

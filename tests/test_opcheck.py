@@ -76,6 +76,10 @@ def test_opcheck_backward_ops():
     y, row_map, w2 = _unpermute_samples()[0]
     torch.library.opcheck(ops.unpermute_backward.default, (torch.randn(10, 16, dtype=torch.float64), y.detach(),
                                                            row_map, w2.detach()))
+    from moe_ext.parallel import ExpertLayout
+    layout = ExpertLayout.build([[0, 1, 2], [0, 3, 4]], 5, 2)
+    for idx in (torch.randint(-1, 5, (7, 2), dtype=torch.int32), torch.randint(-1, 5, (0, 3))):
+        torch.library.opcheck(ops.route_to_replicas.default, (idx, layout.replica_counts, layout.replica_slots, 1))
     torch.library.opcheck(ops.accumulate_load_.default, (torch.randint(0, 9, (6,)), torch.rand(7, dtype=torch.float64),
                                                         torch.randint(0, 9, (6,), dtype=torch.int32), 0.9))
     torch.library.opcheck(ops.grouped_gemm_wgrad.default,

@@ -427,6 +427,38 @@ def test_route_to_replicas_spreads_evenly(seed):
     assert layer.layout == identity and layer.physical_slots(idx) is idx
 
 
+def _replicas_reference(idx, counts, slots, rank):
+    """The rule in plain tensor ops: the n-th assignment to e (in flat order) -> replica (n + rank) % counts[e]."""
+    flat = idx.reshape(-1).long()
+    out = torch.full_like(flat, -1)
+    seen = {}
+    for i, e in enumerate(flat.tolist()):
+        if e >= 0:
+            n = seen.get(e, 0)
+            seen[e] = n + 1
+            out[i] = slots[e, (n + rank) % int(counts[e])]
+    return out.view(idx.shape).to(idx.dtype)
+
+
+def test_route_to_replicas_op_matches_reference(seed):
+    for trial in range(20):
+        ranks = 1 + trial % 4
+        per_rank = 2 + trial % 3
+        E = ranks * per_rank - trial % 2  # one fewer expert than slots: the first is replicated
+        placement = [[(r * per_rank + j) % E for j in range(per_rank)] for r in range(ranks)]
+        layout = ExpertLayout.build(placement, E, ranks)
+        counts, slots = layout.replica_counts, layout.replica_slots
+        T, k = int(torch.randint(0, 300, (1,))), int(torch.randint(1, min(E, 4) + 1, (1,)))
+        idx = torch.randint(-1, E, (T, k), dtype=torch.int32 if trial % 2 else torch.int64)
+        for rank in range(ranks):
+            got = route_to_replicas(idx, counts, slots, rank)
+            assert got.dtype == idx.dtype and torch.equal(got, _replicas_reference(idx, counts, slots, rank))
+    with pytest.raises(RuntimeError, match="outside"):
+        route_to_replicas(torch.tensor([[E]]), counts, slots, 0)
+    with pytest.raises(RuntimeError, match="replica_slots must be an int64"):
+        route_to_replicas(torch.tensor([[0]]), counts, slots[:, :0], 0)
+
+
 def test_world_of_one_weights_and_load():
     torch.manual_seed(0)
     layer = moe_ext.MoE(H, F, 4, K, dtype=torch.float64, load_decay=0.5)

@@ -13,6 +13,10 @@ namespace moe_ext::cpu {
 // Auxiliary-loss-free balancing, in place: expert_bias[e] += rate * sign(mean - load[e]), the sign
 // taken exactly (sum(load) - E * load[e] in int64).
 void update_expert_bias(at::Tensor& expert_bias, const at::Tensor& tokens_per_expert, double rate);
+// The n-th assignment to expert e in (token, slot) order goes to replica (n + rank) % counts[e]:
+// its physical slot, -1 where idx is -1; same shape and dtype as idx.
+at::Tensor route_to_replicas(const at::Tensor& idx, const at::Tensor& replica_counts, const at::Tensor& replica_slots,
+                             int64_t rank);
 void accumulate_load(at::Tensor& load, at::Tensor& load_ema, const at::Tensor& tokens_per_expert, double decay);
 
 // -> (weights[T,k], idx[T,k] int32, positions[T,k] int32, tokens_per_expert[E] int32,

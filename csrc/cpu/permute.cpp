@@ -212,6 +212,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& x, cons
   return {x_perm, row_map, tokens_per_expert};
 }
 
+at::Tensor route_to_replicas(const at::Tensor& idx_in, const at::Tensor& replica_counts,
+                             const at::Tensor& replica_slots, int64_t rank) {
+  const at::Tensor idx = idx_in.to(at::kLong).contiguous();
+  const at::Tensor counts = replica_counts.contiguous(), slots = replica_slots.contiguous();
+  const int64_t n = idx.numel(), E = counts.numel(), C = slots.size(1);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  at::Tensor phys = at::empty({n}, idx.options());
+  int64_t* out = phys.data_ptr<int64_t>();
+  std::vector<int64_t> seen(E, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = ip[i];
+    TORCH_CHECK(e >= -1 && e < E, "moe_ext.route_to_replicas: idx holds expert ", e, " at flat position ", i,
+                ", outside [-1, num_experts=", E, ")");
+    if (e < 0) {
+      out[i] = -1;
+      continue;
+    }
+    TORCH_CHECK(cp[e] >= 1 && cp[e] <= C, "moe_ext.route_to_replicas: replica_counts[", e, "] = ", cp[e],
+                " is outside [1, C=", C, "]");
+    out[i] = sp[e * C + (seen[e]++ + rank) % cp[e]];
+  }
+  return phys.view(idx_in.sizes()).to(idx_in.scalar_type());
+}
+
 at::Tensor unpermute(const at::Tensor& y, const at::Tensor& row_map_in, const c10::optional<at::Tensor>& weights) {
   const int64_t T = row_map_in.size(0), k = row_map_in.size(1), H = y.size(1), R = y.size(0);
   const at::Tensor row_map = row_map_in.contiguous();

@@ -5,6 +5,7 @@
 
 #include "kernels/exception.cuh"
 #include "kernels/permute.cuh"
+#include "kernels/replicas.cuh"
 #include "kernels/gating.cuh"
 #include "kernels/grouped_gemm.cuh"
 #include "kernels/swiglu.cuh"

@@ -117,6 +117,25 @@ inline void check_update_expert_bias(const at::Tensor& expert_bias, const at::Te
               ", got ", tokens_per_expert.device());
 }
 
+// route_to_replicas: idx [...] int32/int64 logical expert ids (-1 = not routed), replica_counts
+// [E] int64, replica_slots [E, C] int64, all on one device; rank >= 0.
+inline void check_route_to_replicas(const at::Tensor& idx, const at::Tensor& counts, const at::Tensor& slots,
+                                    int64_t rank) {
+  const char* op = "moe_ext.route_to_replicas";
+  TORCH_CHECK(idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong, op,
+              ": idx must be int32 or int64, got ", idx.scalar_type());
+  TORCH_CHECK(counts.dim() == 1 && counts.numel() >= 1 && counts.scalar_type() == at::kLong, op,
+              ": replica_counts must be an int64 [E] tensor with E >= 1, got ", counts.scalar_type(), " of shape ",
+              counts.sizes());
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == counts.numel() && slots.size(1) >= 1 &&
+                  slots.scalar_type() == at::kLong,
+              op, ": replica_slots must be an int64 [E = ", counts.numel(), ", C >= 1] tensor, got ",
+              slots.scalar_type(), " of shape ", slots.sizes());
+  check_same_device(idx, "idx", counts, "replica_counts");
+  check_same_device(idx, "idx", slots, "replica_slots");
+  TORCH_CHECK(rank >= 0, op, ": rank must be >= 0, got ", rank);
+}
+
 // accumulate_load_: load [E] int64 and load_ema [E + 1] float64 (both contiguous, updated in place),
 // tokens_per_expert [E] int32, all on one device; decay in [0, 1].
 inline void check_accumulate_load(const at::Tensor& load, const at::Tensor& load_ema,

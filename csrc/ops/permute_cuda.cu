@@ -137,9 +137,40 @@ std::tuple<Tensor, Tensor> unpermute_backward_cuda(const Tensor& grad_out_in, co
   return {grad_y, grad_w};
 }
 
+// Replica choice: one block for a decode-sized call (one launch, CUDA-graph safe); larger calls run
+// the same rule as tensor ops (a stable sort by expert gives each assignment its n). Ids outside
+// [-1, E) are treated as not routed (the CPU op raises: the check would need a host sync).
+Tensor route_to_replicas_cuda(const Tensor& idx_in, const Tensor& counts_in, const Tensor& slots_in, int64_t rank) {
+  check_route_to_replicas(idx_in, counts_in, slots_in, rank);
+  TORCH_CHECK(idx_in.is_cuda(), "moe_ext.route_to_replicas: idx must be a CUDA tensor here, got ", idx_in.device());
+  const c10::cuda::CUDAGuard guard(idx_in.device());
+  const Tensor idx = idx_in.contiguous(), counts = counts_in.contiguous(), slots = slots_in.contiguous();
+  const int64_t n = idx.numel(), E = counts.numel(), C = slots.size(1);
+  if (n <= kernels::kReplicaRouteMaxSlots && E <= kernels::kReplicaRouteMaxExperts) {
+    Tensor phys = at::empty_like(idx);
+    kernels::route_to_replicas(idx.data_ptr(), idx.scalar_type() == at::kLong, n, E, counts.data_ptr<int64_t>(),
+                               slots.data_ptr<int64_t>(), C, rank, phys.data_ptr(),
+                               c10::cuda::getCurrentCUDAStream().stream());
+    return phys;
+  }
+  const Tensor flat = idx.reshape({-1}).to(at::kLong);
+  const Tensor routed = flat.ge(0).logical_and(flat.lt(E));
+  const Tensor key = at::where(routed, flat, E);
+  const Tensor order = std::get<1>(at::sort(key, /*stable=*/true));
+  const Tensor seg = at::zeros({E + 1}, flat.options()).scatter_add_(0, key, at::ones_like(key));
+  const Tensor start = seg.cumsum(0) - seg;
+  Tensor nth = at::empty_like(flat);
+  nth.index_put_({order}, at::arange(n, flat.options()) - start.index({key.index({order})}));
+  const Tensor e = flat.clamp(0, E - 1);
+  const Tensor c = counts.index({e}).clamp_min(1);
+  const Tensor phys = at::where(routed, slots.index({e, (nth + rank).remainder(c)}), -1);
+  return phys.view(idx.sizes()).to(idx.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
+  m.impl("route_to_replicas", &route_to_replicas_cuda);
   m.impl("permute", &permute_cuda);
   m.impl("unpermute", &unpermute_cuda);
   m.impl("unpermute_backward", &unpermute_backward_cuda);

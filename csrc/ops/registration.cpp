@@ -73,6 +73,11 @@ void accumulate_load_cpu(Tensor& load, Tensor& load_ema, const Tensor& tokens_pe
   cpu::accumulate_load(load, load_ema, tokens_per_expert, decay);
 }
 
+Tensor route_to_replicas_cpu(const Tensor& idx, const Tensor& counts, const Tensor& slots, int64_t rank) {
+  check_route_to_replicas(idx, counts, slots, rank);
+  return cpu::route_to_replicas(idx, counts, slots, rank);
+}
+
 void update_expert_bias_cpu(Tensor& expert_bias, const Tensor& tokens_per_expert, double rate) {
   check_update_expert_bias(expert_bias, tokens_per_expert);
   cpu::update_expert_bias(expert_bias, tokens_per_expert, rate);
@@ -106,6 +111,7 @@ TORCH_LIBRARY(moe_ext, m) {
       "permute(Tensor x, Tensor idx, int num_experts, int pad_to, int capacity, bool exact, int max_rows=-1) -> "
       "(Tensor x_perm, Tensor row_map, Tensor tokens_per_expert)");
   m.def("unpermute(Tensor y, Tensor row_map, Tensor? weights) -> Tensor");
+  m.def("route_to_replicas(Tensor idx, Tensor replica_counts, Tensor replica_slots, int rank) -> Tensor");
   m.def(
       "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_map, Tensor? weights) -> "
       "(Tensor grad_y, Tensor grad_weights)");
@@ -126,6 +132,7 @@ TORCH_LIBRARY_IMPL(moe_ext, CPU, m) {
   m.impl("accumulate_load_", &accumulate_load_cpu);
   m.impl("permute", &permute_cpu);
   m.impl("unpermute", &unpermute_cpu);
+  m.impl("route_to_replicas", &route_to_replicas_cpu);
   m.impl("unpermute_backward", &unpermute_backward_cpu);
   m.impl("grouped_gemm", &grouped_gemm_aten);
   m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_aten);

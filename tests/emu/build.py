@@ -23,7 +23,7 @@ ROOT = HERE.parent.parent
 KERNELS = ROOT / "csrc" / "kernels"
 # The kernel files the emulation runs: everything but the Hopper (TMA + wgmma) GEMMs.
 SOURCES = ["kernels/gating.cu", "kernels/gating_f32.cu", "kernels/gating_f64.cu", "kernels/gating_f16.cu",
-           "kernels/gating_bf16.cu", "kernels/permute.cu", "kernels/swiglu.cu", "kernels/ep.cu", "kernels/ep_index.cu", "comm/ep_ops.cu",
+           "kernels/gating_bf16.cu", "kernels/permute.cu", "kernels/replicas.cu", "kernels/swiglu.cu", "kernels/ep.cu", "kernels/ep_index.cu", "comm/ep_ops.cu",
            "kernels/grouped_gemm.cu", "kernels/grouped_gemm_sm80_bf16_m64.cu", "kernels/grouped_gemm_sm80_bf16_m128.cu",
            "kernels/grouped_gemm_sm80_f16_m64.cu", "kernels/grouped_gemm_sm80_f16_m128.cu",
            "kernels/grouped_gemm_sm80_wgrad.cu"]

@@ -148,6 +148,17 @@ def topk_gating_backward(grad_weights, grad_aux, grad_seq_aux, grad_z, logits, n
     return grad
 
 
+def route_to_replicas(idx, replica_counts, replica_slots, rank):
+    idx = idx.contiguous()
+    o = _Outputs()
+    phys = o.new(tuple(idx.shape), idx.dtype)
+    _call("emu_route_to_replicas", _p(idx), int(idx.dtype == torch.int64), _i64(idx.numel()),
+          _i64(replica_counts.numel()), _p(replica_counts.contiguous()), _p(replica_slots.contiguous()),
+          _i64(replica_slots.shape[1]), _i64(rank), _p(phys))
+    o.check()
+    return phys
+
+
 def accumulate_load_(load, load_ema, tokens_per_expert, decay):
     tpe = tokens_per_expert.to(torch.int32).contiguous()
     _call("emu_accumulate_load", _p(load), _p(load_ema), _p(tpe), _i64(load.numel()), ctypes.c_double(decay))

@@ -4,6 +4,7 @@
 #include "emu_api.h"
 #include "kernels/gating.cuh"
 #include "kernels/permute.cuh"
+#include "kernels/replicas.cuh"
 #include "kernels/swiglu.cuh"
 
 #include <algorithm>
@@ -115,6 +116,11 @@ int emu_gating_backward(int dtype, int score, const void* logits, const void* no
 
 int emu_update_expert_bias(float* bias, const int64_t* load, int64_t E, float rate) {
   return emu_guarded([&] { k::update_expert_bias(bias, load, E, rate, nullptr); });
+}
+
+int emu_route_to_replicas(const void* idx, int idx64, int64_t n, int64_t E, const int64_t* counts,
+                          const int64_t* slots, int64_t C, int64_t rank, void* phys) {
+  return emu_guarded([&] { k::route_to_replicas(idx, idx64 != 0, n, E, counts, slots, C, rank, phys, nullptr); });
 }
 
 int emu_accumulate_load(int64_t* load, double* ema, const int32_t* tpe, int64_t E, double decay) {

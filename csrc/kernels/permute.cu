@@ -207,6 +207,15 @@ __global__ void __launch_bounds__(kIndexThreads)
   if (lane == 0) kept[e] = capacity >= 0 ? min(running, capacity) : running;
 }
 
+// An expert's segment in the output: its kept rows rounded up to pad_to, or max_rows each in the
+// masked layout; tokens_per_expert reports the segment, or the kept (valid) rows when masked.
+__device__ __forceinline__ int64_t segment_rows(int64_t kept, int64_t pad_to, int64_t max_rows) {
+  return max_rows >= 1 ? max_rows : (kept + pad_to - 1) / pad_to * pad_to;
+}
+__device__ __forceinline__ int32_t reported_rows(int64_t kept, int64_t seg, int64_t max_rows) {
+  return static_cast<int32_t>(max_rows >= 1 ? kept : seg);
+}
+
 __global__ void __launch_bounds__(kOffsetsThreads)
     offsets_kernel(const int64_t* __restrict__ kept, int64_t num_experts, int64_t pad_to, int64_t max_rows,
                    int64_t* __restrict__ offsets, int32_t* __restrict__ tokens_per_expert,
@@ -216,12 +225,12 @@ __global__ void __launch_bounds__(kOffsetsThreads)
   int64_t carry = 0;
   for (int64_t e0 = 0; e0 < num_experts; e0 += kOffsetsThreads) {
     const int64_t e = e0 + threadIdx.x;
-    const int64_t seg = e >= num_experts ? 0 : max_rows >= 1 ? max_rows : (kept[e] + pad_to - 1) / pad_to * pad_to;
+    const int64_t seg = e < num_experts ? segment_rows(kept[e], pad_to, max_rows) : 0;
     int64_t excl, aggregate;
     Scan(tmp).ExclusiveSum(seg, excl, aggregate);
     if (e < num_experts) {
       offsets[e] = carry + excl;
-      tokens_per_expert[e] = static_cast<int32_t>(max_rows >= 1 ? kept[e] : seg);
+      tokens_per_expert[e] = reported_rows(kept[e], seg, max_rows);
     }
     carry += aggregate;
     __syncthreads();  // tmp is reused by the next chunk
@@ -317,18 +326,12 @@ __global__ void __launch_bounds__(kSmallThreads)
   if (threadIdx.x == 0) s_invalid = 0;
   __syncthreads();
 
-  const int warp = threadIdx.x / kWarpSize;
   for (int64_t base = 0; base < num_slots; base += kSmallThreads) {
     const int64_t s = base + threadIdx.x;
     const int64_t raw = s < num_slots ? static_cast<int64_t>(idx[s]) : -1;
     const int key = (raw >= 0 && raw < num_experts) ? static_cast<int>(raw) : -1;
     if (raw < -1 || raw >= num_experts) atomicAdd(&s_invalid, 1);
-    int r = -1;
-#pragma unroll 1
-    for (int turn = 0; turn < kSmallThreads / kWarpSize; ++turn) {
-      if (warp == turn) r = rank_in_turn(key, s_count);
-      __syncthreads();
-    }
+    const int r = rank_block_round<kSmallThreads>(key, s_count);
     if (s < num_slots) row_map[s] = (r >= 0 && (capacity < 0 || r < capacity)) ? r : -1;  // the offset comes below
   }
   __syncthreads();
@@ -339,14 +342,14 @@ __global__ void __launch_bounds__(kSmallThreads)
     int64_t k_e = 0, seg = 0;
     if (e < num_experts) {
       k_e = capacity >= 0 ? min(static_cast<int64_t>(s_count[e]), capacity) : s_count[e];
-      seg = max_rows >= 1 ? max_rows : (k_e + pad_to - 1) / pad_to * pad_to;
+      seg = segment_rows(k_e, pad_to, max_rows);
     }
     int64_t excl, aggregate;
     Scan(tmp).ExclusiveSum(seg, excl, aggregate);
     if (e < num_experts) {
       kept[e] = k_e;
       offsets[e] = carry + excl;
-      tokens_per_expert[e] = static_cast<int32_t>(max_rows >= 1 ? k_e : seg);
+      tokens_per_expert[e] = reported_rows(k_e, seg, max_rows);
     }
     carry += aggregate;
     __syncthreads();  // tmp is reused by the next chunk

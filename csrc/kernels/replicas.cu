@@ -7,7 +7,6 @@ namespace moe_ext::kernels {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kWarp = 32;
 
 template <typename IdxT>
 __global__ void __launch_bounds__(kThreads)
@@ -16,17 +15,11 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ int s_count[];  // [num_experts]: assignments ranked so far
   for (int64_t e = threadIdx.x; e < num_experts; e += kThreads) s_count[e] = 0;
   __syncthreads();
-  const int warp = threadIdx.x / kWarp;
   for (int64_t base = 0; base < n; base += kThreads) {
     const int64_t s = base + threadIdx.x;
     const int64_t raw = s < n ? static_cast<int64_t>(idx[s]) : -1;
     const int key = (raw >= 0 && raw < num_experts) ? static_cast<int>(raw) : -1;
-    int r = -1;
-#pragma unroll 1
-    for (int turn = 0; turn < kThreads / kWarp; ++turn) {
-      if (warp == turn) r = rank_in_turn(key, s_count);
-      __syncthreads();
-    }
+    const int r = rank_block_round<kThreads>(key, s_count);
     if (s < n) {
       int64_t out = -1;
       if (key >= 0) {

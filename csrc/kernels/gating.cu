@@ -66,7 +66,7 @@ namespace {
 constexpr int kScanThreads = 1024;
 constexpr int kScanWarps = kScanThreads / kWarp;
 constexpr int kFixupThreads = 256;
-constexpr int64_t kSmallMaxTiles = 64;
+constexpr int64_t kSmallMaxTiles = 64;  // (scan_small_kernel sizes its reductions for at most 64 tiles)
 constexpr int64_t kSmallMaxSlots = 16384;
 
 inline size_t align_up(size_t n) { return (n + 255) / 256 * 256; }
@@ -99,24 +99,35 @@ struct ScanArgs {
   const acc_t* grad_seq = nullptr;
 };
 
-// Sum of every thread's v in a fixed tree (blockDim.x a power of two): the same order on every
-// run. All threads call it; all get the sum.
-__device__ double block_reduce(double* red, double v) {
+// Sum of v over threads [0, n) in a fixed tree (n a power of two, 32 <= n <= blockDim.x): the
+// same order on every run, and the same bits for any n covering every nonzero v (the levels
+// above it add exact zeros), so a caller may size n to its data. The levels below 32 are warp
+// shuffles in the shared-memory tree's pairing (lane i adds lane i + s): fewer barriers. All
+// threads call it; all get the sum.
+__device__ double block_reduce(double* red, double v, int n) {
   __syncthreads();  // red may still be read after a previous call
-  red[threadIdx.x] = v;
+  if (threadIdx.x < n) red[threadIdx.x] = v;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+  for (int s = n / 2; s >= kWarp; s >>= 1) {
     if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
     __syncthreads();
   }
+  if (threadIdx.x < kWarp) {
+    double x = red[threadIdx.x];
+#pragma unroll
+    for (int s = kWarp / 2; s > 0; s >>= 1) x += __shfl_down_sync(kFull, x, s);
+    if (threadIdx.x == 0) red[0] = x;
+  }
+  __syncthreads();
   return red[0];
 }
 
-// Sum over i in [0, n) of x[i]: thread-strided partial sums, then block_reduce.
-__device__ double block_sum(double* red, const double* x, int64_t n) {
+// Sum over i in [0, count) of x[i]: thread-strided partial sums, then block_reduce over n threads
+// (count <= n, or n = blockDim.x).
+__device__ double block_sum(double* red, const double* x, int64_t count, int n) {
   double v = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v += x[i];
-  return block_reduce(red, v);
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) v += x[i];
+  return block_reduce(red, v, n);
 }
 
 // aux = E * sum_e count_e * P_e / (T^2 k); seq = E * sum_s sum_e count_se * P_se / (S L^2 k);
@@ -249,7 +260,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const ScanArgs<acc_t
     }
   }
   if (a.backward || blockIdx.x != 0) return;
-  const double z = block_sum(s_red, a.tile_lse2, NT);
+  const double z = block_sum(s_red, a.tile_lse2, NT, kScanThreads);
   if (threadIdx.x == 0) *a.z_total = z;
 }
 
@@ -281,9 +292,12 @@ __global__ void __launch_bounds__(kScanThreads) scan_small_kernel(const ScanArgs
     a.tokens_per_expert[e] = a.capacity > 0 ? static_cast<int32_t>(std::min<int64_t>(run, a.capacity)) : run;
     aux_e = static_cast<double>(run) * P;
   }
-  const double aux = block_reduce(s_red, aux_e);
-  const double seq = block_reduce(s_red, seq_e);
-  const double z = block_sum(s_red, a.tile_lse2, NT);
+  // Nonzero terms: the E experts' and the NT <= kSmallMaxTiles tiles' (at most 64).
+  int n = 64;
+  while (n < E) n *= 2;
+  const double aux = block_reduce(s_red, aux_e, n);
+  const double seq = block_reduce(s_red, seq_e, n);
+  const double z = block_sum(s_red, a.tile_lse2, NT, n);
   if (threadIdx.x == 0) write_losses_from(a, aux, a.seq_len_arg > 0 ? seq : 0.0, z);
   __syncthreads();  // NOTE: the bases above, written by every thread, are read by any thread below
   const int64_t slots = a.L.num_tokens * a.k;

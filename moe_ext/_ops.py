@@ -82,6 +82,9 @@ def _permute_fake(x, idx, num_experts, pad_to, capacity, exact, max_rows=-1):
     torch._check(max_rows == -1 or (max_rows >= 1 and pad_to == 1),
                  lambda: "moe_ext.permute: max_rows must be None or >= 1, with pad_to 1")
     num_tokens, k = idx.shape
+    torch._check(num_tokens * k <= 2**31 - 1 - (pad_to - 1), lambda: (
+        f"moe_ext.permute: num_tokens * k + pad_to - 1 must be < 2^31 (tokens_per_expert is int32), got "
+        f"num_tokens * k = {num_tokens * k} and pad_to = {pad_to}"))
     if max_rows >= 1:
         rows = num_experts * max_rows
     elif exact:

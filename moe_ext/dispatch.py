@@ -619,6 +619,10 @@ class _Combine(torch.autograd.Function):
 
 # ---- the masked (no-sync) layout ---------------------------------------------------------------
 
+# A tile alignment, not a size: the bound keeps padded per-expert counts (int32) from wrapping.
+_MAX_PAD_TO = 1 << 16
+
+
 def masked_rows(world_size, max_tokens, capacity=None, pad_to=1):
     """Rows per local expert of the masked [E_local, max_rows, H] layout (sync=False).
 
@@ -656,7 +660,7 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     backend: "auto" | "gloo" (CPU tensors) | "ipc" (CUDA, one-sided writes into the peers'
     symmetric buffers; GPUs with peer access) | "nccl" (CUDA, NCCL send/recv). describe() says
     which "auto" picks and why.
-    pad_to, capacity: per local expert on the receiver; capacity keeps the first rows in
+    pad_to (1 to 65536), capacity: per local expert on the receiver; capacity keeps the first rows in
     (source rank, source token) order, a dropped slot contributes 0 to combine's output.
     sync: True (exact): recv_x is [R, H], R read back to the host once (training).
     False (no-sync, decode): recv_x is the masked layout [E / W, max_rows, H] with
@@ -686,8 +690,8 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     sync=False) and the handle for combine. Differentiable w.r.t. x (and w, through combine).
     """
     group, world, rank = _resolve_group(group)
-    if pad_to < 1:
-        raise ValueError(f"moe_ext.dispatch: pad_to must be >= 1, got {pad_to}")
+    if not 1 <= pad_to <= _MAX_PAD_TO:
+        raise ValueError(f"moe_ext.dispatch: pad_to must be in [1, {_MAX_PAD_TO}], got {pad_to}")
     if capacity is not None and capacity < 0:
         raise ValueError(f"moe_ext.dispatch: capacity must be >= 0 or None, got {capacity}")
     name = _select_backend(backend, x.device, world, group)

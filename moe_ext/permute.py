@@ -69,6 +69,8 @@ def unpermute(y_perm, row_map, weights=None):
 
     y_perm: [R, H] float; row_map: [T, k] int64 from permute; weights: [T, k] float32 (or the
     dtype of y_perm). Accumulates in float32 (float64 for float64), slots in order j = 0..k-1;
-    slots with row -1 contribute nothing. Returns [T, H] in the dtype of y_perm.
+    slots with row -1 contribute nothing. Returns [T, H] in the dtype of y_perm. The backward
+    needs each row used by at most one slot, as in permute's row_map (on CPU a repeated row is an
+    error there; the CUDA kernel does not check).
     """
     return ops.unpermute(y_perm, row_map, weights)

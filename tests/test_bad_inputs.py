@@ -53,6 +53,13 @@ CASES = {
     "max_rows 0": (lambda: moe_ext.permute(X, IDX, 8, max_rows=0), "max_rows must be None or >= 1"),
     "max_rows with pad_to": (lambda: moe_ext.permute(X, IDX, 8, pad_to=4, max_rows=6), "pad_to"),
     "max_rows overflow": (lambda: torch.ops.moe_ext.permute(X, IDX, 8, 1, -1, True, 2 ** 62), "overflows int64"),
+    "pad_to huge": (lambda: moe_ext.permute(X, IDX, 8, pad_to=2 ** 62), r"num_tokens \* k \+ pad_to - 1 must be < 2\^31"),
+    "pad_to huge, no sync": (lambda: moe_ext.permute(X, IDX, 8, pad_to=2 ** 31 - 11, sync=False),
+                             r"num_tokens \* k = 12 and pad_to = 2147483637"),
+    # route_to_replicas
+    "replica rank huge": (lambda: torch.ops.moe_ext.route_to_replicas(IDX, torch.ones(8, dtype=torch.long),
+                                                                      torch.arange(8).view(8, 1), 2 ** 63 - 1),
+                          r"rank must be in \[0, 2\^31\)"),
     # the layer's load statistics
     "load dtype": (lambda: torch.ops.moe_ext.accumulate_load_(torch.zeros(8), torch.zeros(9, dtype=torch.float64),
                                                               torch.zeros(8, dtype=torch.int32), 0.9),
@@ -78,6 +85,10 @@ CASES = {
                       "weights must be float32 or the dtype of y_perm"),
     "y_perm int": (lambda: moe_ext.unpermute(torch.ones(12, 16, dtype=torch.int32), _row_map()),
                    "y_perm must be a float tensor"),
+    "row_map repeats a row (backward)": (
+        lambda: torch.ops.moe_ext.unpermute_backward(torch.randn(2, 16), torch.randn(2, 16),
+                                                     torch.tensor([[0, 0], [1, 0]]), None),
+        r"row_map uses row 0 twice \(again at token 0, slot 1\)"),
     # grouped_gemm
     "b dtype": (lambda: moe_ext.grouped_gemm(A, B.double(), C), "b must have the dtype of a"),
     "K mismatch": (lambda: moe_ext.grouped_gemm(A, torch.randn(3, 5, 6), C), r"the K of b \(5"),
@@ -95,6 +106,8 @@ CASES = {
     "a int": (lambda: moe_ext.grouped_gemm(A.long(), B.long(), C), "a must be float32"),
     # dispatch / combine
     "bad backend": (lambda: moe_ext.dispatch(X, IDX, torch.rand(6, 2), 8, backend="mpi"), "backend must be one of"),
+    "dispatch pad_to huge": (lambda: moe_ext.dispatch(X, IDX, torch.rand(6, 2), 8, pad_to=2 ** 40),
+                             r"pad_to must be in \[1, 65536\]"),
     "combine handle": (lambda: moe_ext.combine(X, object()), "handle"),
 }
 

@@ -110,6 +110,17 @@ def test_all_tokens_one_expert_capacity(seed):
     assert st.positions[:cap, 0].tolist() == list(range(cap))
 
 
+@pytest.mark.parametrize("cf", [1e18, 1e300, math.inf])
+def test_huge_capacity_factor_drops_nothing(seed, cf):
+    """A capacity past int64 (or infinite) keeps every slot, as no capacity does (it became 1)."""
+    logits = torch.randn(6, 8)
+    want_w, want_idx, want = moe_ext.topk_gating(logits, 2)
+    w, idx, st = moe_ext.topk_gating(logits, 2, capacity_factor=cf)
+    assert torch.equal(idx, want_idx) and torch.equal(w, want_w)
+    assert torch.equal(st.positions, want.positions)
+    assert torch.equal(st.tokens_per_expert, want.tokens_per_expert)
+
+
 def test_noise_reproducible_from_generator(seed):
     logits = torch.randn(50, 16)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)

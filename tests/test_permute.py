@@ -58,6 +58,21 @@ def test_permute_worst_case_size(seed, pad_to, capacity):
     assert torch.equal(padded[1], exact[1]) and torch.equal(padded[2], exact[2])
 
 
+@pytest.mark.parametrize("capacity", [2 ** 40, 2 ** 61, 2 ** 62, 2 ** 63 - 1])
+def test_permute_huge_capacity_never_binds(seed, capacity):
+    """capacity * num_experts overflows int64 here: the worst-case size must not wrap (it did: a
+    segfault, or a negative size)."""
+    T, H, k, E = 9, 8, 2, 4
+    x, idx = torch.randn(T, H), _routing(T, k, E)
+    for sync in (True, False):
+        want = moe_ext.permute(x, idx, E, sync=sync)
+        got = moe_ext.permute(x, idx, E, capacity=capacity, sync=sync)
+        assert got[0].shape == want[0].shape
+        assert sync or got[0].shape == (T * k, H)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
 MASKED_CASES = [
     # T, H, k, E, max_rows, capacity, skew
     (0, 8, 2, 4, 3, None, False),

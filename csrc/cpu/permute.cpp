@@ -280,8 +280,18 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
   const at::Tensor grad_out = grad_out_in.to(y.scalar_type()).contiguous();
   at::Tensor grad_y = at::empty({R, H}, y.options());
   at::Tensor grad_w = weights.has_value() ? at::empty({T, k}, weights->options()) : at::empty({0}, y.options());
-  // Rows no slot maps to get zeros at the end (written once, not zeroed and then overwritten).
+  // Rows no slot maps to get zeros at the end (written once, not zeroed and then overwritten). A
+  // row used twice would need its gradients added (permute's row_map never does it): an error,
+  // not the last writer's gradient.
   std::vector<uint8_t> touched(R, 0);
+  const int64_t* rm_all = row_map.data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * k; ++i) {
+    const int64_t r = rm_all[i];
+    if (r < 0) continue;
+    TORCH_CHECK(!touched[r], "moe_ext.unpermute_backward: row_map uses row ", r, " twice (again at token ", i / k,
+                ", slot ", i % k, "); the gradient takes each row at most once, as permute's row_map has it");
+    touched[r] = 1;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_ext_unpermute_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor w = weights.has_value() ? weights->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
@@ -308,7 +318,6 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_out
             if (gwp) gwp[t * k + j] = 0;
             continue;
           }
-          touched[r] = 1;
           scalar_t* gy = gyp + r * H;
           if (wp) {
             scale_row(g, wp[t * k + j], gy, H);

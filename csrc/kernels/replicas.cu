@@ -38,7 +38,8 @@ void route_to_replicas(const void* idx, bool idx_is_int64, int64_t num_slots, in
                        int64_t rank, void* phys, cudaStream_t stream) {
   MOE_HOST_ASSERT(num_slots >= 0 && num_slots <= kReplicaRouteMaxSlots, "route_to_replicas: too many slots");
   MOE_HOST_ASSERT(num_experts >= 1 && num_experts <= kReplicaRouteMaxExperts, "route_to_replicas: bad num_experts");
-  MOE_HOST_ASSERT(max_replicas >= 1 && rank >= 0, "route_to_replicas: bad max_replicas or rank");
+  MOE_HOST_ASSERT(max_replicas >= 1 && rank >= 0 && rank < (int64_t{1} << 31),
+                  "route_to_replicas: bad max_replicas or rank");
   if (num_slots == 0) return;
   const size_t smem = static_cast<size_t>(num_experts) * sizeof(int);
   if (idx_is_int64)

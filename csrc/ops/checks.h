@@ -95,6 +95,10 @@ inline int64_t gating_capacity(double capacity_factor, int64_t num_tokens, int64
   if (!(capacity_factor > 0)) return 0;
   const double c = capacity_factor * static_cast<double>(num_tokens) * static_cast<double>(k) /
                    static_cast<double>(num_experts);
+  // A capacity of T * k or more never drops a slot (an expert gets at most T); clamping before
+  // the cast keeps a huge or infinite capacity_factor from an out-of-range (undefined) conversion.
+  const int64_t slots = num_tokens * k;
+  if (!(c < static_cast<double>(slots))) return slots < 1 ? 1 : slots;
   // NOTE: a tiny slack keeps exact products (1.0 * 8 * 2 / 8 = 2) from rounding up to 3.
   const int64_t cap = static_cast<int64_t>(std::ceil(c - 1e-9));
   return cap < 1 ? 1 : cap;
@@ -118,7 +122,7 @@ inline void check_update_expert_bias(const at::Tensor& expert_bias, const at::Te
 }
 
 // route_to_replicas: idx [...] int32/int64 logical expert ids (-1 = not routed), replica_counts
-// [E] int64, replica_slots [E, C] int64, all on one device; rank >= 0.
+// [E] int64, replica_slots [E, C] int64, all on one device; 0 <= rank < 2^31.
 inline void check_route_to_replicas(const at::Tensor& idx, const at::Tensor& counts, const at::Tensor& slots,
                                     int64_t rank) {
   const char* op = "moe_ext.route_to_replicas";
@@ -133,7 +137,8 @@ inline void check_route_to_replicas(const at::Tensor& idx, const at::Tensor& cou
               slots.scalar_type(), " of shape ", slots.sizes());
   check_same_device(idx, "idx", counts, "replica_counts");
   check_same_device(idx, "idx", slots, "replica_slots");
-  TORCH_CHECK(rank >= 0, op, ": rank must be >= 0, got ", rank);
+  // (a process rank: bounded so that n + rank, the rotation, cannot overflow)
+  TORCH_CHECK(rank >= 0 && rank <= std::numeric_limits<int32_t>::max(), op, ": rank must be in [0, 2^31), got ", rank);
 }
 
 // accumulate_load_: load [E] int64 and load_ema [E + 1] float64 (both contiguous, updated in place),
@@ -202,8 +207,9 @@ inline int64_t permute_max_rows(int64_t num_tokens, int64_t k, int64_t num_exper
   int64_t n = num_tokens * k;
   // NOTE: capacity -1 is "none"; 0 is a real capacity (every slot dropped, 0 rows). `> 0` here made
   // the eager ops return T*k + ... rows for capacity 0 while the fake kernel (moe_ext/_ops.py)
-  // says 0, a shape mismatch under torch.compile / opcheck.
-  if (capacity >= 0 && capacity * num_experts < n) n = capacity * num_experts;
+  // says 0, a shape mismatch under torch.compile / opcheck. capacity * num_experts < n is tested
+  // as capacity < ceil(n / num_experts): the product may overflow for a huge capacity.
+  if (capacity >= 0 && capacity < n / num_experts + (n % num_experts != 0)) n = capacity * num_experts;
   const int64_t nonempty = n < num_experts ? n : num_experts;
   return n + nonempty * (pad_to - 1);
 }
@@ -215,6 +221,10 @@ inline void check_permute(const at::Tensor& x, const at::Tensor& idx, int64_t nu
   check_same_device(x, "x", idx, "idx");
   TORCH_CHECK(num_experts >= 1, "moe_ext.permute: num_experts must be >= 1, got ", num_experts);
   TORCH_CHECK(pad_to >= 1, "moe_ext.permute: pad_to must be >= 1, got ", pad_to);
+  // tokens_per_expert (int32) holds an expert's padded rows, at most T * k + pad_to - 1.
+  TORCH_CHECK(idx.numel() <= std::numeric_limits<int32_t>::max() - (pad_to - 1),
+              "moe_ext.permute: num_tokens * k + pad_to - 1 must be < 2^31 (tokens_per_expert is int32), got "
+              "num_tokens * k = ", idx.numel(), " and pad_to = ", pad_to);
   TORCH_CHECK(capacity >= -1, "moe_ext.permute: capacity must be None or >= 0, got ", capacity);
   TORCH_CHECK(max_rows == -1 || max_rows >= 1, "moe_ext.permute: max_rows must be None or >= 1, got ", max_rows);
   TORCH_CHECK(max_rows == -1 || pad_to == 1, "moe_ext.permute: the masked layout (max_rows) takes no pad_to, got pad_to=",

@@ -85,6 +85,20 @@ def _pack(loads, counts, slots):
     for e in np.argsort(-piece, kind="stable"):
         for _ in range(counts[e]):
             free = (used < slots) & ~holds[:, e]
+            if not free.any():
+                # Every rank with room already holds e (late in the packing the free slots can
+                # gather on a few ranks). Make room: a full rank o without e hands one of its
+                # experts b to a rank r with room, which lacks b: r holds e, so were all of o's
+                # experts also on r, r would hold more than o's slots + 1 (slots differ by <= 1).
+                r = int(np.argmin(np.where(used < slots, rank_load, np.inf)))
+                o = int(np.argmin(np.where(holds[:, e], np.inf, rank_load)))
+                b = int(np.nonzero(holds[o] & ~holds[r])[0][0])
+                holds[o, b], holds[r, b] = False, True
+                rank_load[o] -= piece[b]
+                rank_load[r] += piece[b]
+                used[o] -= 1
+                used[r] += 1
+                free = (used < slots) & ~holds[:, e]
             r = int(np.argmin(np.where(free, rank_load, np.inf)))
             holds[r, e] = True
             rank_load[r] += piece[e]

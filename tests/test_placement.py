@@ -62,6 +62,21 @@ def test_uneven_slots_and_zero_loads():
     _valid(p, loads, 3, 2)
 
 
+def test_packing_never_loses_a_replica(seed):
+    """Late in the packing the free slots can all sit on ranks that already hold the expert being
+    placed: the packer must make room elsewhere (it used to overwrite a copy, leaving an expert on
+    no rank). Small random problems hit that corner often; the first case did."""
+    cases = [(np.array([6.107, 6.528, 7.823, 7.771, 11.771]), 2, 2)]
+    rng = np.random.default_rng(seed)
+    for _ in range(150):
+        E, R = int(rng.integers(2, 10)), int(rng.integers(2, 5))
+        cases.append((rng.uniform(1, 12, E), R, int(rng.integers(0, E * (R - 1) + 1))))
+    for loads, R, extra in cases:
+        for fn in (placement.rebalance, placement.split_then_pack):
+            _valid(fn(loads, R, extra, restarts=2) if fn is placement.rebalance else fn(loads, R, extra),
+                   loads, R, extra)
+
+
 @pytest.mark.parametrize("args,match", [
     (([], 4, 0), "non-empty"),
     (([1.0, -1.0], 2, 0), ">= 0"),

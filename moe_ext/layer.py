@@ -254,6 +254,15 @@ class _Pipeline(torch.autograd.Function):
         return grad_x2, grad_w, grad_w1, grad_w2, None, None, None
 
 
+def _set_data_new_shape(p, t):
+    """p.data = t where t has another shape. torch keeps a parameter's cached gradient accumulator
+    (which checks the gradient's shape) across a .data change of the same dtype and device, so a
+    graph of an earlier forward still alive (the last step's loss) would make the next backward
+    fail on the old shape; a change of dtype drops that cache, hence the detour."""
+    p.data = t.new_empty(0, dtype=torch.float64 if t.dtype != torch.float64 else torch.float32)
+    p.data = t
+
+
 class MoE(nn.Module):
     """A Mixture-of-Experts SwiGLU layer with expert parallelism over `ep_group`.
 
@@ -745,7 +754,7 @@ class MoE(nn.Module):
                 if p.shape == t.shape:
                     p.copy_(t)  # NOTE: in place (a captured decode graph keeps the addresses); bumps the version
                 else:
-                    p.data = t
+                    _set_data_new_shape(p, t)
                 p.grad = None
             else:
                 optimizer.state[p][key] = t

@@ -333,7 +333,14 @@ def _skewed_rebalance(rank, world, seed, report):
     load = layer.expert_load()
     assert_near(load, want, "expert_load")
     placement = rebalance(load.numpy(), num_ranks=4, num_replica_slots=4)
+    # A graph of the old shapes still referenced across apply_placement, as the last step's loss is
+    # in a training loop: the next backward must see w1 / w2's new shapes (it failed on the old ones).
+    alive = layer(batches[0]).sum()
     layer.apply_placement(placement)
+    assert layer.w1.shape[0] == 3, "4 extra slots over 4 ranks: 3 slots per rank instead of 2"
+    layer(batches[0]).sum().backward()
+    assert layer.w1.grad.shape == layer.w1.shape and layer.w2.grad.shape == layer.w2.shape
+    del alive
     with torch.no_grad():
         outs_after = [layer(xb) for xb in batches]
     after = rank_loads(layer)

@@ -351,7 +351,8 @@ class IpcBackend:
         num_experts = opts.num_experts  # a multiple of the world size: dispatch() checked it
         # NOTE: the value checks of idx read it back to the host: only where the exact layout
         # synchronises anyway; the masked layout treats out-of-range ids as not routed.
-        problem = _input_problem(x, idx, w, num_experts, values=opts.sync)
+        problem = _input_problem(x, idx, w, num_experts, values=opts.sync,
+                                 max_tokens=None if opts.sync else opts.max_tokens)
         if problem is None:
             problem = _ipc_problem(x, idx)
         scale = None

@@ -260,13 +260,15 @@ class _Options:
 
 # ---- inputs ------------------------------------------------------------------------------------
 
-def _input_problem(x, idx, w, num_experts, values=True):
+def _input_problem(x, idx, w, num_experts, values=True, max_tokens=None):
     """What is wrong with this rank's x, idx, w (None if nothing). Data-dependent, so with W > 1
     it travels in the header and every rank raises, instead of one rank raising and the others
     waiting for it. values=False skips the one check that reads idx back to the host (its range):
-    what the no-sync paths can afford."""
+    what the no-sync paths can afford. max_tokens: the no-sync layout's bound on x's tokens."""
     if x.dim() != 2:
         return f"x must be 2-D [num_tokens, hidden], got shape {tuple(x.shape)}"
+    if max_tokens is not None and x.shape[0] > max_tokens:
+        return f"x has {x.shape[0]} tokens, more than max_tokens={max_tokens}"
     if idx.dim() != 2 or idx.shape[0] != x.shape[0] or idx.shape[1] < 1:
         return f"idx must be [num_tokens={x.shape[0]}, k >= 1], got shape {tuple(idx.shape)}"
     if idx.dtype not in (torch.int32, torch.int64):
@@ -405,14 +407,14 @@ class _AllToAllBackend:
         # max_tokens (hence max_rows) disagree in the exchange rather than mis-size their layouts.
         cap = opts.max_rows if opts.capacity is None else min(opts.capacity, opts.max_rows)
         return self._dispatch(x, idx, w, opts.num_experts, 1, cap, opts.requires_grad, opts.x_scale, opts.partial,
-                              opts.partial_grad, max_rows=opts.max_rows)
+                              opts.partial_grad, max_rows=opts.max_rows, max_tokens=opts.max_tokens)
 
     def _dispatch(self, x, idx, w, num_experts, pad_to, capacity, requires_grad, x_scale=None, partial=False,
-                  partial_grad=False, max_rows=None):
+                  partial_grad=False, max_rows=None, max_tokens=None):
         """The exact layout, or with max_rows the masked one (straight from the receiver's permute:
         every row index of the plan is then a row of recv_x viewed [E_local * max_rows, H])."""
         world = self.world
-        problem = _input_problem(x, idx, w, num_experts)
+        problem = _input_problem(x, idx, w, num_experts, max_tokens=max_tokens)
         scale = None
         if problem is None and x_scale is not None:
             scale, problem = _scale_rows(x_scale, x)
@@ -639,14 +641,12 @@ _PARTIAL_NO_GRAD = ("moe_ext.combine: w needs a gradient, but the partial combin
                     "(under torch.no_grad(), or before w.requires_grad_()): dispatch again with w as it will be used")
 
 
-def _check_modes(sync, max_tokens, x_scale, name, x):
+def _check_modes(sync, max_tokens):
     if not sync:
         if max_tokens is None or max_tokens < 1:
             raise ValueError("moe_ext.dispatch: sync=False (the masked no-sync layout) needs max_tokens >= 1, the "
                              "most tokens any rank passes (the same number on every rank); got "
                              f"max_tokens={max_tokens}")
-        if x.dim() >= 1 and x.shape[0] > max_tokens:
-            raise ValueError(f"moe_ext.dispatch: x has {x.shape[0]} tokens, more than max_tokens={max_tokens}")
 
 
 def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False, pad_to=1, capacity=None,
@@ -695,7 +695,7 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     if capacity is not None and capacity < 0:
         raise ValueError(f"moe_ext.dispatch: capacity must be >= 0 or None, got {capacity}")
     name = _select_backend(backend, x.device, world, group)
-    _check_modes(sync, max_tokens, x_scale, name, x)
+    _check_modes(sync, max_tokens)
     # NOTE: decided here, once, and agreed in the header: the combine's backward then brings w's
     # gradient back from the experts' ranks on every rank alike.
     # (_partial_grad: the same decision made by a caller running without grad mode, MoE's pipeline.)
@@ -704,7 +704,7 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     partial_grad = bool(partial_combine) and bool(_partial_grad)
     max_rows = masked_rows(world, max_tokens, capacity, pad_to) if not sync else None
     if name == "local":
-        problem = _input_problem(x, idx, w, num_experts)
+        problem = _input_problem(x, idx, w, num_experts, max_tokens=None if sync else max_tokens)
         scale = None
         if problem is None and x_scale is not None:
             scale, problem = _scale_rows(x_scale, x)

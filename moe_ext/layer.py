@@ -631,7 +631,9 @@ class MoE(nn.Module):
         if self.max_decode_tokens is None:
             raise ValueError("moe_ext.MoE: decode needs max_decode_tokens (the most tokens any rank passes) set at "
                              "construction")
-        if num_tokens > self.max_decode_tokens:
+        # NOTE: with W > 1 the dispatch reports too many tokens on every rank (its header), not here,
+        # where the peers would be left waiting for this rank.
+        if self.ep_world == 1 and num_tokens > self.max_decode_tokens:
             raise ValueError(f"moe_ext.MoE: decode got {num_tokens} tokens, more than max_decode_tokens="
                              f"{self.max_decode_tokens}")
         if self.tp_world > 1:

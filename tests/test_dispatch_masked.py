@@ -72,6 +72,15 @@ def _world(rank, world, seed):
     for i, (k, epr, dtype, max_tokens, cap) in enumerate([(2, 2, torch.float32, 9, None), (1, 1, torch.float64, 5, 2),
                                                           (4, 3, torch.bfloat16, 7, None), (3, 2, torch.float32, 6, 3)]):
         total += _check(world, rank, seed + i, k, epr, dtype, max_tokens, cap)
+    # One rank with more tokens than max_tokens: every rank raises at once (the peers had waited for
+    # it until the group's timeout), and the group still works afterwards.
+    x, idx, w = torch.randn(4 + (rank == world - 1), 8), torch.zeros(4 + (rank == world - 1), 1, dtype=torch.long), \
+        torch.ones(4 + (rank == world - 1), 1)
+    mine = "x has 5 tokens, more than max_tokens=4" if rank == world - 1 else \
+        rf"global rank\(s\) \[{world - 1}\] .* passed invalid inputs"
+    with pytest.raises(ValueError, match=mine if world > 1 else "more than max_tokens=4"):
+        moe_ext.dispatch(x, idx, w, 2 * world, sync=False, max_tokens=4)
+    total += _check(world, rank, seed + 9, 2, 2, torch.float32, 9, None)
     return total
 
 

@@ -260,8 +260,12 @@ def _check_decode(rank, world, seed, counts, group, dtype, max_tokens, **kw):
     layer.decode = True  # the attribute, as for a whole patched model
     with torch.no_grad():
         assert torch.equal(layer(x), want["out"])
-        with pytest.raises(ValueError, match=f"more than max_decode_tokens={max_tokens}"):
+        with pytest.raises(ValueError, match=f"more than max_(decode_)?tokens={max_tokens}"):
             layer(torch.zeros(max_tokens + 1, H, dtype=dtype))
+        # Only the last rank over the limit: every rank raises (through the dispatch's header).
+        over = max_tokens + (layer.ep_rank == layer.ep_world - 1)
+        with pytest.raises(ValueError, match=f"more than max_(decode_)?tokens={max_tokens}|passed invalid inputs"):
+            layer(torch.zeros(over, H, dtype=dtype))
         assert torch.equal(layer(x, decode=False), want["out"])
     return True
 

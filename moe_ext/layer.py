@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from . import _ipc
 from . import parallel as par
 from ._ops import ops, swiglu_backward
-from .dispatch import _BACKENDS, combine, communicator, dispatch, masked_rows
+from .dispatch import _BACKENDS, _COL, _HEADER, _MAGIC, combine, communicator, dispatch, masked_rows
 from .gemm import grouped_gemm, grouped_gemm_masked, swiglu
 from .permute import permute, unpermute
 from .routing import GatingStats, topk_gating, update_expert_bias
@@ -136,6 +136,7 @@ class _Pipeline(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, w, w1, w2, slots, layer, keep_h):
         n, T = layer.num_chunks, x2.shape[0]
+        layer._agree_on_chunks()
         sizes = [(c + 1) * T // n - c * T // n for c in range(n)]
         ss = slots.split(sizes)
         with _bounded_sms(layer, x2.device):
@@ -252,6 +253,9 @@ class _Pipeline(torch.autograd.Function):
         if need_w and layer.partial_combine:
             grad_w = torch.cat([gws[c] for c in range(n)])
         return grad_x2, grad_w, grad_w1, grad_w2, None, None, None
+
+
+_PIPELINE_MAGIC = 0x6D6F6570  # "moep": the chunked pipeline's first message (MoE._agree_on_chunks)
 
 
 def _set_data_new_shape(p, t):
@@ -446,7 +450,33 @@ class MoE(nn.Module):
         self.shared = SwiGLU(hidden, shared_ffn_hidden, **kw) if shared_ffn_hidden else None
         self.shared_gate = nn.Linear(hidden, 1, bias=False, **kw) if shared_expert_gate else None
         self.stats: Optional[GatingStats] = None
+        self._check_ranks_agree()  # NOTE: first: reset_parameters makes collectives that follow the placement
         self.reset_parameters()
+
+    def _check_ranks_agree(self):
+        """Every rank of the EP and TP groups builds the same layer (one all-gather per group): a
+        placement or routing option that differed would send tokens to the wrong experts with no
+        error anywhere, and the dispatch header cannot see those."""
+        config = dict(hidden=self.hidden, ffn_hidden=self.ffn_hidden, num_experts=self.num_experts, k=self.k,
+                      placement=self.layout.digest(), routing=self.routing, noise_std=self.noise_std,
+                      routed_scaling_factor=self.routed_scaling_factor, pad_to=self.pad_to, backend=self.backend,
+                      tp_dispatch=self.tp_dispatch, num_chunks=self.num_chunks, overlap=bool(self.overlap),
+                      partial_combine=self.partial_combine, decode_partial_combine=self.decode_partial_combine,
+                      max_decode_tokens=self.max_decode_tokens, expert_bias=self.expert_bias is not None,
+                      dtype=str(self.w1.dtype))
+        for group in (self.ep_group, self.tp_group):
+            world, _ = par.group_world(group)
+            if world == 1:
+                continue
+            got = [None] * world
+            dist.all_gather_object(got, config, group=group)
+            for name in config:
+                values = [c[name] for c in got]
+                if any(v != values[0] for v in values):
+                    ranks = dist.get_process_group_ranks(group)
+                    per_rank = ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, values))
+                    raise ValueError(f"moe_ext.MoE: the ranks of the group {ranks} disagree on {name} ({per_rank}); "
+                                     "every rank must build the same layer")
 
     def _apply(self, fn, recurse=True):
         # NOTE: the expert bias moves in rate-sized steps (1e-3): it stays float32 when the layer is
@@ -610,6 +640,33 @@ class MoE(nn.Module):
         """The routed experts over num_chunks contiguous token chunks, pipelined (class docstring;
         _Pipeline). Returns (out [T, H], tokens_per_slot [S] summed over the chunks)."""
         return _Pipeline.apply(x2, w, self.w1, self.w2, slots, self, keep)
+
+    def _agree_on_chunks(self):
+        """Before the first chunk's dispatch: every rank runs the pipeline with the same num_chunks
+        and overlap (attributes a caller may change on one rank only). The message has the shape of
+        a dispatch header, which is what a rank running the unchunked path sends first: a rank
+        that differs is named on every rank, where mismatched collectives had read messages of
+        other sizes (gloo aborts the process) or a header as chunk counts (NaN out)."""
+        W = self.ep_world
+        row = torch.zeros(len(_HEADER), dtype=torch.int64)
+        row[_COL["magic"]], row[1], row[2] = _PIPELINE_MAGIC, self.num_chunks, int(bool(self.overlap))
+        device = self.w1.device if dist.get_backend(self.ep_group) == "nccl" else "cpu"
+        send = row.repeat(W, 1).to(device)
+        recv = torch.full_like(send, -1)
+        dist.all_to_all_single(recv, send, group=self.ep_group)
+        recv = recv.cpu()
+        ranks = dist.get_process_group_ranks(self.ep_group)
+        magic = recv[:, _COL["magic"]].tolist()
+        plain = [r for r, m in zip(ranks, magic) if m != _PIPELINE_MAGIC]
+        if plain:
+            what = "an unchunked dispatch (num_chunks=1)" if _MAGIC in magic else "another collective call"
+            raise ValueError(f"moe_ext.MoE: num_chunks={self.num_chunks} here, but global rank(s) {plain} of the EP "
+                             f"group {ranks} made {what}: every rank must use the same num_chunks")
+        for col, name in ((1, "num_chunks"), (2, "overlap")):
+            values = recv[:, col].tolist()
+            if len(set(values)) > 1:
+                per_rank = ", ".join(f"rank {r}: {v if col == 1 else bool(v)}" for r, v in zip(ranks, values))
+                raise ValueError(f"moe_ext.MoE: the ranks of the EP group {ranks} disagree on {name} ({per_rank})")
 
     def _chunk_counts(self, slot_chunks):
         """[W, n, S] int64 on the CPU: the rows every source rank sends to each of this rank's slots

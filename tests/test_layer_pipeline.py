@@ -238,6 +238,35 @@ def test_bad_chunk_arguments():
             moe_ext.MoE(H, F, 4, 2, comm_sms=bad)
 
 
+def _disagreeing_ranks(rank, world, seed):
+    """Settings that differ between ranks: a clear ValueError on every rank, never a silent wrong
+    output (a placement), NaN (a header read as chunk counts) or an aborted process (gloo reading a
+    message of another size); the group stays usable afterwards."""
+    group = dist.group.WORLD
+    mine = [[0, 1], [2, 3]] if rank == 0 else [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match=r"disagree on placement"):
+        moe_ext.MoE(H, F, 4, 2, group, placement=mine)
+    with pytest.raises(ValueError, match=r"disagree on num_chunks \(rank 0: 1, rank 1: 2\)"):
+        moe_ext.MoE(H, F, 4, 2, group, num_chunks=1 + rank)
+    layer = _layer(group, seed, torch.float32, E=4)
+    x = _inputs(seed, (5, 3), torch.float32)[rank][0]
+    want = layer(x)
+    for chunks, overlap, pattern in (
+            ((2, 3), (True, True), r"disagree on num_chunks \(rank 0: 2, rank 1: 3\)"),
+            ((2, 2), (True, False), r"disagree on overlap \(rank 0: True, rank 1: False\)"),
+            ((1, 2), (True, True), r"not a moe_ext.dispatch header" if rank == 0 else r"made an unchunked dispatch")):
+        layer.num_chunks, layer.overlap = chunks[rank], overlap[rank]
+        with pytest.raises((ValueError, RuntimeError), match=pattern):
+            layer(x)
+    layer.num_chunks, layer.overlap = 2, True
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    return True
+
+
+def test_disagreeing_ranks_raise_clear_errors(seed):
+    assert all(run_world(_disagreeing_ranks, 2, seed, seed=seed, timeout_s=120))
+
+
 # ---- decode ----------------------------------------------------------------------------------------
 
 def _check_decode(rank, world, seed, counts, group, dtype, max_tokens, **kw):

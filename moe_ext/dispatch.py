@@ -690,6 +690,8 @@ def dispatch(x, idx, w, num_experts, group=None, backend="auto", async_op=False,
     sync=False) and the handle for combine. Differentiable w.r.t. x (and w, through combine).
     """
     group, world, rank = _resolve_group(group)
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()  # NOTE: rows are moved as bytes; any strides, at every world size alike
     if not 1 <= pad_to <= _MAX_PAD_TO:
         raise ValueError(f"moe_ext.dispatch: pad_to must be in [1, {_MAX_PAD_TO}], got {pad_to}")
     if capacity is not None and capacity < 0:

@@ -579,6 +579,8 @@ class MoE(nn.Module):
             raise ValueError(f"moe_ext.MoE: x must end in hidden={self.hidden}, got shape {tuple(shape)}")
         decode = self.decode if decode is None else decode
         x2 = x.reshape(-1, self.hidden)
+        if self.hidden > 1 and x2.stride(1) != 1:  # NOTE: permute moves rows as bytes
+            x2 = x2.contiguous()
         if decode:
             self._check_decode(x2)
         seq_len = shape[-2] if x.dim() == 3 and shape[-2] > 0 else None

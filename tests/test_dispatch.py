@@ -443,6 +443,19 @@ def test_world_of_one_without_process_group(dtype, seed):
     assert moe_ext.describe().startswith("auto -> local")
 
 
+def test_world_of_one_takes_strided_rows(seed):
+    """x with a non-unit last stride: moved like its contiguous copy, as over W > 1 ranks (the world
+    of one went straight to permute, which needs stride 1, and raised)."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(7, 32, generator=g, requires_grad=True)
+    idx, w = torch.randint(-1, 4, (7, 2), generator=g), torch.rand(7, 2, generator=g)
+    recv, tpe, h = moe_ext.dispatch(wide[:, ::2], idx, w, 4)
+    want, want_tpe, h2 = moe_ext.dispatch(wide.detach()[:, ::2].contiguous(), idx, w, 4)
+    assert torch.equal(recv, want) and torch.equal(tpe, want_tpe)
+    moe_ext.combine(recv * 2, h).sum().backward()
+    assert torch.equal(wide.grad[:, 1::2], torch.zeros(7, 16)) and wide.grad[:, ::2].abs().sum() > 0
+
+
 def test_bad_inputs():
     x, idx, w = torch.randn(4, HIDDEN), torch.randint(4, (4, 2)), torch.rand(4, 2)
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -124,6 +124,12 @@ def test_shared_expert_and_gate(seed):
     torch.testing.assert_close(layer(x), routed + shared)
 
 
+def test_strided_input_rows(seed):
+    layer = _layer()
+    wide = torch.randn(9, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer(wide[:, ::2]), layer(wide[:, ::2].contiguous()), rtol=0, atol=0)
+
+
 def test_expert_bias_update_balances(seed):
     layer = _layer(E=4, k=1, expert_bias=True)
     with torch.no_grad():

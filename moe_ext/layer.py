@@ -294,7 +294,10 @@ class MoE(nn.Module):
     to replica (n + ep_rank) mod (replicas of e), so every rank spreads its tokens evenly over the
     replicas, deterministically. A layer with replicas is built collectively (replicas start as
     copies of the lowest rank's); call `sync_replica_grads()` after every backward (before
-    clipping and the optimizer step) so replicas keep identical weights.
+    clipping and the optimizer step) so replicas keep identical weights. Over groups of several
+    ranks every layer is built collectively: the constructor checks that all ranks of ep_group and
+    tp_group pass the same configuration (placement, routing options, num_chunks, ...; one
+    all_gather_object per group, on the current CUDA device for NCCL groups).
     Routing (see moe_ext.topk_gating): score "softmax" | "sigmoid", renormalize, num_groups /
     topk_groups, capacity_factor, noise_std (training only), expert_bias=True for
     auxiliary-loss-free balancing (a float32 buffer updated by `update_expert_bias`),

@@ -5,7 +5,7 @@ CUDA). Imported by moe_ext.gemm, which holds the public wrapper.
 """
 import torch
 
-from ._ops import _acc_dtype, _gemm_setup, check_gemm_epilogue_fake, gemm_epilogue_backward, ops
+from ._ops import _acc_dtype, _gemm_setup, check_gemm_epilogue_fake, first_order_only, gemm_epilogue_backward, ops
 
 
 @torch.library.register_fake("moe_ext::grouped_gemm_masked")
@@ -33,6 +33,7 @@ def _row_mask(valid_rows, max_rows):
     return (rows[None, :] < valid_rows[:, None].to(rows.dtype)).unsqueeze(-1)
 
 
+@first_order_only("moe_ext.grouped_gemm_masked")
 def _masked_backward(ctx, g):
     a, b, valid_rows, bias, row_scale = ctx.saved_tensors
     trans_b = ctx.trans_b

@@ -1,5 +1,7 @@
 """Loads the compiled operator library and registers what lives in Python: the fake (Meta)
 implementation of every op (symbolic and data-dependent sizes) and the autograd formulas."""
+import functools
+
 import torch
 
 from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
@@ -167,12 +169,41 @@ def _grouped_gemm_wgrad_fake(a, grad_out, sizes, num_experts, trans_b):
 
 # ---- autograd ---------------------------------------------------------------------------------
 
+def first_order_only(name):
+    """Decorates a registered backward whose ops have no autograd of their own: under
+    create_graph=True its gradients are still right, and a second backward through them raises
+    (instead of silently giving zeros, or an unrelated error from an out= kernel)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def backward(ctx, *grads):
+            with torch.no_grad():
+                out = fn(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            # The gradients depend on the incoming grads and on the saved inputs: an empty slice of
+            # each that requires grad (a sum of exactly 0) ties them to the error node, so that a
+            # second backward towards any of them reaches it (else it would see no path: zeros).
+            anchors = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not anchors:
+                return out
+            link = sum(t.flatten()[:0].sum() for t in anchors)
+            single = not isinstance(out, tuple)
+            outs = (out,) if single else out
+            err = torch._C._functions.DelayedError(
+                f"{name}: double backward (a gradient of this gradient) is not supported".encode(), len(outs))
+            outs = err(*[None if t is None else t + link.to(t.dtype) for t in outs])
+            return outs if single else tuple(outs)  # (one output comes back bare, not in a tuple)
+        return backward
+    return wrap
+
+
 def _gating_setup(ctx, inputs, output):
     logits, k, score, renormalize, expert_bias, num_groups, topk_groups, _cf, noise, seq_len = inputs
     ctx.args = (score, renormalize, num_groups, topk_groups, seq_len)
     ctx.save_for_backward(logits, noise, expert_bias, output[1])
 
 
+@first_order_only("moe_ext.topk_gating")
 def _gating_backward(ctx, g_w, _g_idx, _g_pos, _g_tpe, g_aux, g_seq, g_z):
     logits, noise, expert_bias, idx = ctx.saved_tensors
     score, renormalize, num_groups, topk_groups, seq_len = ctx.args
@@ -207,6 +238,7 @@ def _unpermute_setup(ctx, inputs, output):
     ctx.save_for_backward(y, row_map, weights)
 
 
+@first_order_only("moe_ext.unpermute")
 def _unpermute_backward(ctx, g_out):
     y, row_map, weights = ctx.saved_tensors
     grad_y, grad_w = ops.unpermute_backward(g_out, y, row_map, weights)
@@ -224,6 +256,7 @@ def _swiglu_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
+@first_order_only("moe_ext.swiglu")
 def _swiglu_grad(ctx, g):
     return ops.swiglu_backward(g, ctx.saved_tensors[0])
 
@@ -267,6 +300,7 @@ def _gemm_setup(ctx, inputs, output):
     ctx.save_for_backward(a, b, sizes, bias, row_scale)
 
 
+@first_order_only("moe_ext.grouped_gemm")
 def _gemm_backward(ctx, g):
     a, b, sizes, bias, row_scale = ctx.saved_tensors
     trans_b, E = ctx.trans_b, b.shape[0]

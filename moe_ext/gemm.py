@@ -18,7 +18,7 @@ def grouped_gemm(a, b, tokens_per_expert_or_offsets, trans_b=False, activation=N
     result is rounded once. Returns [M, N] (or [M, N/2]) in the dtype of a. Differentiable in a, b,
     bias and row_scale.
     """
-    if activation not in _ACTIVATIONS:
+    if not isinstance(activation, (str, type(None))) or activation not in _ACTIVATIONS:
         raise ValueError(f"moe_ext.grouped_gemm: activation must be None or 'swiglu', got {activation!r}")
     return ops.grouped_gemm(a, b, tokens_per_expert_or_offsets, bool(trans_b), _ACTIVATIONS[activation], bias,
                             row_scale)
@@ -44,6 +44,6 @@ def grouped_gemm_masked(a, b, valid_rows, trans_b=False, activation=None, bias=N
     [E, max_rows, N] (or N/2) in the dtype of a, rows past valid_rows[e] zero. Differentiable in
     a, b, bias and row_scale.
     """
-    if activation not in _ACTIVATIONS:
+    if not isinstance(activation, (str, type(None))) or activation not in _ACTIVATIONS:
         raise ValueError(f"moe_ext.grouped_gemm_masked: activation must be None or 'swiglu', got {activation!r}")
     return ops.grouped_gemm_masked(a, b, valid_rows, bool(trans_b), _ACTIVATIONS[activation], bias, row_scale)

@@ -95,6 +95,9 @@ CASES = {
     "b 2-D": (lambda: moe_ext.grouped_gemm(A, B[0], C), "b must be 3-D"),
     "negative count": (lambda: moe_ext.grouped_gemm(A, B, torch.tensor([12, -2, 0])), r"tokens_per_expert\[1\] is negative"),
     "counts exceed rows": (lambda: moe_ext.grouped_gemm(A, B, torch.tensor([5, 5, 5])), "sums to 15 rows but a has only 10"),
+    "counts overflow int64": (lambda: moe_ext.grouped_gemm(A, B, torch.tensor([2 ** 62] * 3)), "sums past int64"),
+    "activation unhashable": (lambda: moe_ext.grouped_gemm(A, B, C, activation=["swiglu"]),
+                              "activation must be None or 'swiglu'"),
     "counts length": (lambda: moe_ext.grouped_gemm(A, B, torch.tensor([5, 5])), "must have E=3 counts or E\\+1=4 offsets"),
     "offsets start": (lambda: moe_ext.grouped_gemm(A, B, torch.tensor([1, 3, 6, 10])), "must start at 0"),
     "offsets decrease": (lambda: moe_ext.grouped_gemm(A, B, torch.tensor([0, 6, 3, 10])), "non-decreasing"),
@@ -121,3 +124,36 @@ def test_bad_input_raises_clear_error(name):
 
 def test_enough_cases():
     assert len(CASES) >= 20
+
+
+def _double_backward_cases():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 8, dtype=torch.float64, generator=g)
+    a, b = torch.randn(5, 4, dtype=torch.float64, generator=g), torch.randn(2, 4, 6, dtype=torch.float64, generator=g)
+    y, w = torch.randn(6, 16, dtype=torch.float64, generator=g), torch.rand(3, 2, dtype=torch.float64, generator=g)
+    rm = torch.tensor([[0, 1], [2, -1], [4, 5]])
+    am = torch.randn(2, 3, 4, dtype=torch.float64, generator=g)
+    logits = torch.randn(6, 8, dtype=torch.float64, generator=g)
+    return {
+        "swiglu": ((h,), lambda h: moe_ext.gemm.swiglu(h)),
+        "grouped_gemm": ((a, b), lambda a, b: moe_ext.grouped_gemm(a, b, torch.tensor([2, 3]), activation="swiglu")),
+        "grouped_gemm_masked": ((am, b), lambda a, b: moe_ext.grouped_gemm_masked(a, b, torch.tensor([3, 1]))),
+        "unpermute": ((y, w), lambda y, w: moe_ext.unpermute(y, rm, w)),
+        "topk_gating": ((logits,), lambda x: moe_ext.topk_gating(x, 2)[0]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_double_backward_cases()))
+def test_double_backward_raises_not_zeros(name):
+    """A gradient of a gradient through these ops is an error naming the op (it was silently zero,
+    or an unrelated error from an out= kernel); the first-order gradients under create_graph=True
+    equal the plain ones."""
+    inputs, fn = _double_backward_cases()[name]
+    xs = [t.clone().requires_grad_() for t in inputs]
+    want = torch.autograd.grad(fn(*xs).pow(2).sum(), xs)
+    xs = [t.clone().requires_grad_() for t in inputs]
+    got = torch.autograd.grad(fn(*xs).pow(2).sum(), xs, create_graph=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f"moe_ext.{name}: double backward"):
+        torch.autograd.grad(sum(g.sum() for g in got), xs, allow_unused=True, materialize_grads=True)

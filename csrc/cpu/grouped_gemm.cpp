@@ -21,7 +21,8 @@ std::vector<int64_t> group_offsets(const char* op, const at::Tensor& sizes_in, i
   if (sizes.numel() == num_groups) {
     for (int64_t e = 0; e < num_groups; ++e) {
       TORCH_CHECK(s[e] >= 0, op, ": tokens_per_expert[", e, "] is negative (", s[e], ")");
-      off[e + 1] = off[e] + s[e];
+      TORCH_CHECK(!__builtin_add_overflow(off[e], s[e], &off[e + 1]), op, ": tokens_per_expert sums past int64 at [",
+                  e, "]=", s[e], ", far more than the ", rows, " rows of a");
     }
   } else {
     TORCH_CHECK(s[0] == 0, op, ": offsets (E+1 entries) must start at 0, got ", s[0]);

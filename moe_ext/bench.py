@@ -527,6 +527,10 @@ def _resolve(args):
             raise ValueError(f"--{name} must be >= 1, got {v}")
     if cfg["topk"] > cfg["experts"]:
         raise ValueError(f"--topk {cfg['topk']} must be <= --experts {cfg['experts']}")
+    for name, least in (("iters", 1), ("warmup", 0), ("threads", 0)):
+        v = getattr(args, name, None)
+        if v is not None and v < least:
+            raise ValueError(f"--{name} must be >= {least}, got {v}")
     cfg["seed"] = args.seed
     ceil = (getattr(args, "ceil_gbps", CEIL_GBPS), getattr(args, "ceil_tflops", CEIL_TFLOPS))
     if not (ceil[0] > 0 and ceil[1] > 0):
@@ -553,7 +557,7 @@ def run(args):
     from .demo import _Progress
 
     on_cuda = device.type == "cuda"
-    iters = args.iters or (20 if on_cuda else 10)
+    iters = args.iters if args.iters is not None else (20 if on_cuda else 10)
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 2)
     if on_cuda:
         torch.cuda.set_device(device)

@@ -30,7 +30,23 @@ def check(args):
     layer, checked against a float64 reference computed with plain torch ops."""
     import moe_ext
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    problems = [f"--{name} must be >= 1, got {getattr(args, name)}" for name in
+                ("tokens", "hidden", "ffn", "experts", "topk", "iters") if getattr(args, name) < 1]
+    if args.topk > args.experts >= 1:
+        problems.append(f"--topk {args.topk} must be <= --experts {args.experts}")
+    try:
+        device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        problems.append(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+    else:
+        if device.type not in ("cpu", "cuda"):
+            problems.append(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+        elif device.type == "cuda" and not torch.cuda.is_available():
+            problems.append("--device cuda, but torch sees no CUDA device")
+    if problems:
+        for msg in problems:
+            print(f"moe-ext check: {msg}", file=sys.stderr)
+        return 2
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     T, H, F, E, k = args.tokens, args.hidden, args.ffn, args.experts, args.topk
     gen = torch.Generator().manual_seed(args.seed)
@@ -108,6 +124,11 @@ def main(argv=None):
     add_plan_arguments(plan_parser)
     args = parser.parse_args(argv)
     if args.command == "demo":
+        problems = demo.argument_problems(args)
+        if problems:  # NOTE: before the layer check, which takes seconds
+            for msg in problems:
+                print(f"moe-ext demo: {msg}", file=sys.stderr)
+            return 2
         launched = demo._launched()
         if not args.skip_check and (launched is None or launched[0] == 0):  # (under torchrun: rank 0 checks)
             rc = check(_check_arguments_defaults(device=args.device))

@@ -515,8 +515,12 @@ def _cuda_multirank_problem(world):
     return None
 
 
-def run(args):
-    """Runs the demo from parsed arguments; returns the exit status."""
+def argument_problems(args):
+    """What is wrong with the parsed arguments (messages; empty when nothing), before any work."""
+    return _config(args)[2]
+
+
+def _config(args):
     cfg = {k: v for k, v in vars(args).items() if isinstance(v, (bool, int, float, str, type(None)))}
     launched = _launched()
     if launched:
@@ -533,15 +537,21 @@ def run(args):
     for name in ("steps", "tokens", "hidden", "ffn", "layers", "clusters"):
         if cfg[name] < 1:
             problems.append(f"--{name} must be >= 1, got {cfg[name]}")
+    if torch.device(cfg["device"]).type == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda, but torch sees no CUDA device")
+    return cfg, launched, problems
+
+
+def run(args):
+    """Runs the demo from parsed arguments; returns the exit status."""
+    cfg, launched, problems = _config(args)
+    world = cfg["world"]
     if problems:
         for p in problems:
             print(f"moe-ext demo: {p}", file=sys.stderr)
         return 2
     device = torch.device(cfg["device"])
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("moe-ext demo: --device cuda, but torch sees no CUDA device", file=sys.stderr)
-            return 2
         if world > 1:
             why = _cuda_multirank_problem(world)
             if why:

@@ -125,6 +125,22 @@ def test_bench_bad_arguments(capsys):
     assert "--topk" in capsys.readouterr().err
     assert bench.run(_args(bench, _TINY + ["--stages", "gating,nope"])) == 2
     assert "unknown stage" in capsys.readouterr().err
+    for flag, value in (("--threads", "-1"), ("--iters", "0"), ("--warmup", "-2")):
+        assert bench.run(_args(bench, _TINY + [flag, value])) == 2
+        assert f"{flag} must be >=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["check", "--topk", "5", "--experts", "4"], "--topk 5 must be <= --experts 4"),
+    (["check", "--tokens", "0"], "--tokens must be >= 1"),
+    (["check", "--iters", "0"], "--iters must be >= 1"),
+    (["check", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["demo", "--world", "0"], "--world must be >= 1"),  # before the layer check, which takes seconds
+])
+def test_cli_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    from moe_ext.cli import main
+    assert main(argv + ["--device", "cpu"] if "--device" not in argv else argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_ep_tp_bench_runs_and_counts_rows(tmp_path):

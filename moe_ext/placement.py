@@ -10,9 +10,12 @@ packing: with few slots per rank, pieces of ~0.6 of a rank's fair share cannot p
 `rebalance` starts from that solution and improves the replica counts together with the
 packing by local search on the most loaded rank: swap one of its replicas with a lighter one
 elsewhere, or give one of its experts an extra replica taken from a lightly loaded replicated
-expert. Then ranks are grouped into nodes so node loads are balanced too (hierarchical).
+expert. Then ranks are grouped into nodes so node loads are balanced too (hierarchical): the
+rows of `holds` are ordered so that rank r is on node r // ranks_per_node, the node it has when
+the placement is applied (MoE.apply_placement).
 """
 import heapq
+import numbers
 from dataclasses import dataclass
 from typing import List
 
@@ -41,13 +44,19 @@ class Placement:
     def imbalance(self, loads=None):
         """(max / mean rank load, max / mean node load)."""
         rl, nl = self.rank_loads(loads), self.node_loads(loads)
+        if rl.mean() == 0:  # no load at all: perfectly balanced
+            return 1.0, 1.0
         return float(rl.max() / rl.mean()), float(nl.max() / nl.mean())
 
 
 def _check(loads, num_ranks, num_replica_slots, ranks_per_node):
-    loads = np.asarray(loads, dtype=np.float64).reshape(-1)
-    if loads.size == 0 or not np.all(np.isfinite(loads)) or (loads < 0).any():
+    loads = np.asarray(loads, dtype=np.float64)
+    if loads.ndim != 1 or loads.size == 0 or not np.all(np.isfinite(loads)) or (loads < 0).any():
         raise ValueError("moe_ext.placement: loads must be a non-empty vector of finite values >= 0")
+    for name, v in (("num_ranks", num_ranks), ("num_replica_slots", num_replica_slots),
+                    ("ranks_per_node", ranks_per_node)):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise ValueError(f"moe_ext.placement: {name} must be an int, got {v!r}")
     if num_ranks < 1 or num_replica_slots < 0:
         raise ValueError(f"moe_ext.placement: need num_ranks >= 1 and num_replica_slots >= 0, got "
                          f"{num_ranks} and {num_replica_slots}")
@@ -120,6 +129,15 @@ def _group_nodes(rank_load, ranks_per_node):
     return rank_node
 
 
+def _order_by_node(loads, counts, holds, ranks_per_node):
+    """Groups the ranks into nodes with balanced loads and reorders the rows of holds so that the
+    node of rank r is r // ranks_per_node, as it is in a deployment (ExpertLayout reads the rows
+    as EP ranks). Returns (holds, rank_node)."""
+    rank_node = _group_nodes(holds.astype(np.float64) @ (loads / counts), ranks_per_node)
+    order = np.argsort(rank_node, kind="stable")
+    return holds[order], rank_node[order]
+
+
 def _best_move(loads, counts, holds):
     """The move that most lowers the most loaded rank, or None at a local optimum."""
     piece = loads / counts
@@ -179,7 +197,7 @@ def split_then_pack(loads, num_ranks, num_replica_slots, ranks_per_node=1):
     loads, slots = _check(loads, num_ranks, num_replica_slots, ranks_per_node)
     counts = _greedy_counts(loads, int(slots.sum()), num_ranks)
     holds = _pack(loads, counts, slots)
-    rank_node = _group_nodes(holds.astype(np.float64) @ (loads / counts), ranks_per_node)
+    holds, rank_node = _order_by_node(loads, counts, holds, ranks_per_node)
     return Placement(counts, holds, rank_node, loads)
 
 
@@ -213,7 +231,7 @@ def rebalance(loads, num_ranks, num_replica_slots, ranks_per_node=1, restarts=8,
         if best is None or peak < best[0]:
             best = (peak, counts, holds)
     _, counts, holds = best
-    rank_node = _group_nodes(holds.astype(np.float64) @ (loads / counts), ranks_per_node)
+    holds, rank_node = _order_by_node(loads, counts, holds, ranks_per_node)
     return Placement(counts, holds, rank_node, loads)
 
 

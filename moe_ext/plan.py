@@ -116,6 +116,10 @@ class PlanError(ValueError):
         self.field = field
 
 
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _need(obj, field, ok, what):
     if not ok:
         raise PlanError(field, f"{type(obj).__name__}.{field} {what}, got {getattr(obj, field)!r}")
@@ -139,13 +143,13 @@ class ModelSpec:
         if self.moe_layers is None:
             self.moe_layers = self.layers
         for f in ("layers", "hidden", "ffn", "experts", "topk"):
-            _need(self, f, isinstance(getattr(self, f), numbers.Integral) and getattr(self, f) >= 1,
-                  "must be an integer >= 1")
-        _need(self, "moe_layers", 0 <= self.moe_layers <= self.layers, f"must be in [0, layers={self.layers}]")
+            _need(self, f, _is_int(getattr(self, f)) and getattr(self, f) >= 1, "must be an integer >= 1")
+        _need(self, "moe_layers", _is_int(self.moe_layers) and 0 <= self.moe_layers <= self.layers,
+              f"must be an integer in [0, layers={self.layers}]")
         _need(self, "topk", self.topk <= self.experts, f"must be <= experts={self.experts}")
-        _need(self, "shared_ffn", self.shared_ffn >= 0, "must be >= 0")
-        _need(self, "dense_params", self.dense_params >= 0, "must be >= 0")
-        _need(self, "bytes_per_param", self.bytes_per_param > 0, "must be > 0")
+        _need(self, "shared_ffn", _is_int(self.shared_ffn) and self.shared_ffn >= 0, "must be an integer >= 0")
+        _need(self, "dense_params", 0 <= self.dense_params < math.inf, "must be finite and >= 0")
+        _need(self, "bytes_per_param", 0 < self.bytes_per_param < math.inf, "must be finite and > 0")
 
     @property
     def expert_params(self):
@@ -178,12 +182,12 @@ class ClusterSpec:
 
     def __post_init__(self):
         for f in ("gpus", "batch", "seq_len", "gpus_per_node"):
-            _need(self, f, isinstance(getattr(self, f), numbers.Integral) and getattr(self, f) >= 1,
-                  "must be an integer >= 1")
+            _need(self, f, _is_int(getattr(self, f)) and getattr(self, f) >= 1, "must be an integer >= 1")
         for f in ("mem_gb", "nvlink_gbps", "net_gbps"):
-            _need(self, f, getattr(self, f) > 0, "must be > 0")
+            _need(self, f, 0 < getattr(self, f) < math.inf, "must be finite and > 0")
         if self.optimizer_bytes_per_param is not None:
-            _need(self, "optimizer_bytes_per_param", self.optimizer_bytes_per_param > 0, "must be > 0")
+            _need(self, "optimizer_bytes_per_param", 0 < self.optimizer_bytes_per_param < math.inf,
+                  "must be finite and > 0")
         _need(self, "mode", self.mode in MODES, f"must be one of {MODES}")
 
     @property
@@ -280,7 +284,7 @@ def ep_dispatch_bytes(tokens_per_rank: Union[int, Sequence[int]], hidden, bytes_
         raise ValueError(f"moe_ext.plan.ep_dispatch_bytes: ep={ep} must divide num_experts={num_experts}")
     if len(idx_per_rank) != ep:
         raise ValueError(f"moe_ext.plan.ep_dispatch_bytes: need one idx per rank ({ep}), got {len(idx_per_rank)}")
-    if isinstance(tokens_per_rank, int):
+    if _is_int(tokens_per_rank):
         tokens_per_rank = [tokens_per_rank] * ep
     per_rank = num_experts // ep
     out = []
@@ -294,7 +298,7 @@ def ep_dispatch_bytes(tokens_per_rank: Union[int, Sequence[int]], hidden, bytes_
         dest = np.where(idx >= 0, idx // per_rank, ep)
         goes[np.arange(t)[:, None], dest] = True
         rows = int(goes[:, :ep].sum()) - int(goes[:, r].sum())
-        out.append(rows * hidden * int(bytes_per_elem))
+        out.append(rows * hidden * bytes_per_elem)
     return out
 
 

@@ -43,7 +43,9 @@ def topk_gating(logits, k, score="softmax", renormalize=True, expert_bias=None, 
     if seq_len is not None and seq_len <= 0:
         raise ValueError(f"moe_ext.topk_gating: seq_len must be positive or None, got {seq_len}")
     if noise is None and noise_std > 0:
-        noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+        # NOTE: no generator=None keyword: torch.compile cannot trace randn with it at symbolic sizes
+        gen = {} if generator is None else dict(generator=generator)
+        noise = torch.randn(logits.shape, device=logits.device, dtype=torch.float32, **gen)
         noise = noise * noise_std
     w, idx, positions, tpe, aux, seq_aux, z = ops.topk_gating(
         logits, k, score, renormalize, expert_bias, num_groups or 0, topk_groups or 0,

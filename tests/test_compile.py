@@ -42,3 +42,17 @@ def test_compile_fullgraph_pipeline(seed, backend):
     xp, rm, sizes = ref.permute(x.detach(), r["idx"], E, 4)
     y = ref.grouped_gemm(ref.grouped_gemm(xp, w1.detach(), sizes, activation="swiglu"), w2.detach(), sizes)
     torch.testing.assert_close(out.detach(), ref.unpermute(y, rm, r["weights"]))
+
+
+def test_compile_noisy_gating_dynamic_shapes():
+    """Noisy top-k traces at symbolic sizes (torch.randn with generator=None did not)."""
+    torch._dynamo.reset()
+
+    def route(logits):
+        w, idx, st = moe_ext.topk_gating(logits, 2, noise_std=0.5)
+        return w, idx, st.noise
+
+    compiled = torch.compile(route, fullgraph=True, backend="aot_eager", dynamic=True)
+    for T in (6, 9, 1):
+        w, idx, noise = compiled(torch.randn(T, 8))
+        assert w.shape == idx.shape == (T, 2) and noise.shape == (T, 8)

@@ -48,6 +48,8 @@ def test_deterministic_and_lower_bound(seed):
     assert a.rank_loads().max() <= g.rank_loads().max() + 1e-9
     assert a.rank_loads().max() >= loads.sum() / 8 - 1e-9
     assert sorted(set(a.rank_node.tolist())) == [0, 1] and np.bincount(a.rank_node).tolist() == [4, 4]
+    # The rows are ordered so that rank r is on node r // 4, as when the placement is applied.
+    assert a.rank_node.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_uniform_loads_are_perfect():
@@ -75,6 +77,16 @@ def test_packing_never_loses_a_replica(seed):
         for fn in (placement.rebalance, placement.split_then_pack):
             _valid(fn(loads, R, extra, restarts=2) if fn is placement.rebalance else fn(loads, R, extra),
                    loads, R, extra)
+
+
+def test_argument_types_and_zero_loads():
+    for args, name in (((np.ones(4), 2.5, 0), "num_ranks"), ((np.ones(4), 2, 1.5), "num_replica_slots"),
+                       ((np.ones(4), 2, 0, 2.0), "ranks_per_node")):
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            placement.rebalance(*args)
+    with pytest.raises(ValueError, match="non-empty vector"):
+        placement.rebalance(np.ones((2, 2)), 2, 0)
+    assert placement.rebalance(np.zeros(4), 2, 2).imbalance() == (1.0, 1.0)
 
 
 @pytest.mark.parametrize("args,match", [

@@ -151,6 +151,12 @@ def test_bad_specs_name_the_field():
         P.ClusterSpec(**{**TINY_CLUSTER, "gpus_per_node": 0})
     with pytest.raises(P.PlanError, match="mode"):
         P.ClusterSpec(**{**TINY_CLUSTER, "mode": "serve"})
+    for field, bad in (("moe_layers", 1.5), ("shared_ffn", 1.5), ("layers", True), ("dense_params", math.inf)):
+        with pytest.raises(P.PlanError, match=field):
+            P.ModelSpec(**{**TINY, field: bad})
+    for field in ("mem_gb", "nvlink_gbps", "net_gbps"):
+        with pytest.raises(P.PlanError, match=field):
+            P.ClusterSpec(**{**TINY_CLUSTER, field: math.inf})
 
 
 # ---- the routing fan-out against exact counts -------------------------------------------------------
@@ -190,6 +196,8 @@ def test_ep_dispatch_bytes_by_hand():
     # once (two experts, one row), {-1,3} crosses once; rank 1's: {2,3} stays, {1,-1} crosses, {-1,-1} nothing.
     idx = [np.array([[0, 1], [0, 2], [2, 3], [-1, 3]]), torch.tensor([[2, 3], [1, -1], [-1, -1]])]
     assert P.ep_dispatch_bytes([4, 3], 10, 2, idx, 4, 2) == [3 * 10 * 2, 1 * 10 * 2]
+    # Fractional bytes per element (4-bit rows) are not truncated; numpy ints are ints.
+    assert P.ep_dispatch_bytes([np.int64(4), 3], 10, 0.5, idx, 4, 2) == [3 * 10 * 0.5, 1 * 10 * 0.5]
     with pytest.raises(ValueError, match="ep=3"):
         P.ep_dispatch_bytes(4, 10, 2, idx + [idx[0]], 4, 3)
     with pytest.raises(ValueError, match="rank 1"):

@@ -655,11 +655,7 @@ class MoE(nn.Module):
         W = self.ep_world
         row = torch.zeros(len(_HEADER), dtype=torch.int64)
         row[_COL["magic"]], row[1], row[2] = _PIPELINE_MAGIC, self.num_chunks, int(bool(self.overlap))
-        device = self.w1.device if dist.get_backend(self.ep_group) == "nccl" else "cpu"
-        send = row.repeat(W, 1).to(device)
-        recv = torch.full_like(send, -1)
-        dist.all_to_all_single(recv, send, group=self.ep_group)
-        recv = recv.cpu()
+        recv = self._ep_all_to_all(row.repeat(W, 1))
         ranks = dist.get_process_group_ranks(self.ep_group)
         magic = recv[:, _COL["magic"]].tolist()
         plain = [r for r, m in zip(ranks, magic) if m != _PIPELINE_MAGIC]
@@ -681,11 +677,15 @@ class MoE(nn.Module):
         for c, s in enumerate(slot_chunks):
             s = s.reshape(-1).long().cpu()
             mine[c].index_add_(0, torch.where(s >= 0, s, W * S), torch.ones_like(s))  # NOTE: unrouted -> spare
-        send = mine[:, :-1].reshape(n, W, S).transpose(0, 1).contiguous()  # [destination, n, S]
+        return self._ep_all_to_all(mine[:, :-1].reshape(n, W, S).transpose(0, 1))  # [destination, n, S]
+
+    def _ep_all_to_all(self, send):
+        """send [W, ...] int64 (row r to EP rank r) -> what each rank sent here, on the CPU."""
         # NOTE: CPU tensors for a gloo group (also what the ipc backend may bootstrap over), CUDA for NCCL.
         device = self.w1.device if dist.get_backend(self.ep_group) == "nccl" else "cpu"
-        recv = torch.empty_like(send, device=device)
-        dist.all_to_all_single(recv, send.to(device), group=self.ep_group)
+        send = send.to(device).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ep_group)
         return recv.cpu()
 
     def _check_decode(self, x2):
